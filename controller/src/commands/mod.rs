@@ -1,0 +1,16 @@
+//! One module per command group.
+
+mod policy;
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+
+/// Exit status for "the input is wrong" (bad policy), as distinct from a failure to run (1).
+pub const EXIT_INVALID_INPUT: u8 = 2;
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Policy(command) => policy::run(command),
+    }
+}
