@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// secondsite: disaster recovery for whole servers, by continuous VM checkpoints and BGP.
 #[derive(Debug, Parser)]
@@ -17,6 +17,111 @@ pub enum Command {
     /// Check, explain and describe policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run and control a protected VM (KVM micro-VM).
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Boot a VM with the test guest (or --guest IMAGE) and run it in the foreground until it
+    /// stops or this process gets SIGTERM/SIGINT.
+    Run(VmRunArgs),
+    /// Pause the VM's vCPU.
+    Pause(ControlArgs),
+    /// Resume a paused VM.
+    Resume(ControlArgs),
+    /// Print the VM's status as JSON.
+    Status(ControlArgs),
+    /// Save the VM (pausing it while it saves) to a directory.
+    Save {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Directory of the snapshot.
+        #[arg(long)]
+        to: PathBuf,
+        /// Write only the pages dirtied since the previous save into DIR (which must hold it).
+        #[arg(long)]
+        incremental: bool,
+    },
+    /// Rebuild a saved VM in this process and run it in the foreground.
+    Restore {
+        /// Directory of the snapshot.
+        #[arg(long)]
+        from: PathBuf,
+        /// Tap device to attach the VM's NIC to.
+        #[arg(long)]
+        tap: String,
+        #[command(flatten)]
+        control: ControlArgs,
+        /// File the guest console is appended to (default: standard error).
+        #[arg(long)]
+        console: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// The VM's control socket.
+    #[arg(long)]
+    pub control: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct VmRunArgs {
+    /// Guest memory, with a unit: 64M, 512M, 1G.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Tap device to attach the VM's NIC to.
+    #[arg(long)]
+    pub tap: String,
+    /// The NIC's MAC address.
+    #[arg(long, default_value = "52:54:00:12:34:56")]
+    pub mac: String,
+    /// The guest's IPv4 address and prefix length.
+    #[arg(long)]
+    pub ip: String,
+    /// The guest's default gateway.
+    #[arg(long)]
+    pub gw: Option<std::net::Ipv4Addr>,
+    /// TCP port of the guest's RESP server.
+    #[arg(long, default_value_t = 6379)]
+    pub port: u16,
+    /// Make the guest dirty this many MiB of memory per second (benchmarks).
+    #[arg(long, default_value_t = 0)]
+    pub memscan: u32,
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// File the guest console is appended to (default: standard error).
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+    /// Guest image (a static ELF for CPL3); default: the project's own test guest.
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+}
+
+/// `64M`, `512M`, `1G`, `65536K` or plain bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, ""),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 64M or 1G"))?;
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[derive(Debug, Subcommand)]

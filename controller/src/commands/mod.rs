@@ -1,6 +1,7 @@
 //! One module per command group.
 
 mod policy;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -12,5 +13,6 @@ pub const EXIT_INVALID_INPUT: u8 = 2;
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Policy(command) => policy::run(command),
+        Command::Vm(command) => vm::run(command),
     }
 }

@@ -1,0 +1,128 @@
+//! The key-value store and the commands on it.
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+use crate::memscan::MemScan;
+use crate::resp::reply;
+
+/// What the connection should do after a command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum After {
+    KeepOpen,
+    Close,
+}
+
+#[derive(Default)]
+pub struct Store {
+    data: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Store {
+    /// Runs one command, appending its reply to `out`.
+    pub fn execute(&mut self, args: &[Vec<u8>], out: &mut Vec<u8>, memscan: &mut MemScan) -> After {
+        let Some(name) = args.first() else {
+            return After::KeepOpen; // an empty inline line: Redis ignores it
+        };
+        let name = name.to_ascii_uppercase();
+        let argc = args.len();
+        match (name.as_slice(), argc) {
+            (b"PING", 1) => reply::simple(out, "PONG"),
+            (b"PING", 2) | (b"ECHO", 2) => reply::bulk(out, &args[1]),
+            (b"GET", 2) => match self.data.get(&args[1]) {
+                Some(v) => reply::bulk(out, v),
+                None => reply::null(out),
+            },
+            (b"SET", 3) => {
+                self.data.insert(args[1].clone(), args[2].clone());
+                reply::simple(out, "OK");
+            }
+            (b"SET", _) if argc > 3 => reply::error(
+                out,
+                "syntax error (this server supports SET key value only)",
+            ),
+            (b"DEL", n) if n >= 2 => {
+                let removed = args[1..]
+                    .iter()
+                    .filter(|k| self.data.remove(*k).is_some())
+                    .count();
+                reply::integer(out, removed as i64);
+            }
+            (b"INCR", 2) => self.incr(&args[1], out),
+            (b"DBSIZE", 1) => reply::integer(out, self.data.len() as i64),
+            (b"FLUSHALL" | b"FLUSHDB", _) => {
+                self.data.clear();
+                reply::simple(out, "OK");
+            }
+            (b"SELECT", 2) if args[1] == b"0" => reply::simple(out, "OK"),
+            (b"CONFIG", 3) if args[1].eq_ignore_ascii_case(b"GET") => config_get(&args[2], out),
+            (b"COMMAND", _) => reply::array_header(out, 0),
+            (b"MEMSCAN", 2) => match parse_i64(&args[1]).and_then(|n| u32::try_from(n).ok()) {
+                Some(rate) => {
+                    memscan.set_rate(rate);
+                    reply::simple(out, "OK");
+                }
+                None => reply::error(out, "MEMSCAN takes a rate in MiB/s"),
+            },
+            (b"QUIT", _) => {
+                reply::simple(out, "OK");
+                return After::Close;
+            }
+            (
+                b"PING" | b"ECHO" | b"GET" | b"SET" | b"DEL" | b"INCR" | b"DBSIZE" | b"SELECT"
+                | b"CONFIG" | b"MEMSCAN",
+                _,
+            ) => {
+                let lower = core::str::from_utf8(&name)
+                    .unwrap_or("?")
+                    .to_ascii_lowercase();
+                reply::error(
+                    out,
+                    &alloc::format!("wrong number of arguments for '{lower}' command"),
+                );
+            }
+            _ => {
+                let shown = core::str::from_utf8(&args[0]).unwrap_or("?");
+                reply::error(out, &alloc::format!("unknown command '{shown}'"));
+            }
+        }
+        After::KeepOpen
+    }
+
+    fn incr(&mut self, key: &[u8], out: &mut Vec<u8>) {
+        let current = match self.data.get(key) {
+            None => 0,
+            Some(v) => match parse_i64(v) {
+                Some(n) => n,
+                None => return reply::error(out, "value is not an integer or out of range"),
+            },
+        };
+        let Some(next) = current.checked_add(1) else {
+            return reply::error(out, "increment or decrement would overflow");
+        };
+        self.data
+            .insert(key.to_vec(), alloc::format!("{next}").into_bytes());
+        reply::integer(out, next);
+    }
+}
+
+fn parse_i64(bytes: &[u8]) -> Option<i64> {
+    core::str::from_utf8(bytes).ok()?.parse().ok()
+}
+
+/// `CONFIG GET` for the two settings redis-benchmark asks about; anything else is empty.
+fn config_get(name: &[u8], out: &mut Vec<u8>) {
+    let value: Option<&[u8]> = match name {
+        b"save" => Some(b""),
+        b"appendonly" => Some(b"no"),
+        _ => None,
+    };
+    match value {
+        Some(v) => {
+            reply::array_header(out, 2);
+            reply::bulk(out, name);
+            reply::bulk(out, v);
+        }
+        None => reply::array_header(out, 0),
+    }
+}

@@ -1,0 +1,183 @@
+//! Guest memory: one anonymous (or snapshot-file-backed, copy-on-write) region at guest
+//! physical 0, registered with KVM with dirty logging on, and the dirty-page harvest.
+//!
+//! Two writers dirty guest memory: the guest itself (recorded by KVM's dirty log) and the VMM's
+//! devices, which write through vm-memory and are recorded in its bitmap (KVM does not see
+//! them). [`harvest_dirty_pages`] returns the union and clears both.
+
+use std::fs::File;
+use std::num::NonZeroUsize;
+
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::VmFd;
+use secondsite_guest_abi::{MAX_GUEST_MEMORY, MIN_GUEST_MEMORY, PAGE_SIZE};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+/// Guest memory with the VMM's own dirty bitmap.
+pub type GuestMem = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+const SLOT: u32 = 0;
+/// Guest memory is a whole number of 2 MiB pages (the granule of the VMM's page tables).
+pub const MEMORY_ALIGN: u64 = 2 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory must be {min} MiB to {max} MiB in whole 2 MiB units, not {size} bytes",
+        min = MIN_GUEST_MEMORY >> 20, max = MAX_GUEST_MEMORY >> 20)]
+    BadSize { size: u64 },
+    #[error("cannot map guest memory: {0}")]
+    Map(String),
+    #[error("KVM refused the memory slot: {0}")]
+    Register(#[source] kvm_ioctls::Error),
+    #[error("cannot read the dirty log: {0}")]
+    DirtyLog(#[source] kvm_ioctls::Error),
+}
+
+pub fn check_size(size: u64) -> Result<(), MemoryError> {
+    if !(MIN_GUEST_MEMORY..=MAX_GUEST_MEMORY).contains(&size) || size % MEMORY_ALIGN != 0 {
+        return Err(MemoryError::BadSize { size });
+    }
+    Ok(())
+}
+
+fn bitmap(size: u64) -> AtomicBitmap {
+    AtomicBitmap::new(
+        size as usize,
+        NonZeroUsize::new(PAGE_SIZE as usize).expect("page size is not zero"),
+    )
+}
+
+/// Fresh zeroed memory.
+pub fn anonymous(size: u64) -> Result<GuestMem, MemoryError> {
+    check_size(size)?;
+    let region = MmapRegionBuilder::new_with_bitmap(size as usize, bitmap(size))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| MemoryError::Map(e.to_string()))?;
+    from_region(region)
+}
+
+/// Memory backed copy-on-write by a snapshot's memory file: pages load lazily from the page
+/// cache, and the guest's writes never reach the file.
+pub fn from_file(file: File, size: u64) -> Result<GuestMem, MemoryError> {
+    check_size(size)?;
+    let region = MmapRegionBuilder::new_with_bitmap(size as usize, bitmap(size))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .with_file_offset(FileOffset::new(file, 0))
+        .build()
+        .map_err(|e| MemoryError::Map(e.to_string()))?;
+    from_region(region)
+}
+
+fn from_region(region: vm_memory::MmapRegion<AtomicBitmap>) -> Result<GuestMem, MemoryError> {
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| MemoryError::Map("region overflows the address space".into()))?;
+    GuestMem::from_regions(vec![region]).map_err(|e| MemoryError::Map(e.to_string()))
+}
+
+pub fn size(mem: &GuestMem) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// Gives the memory to KVM as slot 0, with dirty logging.
+pub fn register(vm: &VmFd, mem: &GuestMem) -> Result<(), MemoryError> {
+    for region in mem.iter() {
+        let host = region.as_ptr() as u64;
+        let slot = kvm_userspace_memory_region {
+            slot: SLOT,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host,
+        };
+        // SAFETY: the mapping is valid for `memory_size` bytes and outlives the VM: the Vm struct
+        // owns both and drops the VmFd (closing the VM) before the memory.
+        unsafe { vm.set_user_memory_region(slot) }.map_err(MemoryError::Register)?;
+    }
+    Ok(())
+}
+
+/// A set of guest pages, one bit each (bit `i` of word `i / 64` is page `i`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PageSet {
+    pub bits: Vec<u64>,
+}
+
+impl PageSet {
+    pub fn count(&self) -> usize {
+        self.bits.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn contains(&self, page: u64) -> bool {
+        self.bits
+            .get((page / 64) as usize)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    /// Page numbers in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bits.iter().enumerate().flat_map(|(i, &word)| {
+            let mut w = word;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros();
+                w &= w - 1;
+                Some(i as u64 * 64 + u64::from(bit))
+            })
+        })
+    }
+
+    fn union_with(&mut self, other: &[u64]) {
+        if self.bits.len() < other.len() {
+            self.bits.resize(other.len(), 0);
+        }
+        for (a, b) in self.bits.iter_mut().zip(other) {
+            *a |= b;
+        }
+    }
+}
+
+/// The pages written since the last harvest, by the guest (KVM's log) or by the VMM's devices
+/// (vm-memory's bitmap); both records are cleared.
+pub fn harvest_dirty_pages(vm: &VmFd, mem: &GuestMem) -> Result<PageSet, MemoryError> {
+    let mut set = PageSet::default();
+    for region in mem.iter() {
+        let kvm = vm
+            .get_dirty_log(SLOT, region.len() as usize)
+            .map_err(MemoryError::DirtyLog)?;
+        set.union_with(&kvm);
+        // The region's own bitmap (`MmapRegion::bitmap`), not the trait's slice view of it.
+        let vmm_writes: &AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
+        set.union_with(&vmm_writes.get_and_reset());
+    }
+    Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_set_iterates_set_bits_in_order() {
+        let set = PageSet {
+            bits: vec![0b1001, 0, 1 << 63],
+        };
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 3, 191]);
+        assert_eq!(set.count(), 3);
+        assert!(set.contains(191) && !set.contains(1));
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(check_size(64 << 20).is_ok());
+        assert!(check_size(3 << 20).is_err());
+        assert!(check_size(8 << 20).is_err());
+        assert!(check_size(MAX_GUEST_MEMORY + MEMORY_ALIGN).is_err());
+    }
+}

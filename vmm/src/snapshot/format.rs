@@ -1,0 +1,343 @@
+//! The bytes of snapshot files, and their checks.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::VmSnapshot;
+use crate::memory::{GuestMem, PageSet};
+use secondsite_guest_abi::PAGE_SIZE;
+
+pub const FORMAT_VERSION: u32 = 1;
+const STATE_MAGIC: &[u8; 8] = b"SSVMSNAP";
+const DELTA_MAGIC: &[u8; 8] = b"SSVMDLTA";
+const STATE_FILE: &str = "state.bin";
+const STATE_HEADER_LEN: usize = 32;
+/// The state is small (registers, queues); anything larger is not ours.
+const MAX_STATE_LEN: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: not a secondsite snapshot (bad magic)")]
+    BadMagic { path: PathBuf },
+    #[error(
+        "{path}: snapshot format version {found} is not supported (this build reads {FORMAT_VERSION})"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path}: checksum mismatch ({what}): the file is corrupt")]
+    Checksum { path: PathBuf, what: &'static str },
+    #[error("{path}: truncated or wrong size: {detail}")]
+    Size { path: PathBuf, detail: String },
+    #[error("{path}: cannot decode the state: {detail}")]
+    Decode { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Chain(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerKind {
+    Full,
+    Delta,
+}
+
+/// One memory layer file of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    pub file: String,
+    pub kind: LayerKind,
+    /// Pages the layer holds.
+    pub pages: u64,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+/// Writes `bytes` to `dir/name` under a temporary name, fsyncs, renames: all or nothing.
+fn write_atomically(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<(), SnapshotError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    write(&mut out).map_err(io_err(&tmp))?;
+    let file = out.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// A writer that computes the CRC32 and length of what passes through.
+struct Crc<'a> {
+    inner: &'a mut dyn Write,
+    hasher: crc32fast::Hasher,
+    bytes: u64,
+}
+
+impl Write for Crc<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes all of guest memory as layer `seq`.
+pub fn write_full(
+    dir: &Path,
+    seq: u64,
+    mem: &GuestMem,
+    mem_size: u64,
+) -> Result<LayerInfo, SnapshotError> {
+    let file = format!("memory-{seq:06}.full");
+    let mut info = LayerInfo {
+        file: file.clone(),
+        kind: LayerKind::Full,
+        pages: mem_size / PAGE_SIZE,
+        bytes: 0,
+        crc32: 0,
+    };
+    write_atomically(dir, &file, |out| {
+        let mut crc = Crc {
+            inner: out,
+            hasher: crc32fast::Hasher::new(),
+            bytes: 0,
+        };
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < mem_size {
+            let n = chunk.len().min((mem_size - at) as usize);
+            mem.read_slice(&mut chunk[..n], GuestAddress(at))
+                .map_err(io::Error::other)?;
+            crc.write_all(&chunk[..n])?;
+            at += n as u64;
+        }
+        info.bytes = crc.bytes;
+        info.crc32 = crc.hasher.finalize();
+        Ok(())
+    })?;
+    Ok(info)
+}
+
+/// Writes the pages in `pages` as delta layer `seq`.
+pub fn write_delta(
+    dir: &Path,
+    seq: u64,
+    mem: &GuestMem,
+    pages: &PageSet,
+) -> Result<LayerInfo, SnapshotError> {
+    let file = format!("memory-{seq:06}.delta");
+    let count = pages.count() as u64;
+    let mut info = LayerInfo {
+        file: file.clone(),
+        kind: LayerKind::Delta,
+        pages: count,
+        bytes: 0,
+        crc32: 0,
+    };
+    write_atomically(dir, &file, |out| {
+        let mut crc = Crc {
+            inner: out,
+            hasher: crc32fast::Hasher::new(),
+            bytes: 0,
+        };
+        crc.write_all(DELTA_MAGIC)?;
+        crc.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        crc.write_all(&(PAGE_SIZE as u32).to_le_bytes())?;
+        crc.write_all(&count.to_le_bytes())?;
+        for page in pages.iter() {
+            crc.write_all(&page.to_le_bytes())?;
+        }
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        for page in pages.iter() {
+            mem.read_slice(&mut buf, GuestAddress(page * PAGE_SIZE))
+                .map_err(io::Error::other)?;
+            crc.write_all(&buf)?;
+        }
+        info.bytes = crc.bytes;
+        info.crc32 = crc.hasher.finalize();
+        Ok(())
+    })?;
+    Ok(info)
+}
+
+/// Checks a layer file's size and CRC32 against the state's record of it.
+pub fn verify_layer(dir: &Path, layer: &LayerInfo) -> Result<(), SnapshotError> {
+    let path = dir.join(&layer.file);
+    if layer.file.contains('/') || layer.file.starts_with('.') {
+        return Err(SnapshotError::Chain(format!(
+            "layer name {:?} is not a plain file name",
+            layer.file
+        )));
+    }
+    let mut file = File::open(&path).map_err(io_err(&path))?;
+    let len = file.metadata().map_err(io_err(&path))?.len();
+    if len != layer.bytes {
+        return Err(SnapshotError::Size {
+            path,
+            detail: format!("{len} bytes, the state says {}", layer.bytes),
+        });
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(&path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    if hasher.finalize() != layer.crc32 {
+        return Err(SnapshotError::Checksum {
+            path,
+            what: "memory layer",
+        });
+    }
+    Ok(())
+}
+
+/// Reads a (verified) delta layer: its page numbers and contents.
+pub fn read_delta(
+    dir: &Path,
+    layer: &LayerInfo,
+    mem_size: u64,
+) -> Result<Vec<(u64, Vec<u8>)>, SnapshotError> {
+    let path = dir.join(&layer.file);
+    let bytes = fs::read(&path).map_err(io_err(&path))?;
+    let size_err = |detail: &str| SnapshotError::Size {
+        path: path.clone(),
+        detail: detail.to_owned(),
+    };
+    if bytes.len() < 24 || &bytes[..8] != DELTA_MAGIC {
+        return Err(SnapshotError::BadMagic { path });
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            path,
+            found: version,
+        });
+    }
+    let count = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    let expected = 24u64
+        .checked_add(
+            count
+                .checked_mul(8 + PAGE_SIZE)
+                .ok_or_else(|| size_err("page count overflows"))?,
+        )
+        .ok_or_else(|| size_err("page count overflows"))?;
+    if expected != bytes.len() as u64 {
+        return Err(size_err("page count does not match the file size"));
+    }
+    let data_start = 24 + 8 * count as usize;
+    (0..count as usize)
+        .map(|i| {
+            let page =
+                u64::from_le_bytes(bytes[24 + 8 * i..32 + 8 * i].try_into().expect("8 bytes"));
+            if page >= mem_size / PAGE_SIZE {
+                return Err(size_err("a page lies outside guest memory"));
+            }
+            let at = data_start + i * PAGE_SIZE as usize;
+            Ok((page, bytes[at..at + PAGE_SIZE as usize].to_vec()))
+        })
+        .collect()
+}
+
+pub fn write_state(dir: &Path, state: &VmSnapshot) -> Result<(), SnapshotError> {
+    let payload = serde_json::to_vec(state).map_err(|e| SnapshotError::Decode {
+        path: dir.join(STATE_FILE),
+        detail: e.to_string(),
+    })?;
+    let mut header = [0u8; STATE_HEADER_LEN];
+    header[..8].copy_from_slice(STATE_MAGIC);
+    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    header[24..28].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    let header_crc = crc32fast::hash(&header[..28]);
+    header[28..32].copy_from_slice(&header_crc.to_le_bytes());
+    write_atomically(dir, STATE_FILE, |out| {
+        out.write_all(&header)?;
+        out.write_all(&payload)
+    })
+}
+
+pub fn read_state(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let mut file = File::open(&path).map_err(io_err(&path))?;
+    let len = file.metadata().map_err(io_err(&path))?.len();
+    if len > MAX_STATE_LEN + STATE_HEADER_LEN as u64 {
+        return Err(SnapshotError::Size {
+            path,
+            detail: format!("{len} bytes is too large for a state file"),
+        });
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.read_to_end(&mut bytes).map_err(io_err(&path))?;
+    if bytes.len() < STATE_HEADER_LEN {
+        return Err(SnapshotError::Size {
+            path,
+            detail: "shorter than the header".into(),
+        });
+    }
+    if &bytes[..8] != STATE_MAGIC {
+        return Err(SnapshotError::BadMagic { path });
+    }
+    let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+    if crc32fast::hash(&bytes[..28]) != word(28) {
+        return Err(SnapshotError::Checksum {
+            path,
+            what: "state header",
+        });
+    }
+    let version = word(8);
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            path,
+            found: version,
+        });
+    }
+    let payload_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    let payload = &bytes[STATE_HEADER_LEN..];
+    if payload.len() as u64 != payload_len {
+        return Err(SnapshotError::Size {
+            path,
+            detail: format!(
+                "payload is {} bytes, the header says {payload_len}",
+                payload.len()
+            ),
+        });
+    }
+    if crc32fast::hash(payload) != word(24) {
+        return Err(SnapshotError::Checksum {
+            path,
+            what: "state payload",
+        });
+    }
+    serde_json::from_slice(payload).map_err(|e| SnapshotError::Decode {
+        path,
+        detail: e.to_string(),
+    })
+}

@@ -1,0 +1,755 @@
+//! A running VM: KVM objects, memory, devices, and the loop that runs the vCPU and serves
+//! control commands between exits.
+//!
+//! ```text
+//!  control socket ─> VmHandle::call ─(channel + kick)─> VM thread: loop {
+//!                                                         serve commands (pause, save, ...)
+//!                                                         KVM_RUN until an exit:
+//!                                                           hypercall WAIT  -> TX, RX, sleep
+//!                                                           hypercall CONSOLE/EXIT
+//!                                                           MMIO            -> virtio-mmio
+//!                                                       }
+//! ```
+//! A kick is an eventfd write (to end a WAIT sleep) plus a signal (to end KVM_RUN with EINTR);
+//! the handle repeats it until the VM thread answers, so no kick is ever lost.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use secondsite_guest_abi::{
+    BootInfo, HYPERCALL_PORT, Hypercall, PAGE_SIZE, VIRTIO_MMIO_SIZE, VIRTIO_NET_MMIO_BASE,
+};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::cpl3::Cpl3Elf;
+use crate::boot::{BootError, BootProtocol};
+use crate::clock::{self, GuestClock};
+use crate::devices::hypercall::{self, Console};
+use crate::devices::net::{NetDevice, NetStats};
+use crate::memory::{self, GuestMem, MemoryError};
+use crate::net_port::NetPort;
+use crate::snapshot::{self, LayerKind, SnapshotError, VmSnapshot};
+use crate::vcpu::{self, VcpuError};
+
+/// How to build a new VM with the test guest.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub mem_size: u64,
+    pub mac: [u8; 6],
+    pub ipv4: std::net::Ipv4Addr,
+    pub ipv4_prefix_len: u8,
+    pub gateway4: Option<std::net::Ipv4Addr>,
+    pub resp_port: u16,
+    pub memscan_mib_per_s: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm or create the VM: {0}")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot restore the network device: {0}")]
+    NetRestore(String),
+    #[error("cannot write guest memory: {0}")]
+    GuestMemory(String),
+    #[error("the VM thread is gone")]
+    Gone,
+    #[error("cannot register the kick signal: {0}")]
+    Signal(String),
+}
+
+/// What the VM is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum RunState {
+    Running,
+    Paused,
+    /// The guest asked to stop, with this code.
+    Exited {
+        code: u64,
+    },
+    /// The guest faulted or KVM failed; the VM cannot continue.
+    Crashed {
+        reason: String,
+    },
+}
+
+/// A request to the VM thread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum Command {
+    Pause,
+    Resume,
+    Status,
+    /// Save to `dir`: a full snapshot, or (incremental) only the pages dirtied since this VM's
+    /// previous save, which must be the snapshot already in `dir`. The VM is paused while it
+    /// saves and resumes after, unless it was paused before.
+    Save {
+        dir: PathBuf,
+        incremental: bool,
+    },
+    /// Harvest and clear the dirty-page record (the VM must be paused).
+    HarvestDirty,
+    /// Stop the VM and end its thread.
+    Stop,
+}
+
+/// The VM thread's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "reply")]
+pub enum Reply {
+    Ok { state: RunState },
+    Status(Box<VmStatus>),
+    Saved(SaveReport),
+    Dirty { pages: Vec<u64> },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    #[serde(flatten)]
+    pub state: RunState,
+    pub mem_size: u64,
+    pub guest_ns: u64,
+    pub exits: u64,
+    pub waits: u64,
+    pub console_bytes: u64,
+    pub tap: String,
+    pub net: NetStats,
+    pub saves: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveReport {
+    pub dir: PathBuf,
+    pub kind: LayerKind,
+    pub layer: String,
+    /// Pages written in this layer.
+    pub pages: u64,
+    pub bytes: u64,
+    /// Microseconds the VM was paused for the save.
+    pub paused_us: u64,
+}
+
+/// The VM: KVM objects first, so they are closed before the memory they point at is unmapped.
+pub struct Vm {
+    vcpu: VcpuFd,
+    vm: VmFd,
+    _kvm: Kvm,
+    mem: GuestMem,
+    mem_size: u64,
+    net: NetDevice,
+    console: Console,
+    clock: GuestClock,
+    msr_indices: Vec<u32>,
+    vm_id: u64,
+    save_seq: u64,
+    state: RunState,
+    exits: u64,
+    waits: u64,
+    kick: Arc<Kick>,
+    /// Set once the VM can no longer run (guest exit or crash), for the handle to see.
+    finished: Arc<std::sync::Mutex<Option<RunState>>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("mem_size", &self.mem_size)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+/// Wakes the VM thread: from a WAIT sleep (eventfd) and from KVM_RUN (signal).
+#[derive(Debug)]
+struct Kick {
+    eventfd: EventFd,
+    thread: AtomicU64,
+}
+
+impl Kick {
+    fn new() -> Result<Self, VmError> {
+        let eventfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| VmError::Signal(e.to_string()))?;
+        Ok(Kick {
+            eventfd,
+            thread: AtomicU64::new(0),
+        })
+    }
+
+    fn kick(&self) {
+        let _ = self.eventfd.write(1);
+        let thread = self.thread.load(Ordering::Acquire);
+        if thread != 0 {
+            // SAFETY: `thread` is the pthread_t of the VM thread, stored by that thread and
+            // cleared before it exits; the signal has a no-op handler installed.
+            unsafe { libc::pthread_kill(thread as libc::pthread_t, kick_signal()) };
+        }
+    }
+
+    fn clear(&self) {
+        let _ = self.eventfd.read();
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn random_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        bytes = clock::rdtsc().to_le_bytes();
+    }
+    u64::from_le_bytes(bytes)
+}
+
+struct KvmParts {
+    kvm: Kvm,
+    vm: VmFd,
+    vcpu: VcpuFd,
+    msr_indices: Vec<u32>,
+}
+
+fn create_kvm(mem: &GuestMem) -> Result<KvmParts, VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let vm = kvm.create_vm().map_err(VmError::Kvm)?;
+    memory::register(&vm, mem)?;
+    let vcpu = vcpu::create(&kvm, &vm, 0)?;
+    let msr_indices = vcpu::readable_msrs(&kvm, &vcpu);
+    Ok(KvmParts {
+        kvm,
+        vm,
+        vcpu,
+        msr_indices,
+    })
+}
+
+impl Vm {
+    /// A new VM running the given CPL3 guest image.
+    pub fn boot(
+        config: &VmConfig,
+        image: &[u8],
+        port: Box<dyn NetPort>,
+        console: Option<&Path>,
+    ) -> Result<Vm, VmError> {
+        let mem = memory::anonymous(config.mem_size)?;
+        let parts = create_kvm(&mem)?;
+        let boot = Cpl3Elf {
+            image,
+            boot_info: BootInfo {
+                mac: config.mac,
+                ipv4: config.ipv4.octets(),
+                ipv4_prefix_len: config.ipv4_prefix_len,
+                gateway4: config.gateway4.map_or([0; 4], |g| g.octets()),
+                resp_port: config.resp_port,
+                memscan_mib_per_s: config.memscan_mib_per_s,
+                virtio_net_mmio: VIRTIO_NET_MMIO_BASE,
+                ..Default::default()
+            },
+        };
+        let sregs = parts.vcpu.get_sregs().map_err(|source| VcpuError::Access {
+            what: "read",
+            part: "special registers",
+            source,
+        })?;
+        let entry = boot.load(&mem, sregs)?;
+        parts
+            .vcpu
+            .set_sregs(&entry.sregs)
+            .map_err(|source| VcpuError::Access {
+                what: "set",
+                part: "special registers",
+                source,
+            })?;
+        parts
+            .vcpu
+            .set_regs(&entry.regs)
+            .map_err(|source| VcpuError::Access {
+                what: "set",
+                part: "registers",
+                source,
+            })?;
+        let clock = GuestClock::starting_at(clock::tsc_hz(&parts.vcpu), 0);
+        clock
+            .write_to(&mem)
+            .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+        Ok(Vm {
+            mem_size: config.mem_size,
+            net: NetDevice::new(config.mac, port),
+            console: Console::open(console)
+                .map_err(|e| VmError::GuestMemory(format!("console: {e}")))?,
+            clock,
+            msr_indices: parts.msr_indices,
+            vm_id: random_id(),
+            save_seq: 0,
+            state: RunState::Running,
+            exits: 0,
+            waits: 0,
+            kick: Arc::new(Kick::new()?),
+            finished: Arc::default(),
+            vcpu: parts.vcpu,
+            vm: parts.vm,
+            _kvm: parts.kvm,
+            mem,
+        })
+    }
+
+    /// A VM rebuilt from the snapshot in `dir`. Every file is checked first; on any error
+    /// nothing has run. The restored VM starts paused if `paused`.
+    pub fn restore(
+        dir: &Path,
+        port: Box<dyn NetPort>,
+        console: Option<&Path>,
+    ) -> Result<Vm, VmError> {
+        let snap = snapshot::read_state(dir)?;
+        memory::check_size(snap.mem_size)?;
+        let Some((full, deltas)) = snap.layers.split_first() else {
+            return Err(SnapshotError::Chain("the state lists no memory layers".into()).into());
+        };
+        if full.kind != LayerKind::Full || deltas.iter().any(|l| l.kind != LayerKind::Delta) {
+            return Err(
+                SnapshotError::Chain("layers must be one full image, then deltas".into()).into(),
+            );
+        }
+        if full.bytes != snap.mem_size {
+            return Err(SnapshotError::Chain(format!(
+                "the full layer has {} bytes, memory is {}",
+                full.bytes, snap.mem_size
+            ))
+            .into());
+        }
+        for layer in &snap.layers {
+            snapshot::verify_layer(dir, layer)?;
+        }
+        let deltas = deltas
+            .iter()
+            .map(|l| snapshot::read_delta(dir, l, snap.mem_size))
+            .collect::<Result<Vec<_>, _>>()?;
+        let full_path = dir.join(&full.file);
+        let file = std::fs::File::open(&full_path).map_err(|source| SnapshotError::Io {
+            path: full_path,
+            source,
+        })?;
+        let mem = memory::from_file(file, snap.mem_size)?;
+        for (page, data) in deltas.iter().flatten() {
+            mem.write_slice(data, GuestAddress(page * PAGE_SIZE))
+                .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+        }
+        let parts = create_kvm(&mem)?;
+        vcpu::restore(&parts.vcpu, &snap.vcpu)?;
+        let mut net = NetDevice::new(snap.net.mac, port);
+        net.restore(&snap.net, &mem).map_err(VmError::NetRestore)?;
+        let clock = GuestClock::starting_at(clock::tsc_hz(&parts.vcpu), snap.guest_ns);
+        clock
+            .write_to(&mem)
+            .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+        // What restore wrote is not guest activity: start the dirty record clean.
+        memory::harvest_dirty_pages(&parts.vm, &mem)?;
+        Ok(Vm {
+            mem_size: snap.mem_size,
+            net,
+            console: Console::open(console)
+                .map_err(|e| VmError::GuestMemory(format!("console: {e}")))?,
+            clock,
+            msr_indices: parts.msr_indices,
+            vm_id: snap.vm_id,
+            save_seq: snap.save_seq,
+            state: RunState::Running,
+            exits: 0,
+            waits: 0,
+            kick: Arc::new(Kick::new()?),
+            finished: Arc::default(),
+            vcpu: parts.vcpu,
+            vm: parts.vm,
+            _kvm: parts.kvm,
+            mem,
+        })
+    }
+
+    /// Runs the VM on its own thread; the handle sends it commands.
+    pub fn spawn(self) -> Result<VmHandle, VmError> {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| VmError::Signal(e.to_string()))?;
+        let kick = self.kick.clone();
+        let finished = self.finished.clone();
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || self.run_loop(rx))
+            .map_err(|e| VmError::Signal(e.to_string()))?;
+        Ok(VmHandle {
+            commands: tx,
+            kick,
+            finished,
+            thread: Some(thread),
+        })
+    }
+
+    fn run_loop(mut self, commands: Receiver<Request>) -> RunState {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.kick.thread.store(me as u64, Ordering::Release);
+        let result = loop {
+            let running = self.state == RunState::Running;
+            let next = if running {
+                commands.try_recv().ok()
+            } else {
+                match commands.recv() {
+                    Ok(r) => Some(r),
+                    Err(_) => break self.state.clone(),
+                }
+            };
+            if let Some(request) = next {
+                self.kick.clear();
+                let stop = request.command == Command::Stop;
+                let reply = self.handle(request.command);
+                let _ = request.reply.send(reply);
+                if stop {
+                    break self.state.clone();
+                }
+                continue;
+            }
+            self.run_vcpu_once();
+            if matches!(
+                self.state,
+                RunState::Exited { .. } | RunState::Crashed { .. }
+            ) {
+                *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.state.clone());
+            }
+        };
+        self.kick.thread.store(0, Ordering::Release);
+        result
+    }
+
+    fn handle(&mut self, command: Command) -> Reply {
+        match command {
+            Command::Pause => {
+                if self.state == RunState::Running {
+                    self.state = RunState::Paused;
+                }
+                Reply::Ok {
+                    state: self.state.clone(),
+                }
+            }
+            Command::Resume => {
+                if self.state == RunState::Paused {
+                    self.state = RunState::Running;
+                }
+                Reply::Ok {
+                    state: self.state.clone(),
+                }
+            }
+            Command::Stop => Reply::Ok {
+                state: self.state.clone(),
+            },
+            Command::Status => Reply::Status(Box::new(self.status())),
+            Command::Save { dir, incremental } => match self.save(&dir, incremental) {
+                Ok(report) => Reply::Saved(report),
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            },
+            Command::HarvestDirty => {
+                if self.state == RunState::Running {
+                    return Reply::Error {
+                        message: "pause the VM before harvesting dirty pages".into(),
+                    };
+                }
+                match memory::harvest_dirty_pages(&self.vm, &self.mem) {
+                    Ok(set) => Reply::Dirty {
+                        pages: set.iter().collect(),
+                    },
+                    Err(e) => Reply::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> VmStatus {
+        VmStatus {
+            state: self.state.clone(),
+            mem_size: self.mem_size,
+            guest_ns: self.clock.now_ns(),
+            exits: self.exits,
+            waits: self.waits,
+            console_bytes: self.console.bytes,
+            tap: self.net.port().name().to_owned(),
+            net: self.net.stats,
+            saves: self.save_seq,
+        }
+    }
+
+    /// Saves while the vCPU is stopped (it is: this runs on the VM thread between exits).
+    fn save(&mut self, dir: &Path, incremental: bool) -> Result<SaveReport, VmError> {
+        let started = Instant::now();
+        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let previous = if incremental {
+            let prev = snapshot::read_state(dir)?;
+            if prev.vm_id != self.vm_id || prev.save_seq != self.save_seq {
+                return Err(SnapshotError::Chain(format!(
+                    "{} does not hold this VM's previous save: take a full save there first",
+                    dir.display()
+                ))
+                .into());
+            }
+            Some(prev.layers)
+        } else {
+            None
+        };
+        let guest_ns = self.clock.now_ns();
+        let vcpu = vcpu::save(&self.vcpu, &self.msr_indices)?;
+        // Pages dirtied since the last harvest: the delta now, and a clean start after a full save.
+        let dirty = memory::harvest_dirty_pages(&self.vm, &self.mem)?;
+        let seq = self.save_seq + 1;
+        let (layer, mut layers) = match previous {
+            Some(layers) => (snapshot::write_delta(dir, seq, &self.mem, &dirty)?, layers),
+            None => (
+                snapshot::write_full(dir, seq, &self.mem, self.mem_size)?,
+                Vec::new(),
+            ),
+        };
+        layers.push(layer.clone());
+        let snap = VmSnapshot {
+            vm_id: self.vm_id,
+            save_seq: seq,
+            mem_size: self.mem_size,
+            vcpu,
+            net: self.net.save(),
+            guest_ns,
+            layers,
+        };
+        snapshot::write_state(dir, &snap)?;
+        remove_stale_layers(dir, &snap);
+        self.save_seq = seq;
+        Ok(SaveReport {
+            dir: dir.to_owned(),
+            kind: layer.kind,
+            layer: layer.file,
+            pages: layer.pages,
+            bytes: layer.bytes,
+            paused_us: started.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// One KVM_RUN and the handling of its exit.
+    fn run_vcpu_once(&mut self) {
+        let exit = self.vcpu.run();
+        self.exits += 1;
+        let hypercall = match exit {
+            Ok(VcpuExit::IoOut(port, data)) if port == HYPERCALL_PORT && data.len() == 4 => {
+                Some(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+            }
+            Ok(VcpuExit::IoOut(..)) => None,
+            Ok(VcpuExit::IoIn(_, data)) => {
+                data.fill(0xff);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                match addr
+                    .checked_sub(VIRTIO_NET_MMIO_BASE)
+                    .filter(|o| *o < VIRTIO_MMIO_SIZE)
+                {
+                    Some(offset) => self.net.mmio_read(offset, data),
+                    None => data.fill(0xff),
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let Some(offset) = addr
+                    .checked_sub(VIRTIO_NET_MMIO_BASE)
+                    .filter(|o| *o < VIRTIO_MMIO_SIZE)
+                {
+                    let data = data.to_vec();
+                    self.net.mmio_write(offset, &data, &self.mem);
+                }
+                None
+            }
+            Ok(VcpuExit::Shutdown) => {
+                self.state = RunState::Crashed {
+                    reason: self.fault_description(),
+                };
+                None
+            }
+            Ok(other) => {
+                self.state = RunState::Crashed {
+                    reason: format!("unexpected exit {other:?}"),
+                };
+                None
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => {
+                self.state = RunState::Crashed {
+                    reason: format!("KVM_RUN failed: {e}"),
+                };
+                None
+            }
+        };
+        if let Some(op) = hypercall {
+            self.hypercall(op);
+        }
+    }
+
+    fn fault_description(&self) -> String {
+        let events = self.vcpu.get_vcpu_events().ok();
+        let cr2 = self.vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0);
+        let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+        match events {
+            Some(e) if e.exception.injected != 0 || e.exception.pending != 0 => format!(
+                "guest exception {} (error code {:#x}) at rip {rip:#x}, cr2 {cr2:#x}",
+                e.exception.nr, e.exception.error_code
+            ),
+            _ => format!("guest shut down (triple fault) at rip {rip:#x}, cr2 {cr2:#x}"),
+        }
+    }
+
+    fn hypercall(&mut self, op: u32) {
+        let args = hypercall::read_args(&self.mem);
+        match Hypercall::from_u32(op) {
+            Some(Hypercall::ConsoleWrite) => {
+                self.console.write_from_guest(&self.mem, args[0], args[1])
+            }
+            Some(Hypercall::Wait) => self.wait(args[0]),
+            Some(Hypercall::Exit) => self.state = RunState::Exited { code: args[0] },
+            None => {}
+        }
+    }
+
+    /// The guest has nothing to do until a frame arrives or `deadline_ns`: send what it
+    /// queued, deliver what is waiting, and sleep only if nothing was delivered.
+    fn wait(&mut self, deadline_ns: u64) {
+        self.waits += 1;
+        self.net.process_tx(&self.mem);
+        if self.net.deliver_rx(&self.mem) > 0 || self.net.has_pending_rx() {
+            return;
+        }
+        let timeout = self.clock.until(deadline_ns).min(Duration::from_secs(1));
+        if timeout.is_zero() {
+            return;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: self.net.port().readable_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.kick.eventfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `fds` is a valid array of two pollfds and `ts` a valid timespec, both alive
+        // for the call; no signal mask is changed.
+        unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
+        self.net.deliver_rx(&self.mem);
+    }
+}
+
+/// Deletes layer files of `dir` that the new state no longer lists (after a full save).
+fn remove_stale_layers(dir: &Path, snap: &VmSnapshot) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_layer =
+            name.starts_with("memory-") && (name.ends_with(".full") || name.ends_with(".delta"));
+        if is_layer && !snap.layers.iter().any(|l| l.file == name) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+struct Request {
+    command: Command,
+    reply: Sender<Reply>,
+}
+
+/// Sends commands to a running VM's thread.
+#[derive(Debug)]
+pub struct VmHandle {
+    commands: Sender<Request>,
+    kick: Arc<Kick>,
+    finished: Arc<std::sync::Mutex<Option<RunState>>>,
+    thread: Option<JoinHandle<RunState>>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.command.fmt(f)
+    }
+}
+
+impl VmHandle {
+    /// Sends `command` and waits for the reply, kicking the VM thread until it answers.
+    pub fn call(&self, command: Command) -> Result<Reply, VmError> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(Request { command, reply: tx })
+            .map_err(|_| VmError::Gone)?;
+        loop {
+            self.kick.kick();
+            match rx.recv_timeout(Duration::from_millis(2)) {
+                Ok(reply) => return Ok(reply),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Err(VmError::Gone),
+            }
+        }
+    }
+
+    /// Stops the VM and waits for its thread.
+    pub fn stop(mut self) -> Result<RunState, VmError> {
+        self.call(Command::Stop)?;
+        self.thread
+            .take()
+            .ok_or(VmError::Gone)?
+            .join()
+            .map_err(|_| VmError::Gone)
+    }
+
+    /// The final state once the guest has exited or crashed (the VM thread still answers).
+    pub fn finished(&self) -> Option<RunState> {
+        self.finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
