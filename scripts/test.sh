@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use. Each later part adds its own here (routers, redis-tools, ...).
-APT_PACKAGES=()
+# Debian packages the tests use: iproute2 for namespaces, taps and nstat; redis-tools
+# (redis-cli, redis-benchmark) and netcat-openbsd as real clients of the test guest.
+APT_PACKAGES=(iproute2 redis-tools netcat-openbsd procps)
 
 install_missing_packages() {
     local missing=()
@@ -19,14 +20,22 @@ install_missing_packages() {
     fi
 }
 
-install_missing_packages
+if [ "$(id -u)" = 0 ]; then
+    install_missing_packages
+    # As root (CI), the privileged tests (KVM, namespaces) must run, not skip.
+    export SECONDSITE_REQUIRE_PRIVILEGED=1
+else
+    echo "not root: skipping package installs; privileged tests will be skipped"
+fi
 for component in rustfmt clippy; do
     cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
 done
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+(cd guest && cargo fmt -- --check)
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+(cd guest && cargo clippy --release --locked -- -D warnings)
 echo "== cargo test --workspace"
 cargo test --workspace

@@ -13,9 +13,14 @@ pub enum After {
     Close,
 }
 
+const PAGE: usize = 4096;
+const MAX_TOUCH_PAGES: usize = 4096;
+
 #[derive(Default)]
 pub struct Store {
     data: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Areas written by TOUCHPAGES, kept so their pages stay the guest's.
+    touched: Vec<Vec<u8>>,
 }
 
 impl Store {
@@ -64,6 +69,13 @@ impl Store {
                 }
                 None => reply::error(out, "MEMSCAN takes a rate in MiB/s"),
             },
+            (b"TOUCHPAGES", 2) => match parse_i64(&args[1]).and_then(|n| usize::try_from(n).ok()) {
+                Some(pages) if pages <= MAX_TOUCH_PAGES => self.touch_pages(pages, out),
+                _ => reply::error(
+                    out,
+                    &alloc::format!("TOUCHPAGES takes a page count up to {MAX_TOUCH_PAGES}"),
+                ),
+            },
             (b"QUIT", _) => {
                 reply::simple(out, "OK");
                 return After::Close;
@@ -87,6 +99,21 @@ impl Store {
             }
         }
         After::KeepOpen
+    }
+
+    /// Writes one byte in each of `pages` fresh pages and replies with their addresses: a test
+    /// of dirty tracking knows exactly which pages the guest wrote.
+    fn touch_pages(&mut self, pages: usize, out: &mut Vec<u8>) {
+        let mut area = alloc::vec![0u8; (pages + 1) * PAGE];
+        let first = area.as_ptr() as usize;
+        let start = first.div_ceil(PAGE) * PAGE - first;
+        reply::array_header(out, pages);
+        for i in 0..pages {
+            let at = start + i * PAGE;
+            area[at] = 1;
+            reply::integer(out, (first + at) as i64);
+        }
+        self.touched.push(area);
     }
 
     fn incr(&mut self, key: &[u8], out: &mut Vec<u8>) {

@@ -61,8 +61,9 @@ pub fn create(kvm: &Kvm, vm: &VmFd, id: u64) -> Result<VcpuFd, VcpuError> {
     Ok(vcpu)
 }
 
-/// The MSRs of KVM's list that this vCPU can read (some on the list fail on some hosts).
-pub fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Vec<u32> {
+/// The MSRs of KVM's list that this vCPU can both read and write back (some on the list fail
+/// on some hosts: PVM refuses writes of a few paravirtual ones). Only these are saved.
+pub fn restorable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Vec<u32> {
     let Ok(list) = kvm.get_msr_index_list() else {
         return Vec::new();
     };
@@ -76,7 +77,7 @@ pub fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Vec<u32> {
             }]) else {
                 return false;
             };
-            matches!(vcpu.get_msrs(&mut one), Ok(1))
+            matches!(vcpu.get_msrs(&mut one), Ok(1)) && matches!(vcpu.set_msrs(&one), Ok(1))
         })
         .collect()
 }

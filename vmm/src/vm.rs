@@ -237,7 +237,7 @@ fn create_kvm(mem: &GuestMem) -> Result<KvmParts, VmError> {
     let vm = kvm.create_vm().map_err(VmError::Kvm)?;
     memory::register(&vm, mem)?;
     let vcpu = vcpu::create(&kvm, &vm, 0)?;
-    let msr_indices = vcpu::readable_msrs(&kvm, &vcpu);
+    let msr_indices = vcpu::restorable_msrs(&kvm, &vcpu);
     Ok(KvmParts {
         kvm,
         vm,

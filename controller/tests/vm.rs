@@ -1,0 +1,452 @@
+//! `secondsite vm` against real KVM, a real tap in a namespace, and real clients (redis-cli,
+//! redis-benchmark, nc) in another namespace. Needs root and /dev/kvm (CI has both).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use secondsite_lab::{Proc, VmSite, privileged};
+use secondsite_vmm::snapshot;
+use serde_json::Value;
+
+const SECONDSITE: &str = env!("CARGO_BIN_EXE_secondsite");
+
+struct Vm {
+    proc: Proc,
+    control: PathBuf,
+    console: PathBuf,
+}
+
+fn start(site: &VmSite, dir: &Path, mem: &str) -> Vm {
+    let control = dir.join("vm.sock");
+    let console = dir.join("console.log");
+    let mut cmd = site.site.command(SECONDSITE);
+    cmd.args([
+        "vm",
+        "run",
+        "--mem",
+        mem,
+        "--tap",
+        &site.tap,
+        "--ip",
+        VmSite::GUEST_CIDR,
+        "--gw",
+        VmSite::GATEWAY,
+    ])
+    .arg("--control")
+    .arg(&control)
+    .arg("--console")
+    .arg(&console)
+    .stdin(Stdio::null());
+    let proc = Proc::spawn(&mut cmd, "vm run").expect("starts secondsite vm run");
+    wait_until_serving(site, &console);
+    Vm {
+        proc,
+        control,
+        console,
+    }
+}
+
+fn restore(site: &VmSite, from: &Path, control: &Path, console: &Path) -> Proc {
+    let mut cmd = site.site.command(SECONDSITE);
+    cmd.args(["vm", "restore", "--tap", &site.tap])
+        .arg("--from")
+        .arg(from)
+        .arg("--control")
+        .arg(control)
+        .arg("--console")
+        .arg(console)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+    Proc::spawn(&mut cmd, "vm restore").expect("starts secondsite vm restore")
+}
+
+fn redis(site: &VmSite, args: &[&str]) -> String {
+    let out = site
+        .client
+        .command("redis-cli")
+        .args(["-h", VmSite::GUEST_IP])
+        .args(args)
+        .output()
+        .expect("runs redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn wait_until_serving(site: &VmSite, console: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while redis(site, &["ping"]) != "PONG" {
+        let console = std::fs::read_to_string(console).unwrap_or_default();
+        assert!(
+            Instant::now() < deadline,
+            "the guest never answered PING; console:\n{console}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn control(socket: &Path, args: &[&str]) -> Value {
+    let out = Command::new(SECONDSITE)
+        .args(["vm"])
+        .args(args)
+        .arg("--control")
+        .arg(socket)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "vm {args:?}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON reply")
+}
+
+#[test]
+fn redis_cli_and_redis_benchmark_work_against_the_guest() {
+    if !privileged("redis_cli_and_redis_benchmark_work_against_the_guest") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _vm = start(&site, dir.path(), "64M");
+    assert_eq!(redis(&site, &["set", "greeting", "hello"]), "OK");
+    assert_eq!(redis(&site, &["get", "greeting"]), "hello");
+    assert_eq!(redis(&site, &["incr", "visits"]), "1");
+    assert_eq!(redis(&site, &["incr", "visits"]), "2");
+    assert_eq!(redis(&site, &["echo", "ping me"]), "ping me");
+    assert_eq!(redis(&site, &["dbsize"]), "2");
+    assert_eq!(redis(&site, &["del", "greeting", "nothing"]), "1");
+    assert_eq!(redis(&site, &["get", "greeting"]), "");
+    assert!(redis(&site, &["incr", "visits", "extra"]).contains("wrong number of arguments"));
+
+    let out = site
+        .client
+        .command("redis-benchmark")
+        .args([
+            "-h",
+            VmSite::GUEST_IP,
+            "-t",
+            "ping,set,get,incr",
+            "-n",
+            "20000",
+            "-q",
+        ])
+        .output()
+        .expect("runs redis-benchmark");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "redis-benchmark failed: {stderr}");
+    for test in ["PING_INLINE", "PING_MBULK", "SET", "GET", "INCR"] {
+        let line = report
+            .lines()
+            .flat_map(|l| l.split('\r'))
+            .find(|l| l.starts_with(&format!("{test}: ")) && l.contains("requests per second"));
+        assert!(line.is_some(), "no {test} result in:\n{report}");
+    }
+    assert!(
+        !report.to_lowercase().contains("error") && !stderr.to_lowercase().contains("error"),
+        "{report}\n{stderr}"
+    );
+}
+
+/// A client's TCP connection held open in `nc`, answering line by line.
+struct Connection {
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    _nc: Proc,
+}
+
+impl Connection {
+    fn open(site: &VmSite) -> Connection {
+        let mut cmd = site.client.command("nc");
+        cmd.args([VmSite::GUEST_IP, "6379"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut nc = Proc::spawn(&mut cmd, "nc").expect("starts nc");
+        let stdin = nc.child().stdin.take().expect("piped stdin");
+        let stdout = nc.child().stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line.trim_end().to_owned()).is_err() {
+                    break;
+                }
+            }
+        });
+        Connection {
+            stdin,
+            lines,
+            _nc: nc,
+        }
+    }
+
+    /// Sends an inline command and returns the reply's lines.
+    fn ask(&mut self, command: &str, reply_lines: usize) -> Vec<String> {
+        self.stdin
+            .write_all(format!("{command}\r\n").as_bytes())
+            .expect("nc takes input");
+        (0..reply_lines)
+            .map(|_| {
+                self.lines
+                    .recv_timeout(Duration::from_secs(15))
+                    .unwrap_or_else(|_| panic!("no reply to {command}"))
+            })
+            .collect()
+    }
+}
+
+fn tcp_resets(site: &VmSite) -> u64 {
+    let out = site
+        .client
+        .exec("nstat", &["-asz", "TcpEstabResets"])
+        .expect("runs nstat");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("TcpEstabResets")
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn open_connections_survive_save_kill_and_restore_in_a_new_process() {
+    if !privileged("open_connections_survive_save_kill_and_restore_in_a_new_process") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut vm = start(&site, dir.path(), "64M");
+    let resets_before = tcp_resets(&site);
+    let mut conn = Connection::open(&site);
+    assert_eq!(conn.ask("SET moved before", 1), ["+OK"]);
+    assert_eq!(conn.ask("INCR counter", 1), [":1"]);
+
+    let snap = dir.path().join("snap");
+    let saved = control(
+        &vm.control,
+        &["save", "--to", snap.to_str().expect("utf-8")],
+    );
+    assert_eq!(saved["kind"], "Full", "{saved}");
+    vm.proc.kill();
+    site.recreate_tap().expect("recreates the tap");
+
+    let mut restored = restore(&site, &snap, &vm.control, &vm.console);
+    // Over the same client socket: the data is there and the counter continues.
+    assert_eq!(conn.ask("GET moved", 2), ["$6", "before"]);
+    assert_eq!(conn.ask("INCR counter", 1), [":2"]);
+    assert_eq!(tcp_resets(&site), resets_before, "the client saw a reset");
+    assert!(
+        restored.try_wait().is_none(),
+        "the restored VM is still running"
+    );
+}
+
+#[test]
+fn incremental_save_holds_the_pages_the_guest_and_its_devices_wrote() {
+    if !privileged("incremental_save_holds_the_pages_the_guest_and_its_devices_wrote") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vm = start(&site, dir.path(), "64M");
+    let snap = dir.path().join("snap");
+    let snap_arg = snap.to_str().expect("utf-8");
+    control(&vm.control, &["save", "--to", snap_arg]);
+
+    const K: usize = 256;
+    let touched: Vec<u64> = redis(&site, &["touchpages", &K.to_string()])
+        .lines()
+        .map(|a| a.trim().parse::<u64>().expect("an address") / 4096)
+        .collect();
+    assert_eq!(touched.len(), K);
+    let saved = control(&vm.control, &["save", "--to", snap_arg, "--incremental"]);
+    assert_eq!(saved["kind"], "Delta", "{saved}");
+
+    let state = snapshot::read_state(&snap).expect("reads the state");
+    let delta = state.layers.last().expect("a delta layer");
+    let pages: Vec<u64> = snapshot::read_delta(&snap, delta, state.mem_size)
+        .expect("reads the delta")
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    for page in &touched {
+        assert!(
+            pages.contains(page),
+            "page {page} written by the guest is missing from the delta"
+        );
+    }
+    // The used ring of the receive queue is written only by the device (the VMM), never by
+    // the guest: KVM's dirty log cannot see it, the VMM's own record must.
+    let rx_used_ring_page = state.net.transport.queues[0].used_ring / 4096;
+    assert!(
+        pages.contains(&rx_used_ring_page),
+        "the device-written RX used ring page is missing"
+    );
+    let others = pages.len() - K;
+    eprintln!(
+        "incremental save: {} pages = {K} touched by TOUCHPAGES + {others} others (allocator and \
+         stack, socket buffers, TX/RX rings and RX buffers the device filled, clock/hypercall pages)",
+        pages.len()
+    );
+    assert!(
+        others < 200,
+        "{others} pages beyond the {K} touched: dirty tracking is too coarse"
+    );
+}
+
+#[test]
+fn corrupt_snapshots_are_refused_and_nothing_runs() {
+    if !privileged("corrupt_snapshots_are_refused_and_nothing_runs") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut vm = start(&site, dir.path(), "64M");
+    assert_eq!(redis(&site, &["set", "kept", "yes"]), "OK");
+    let good = dir.path().join("good");
+    control(
+        &vm.control,
+        &["save", "--to", good.to_str().expect("utf-8")],
+    );
+    vm.proc.kill();
+
+    let copy = |name: &str| {
+        let to = dir.path().join(name);
+        std::fs::create_dir(&to).expect("mkdir");
+        for entry in std::fs::read_dir(&good).expect("reads snapshot") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copies");
+        }
+        to
+    };
+    let memory = |d: &Path| d.join("memory-000001.full");
+    let edit = |path: &Path, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut bytes = std::fs::read(path).expect("reads");
+        f(&mut bytes);
+        std::fs::write(path, bytes).expect("writes");
+    };
+
+    let flipped = copy("flipped");
+    edit(&memory(&flipped), &|b| b[5_000_000] ^= 0x40);
+    let truncated = copy("truncated");
+    edit(&memory(&truncated), &|b| b.truncate(b.len() - 4096));
+    let wrong_version = copy("version");
+    edit(&wrong_version.join("state.bin"), &|b| {
+        b[8..12].copy_from_slice(&99u32.to_le_bytes());
+        let crc = crc32fast::hash(&b[..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
+    });
+    let bad_state = copy("state");
+    edit(&bad_state.join("state.bin"), &|b| {
+        let n = b.len();
+        b[n - 10] ^= 1;
+    });
+    for (snap, expected) in [
+        (
+            &flipped,
+            "checksum mismatch (memory layer): the file is corrupt",
+        ),
+        (&truncated, "truncated or wrong size"),
+        (
+            &wrong_version,
+            "snapshot format version 99 is not supported (this build reads 1)",
+        ),
+        (&bad_state, "checksum mismatch (state payload)"),
+    ] {
+        let control_path = dir.path().join("refused.sock");
+        let mut proc = restore(&site, snap, &control_path, &vm.console);
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = proc.try_wait() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "restore of a corrupt snapshot did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut proc.child().stderr.take().expect("piped"), &mut stderr)
+            .expect("reads stderr");
+        assert!(!status.success(), "{}: restore succeeded", snap.display());
+        assert!(stderr.contains(expected), "{}: {stderr}", snap.display());
+        assert!(
+            !control_path.exists(),
+            "a refused restore must not start serving"
+        );
+    }
+    assert_eq!(
+        redis(&site, &["ping"]),
+        "",
+        "nothing answers while only corrupt snapshots were tried"
+    );
+
+    let _good_vm = restore(&site, &good, &vm.control, &vm.console);
+    wait_until_serving(&site, &vm.console);
+    assert_eq!(redis(&site, &["get", "kept"]), "yes");
+}
+
+/// CPU time (user + system) of a process, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reads /proc/pid/stat");
+    let after_name = &stat[stat.rfind(')').expect("comm ends with )") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// Resident KiB of a process: in all, and in its largest mapping of exactly `guest_kib`.
+fn rss_kib(pid: u32, guest_kib: u64) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("reads smaps");
+    let (mut total, mut guest, mut size) = (0, 0, 0);
+    for line in smaps.lines() {
+        let kib = |l: &str| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        if line.starts_with("Size:") {
+            size = kib(line);
+        } else if line.starts_with("Rss:") {
+            total += kib(line);
+            if size == guest_kib {
+                guest = guest.max(kib(line));
+            }
+        }
+    }
+    (total, guest)
+}
+
+#[test]
+fn an_idle_guest_uses_little_cpu_and_the_vmm_little_memory() {
+    if !privileged("an_idle_guest_uses_little_cpu_and_the_vmm_little_memory") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vm = start(&site, dir.path(), "64M");
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = vm.proc.id();
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    std::thread::sleep(Duration::from_secs(10));
+    let (elapsed, ticks) = (t0.elapsed(), cpu_ticks(pid) - c0);
+    let share = ticks as f64 / 100.0 / elapsed.as_secs_f64();
+    let (total, guest) = rss_kib(pid, 64 * 1024);
+    let overhead_mib = (total - guest) as f64 / 1024.0;
+    eprintln!(
+        "idle guest: {:.2}% of a core over {elapsed:?}; VMM resident beyond guest memory: {overhead_mib:.1} MiB",
+        share * 100.0
+    );
+    assert!(
+        share < 0.02,
+        "an idle guest used {:.2}% of a core",
+        share * 100.0
+    );
+    assert!(
+        overhead_mib < 30.0,
+        "the VMM holds {overhead_mib:.1} MiB beyond guest memory"
+    );
+}

@@ -1,0 +1,49 @@
+//! # secondsite-lab
+//!
+//! The network-namespace lab: topologies built from real namespaces, veths and taps with
+//! `ip`, and the processes run inside them, all removed again when the test ends, whether it
+//! passes, fails or panics (every resource is an RAII guard).
+//!
+//! ```text
+//!   Netns (ip netns add/del) ── veth() ── Netns        Proc: a child killed on drop
+//!          └── tap (ip tuntap)                          VmSite: site ns with a tap for a VM,
+//!                                                               client ns routed to it
+//! ```
+//!
+//! Namespace names carry the test process's pid (`ss<pid>-<n>-<role>`), so parallel runs do
+//! not collide, and a later run removes what a killed run left behind. Privileged tests call
+//! [`privileged`] first: it skips them (with a message) when not root, unless
+//! `SECONDSITE_REQUIRE_PRIVILEGED=1` (set by `scripts/test.sh`, so CI fails instead).
+
+#![forbid(unsafe_code)]
+
+mod netns;
+mod proc;
+mod topology;
+
+pub use netns::{Netns, veth};
+pub use proc::Proc;
+pub use topology::VmSite;
+
+/// Whether privileged tests can run here. Skips (false, with a message) when not root; panics
+/// when they must run (`SECONDSITE_REQUIRE_PRIVILEGED=1`) but cannot.
+pub fn privileged(test: &str) -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    let kvm = std::path::Path::new("/dev/kvm").exists();
+    let required = std::env::var("SECONDSITE_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
+    match (root && kvm, required) {
+        (true, _) => true,
+        (false, true) => {
+            panic!("{test}: needs root and /dev/kvm (SECONDSITE_REQUIRE_PRIVILEGED=1)")
+        }
+        (false, false) => {
+            eprintln!("skipping {test}: needs root and /dev/kvm (run scripts/test.sh as root)");
+            false
+        }
+    }
+}
