@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: iproute2 for namespaces, taps and nstat; redis-tools
-# (redis-cli, redis-benchmark) and netcat-openbsd as real clients of the test guest.
-APT_PACKAGES=(iproute2 redis-tools netcat-openbsd procps)
+# (redis-cli, redis-benchmark) and netcat-openbsd as real clients of the test guest;
+# redis-server as the yardstick of `secondsite bench vm`; util-linux for unshare.
+APT_PACKAGES=(iproute2 util-linux redis-tools redis-server netcat-openbsd procps)
 
 install_missing_packages() {
     local missing=()

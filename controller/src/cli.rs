@@ -20,6 +20,24 @@ pub enum Command {
     /// Run and control a protected VM (KVM micro-VM).
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Measure secondsite's parts and print the figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The VMM: guest start time, pause latency, save/restore of 64 and 512 MiB guests,
+    /// dirty-page harvest, redis-benchmark against the guest and against the host's
+    /// redis-server. Needs root, /dev/kvm, unshare, redis-tools and redis-server.
+    Vm {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Fewer rounds (for CI smoke runs).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

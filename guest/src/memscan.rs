@@ -3,12 +3,15 @@
 use alloc::vec::Vec;
 
 const PAGE: usize = 4096;
-/// Memory cycled through: enough that a fast rate dirties many distinct pages per epoch.
-const AREA_BYTES: usize = 32 << 20;
+/// Memory cycled through: enough that a fast rate dirties many distinct pages per epoch. It is
+/// allocated in 1 MiB chunks (a buddy allocator has few free 32 MiB-aligned blocks), as many
+/// as the heap can spare.
+const AREA_CHUNKS: usize = 32;
+const CHUNK: usize = 1 << 20;
 
 pub struct MemScan {
     rate_mib_per_s: u32,
-    area: Vec<u8>,
+    area: Vec<Vec<u8>>,
     started_ns: u64,
     pages_done: u64,
     cursor: usize,
@@ -28,8 +31,13 @@ impl MemScan {
     }
 
     pub fn set_rate(&mut self, rate_mib_per_s: u32) {
-        if rate_mib_per_s > 0 && self.area.is_empty() {
-            self.area = alloc::vec![0u8; AREA_BYTES];
+        while rate_mib_per_s > 0 && self.area.len() < AREA_CHUNKS {
+            let mut chunk = Vec::new();
+            if chunk.try_reserve_exact(CHUNK).is_err() {
+                break;
+            }
+            chunk.resize(CHUNK, 0);
+            self.area.push(chunk);
         }
         self.rate_mib_per_s = rate_mib_per_s;
         self.started_ns = crate::clock::now_ns();
@@ -44,11 +52,15 @@ impl MemScan {
         let pages_per_s = u64::from(self.rate_mib_per_s) * 256;
         let due = (u128::from(now_ns.saturating_sub(self.started_ns)) * u128::from(pages_per_s)
             / 1_000_000_000) as u64;
-        let pages = self.area.len() / PAGE;
+        let per_chunk = CHUNK / PAGE;
+        let pages = self.area.len() * per_chunk;
+        if pages == 0 {
+            return;
+        }
         // Never more than one pass per step: a long sleep is not caught up all at once.
         let todo = due.saturating_sub(self.pages_done).min(pages as u64);
         for _ in 0..todo {
-            let byte = &mut self.area[self.cursor * PAGE];
+            let byte = &mut self.area[self.cursor / per_chunk][(self.cursor % per_chunk) * PAGE];
             *byte = byte.wrapping_add(1);
             self.cursor = (self.cursor + 1) % pages;
         }

@@ -19,8 +19,34 @@ const MAX_TOUCH_PAGES: usize = 4096;
 #[derive(Default)]
 pub struct Store {
     data: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Areas written by TOUCHPAGES, kept so their pages stay the guest's.
-    touched: Vec<Vec<u8>>,
+    /// Areas written by TOUCHPAGES, kept (until FLUSHALL) so their pages stay the guest's.
+    touched: Vec<PageArea>,
+}
+
+/// Page-aligned memory from the heap (exactly `pages` pages: a power of two costs no more).
+struct PageArea {
+    ptr: *mut u8,
+    layout: core::alloc::Layout,
+}
+
+impl PageArea {
+    fn new(pages: usize) -> Option<Self> {
+        let layout = core::alloc::Layout::from_size_align(pages.max(1) * PAGE, PAGE).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        (!ptr.is_null()).then_some(PageArea { ptr, layout })
+    }
+
+    fn page(&self, i: usize) -> *mut u8 {
+        self.ptr.wrapping_add(i * PAGE)
+    }
+}
+
+impl Drop for PageArea {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { alloc::alloc::dealloc(self.ptr, self.layout) };
+    }
 }
 
 impl Store {
@@ -57,6 +83,7 @@ impl Store {
             (b"DBSIZE", 1) => reply::integer(out, self.data.len() as i64),
             (b"FLUSHALL" | b"FLUSHDB", _) => {
                 self.data.clear();
+                self.touched.clear();
                 reply::simple(out, "OK");
             }
             (b"SELECT", 2) if args[1] == b"0" => reply::simple(out, "OK"),
@@ -104,14 +131,15 @@ impl Store {
     /// Writes one byte in each of `pages` fresh pages and replies with their addresses: a test
     /// of dirty tracking knows exactly which pages the guest wrote.
     fn touch_pages(&mut self, pages: usize, out: &mut Vec<u8>) {
-        let mut area = alloc::vec![0u8; (pages + 1) * PAGE];
-        let first = area.as_ptr() as usize;
-        let start = first.div_ceil(PAGE) * PAGE - first;
+        let Some(area) = PageArea::new(pages) else {
+            return reply::error(out, "out of memory");
+        };
         reply::array_header(out, pages);
         for i in 0..pages {
-            let at = start + i * PAGE;
-            area[at] = 1;
-            reply::integer(out, (first + at) as i64);
+            let page = area.page(i);
+            // SAFETY: `page` points at the start of page i of the area, which we own.
+            unsafe { page.write_volatile(1) };
+            reply::integer(out, page as i64);
         }
         self.touched.push(area);
     }

@@ -113,11 +113,19 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "reply")]
 pub enum Reply {
-    Ok { state: RunState },
+    Ok {
+        state: RunState,
+    },
     Status(Box<VmStatus>),
     Saved(SaveReport),
-    Dirty { pages: Vec<u64> },
-    Error { message: String },
+    /// The dirty pages, and how long harvesting them took (KVM log + VMM bitmap), in µs.
+    Dirty {
+        pages: Vec<u64>,
+        harvest_us: u64,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -477,8 +485,10 @@ impl Vm {
                         message: "pause the VM before harvesting dirty pages".into(),
                     };
                 }
+                let started = Instant::now();
                 match memory::harvest_dirty_pages(&self.vm, &self.mem) {
                     Ok(set) => Reply::Dirty {
+                        harvest_us: started.elapsed().as_micros() as u64,
                         pages: set.iter().collect(),
                     },
                     Err(e) => Reply::Error {

@@ -1,11 +1,12 @@
 //! One module per command group.
 
+mod bench;
 mod policy;
 mod vm;
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{BenchCommand, Cli, Command};
 
 /// Exit status for "the input is wrong" (bad policy), as distinct from a failure to run (1).
 pub const EXIT_INVALID_INPUT: u8 = 2;
@@ -14,5 +15,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Policy(command) => policy::run(command),
         Command::Vm(command) => vm::run(command),
+        Command::Bench(BenchCommand::Vm { json, quick }) => bench::vm(json, quick),
     }
 }

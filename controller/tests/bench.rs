@@ -1,0 +1,68 @@
+//! `secondsite bench vm` runs end to end and reports every figure (a smoke run: the figures
+//! themselves are for people to read, not for a test to judge on a shared machine).
+
+use secondsite_lab::privileged;
+use serde_json::Value;
+
+#[test]
+fn bench_vm_reports_every_figure() {
+    if !privileged("bench_vm_reports_every_figure") {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_secondsite"))
+        .args(["bench", "vm", "--quick", "--json"])
+        .output()
+        .expect("runs secondsite bench vm");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let positive = |v: &Value, what: &str| {
+        let x = v
+            .as_f64()
+            .unwrap_or_else(|| panic!("{what} missing in {report}"));
+        assert!(x > 0.0, "{what} = {x}");
+    };
+    positive(
+        &report["start_to_listening_ms"]["p50"],
+        "start to listening",
+    );
+    for kind in ["idle_guest", "busy_guest_memscan_200mib_s"] {
+        positive(
+            &report["pause_latency_us"][kind]["p99"],
+            "pause latency p99",
+        );
+    }
+    let sizes: Vec<u64> = report["save_restore"]
+        .as_array()
+        .expect("save_restore")
+        .iter()
+        .map(|r| r["guest_mib"].as_u64().expect("mib"))
+        .collect();
+    assert_eq!(sizes, [64, 512]);
+    for row in report["save_restore"].as_array().expect("rows") {
+        positive(&row["full_save_ms"], "full save");
+        positive(&row["restore_to_serving_ms"], "restore");
+    }
+    let harvest = report["dirty_harvest"].as_array().expect("harvest rows");
+    for row in harvest {
+        let written = row["pages_written"].as_u64().expect("written");
+        let seen = row["dirty_pages_harvested"].as_u64().expect("seen");
+        assert!(seen >= written, "harvest missed pages: {row}");
+    }
+    let results = report["redis_benchmark"]["results"]
+        .as_array()
+        .expect("redis results");
+    assert_eq!(results.len(), 5, "{results:?}");
+    for row in results {
+        positive(&row["guest_rps"], "guest ops/s");
+        positive(&row["host_redis_server_rps"], "host ops/s");
+    }
+    assert!(
+        report["idle"]["vmm_rss_beyond_guest_mib"]
+            .as_f64()
+            .is_some()
+    );
+}
