@@ -109,7 +109,7 @@ fn redis_cli_and_redis_benchmark_work_against_the_guest() {
     }
     let site = VmSite::new().expect("builds the namespaces");
     let dir = tempfile::tempdir().expect("tempdir");
-    let _vm = start(&site, dir.path(), "64M");
+    let vm = start(&site, dir.path(), "64M");
     assert_eq!(redis(&site, &["set", "greeting", "hello"]), "OK");
     assert_eq!(redis(&site, &["get", "greeting"]), "hello");
     assert_eq!(redis(&site, &["incr", "visits"]), "1");
@@ -119,6 +119,20 @@ fn redis_cli_and_redis_benchmark_work_against_the_guest() {
     assert_eq!(redis(&site, &["del", "greeting", "nothing"]), "1");
     assert_eq!(redis(&site, &["get", "greeting"]), "");
     assert!(redis(&site, &["incr", "visits", "extra"]).contains("wrong number of arguments"));
+
+    // A bad control request gets an error reply and is counted; the VM runs on.
+    let mut sock = std::os::unix::net::UnixStream::connect(&vm.control).expect("connects");
+    sock.write_all(b"{\"op\":\"reboot-everything\"}\n")
+        .expect("writes");
+    let mut reply = String::new();
+    BufReader::new(&sock).read_line(&mut reply).expect("reads");
+    assert!(
+        reply.contains("\"reply\":\"error\"") && reply.contains("bad request"),
+        "{reply}"
+    );
+    let status = control(&vm.control, &["status"]);
+    assert_eq!(status["bad_control_requests"], 1, "{status}");
+    assert_eq!(status["state"], "running");
 
     let out = site
         .client

@@ -140,6 +140,8 @@ pub struct VmStatus {
     pub tap: String,
     pub net: NetStats,
     pub saves: u64,
+    /// Control-socket lines that were not valid commands.
+    pub bad_control_requests: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -510,6 +512,8 @@ impl Vm {
             tap: self.net.port().name().to_owned(),
             net: self.net.stats,
             saves: self.save_seq,
+            bad_control_requests: crate::control::BAD_REQUESTS
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

@@ -341,3 +341,141 @@ pub fn read_state(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
         detail: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::net::{NetState, NetStats};
+    use crate::devices::virtio_mmio::TransportState;
+    use crate::memory;
+    use crate::vcpu::VcpuState;
+
+    fn sample() -> VmSnapshot {
+        VmSnapshot {
+            vm_id: 7,
+            save_seq: 1,
+            mem_size: 16 << 20,
+            vcpu: VcpuState {
+                regs: Default::default(),
+                sregs: Default::default(),
+                xsave: Default::default(),
+                xcrs: Default::default(),
+                msrs: Vec::new(),
+                events: Default::default(),
+                mp_state: Default::default(),
+                debugregs: Default::default(),
+            },
+            net: NetState {
+                mac: [2, 0, 0, 0, 0, 1],
+                transport: TransportState {
+                    driver_features: 0,
+                    device_features_sel: 0,
+                    driver_features_sel: 0,
+                    queue_sel: 0,
+                    status: 0,
+                    interrupt_status: 0,
+                    queues: Vec::new(),
+                },
+                stats: NetStats::default(),
+            },
+            guest_ns: 42,
+            layers: Vec::new(),
+        }
+    }
+
+    fn corrupt(dir: &Path, file: &str, f: impl FnOnce(&mut Vec<u8>)) {
+        let path = dir.join(file);
+        let mut bytes = fs::read(&path).expect("reads");
+        f(&mut bytes);
+        fs::write(&path, bytes).expect("writes");
+    }
+
+    #[test]
+    fn state_round_trips_and_every_corruption_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_state(dir.path(), &sample()).expect("writes");
+        let back = read_state(dir.path()).expect("reads");
+        assert_eq!(
+            (back.vm_id, back.guest_ns, back.net.mac),
+            (7, 42, [2, 0, 0, 0, 0, 1])
+        );
+
+        corrupt(dir.path(), STATE_FILE, |b| {
+            *b.last_mut().expect("byte") ^= 1
+        });
+        assert!(matches!(
+            read_state(dir.path()),
+            Err(SnapshotError::Checksum {
+                what: "state payload",
+                ..
+            })
+        ));
+        write_state(dir.path(), &sample()).expect("writes");
+        corrupt(dir.path(), STATE_FILE, |b| b[20] ^= 1);
+        assert!(matches!(
+            read_state(dir.path()),
+            Err(SnapshotError::Checksum {
+                what: "state header",
+                ..
+            })
+        ));
+        write_state(dir.path(), &sample()).expect("writes");
+        corrupt(dir.path(), STATE_FILE, |b| b.truncate(b.len() - 1));
+        assert!(matches!(
+            read_state(dir.path()),
+            Err(SnapshotError::Size { .. })
+        ));
+        corrupt(dir.path(), STATE_FILE, |b| b[0] = b'X');
+        assert!(matches!(
+            read_state(dir.path()),
+            Err(SnapshotError::BadMagic { .. })
+        ));
+        fs::write(dir.path().join(STATE_FILE), b"short").expect("writes");
+        assert!(matches!(
+            read_state(dir.path()),
+            Err(SnapshotError::Size { .. })
+        ));
+    }
+
+    #[test]
+    fn layers_are_checked_before_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mem = memory::anonymous(16 << 20).expect("memory");
+        mem.write_slice(b"page three", GuestAddress(3 * PAGE_SIZE))
+            .expect("writes");
+        let pages = PageSet { bits: vec![0b1000] };
+        let layer = write_delta(dir.path(), 2, &mem, &pages).expect("writes delta");
+        verify_layer(dir.path(), &layer).expect("intact");
+        let read = read_delta(dir.path(), &layer, 16 << 20).expect("reads");
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].0, 3);
+        assert_eq!(&read[0].1[..10], b"page three");
+        // A page beyond guest memory is refused even with a matching checksum.
+        assert!(matches!(
+            read_delta(dir.path(), &layer, 2 * PAGE_SIZE),
+            Err(SnapshotError::Size { .. })
+        ));
+        corrupt(dir.path(), &layer.file, |b| b[30] ^= 1);
+        assert!(matches!(
+            verify_layer(dir.path(), &layer),
+            Err(SnapshotError::Checksum { .. })
+        ));
+        corrupt(dir.path(), &layer.file, |b| b.truncate(100));
+        assert!(matches!(
+            verify_layer(dir.path(), &layer),
+            Err(SnapshotError::Size { .. })
+        ));
+        assert!(matches!(
+            read_delta(dir.path(), &layer, 16 << 20),
+            Err(SnapshotError::Size { .. })
+        ));
+        let sneaky = LayerInfo {
+            file: "../etc/passwd".into(),
+            ..layer
+        };
+        assert!(matches!(
+            verify_layer(dir.path(), &sneaky),
+            Err(SnapshotError::Chain(_))
+        ));
+    }
+}
