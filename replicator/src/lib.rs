@@ -15,4 +15,5 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod store;
 pub mod wire;
