@@ -23,6 +23,45 @@ pub enum Command {
     /// Measure secondsite's parts and print the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The backup side of replication.
+    #[command(subcommand)]
+    Replicate(ReplicateCommand),
+    /// Inspect a backup's checkpoint store.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicateCommand {
+    /// Receive checkpoints from primaries and keep them in a store, one directory per group.
+    Receive {
+        /// Address and port to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// Acknowledge an epoch once fsynced (disk) or once applied in memory (memory).
+        #[arg(long, value_enum, default_value = "disk")]
+        ack: Ack,
+        /// Checkpoints kept for restoring an earlier one.
+        #[arg(long, default_value_t = 8)]
+        retain: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Ack {
+    Disk,
+    Memory,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// List the checkpoints of a group's store directory.
+    Ls { dir: PathBuf },
+    /// Re-read and check every checkpoint of a group's store directory.
+    Verify { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,11 +101,25 @@ pub enum VmCommand {
         #[arg(long)]
         incremental: bool,
     },
-    /// Rebuild a saved VM in this process and run it in the foreground.
+    /// Rebuild a saved VM (a snapshot, or a replicated checkpoint) and run it in the foreground.
     Restore {
-        /// Directory of the snapshot.
+        /// Directory of a snapshot (`vm save`).
+        #[arg(
+            long,
+            required_unless_present = "from_store",
+            conflicts_with = "from_store"
+        )]
+        from: Option<PathBuf>,
+        /// A group's checkpoint store at the backup (`replicate receive --store DIR` keeps one
+        /// per group: DIR/GROUP).
         #[arg(long)]
-        from: PathBuf,
+        from_store: Option<PathBuf>,
+        /// With --from-store: the epoch to restore (default: the newest).
+        #[arg(long, requires = "from_store")]
+        epoch: Option<u64>,
+        /// With --from-store: which VM of the group.
+        #[arg(long, default_value_t = 0)]
+        vm: u32,
         /// Tap device to attach the VM's NIC to.
         #[arg(long)]
         tap: String,
@@ -116,6 +169,21 @@ pub struct VmRunArgs {
     /// Guest image (a static ELF for CPL3); default: the project's own test guest.
     #[arg(long)]
     pub guest: Option<PathBuf>,
+    /// Replicate checkpoints to the backup's `replicate receive` at ADDR:PORT.
+    #[arg(long)]
+    pub replicate_to: Option<std::net::SocketAddr>,
+    /// Milliseconds between checkpoints when replicating.
+    #[arg(long, default_value_t = 25)]
+    pub epoch_ms: u64,
+    /// The protected group this VM belongs to (the backup's store directory name).
+    #[arg(long, default_value = "default")]
+    pub group: String,
+    /// This VM's number within its group.
+    #[arg(long, default_value_t = 0)]
+    pub vm_index: u32,
+    /// zstd level of checkpoint batches (0: off).
+    #[arg(long, default_value_t = 1)]
+    pub zstd_level: i32,
 }
 
 /// `64M`, `512M`, `1G`, `65536K` or plain bytes.

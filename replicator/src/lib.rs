@@ -9,11 +9,17 @@
 //!  backup:  codec::Decoder ──> replica in memory ──> store (base + epoch log, fsync) ──> ack
 //! ```
 //!
-//! Modules: [`codec`] encodes dirty pages (skip unchanged, zero, dedup reference, XOR delta,
-//! full; zstd per batch) and applies them at the backup.
+//! Modules: [`primary`] (the sender thread: capture, encode, ship, commit events), [`codec`]
+//! (skip unchanged, zero, dedup reference, XOR delta, full; zstd per batch), [`wire`] (the
+//! versioned, checksummed, sequenced protocol), [`backup`] (the receiver: stage, apply, store,
+//! acknowledge), [`store`] (base images + epoch log, recovery, retention), [`restore`] (a stored
+//! checkpoint back into a VMM snapshot).
 
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod codec;
+pub mod primary;
+pub mod restore;
 pub mod store;
 pub mod wire;

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  primary                                   backup
-//!     │── Hello {versions N-1..N, link} ──────>│
-//!     │<───────────── HelloAck {version} ──────│   the highest version both speak
+//!     │── Hello {versions N-1..N, group} ─────>│
+//!     │<── HelloAck {version, last epoch} ─────│   the highest version both speak
 //!     │── EpochBegin {group, epoch, vms} ─────>│   for every epoch:
 //!     │── Pages {vm, batch} ... ──────────────>│     dirty pages, codec batches
 //!     │── VmState {vm, state} ... ────────────>│     vCPU and device state
@@ -89,9 +89,12 @@ pub enum Message {
         max_version: u16,
         link_id: u64,
         site: String,
+        group: String,
     },
+    /// `last_epoch`: the newest epoch the backup holds for the group; the primary numbers on.
     HelloAck {
         version: u16,
+        last_epoch: u64,
     },
     EpochBegin {
         group: String,
@@ -150,13 +153,21 @@ impl Message {
                 max_version,
                 link_id,
                 site,
+                group,
             } => {
                 out.extend_from_slice(&min_version.to_le_bytes());
                 out.extend_from_slice(&max_version.to_le_bytes());
                 out.extend_from_slice(&link_id.to_le_bytes());
                 string(out, site);
+                string(out, group);
             }
-            Message::HelloAck { version } => out.extend_from_slice(&version.to_le_bytes()),
+            Message::HelloAck {
+                version,
+                last_epoch,
+            } => {
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(&last_epoch.to_le_bytes());
+            }
             Message::EpochBegin { group, epoch, vms } => {
                 string(out, group);
                 out.extend_from_slice(&epoch.to_le_bytes());
@@ -213,8 +224,12 @@ impl Message {
                 max_version: r.u16()?,
                 link_id: r.u64()?,
                 site: r.string()?,
+                group: r.string()?,
             },
-            CommandCode::HelloAck => Message::HelloAck { version: r.u16()? },
+            CommandCode::HelloAck => Message::HelloAck {
+                version: r.u16()?,
+                last_epoch: r.u64()?,
+            },
             CommandCode::EpochBegin => Message::EpochBegin {
                 group: r.string()?,
                 epoch: r.u64()?,
@@ -431,8 +446,12 @@ mod tests {
                 max_version: 1,
                 link_id: 42,
                 site: "site-a".into(),
+                group: "web".into(),
             },
-            Message::HelloAck { version: 1 },
+            Message::HelloAck {
+                version: 1,
+                last_epoch: 6,
+            },
             Message::EpochBegin {
                 group: "web".into(),
                 epoch: 7,
@@ -484,29 +503,16 @@ mod tests {
 
     #[test]
     fn a_known_frame_has_a_fixed_encoding() {
-        let bytes = Link::default().emit(&Message::HelloAck { version: 1 });
-        assert_eq!(
-            bytes,
-            [
-                b'S', b'S', b'R', b'P', 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0
-            ]
-            .into_iter()
-            .chain(
-                crc32fast::hash(
-                    &[
-                        [
-                            b'S', b'S', b'R', b'P', 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0
-                        ]
-                        .as_slice(),
-                        &[1, 0]
-                    ]
-                    .concat()
-                )
-                .to_le_bytes()
-            )
-            .chain([1, 0])
-            .collect::<Vec<u8>>()
-        );
+        let bytes = Link::default().emit(&Message::HelloAck {
+            version: 1,
+            last_epoch: 3,
+        });
+        let header = [
+            b'S', b'S', b'R', b'P', 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10, 0, 0, 0,
+        ];
+        let payload = [1, 0, 3, 0, 0, 0, 0, 0, 0, 0];
+        let crc = crc32fast::hash(&[header.as_slice(), &payload].concat()).to_le_bytes();
+        assert_eq!(bytes, [header.as_slice(), &crc, &payload].concat());
     }
 
     #[test]

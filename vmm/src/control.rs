@@ -18,8 +18,16 @@ const MAX_REQUEST: u64 = 64 * 1024;
 /// Requests that were not valid JSON commands (a counter for status and tests).
 pub static BAD_REQUESTS: AtomicU64 = AtomicU64::new(0);
 
+/// More status from outside the VM (replication, for instance), added to `status` replies
+/// under the key it is returned with.
+pub type StatusExtra = Arc<dyn Fn() -> (String, serde_json::Value) + Send + Sync>;
+
 /// Listens on `path` (replacing a stale socket there) and serves each client on a thread.
-pub fn serve(path: &Path, vm: Arc<VmHandle>) -> io::Result<JoinHandle<()>> {
+pub fn serve(
+    path: &Path,
+    vm: Arc<VmHandle>,
+    extra: Option<StatusExtra>,
+) -> io::Result<JoinHandle<()>> {
     if let Ok(meta) = std::fs::symlink_metadata(path)
         && meta.file_type().is_socket()
     {
@@ -34,15 +42,15 @@ pub fn serve(path: &Path, vm: Arc<VmHandle>) -> io::Result<JoinHandle<()>> {
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let vm = vm.clone();
+                let (vm, extra) = (vm.clone(), extra.clone());
                 let _ = std::thread::Builder::new()
                     .name("control-client".into())
-                    .spawn(move || serve_client(stream, &vm));
+                    .spawn(move || serve_client(stream, &vm, extra.as_ref()));
             }
         })
 }
 
-fn serve_client(stream: UnixStream, vm: &VmHandle) {
+fn serve_client(stream: UnixStream, vm: &VmHandle, extra: Option<&StatusExtra>) {
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
@@ -66,7 +74,16 @@ fn serve_client(stream: UnixStream, vm: &VmHandle) {
                 }
             }
         };
-        let Ok(mut text) = serde_json::to_string(&reply) else {
+        let Ok(mut value) = serde_json::to_value(&reply) else {
+            return;
+        };
+        if let (Reply::Status(_), Some(extra), serde_json::Value::Object(map)) =
+            (&reply, extra, &mut value)
+        {
+            let (key, more) = extra();
+            map.insert(key, more);
+        }
+        let Ok(mut text) = serde_json::to_string(&value) else {
             return;
         };
         text.push('\n');
@@ -76,8 +93,9 @@ fn serve_client(stream: UnixStream, vm: &VmHandle) {
     }
 }
 
-/// Sends one command to the control socket at `path` and returns the reply.
-pub fn call(path: &Path, command: &Command) -> io::Result<Reply> {
+/// Sends one command to the control socket at `path` and returns the reply as JSON, with
+/// whatever the server added (replication status, for instance).
+pub fn call_json(path: &Path, command: &Command) -> io::Result<serde_json::Value> {
     let mut stream = UnixStream::connect(path).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -95,4 +113,10 @@ pub fn call(path: &Path, command: &Command) -> io::Result<Reply> {
             format!("bad reply {reply:?}: {e}"),
         )
     })
+}
+
+/// Sends one command to the control socket at `path` and returns the typed reply.
+pub fn call(path: &Path, command: &Command) -> io::Result<Reply> {
+    serde_json::from_value(call_json(path, command)?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad reply: {e}")))
 }

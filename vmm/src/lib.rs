@@ -32,7 +32,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use net_port::{NetPort, Tap};
-pub use vm::{Command, Reply, RunState, Vm, VmConfig, VmError, VmHandle, VmStatus};
+pub use vm::{Capture, Command, Reply, RunState, Vm, VmConfig, VmError, VmHandle, VmStatus};
 
 /// The project's test guest, built from `guest/` by this crate's build script.
 pub const GUEST_IMAGE: &[u8] = include_bytes!(env!("SECONDSITE_GUEST_IMAGE"));

@@ -69,6 +69,8 @@ pub enum VmError {
     GuestMemory(String),
     #[error("the VM thread is gone")]
     Gone,
+    #[error("checkpoint failed: {0}")]
+    Checkpoint(String),
     #[error("cannot register the kick signal: {0}")]
     Signal(String),
 }
@@ -433,11 +435,17 @@ impl Vm {
             };
             if let Some(request) = next {
                 self.kick.clear();
-                let stop = request.command == Command::Stop;
-                let reply = self.handle(request.command);
-                let _ = request.reply.send(reply);
-                if stop {
-                    break self.state.clone();
+                match request {
+                    Request::Command { command, reply } => {
+                        let stop = command == Command::Stop;
+                        let _ = reply.send(self.handle(command));
+                        if stop {
+                            break self.state.clone();
+                        }
+                    }
+                    Request::Checkpoint { full, reply } => {
+                        let _ = reply.send(self.capture(full).map_err(|e| e.to_string()));
+                    }
                 }
                 continue;
             }
@@ -569,6 +577,42 @@ impl Vm {
             pages: layer.pages,
             bytes: layer.bytes,
             paused_us: started.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// Copies what a checkpoint needs while the vCPU is stopped (it is: this runs on the VM
+    /// thread between exits).
+    fn capture(&mut self, full: bool) -> Result<Capture, VmError> {
+        let started = Instant::now();
+        let dirty = memory::harvest_dirty_pages(&self.vm, &self.mem)?;
+        let pages: Vec<u64> = if full {
+            (0..self.mem_size / PAGE_SIZE).collect()
+        } else {
+            dirty.iter().collect()
+        };
+        let mut data = vec![0u8; pages.len() * PAGE_SIZE as usize];
+        for (i, page) in pages.iter().enumerate() {
+            let dst = &mut data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
+            self.mem
+                .read_slice(dst, GuestAddress(page * PAGE_SIZE))
+                .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+        }
+        let snap = VmSnapshot {
+            vm_id: self.vm_id,
+            save_seq: 0,
+            mem_size: self.mem_size,
+            vcpu: vcpu::save(&self.vcpu, &self.msr_indices)?,
+            net: self.net.save(),
+            guest_ns: self.clock.now_ns(),
+            layers: Vec::new(),
+        };
+        let state = serde_json::to_vec(&snap).map_err(|e| VmError::Checkpoint(e.to_string()))?;
+        Ok(Capture {
+            mem_size: self.mem_size,
+            pages,
+            data,
+            state,
+            capture_us: started.elapsed().as_micros() as u64,
         })
     }
 
@@ -712,9 +756,37 @@ fn remove_stale_layers(dir: &Path, snap: &VmSnapshot) {
     }
 }
 
-struct Request {
-    command: Command,
-    reply: Sender<Reply>,
+enum Request {
+    Command {
+        command: Command,
+        reply: Sender<Reply>,
+    },
+    Checkpoint {
+        full: bool,
+        reply: Sender<Result<Capture, String>>,
+    },
+}
+
+/// One checkpoint's capture: the pages dirtied since the previous one (or all of memory) and
+/// the vCPU/device state, copied while the vCPU was stopped.
+#[derive(Debug)]
+pub struct Capture {
+    pub mem_size: u64,
+    /// Page numbers, increasing; page `pages[i]` is `data[i * PAGE_SIZE..][..PAGE_SIZE]`.
+    pub pages: Vec<u64>,
+    pub data: Vec<u8>,
+    /// The VM's snapshot state (JSON of `snapshot::VmSnapshot`, without memory layers).
+    pub state: Vec<u8>,
+    /// Microseconds the VM thread spent capturing (the vCPU was stopped for this, plus the kick).
+    pub capture_us: u64,
+}
+
+impl Capture {
+    pub fn page(&self, i: usize) -> &[u8; PAGE_SIZE as usize] {
+        self.data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize]
+            .try_into()
+            .expect("page-sized slice")
+    }
 }
 
 /// Sends commands to a running VM's thread.
@@ -728,17 +800,29 @@ pub struct VmHandle {
 
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.command.fmt(f)
+        match self {
+            Request::Command { command, .. } => command.fmt(f),
+            Request::Checkpoint { full, .. } => write!(f, "Checkpoint {{ full: {full} }}"),
+        }
     }
 }
 
 impl VmHandle {
     /// Sends `command` and waits for the reply, kicking the VM thread until it answers.
     pub fn call(&self, command: Command) -> Result<Reply, VmError> {
+        self.request(|reply| Request::Command { command, reply })
+    }
+
+    /// Captures a checkpoint: stops the vCPU, copies the dirty pages (all pages if `full`) and
+    /// the state, and lets the guest run on before returning.
+    pub fn checkpoint(&self, full: bool) -> Result<Capture, VmError> {
+        self.request(|reply| Request::Checkpoint { full, reply })?
+            .map_err(VmError::Checkpoint)
+    }
+
+    fn request<T>(&self, make: impl FnOnce(Sender<T>) -> Request) -> Result<T, VmError> {
         let (tx, rx) = mpsc::channel();
-        self.commands
-            .send(Request { command, reply: tx })
-            .map_err(|_| VmError::Gone)?;
+        self.commands.send(make(tx)).map_err(|_| VmError::Gone)?;
         loop {
             self.kick.kick();
             match rx.recv_timeout(Duration::from_millis(2)) {

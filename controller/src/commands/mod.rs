@@ -2,6 +2,7 @@
 
 mod bench;
 mod policy;
+mod replicate;
 mod vm;
 
 use std::process::ExitCode;
@@ -16,5 +17,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(command) => policy::run(command),
         Command::Vm(command) => vm::run(command),
         Command::Bench(BenchCommand::Vm { json, quick }) => bench::vm(json, quick),
+        Command::Replicate(command) => replicate::receive(command),
+        Command::Store(command) => replicate::store(command),
     }
 }

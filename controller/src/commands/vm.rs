@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use secondsite_replicator::codec::CodecConfig;
+use secondsite_replicator::primary::{Replication, ReplicationStatus, SenderConfig};
+use secondsite_replicator::restore;
 use secondsite_vmm::{Command, Reply, RunState, Tap, Vm, VmConfig, VmHandle, control};
 
 use crate::cli::{ControlArgs, VmCommand, VmRunArgs};
@@ -16,15 +19,35 @@ pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
         VmCommand::Run(args) => run_vm(args),
         VmCommand::Restore {
             from,
+            from_store,
+            epoch,
+            vm,
             tap,
             control,
             console,
         } => {
+            // Holds a checkpoint materialized from a store until the VM has read it.
+            let mut _scratch = None;
+            let from = match (from, from_store) {
+                (Some(dir), _) => dir,
+                (None, Some(store)) => {
+                    let scratch = ScratchDir::new()?;
+                    let used = restore::snapshot_from_store(&store, vm, epoch, &scratch.0)
+                        .with_context(|| {
+                            format!("cannot read a checkpoint from {}", store.display())
+                        })?;
+                    eprintln!("secondsite: restoring epoch {used} of {}", store.display());
+                    let dir = scratch.0.clone();
+                    _scratch = Some(scratch);
+                    dir
+                }
+                (None, None) => bail!("give --from DIR or --from-store DIR"),
+            };
             let port = Tap::open(&tap).with_context(|| format!("tap {tap}"))?;
             let vm = Vm::restore(&from, Box::new(port), console.as_deref())
                 .with_context(|| format!("cannot restore from {}", from.display()))?;
             eprintln!("secondsite: VM restored from {}", from.display());
-            serve_until_done(vm, &control.control)
+            serve_until_done(vm, &control.control, None)
         }
         VmCommand::Pause(c) => client(&c, Command::Pause),
         VmCommand::Resume(c) => client(&c, Command::Resume),
@@ -85,13 +108,80 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
     let port = Tap::open(&args.tap).with_context(|| format!("tap {}", args.tap))?;
     let vm = Vm::boot(&config, &image, Box::new(port), args.console.as_deref())
         .context("cannot start the VM")?;
-    serve_until_done(vm, &args.control.control)
+    let replication = args.replicate_to.map(|peer| SenderConfig {
+        peer,
+        group: args.group.clone(),
+        site: "primary".into(),
+        vm: args.vm_index,
+        epoch_ms: args.epoch_ms,
+        codec: CodecConfig {
+            zstd_level: args.zstd_level,
+            ..CodecConfig::default()
+        },
+    });
+    serve_until_done(vm, &args.control.control, replication)
 }
 
-/// Runs the VM with its control socket until the guest stops or we are told to stop.
-fn serve_until_done(vm: Vm, control_path: &Path) -> anyhow::Result<ExitCode> {
+/// A scratch directory, removed on drop.
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("secondsite-restore-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(ScratchDir(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
+    let mut pauses = status.pauses_us.clone();
+    pauses.sort_unstable();
+    let pct = |p: f64| {
+        pauses
+            .get(((pauses.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    serde_json::json!({
+        "protected": status.protected,
+        "epoch": status.epoch,
+        "committed": status.committed,
+        "resyncs": status.resyncs,
+        "last_error": status.last_error,
+        "pause_us_p50": pct(0.5),
+        "pause_us_p99": pct(0.99),
+        "dirty_pages": status.dirty_pages,
+        "bytes_sent": status.bytes_sent,
+    })
+}
+
+/// Runs the VM with its control socket (and its replication, if any) until the guest stops
+/// or we are told to stop.
+fn serve_until_done(
+    vm: Vm,
+    control_path: &Path,
+    replication: Option<SenderConfig>,
+) -> anyhow::Result<ExitCode> {
     let handle = Arc::new(vm.spawn()?);
-    control::serve(control_path, handle.clone())
+    let replication = replication.map(|config| {
+        eprintln!(
+            "secondsite: replicating group {} to {} every {} ms",
+            config.group, config.peer, config.epoch_ms
+        );
+        Arc::new(Replication::start(handle.clone(), config))
+    });
+    let extra: Option<control::StatusExtra> = replication.clone().map(|r| {
+        let f: control::StatusExtra =
+            Arc::new(move || ("replication".to_owned(), replication_json(&r.status())));
+        f
+    });
+    control::serve(control_path, handle.clone(), extra)
         .with_context(|| format!("cannot listen on {}", control_path.display()))?;
     eprintln!(
         "secondsite: VM running; control socket {}",
@@ -129,10 +219,11 @@ fn stop_vm(handle: &VmHandle) -> anyhow::Result<RunState> {
 }
 
 fn client(control: &ControlArgs, command: Command) -> anyhow::Result<ExitCode> {
-    let reply = control::call(&control.control, &command)?;
+    let reply = control::call_json(&control.control, &command)?;
     println!("{}", serde_json::to_string(&reply)?);
-    Ok(match reply {
-        Reply::Error { .. } => ExitCode::FAILURE,
-        _ => ExitCode::SUCCESS,
+    Ok(if reply["reply"] == "error" {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     })
 }

@@ -38,3 +38,50 @@ pub struct VmSnapshot {
     /// Memory layers, oldest (the full one) first.
     pub layers: Vec<LayerInfo>,
 }
+
+/// The file name of a snapshot's full memory layer when there is one layer.
+pub const FULL_LAYER: &str = "memory-000001.full";
+
+/// Turns a memory image already at `dir/FULL_LAYER` and a checkpoint's state (the JSON a
+/// [`crate::Capture`] carries) into a snapshot directory that `Vm::restore` accepts.
+pub fn assemble(dir: &std::path::Path, state_json: &[u8]) -> Result<(), SnapshotError> {
+    let path = dir.join(FULL_LAYER);
+    let mut snap: VmSnapshot =
+        serde_json::from_slice(state_json).map_err(|e| SnapshotError::Decode {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+    let bytes = std::fs::metadata(&path)
+        .map_err(|source| SnapshotError::Io {
+            path: path.clone(),
+            source,
+        })?
+        .len();
+    let mut layer = LayerInfo {
+        file: FULL_LAYER.into(),
+        kind: LayerKind::Full,
+        pages: bytes / 4096,
+        bytes,
+        crc32: 0,
+    };
+    let mut file = std::fs::File::open(&path).map_err(|source| SnapshotError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf).map_err(|source| SnapshotError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    layer.crc32 = hasher.finalize();
+    snap.layers = vec![layer];
+    snap.save_seq = 1;
+    write_state(dir, &snap)
+}

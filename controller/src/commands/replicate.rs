@@ -1,0 +1,69 @@
+//! `secondsite replicate receive` and `secondsite store ls|verify`.
+
+use std::net::TcpListener;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use secondsite_replicator::backup::{self, ReceiverConfig};
+use secondsite_replicator::codec::CodecConfig;
+use secondsite_replicator::store::Store;
+
+use crate::cli::{Ack, ReplicateCommand, StoreCommand};
+
+pub fn receive(command: ReplicateCommand) -> anyhow::Result<ExitCode> {
+    let ReplicateCommand::Receive {
+        listen,
+        store,
+        ack,
+        retain,
+    } = command;
+    let listener =
+        TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    eprintln!(
+        "secondsite: receiving checkpoints on {listen} into {}",
+        store.display()
+    );
+    let config = ReceiverConfig {
+        store_dir: store,
+        durable: matches!(ack, Ack::Disk),
+        retain,
+        codec: CodecConfig::default(),
+    };
+    backup::serve(listener, &config, |line| eprintln!("secondsite: {line}"));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        StoreCommand::Ls { dir } => {
+            let (store, recovery) = Store::open(&dir, usize::MAX)
+                .with_context(|| format!("cannot open {}", dir.display()))?;
+            if recovery.truncated_bytes > 0 {
+                eprintln!(
+                    "secondsite: cut {} bytes of an incomplete last epoch",
+                    recovery.truncated_bytes
+                );
+            }
+            println!(
+                "{}: VMs {:?}, {} checkpoints, log {} bytes",
+                dir.display(),
+                store.vms(),
+                store.epochs().len(),
+                store.log_bytes()
+            );
+            for epoch in store.epochs() {
+                println!("epoch {epoch}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCommand::Verify { dir } => {
+            let (store, _) = Store::open(&dir, usize::MAX)
+                .with_context(|| format!("cannot open {}", dir.display()))?;
+            let n = store
+                .verify()
+                .with_context(|| format!("{} is damaged", dir.display()))?;
+            println!("{}: {n} checkpoints verified", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The backup site's receiver: one primary per connection, every epoch staged, stored, then
+//! acknowledged.
+//!
+//! An epoch's pages are decoded into an overlay over the replica; only at `EpochEnd` (all of
+//! the epoch received, every frame's checksum and sequence good, every batch applied) is the
+//! overlay folded into the replica, appended to the store (fsynced with `ack: disk`) and
+//! acknowledged. A connection that breaks mid-epoch leaves the replica and the store at the
+//! previous epoch; a bad frame or batch gets a `Nack` and the connection is closed, so the
+//! primary reconnects and resynchronises from a full epoch.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::codec::{CodecConfig, Decoder, PAGE, Page, Replica, VecReplica};
+use crate::store::{EpochRecord, Store, StoreError, VmEpoch};
+use crate::wire::{self, Link, Message, WireError};
+
+/// Frames or batches refused (corrupt, replayed, malformed): a counter for status and tests.
+pub static REFUSED: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    pub store_dir: PathBuf,
+    /// Acknowledge only once the epoch is fsynced (`ack: disk`), or once applied (`memory`).
+    pub durable: bool,
+    pub retain: usize,
+    pub codec: CodecConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Wire(#[from] WireError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// Accepts primaries on `listener` forever, one session at a time.
+pub fn serve(listener: TcpListener, config: &ReceiverConfig, mut log: impl FnMut(&str)) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        log(&format!("primary {peer} connected"));
+        match Session::new(config).and_then(|mut s| s.run(stream, &mut log)) {
+            Ok(()) => log(&format!("primary {peer} closed the link")),
+            Err(e) => log(&format!("link with {peer} ended: {e}")),
+        }
+    }
+}
+
+struct Pending {
+    group: String,
+    epoch: u64,
+    states: HashMap<u32, (u64, Vec<u8>)>,
+    writes: HashMap<u32, HashMap<u64, Box<Page>>>,
+}
+
+struct Session<'a> {
+    config: &'a ReceiverConfig,
+    link: Link,
+    decoder: Decoder,
+    replicas: HashMap<u32, VecReplica>,
+    stores: HashMap<String, Store>,
+    pending: Option<Pending>,
+}
+
+/// The replica as the epoch being received would leave it.
+struct Overlay<'a> {
+    base: &'a VecReplica,
+    writes: &'a mut HashMap<u64, Box<Page>>,
+}
+
+impl Replica for Overlay<'_> {
+    fn pages(&self) -> u64 {
+        self.base.pages()
+    }
+    fn page(&self, index: u64) -> &Page {
+        match self.writes.get(&index) {
+            Some(page) => page,
+            None => self.base.page(index),
+        }
+    }
+    fn page_mut(&mut self, index: u64) -> &mut Page {
+        let base = self.base;
+        self.writes
+            .entry(index)
+            .or_insert_with(|| Box::new(*base.page(index)))
+    }
+}
+
+impl<'a> Session<'a> {
+    fn new(config: &'a ReceiverConfig) -> Result<Self, BackupError> {
+        Ok(Session {
+            config,
+            link: Link::default(),
+            decoder: Decoder::new(config.codec),
+            replicas: HashMap::new(),
+            stores: HashMap::new(),
+            pending: None,
+        })
+    }
+
+    fn run(&mut self, mut stream: TcpStream, log: &mut dyn FnMut(&str)) -> Result<(), BackupError> {
+        stream.set_nodelay(true)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let message = match self.link.next_message() {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    let n = stream.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    self.link.receive(&buf[..n]);
+                    continue;
+                }
+                Err(e) => {
+                    REFUSED.fetch_add(1, Ordering::Relaxed);
+                    return Err(e.into());
+                }
+            };
+            match self.handle(message, log) {
+                Ok(Some(reply)) => stream.write_all(&self.link.emit(&reply))?,
+                Ok(None) => {}
+                Err(BackupError::Refused(reason)) => {
+                    REFUSED.fetch_add(1, Ordering::Relaxed);
+                    let (group, epoch) = self
+                        .pending
+                        .as_ref()
+                        .map(|p| (p.group.clone(), p.epoch))
+                        .unwrap_or_default();
+                    let nack = Message::Nack {
+                        group,
+                        epoch,
+                        reason: reason.clone(),
+                    };
+                    let _ = stream.write_all(&self.link.emit(&nack));
+                    return Err(BackupError::Refused(reason));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        message: Message,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Option<Message>, BackupError> {
+        let refuse = |why: String| Err(BackupError::Refused(why));
+        match message {
+            Message::Hello {
+                min_version,
+                max_version,
+                site,
+                group,
+                ..
+            } => {
+                let version = wire::negotiate(min_version, max_version)?;
+                check_group(&group)?;
+                self.link.set_version(version);
+                let last_epoch = self.store(&group)?.latest().unwrap_or(0);
+                log(&format!(
+                    "primary site {site} (group {group}) speaks protocol {version}; last epoch {last_epoch}"
+                ));
+                Ok(Some(Message::HelloAck {
+                    version,
+                    last_epoch,
+                }))
+            }
+            Message::EpochBegin { group, epoch, .. } => {
+                if self.pending.is_some() {
+                    return refuse("an epoch began inside another".into());
+                }
+                check_group(&group)?;
+                self.pending = Some(Pending {
+                    group,
+                    epoch,
+                    states: HashMap::new(),
+                    writes: HashMap::new(),
+                });
+                Ok(None)
+            }
+            Message::VmState {
+                vm,
+                mem_size,
+                state,
+            } => {
+                let Some(pending) = self.pending.as_mut() else {
+                    return refuse("state outside an epoch".into());
+                };
+                if mem_size == 0 || mem_size % PAGE as u64 != 0 || mem_size > 1 << 40 {
+                    return refuse(format!("bad memory size {mem_size}"));
+                }
+                let replica = self.replicas.entry(vm).or_insert_with(|| {
+                    VecReplica(vec![[0u8; PAGE]; (mem_size / PAGE as u64) as usize])
+                });
+                if replica.pages() != mem_size / PAGE as u64 {
+                    return refuse(format!("VM {vm} changed memory size"));
+                }
+                pending.states.insert(vm, (mem_size, state));
+                Ok(None)
+            }
+            Message::Pages { vm, batch } => {
+                let Some(pending) = self.pending.as_mut() else {
+                    return refuse("pages outside an epoch".into());
+                };
+                let Some(base) = self.replicas.get(&vm) else {
+                    return refuse(format!("pages for VM {vm} before its state"));
+                };
+                let writes = pending.writes.entry(vm).or_default();
+                let mut overlay = Overlay { base, writes };
+                self.decoder
+                    .apply(&batch, &mut overlay)
+                    .map_err(|e| BackupError::Refused(e.to_string()))?;
+                Ok(None)
+            }
+            Message::EpochEnd {
+                group,
+                epoch,
+                pages,
+            } => {
+                let Some(pending) = self.pending.take() else {
+                    return refuse("end of an epoch never begun".into());
+                };
+                if pending.group != group || pending.epoch != epoch {
+                    return refuse(format!(
+                        "epoch end {group}/{epoch} does not match {}/{}",
+                        pending.group, pending.epoch
+                    ));
+                }
+                let written: u64 = pending.writes.values().map(|w| w.len() as u64).sum();
+                if written > pages {
+                    return refuse(format!(
+                        "epoch {epoch} wrote {written} pages, the primary says {pages}"
+                    ));
+                }
+                let ack = self.commit(pending)?;
+                Ok(Some(ack))
+            }
+            Message::HelloAck { .. } | Message::Ack { .. } | Message::Nack { .. } => {
+                refuse("a primary's message was expected".into())
+            }
+        }
+    }
+
+    fn store(&mut self, group: &str) -> Result<&mut Store, BackupError> {
+        if !self.stores.contains_key(group) {
+            let (store, _) = Store::open(
+                &group_store(&self.config.store_dir, group),
+                self.config.retain,
+            )?;
+            self.stores.insert(group.to_owned(), store);
+        }
+        Ok(self.stores.get_mut(group).expect("just inserted"))
+    }
+
+    /// Folds the epoch into the replicas, appends it to the store, and acknowledges it.
+    fn commit(&mut self, pending: Pending) -> Result<Message, BackupError> {
+        let Pending {
+            group,
+            epoch,
+            mut states,
+            mut writes,
+        } = pending;
+        let mut vms: Vec<u32> = states.keys().copied().collect();
+        vms.sort_unstable();
+        let mut record = EpochRecord {
+            epoch,
+            vms: Vec::new(),
+        };
+        for vm in vms {
+            let (mem_size, state) = states.remove(&vm).expect("listed");
+            let mut pages: Vec<(u64, Box<Page>)> =
+                writes.remove(&vm).unwrap_or_default().into_iter().collect();
+            pages.sort_unstable_by_key(|(p, _)| *p);
+            let replica = self.replicas.get_mut(&vm).expect("created with its state");
+            for (index, data) in &pages {
+                *replica.page_mut(*index) = **data;
+            }
+            record.vms.push(VmEpoch {
+                vm,
+                mem_size,
+                pages,
+                state,
+            });
+        }
+        let durable = self.config.durable;
+        self.store(&group)?.append(&record, durable)?;
+        Ok(Message::Ack {
+            group,
+            epoch,
+            durable: self.config.durable,
+        })
+    }
+}
+
+/// Group names become directory names: keep them plain.
+fn check_group(group: &str) -> Result<(), BackupError> {
+    if group.is_empty()
+        || group.len() > 63
+        || !group
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(BackupError::Refused(format!("bad group name {group:?}")));
+    }
+    Ok(())
+}
+
+/// The store directory of `group` under a receiver's `--store`.
+pub fn group_store(store_dir: &Path, group: &str) -> PathBuf {
+    store_dir.join(group)
+}
