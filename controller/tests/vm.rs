@@ -2,105 +2,17 @@
 //! redis-benchmark, nc) in another namespace. Needs root and /dev/kvm (CI has both).
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
+use std::path::Path;
+use std::process::{ChildStdin, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use secondsite_lab::{Proc, VmSite, privileged};
 use secondsite_vmm::snapshot;
-use serde_json::Value;
 
-const SECONDSITE: &str = env!("CARGO_BIN_EXE_secondsite");
+mod support;
 
-struct Vm {
-    proc: Proc,
-    control: PathBuf,
-    console: PathBuf,
-}
-
-fn start(site: &VmSite, dir: &Path, mem: &str) -> Vm {
-    let control = dir.join("vm.sock");
-    let console = dir.join("console.log");
-    let mut cmd = site.site.command(SECONDSITE);
-    cmd.args([
-        "vm",
-        "run",
-        "--mem",
-        mem,
-        "--tap",
-        &site.tap,
-        "--ip",
-        VmSite::GUEST_CIDR,
-        "--gw",
-        VmSite::GATEWAY,
-    ])
-    .arg("--control")
-    .arg(&control)
-    .arg("--console")
-    .arg(&console)
-    .stdin(Stdio::null());
-    let proc = Proc::spawn(&mut cmd, "vm run").expect("starts secondsite vm run");
-    wait_until_serving(site, &console);
-    Vm {
-        proc,
-        control,
-        console,
-    }
-}
-
-fn restore(site: &VmSite, from: &Path, control: &Path, console: &Path) -> Proc {
-    let mut cmd = site.site.command(SECONDSITE);
-    cmd.args(["vm", "restore", "--tap", &site.tap])
-        .arg("--from")
-        .arg(from)
-        .arg("--control")
-        .arg(control)
-        .arg("--console")
-        .arg(console)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped());
-    Proc::spawn(&mut cmd, "vm restore").expect("starts secondsite vm restore")
-}
-
-fn redis(site: &VmSite, args: &[&str]) -> String {
-    let out = site
-        .client
-        .command("redis-cli")
-        .args(["-h", VmSite::GUEST_IP])
-        .args(args)
-        .output()
-        .expect("runs redis-cli");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn wait_until_serving(site: &VmSite, console: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while redis(site, &["ping"]) != "PONG" {
-        let console = std::fs::read_to_string(console).unwrap_or_default();
-        assert!(
-            Instant::now() < deadline,
-            "the guest never answered PING; console:\n{console}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn control(socket: &Path, args: &[&str]) -> Value {
-    let out = Command::new(SECONDSITE)
-        .args(["vm"])
-        .args(args)
-        .arg("--control")
-        .arg(socket)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "vm {args:?}: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    serde_json::from_slice(&out.stdout).expect("a JSON reply")
-}
+use support::{control, redis, restore, start, wait_until_serving};
 
 #[test]
 fn redis_cli_and_redis_benchmark_work_against_the_guest() {

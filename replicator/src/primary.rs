@@ -48,6 +48,8 @@ pub struct ReplicationStatus {
     pub epoch: u64,
     /// The newest epoch the backup acknowledged.
     pub committed: u64,
+    /// Links established, and how many of them resynchronised after a lost one.
+    pub links: u64,
     pub resyncs: u64,
     pub last_error: Option<String>,
     /// Pause of each recent epoch as the caller of `checkpoint` saw it, in microseconds.
@@ -142,7 +144,6 @@ impl Drop for Replication {
 
 fn sender_loop(vm: &VmHandle, config: &SenderConfig, shared: &Arc<Shared>) {
     let mut encoder = Encoder::new(config.codec);
-    let mut first = true;
     while !shared.stop.load(Ordering::Relaxed) {
         match run_link(vm, config, shared, &mut encoder) {
             Ok(()) => return,
@@ -150,11 +151,7 @@ fn sender_loop(vm: &VmHandle, config: &SenderConfig, shared: &Arc<Shared>) {
                 shared.update(|s| {
                     s.protected = false;
                     s.last_error = Some(e);
-                    if !first {
-                        s.resyncs += 1;
-                    }
                 });
-                first = false;
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
@@ -233,6 +230,11 @@ fn run_link(
         })
     };
     shared.update(|s| {
+        // Every link after the first starts with a full resynchronisation.
+        if s.links > 0 {
+            s.resyncs += 1;
+        }
+        s.links += 1;
         s.protected = true;
         s.epoch = last_epoch;
         s.committed = last_epoch;

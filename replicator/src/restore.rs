@@ -14,7 +14,7 @@ pub fn snapshot_from_store(
     epoch: Option<u64>,
     out: &Path,
 ) -> Result<u64, StoreError> {
-    let (store, _) = Store::open(store_dir, usize::MAX)?;
+    let store = Store::open_read_only(store_dir)?;
     let epoch = match epoch.or_else(|| store.latest()) {
         Some(e) => e,
         None => {

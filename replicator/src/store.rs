@@ -94,17 +94,80 @@ pub struct Store {
     log_len: u64,
     index: BTreeMap<u64, Entry>,
     folded: BTreeMap<u32, (u64, u64)>, // vm -> (mem_size, folded epoch)
+    /// `STORE/lock`: the writer holds it exclusively while it changes the store, readers hold
+    /// it shared for as long as they are open, so a reader never sees half an epoch or a log
+    /// being compacted under it.
+    lock: File,
+    read_only: bool,
+}
+
+/// Holds a store's lock exclusively until dropped.
+struct Exclusive<'a>(&'a File);
+
+impl<'a> Exclusive<'a> {
+    fn take(lock: &'a File, dir: &Path) -> Result<Self, StoreError> {
+        lock.lock().map_err(io_at(dir))?;
+        Ok(Exclusive(lock))
+    }
+}
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+fn lock_file(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join("lock");
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_at(&path))
 }
 
 impl Store {
-    /// Opens (or creates) a store, recovering the log to its last complete record.
+    /// Opens a store to read it (ls, verify, restore) while a receiver may be writing it: holds
+    /// the lock shared until dropped, and never changes a byte.
+    pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
+        if !dir.join(LOG).exists() {
+            return Err(StoreError::Corrupt(format!(
+                "{} is not a checkpoint store (no {LOG})",
+                dir.display()
+            )));
+        }
+        let lock = lock_file(dir)?;
+        lock.lock_shared().map_err(io_at(dir))?;
+        let (mut store, _) = Store::scan(dir, usize::MAX, lock, true)?;
+        store.read_only = true;
+        Ok(store)
+    }
+
+    /// Opens (or creates) a store to write it, recovering the log to its last complete record.
     pub fn open(dir: &Path, retain: usize) -> Result<(Store, Recovery), StoreError> {
         fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let lock = lock_file(dir)?;
+        lock.lock().map_err(io_at(dir))?;
+        let result = Store::scan(dir, retain, lock, false);
+        if let Ok((store, _)) = &result {
+            let _ = store.lock.unlock();
+        }
+        result
+    }
+
+    fn scan(
+        dir: &Path,
+        retain: usize,
+        lock: File,
+        read_only: bool,
+    ) -> Result<(Store, Recovery), StoreError> {
         let log_path = dir.join(LOG);
         let log = OpenOptions::new()
             .read(true)
-            .append(true)
-            .create(true)
+            .append(!read_only)
+            .create(!read_only)
             .open(&log_path)
             .map_err(io_at(&log_path))?;
         let len = log.metadata().map_err(io_at(&log_path))?.len();
@@ -130,7 +193,7 @@ impl Store {
             }
         }
         let truncated_bytes = len - at;
-        if truncated_bytes > 0 {
+        if truncated_bytes > 0 && !read_only {
             log.set_len(at).map_err(io_at(&log_path))?;
             log.sync_all().map_err(io_at(&log_path))?;
         }
@@ -169,6 +232,8 @@ impl Store {
                 log_len: at,
                 index,
                 folded,
+                lock,
+                read_only,
             },
             recovery,
         ))
@@ -189,6 +254,11 @@ impl Store {
 
     /// Appends a committed epoch; with `durable`, returns only once it is on disk.
     pub fn append(&mut self, record: &EpochRecord, durable: bool) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::Corrupt("the store was opened read-only".into()));
+        }
+        let lock = self.lock.try_clone().map_err(io_at(&self.dir))?;
+        let _exclusive = Exclusive::take(&lock, &self.dir)?;
         if let Some(last) = self.latest().filter(|l| *l >= record.epoch) {
             return Err(StoreError::OutOfOrder {
                 last,
@@ -213,7 +283,7 @@ impl Store {
         );
         self.log_len += bytes.len() as u64;
         if self.index.len() > self.retain * 2 {
-            self.compact()?;
+            self.compact_locked()?;
         }
         Ok(())
     }
@@ -270,6 +340,15 @@ impl Store {
 
     /// Folds all but the last `retain` epochs into the base images and rewrites the log.
     pub fn compact(&mut self) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::Corrupt("the store was opened read-only".into()));
+        }
+        let lock = self.lock.try_clone().map_err(io_at(&self.dir))?;
+        let _exclusive = Exclusive::take(&lock, &self.dir)?;
+        self.compact_locked()
+    }
+
+    fn compact_locked(&mut self) -> Result<(), StoreError> {
         let fold: Vec<u64> = self
             .index
             .keys()
@@ -349,7 +428,7 @@ impl Store {
             .folded
             .get(&vm)
             .ok_or_else(|| StoreError::Corrupt(format!("no VM {vm} in the store")))?;
-        if !self.index.contains_key(&epoch) {
+        if !self.index.contains_key(&epoch) || folded >= epoch {
             return Err(StoreError::NoEpoch(epoch, self.describe()));
         }
         let base = self.base_path(vm);

@@ -36,14 +36,8 @@ pub fn receive(command: ReplicateCommand) -> anyhow::Result<ExitCode> {
 pub fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
     match command {
         StoreCommand::Ls { dir } => {
-            let (store, recovery) = Store::open(&dir, usize::MAX)
+            let store = Store::open_read_only(&dir)
                 .with_context(|| format!("cannot open {}", dir.display()))?;
-            if recovery.truncated_bytes > 0 {
-                eprintln!(
-                    "secondsite: cut {} bytes of an incomplete last epoch",
-                    recovery.truncated_bytes
-                );
-            }
             println!(
                 "{}: VMs {:?}, {} checkpoints, log {} bytes",
                 dir.display(),
@@ -57,7 +51,7 @@ pub fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         StoreCommand::Verify { dir } => {
-            let (store, _) = Store::open(&dir, usize::MAX)
+            let store = Store::open_read_only(&dir)
                 .with_context(|| format!("cannot open {}", dir.display()))?;
             let n = store
                 .verify()

@@ -1,0 +1,301 @@
+//! Replication end to end: a VM replicating to `secondsite replicate receive`, real KVM, taps
+//! and clients in lab namespaces. Needs root and /dev/kvm (CI has both).
+
+mod support;
+
+use std::fs::File;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use secondsite_lab::{Proc, VmSite, privileged};
+use secondsite_replicator::restore::snapshot_from_store;
+use secondsite_replicator::wire::{Link, Message};
+use secondsite_vmm::snapshot::FULL_LAYER;
+use serde_json::Value;
+use support::{SECONDSITE, control, redis, start_with, wait_until_serving};
+
+const PORT: &str = "7800";
+
+fn receiver(site: &VmSite, store: &Path, log: &Path) -> Proc {
+    let mut cmd = site.site.command(SECONDSITE);
+    cmd.args([
+        "replicate",
+        "receive",
+        "--listen",
+        &format!("127.0.0.1:{PORT}"),
+        "--store",
+    ])
+    .arg(store)
+    .stdin(Stdio::null())
+    .stderr(File::create(log).expect("log file"));
+    let proc = Proc::spawn(&mut cmd, "replicate receive").expect("starts the receiver");
+    // Wait until it listens.
+    let started = Instant::now();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("receiving checkpoints")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the receiver did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc
+}
+
+fn replication(control_path: &Path) -> Value {
+    control(control_path, &["status"])["replication"].clone()
+}
+
+fn wait_for(control_path: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let r = replication(control_path);
+        if pred(&r) {
+            return r;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn replicating_vm(site: &VmSite, dir: &Path) -> support::Vm {
+    let to = format!("127.0.0.1:{PORT}");
+    let vm = start_with(
+        site,
+        dir,
+        "64M",
+        &["--replicate-to", &to, "--group", "web", "--epoch-ms", "25"],
+    );
+    wait_for(&vm.control, "protection", |r| {
+        r["protected"] == true && r["committed"].as_u64() > Some(0)
+    });
+    vm
+}
+
+#[test]
+fn the_backup_replica_equals_the_primary_page_for_page_under_set_load() {
+    if !privileged("the_backup_replica_equals_the_primary_page_for_page_under_set_load") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let _receiver = receiver(&site, &store, &dir.path().join("receiver.log"));
+    let vm = replicating_vm(&site, dir.path());
+    let mut load = site.client.command("redis-benchmark");
+    load.args([
+        "-h",
+        VmSite::GUEST_IP,
+        "-t",
+        "set",
+        "-n",
+        "1000000",
+        "-r",
+        "100000",
+        "-q",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let _load = Proc::spawn(&mut load, "redis-benchmark").expect("starts load");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    control(&vm.control, &["pause"]);
+    // Every epoch captured from now on sees the paused memory: wait for one to commit.
+    let epoch = replication(&vm.control)["epoch"].as_u64().expect("epoch");
+    wait_for(&vm.control, "an epoch after the pause", |r| {
+        r["committed"].as_u64() > Some(epoch)
+    });
+    let primary = dir.path().join("primary");
+    control(
+        &vm.control,
+        &["save", "--to", primary.to_str().expect("utf-8")],
+    );
+    let backup = dir.path().join("backup");
+    let committed =
+        snapshot_from_store(&store.join("web"), 0, None, &backup).expect("materializes");
+    assert!(committed > epoch);
+    let (a, b) = (
+        std::fs::read(primary.join(FULL_LAYER)).expect("primary"),
+        std::fs::read(backup.join(FULL_LAYER)).expect("backup"),
+    );
+    assert_eq!(a.len(), b.len());
+    let differing: Vec<usize> = (0..a.len() / 4096)
+        .filter(|p| a[p * 4096..(p + 1) * 4096] != b[p * 4096..(p + 1) * 4096])
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "{} pages differ at epoch {committed}, first {:?}",
+        differing.len(),
+        &differing[..differing.len().min(8)]
+    );
+    let r = replication(&vm.control);
+    eprintln!(
+        "replica equals primary at epoch {committed}: {} dirty pages shipped in {} bytes",
+        r["dirty_pages"], r["bytes_sent"]
+    );
+    control(&vm.control, &["resume"]);
+    assert_eq!(redis(&site, &["ping"]), "PONG");
+}
+
+#[test]
+fn restoring_the_latest_checkpoint_keeps_every_committed_write() {
+    if !privileged("restoring_the_latest_checkpoint_keeps_every_committed_write") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let _receiver = receiver(&site, &store, &dir.path().join("receiver.log"));
+    let mut vm = replicating_vm(&site, dir.path());
+    for i in 0..40 {
+        assert_eq!(
+            redis(&site, &["set", &format!("key{i}"), &format!("value{i}")]),
+            "OK"
+        );
+    }
+    assert_eq!(redis(&site, &["incr", "counter"]), "1");
+    // The writes are in the epoch captured after now; wait until it is committed.
+    let epoch = replication(&vm.control)["epoch"].as_u64().expect("epoch");
+    wait_for(&vm.control, "the writes' epoch", |r| {
+        r["committed"].as_u64() > Some(epoch)
+    });
+    vm.proc.kill(); // the primary site is lost
+    site.recreate_tap().expect("recreates the tap");
+
+    let control_path = dir.path().join("restored.sock");
+    let mut cmd = site.site.command(SECONDSITE);
+    cmd.args(["vm", "restore", "--tap", &site.tap, "--from-store"])
+        .arg(store.join("web"))
+        .arg("--control")
+        .arg(&control_path)
+        .arg("--console")
+        .arg(dir.path().join("restored.log"))
+        .stdin(Stdio::null());
+    let _restored = Proc::spawn(&mut cmd, "vm restore --from-store").expect("restores");
+    wait_until_serving(&site, &dir.path().join("restored.log"));
+    for i in 0..40 {
+        assert_eq!(
+            redis(&site, &["get", &format!("key{i}")]),
+            format!("value{i}")
+        );
+    }
+    assert_eq!(redis(&site, &["incr", "counter"]), "2");
+}
+
+#[test]
+fn the_primary_runs_on_without_its_backup_and_resynchronises() {
+    if !privileged("the_primary_runs_on_without_its_backup_and_resynchronises") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut first = receiver(&site, &store, &dir.path().join("receiver.log"));
+    let vm = replicating_vm(&site, dir.path());
+    first.kill();
+    wait_for(&vm.control, "loss of protection", |r| {
+        r["protected"] == false
+    });
+    // Unprotected, the guest still serves.
+    assert_eq!(redis(&site, &["set", "alone", "yes"]), "OK");
+    assert_eq!(redis(&site, &["get", "alone"]), "yes");
+
+    let _second = receiver(&site, &store, &dir.path().join("receiver2.log"));
+    let before = replication(&vm.control)["committed"]
+        .as_u64()
+        .expect("committed");
+    let r = wait_for(&vm.control, "resynchronisation", |r| {
+        r["protected"] == true
+            && r["resyncs"].as_u64() >= Some(1)
+            && r["committed"].as_u64() > Some(before + 2)
+    });
+    eprintln!("resynchronised: {r}");
+    let out = std::process::Command::new(SECONDSITE)
+        .args(["store", "verify"])
+        .arg(store.join("web"))
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn corrupt_and_replayed_frames_are_refused_and_nothing_is_stored() {
+    if !privileged("corrupt_and_replayed_frames_are_refused_and_nothing_is_stored") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let log = dir.path().join("receiver.log");
+    let mut recv = receiver(&site, &store, &log);
+    let send = |bytes: &[u8], name: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, bytes).expect("writes");
+        let out = site
+            .site
+            .command("nc")
+            .args(["-q", "1", "-w", "3", "127.0.0.1", PORT])
+            .stdin(File::open(&file).expect("opens"))
+            .output()
+            .expect("runs nc");
+        out.stdout
+    };
+    let mut link = Link::default();
+    let hello = link.emit(&Message::Hello {
+        min_version: 1,
+        max_version: 1,
+        link_id: 1,
+        site: "intruder".into(),
+        group: "web".into(),
+    });
+    let begin = link.emit(&Message::EpochBegin {
+        group: "web".into(),
+        epoch: 1,
+        vms: 1,
+    });
+    let end = link.emit(&Message::EpochEnd {
+        group: "web".into(),
+        epoch: 1,
+        pages: 0,
+    });
+    // A replayed frame: the same EpochBegin twice.
+    send(
+        &[hello.clone(), begin.clone(), begin.clone(), end.clone()].concat(),
+        "replayed",
+    );
+    // A corrupt frame: one bit flipped in EpochEnd.
+    let mut bad_end = end.clone();
+    let last = bad_end.len() - 1;
+    bad_end[last] ^= 1;
+    send(&[hello.clone(), begin.clone(), bad_end].concat(), "corrupt");
+    // Not our protocol at all.
+    send(b"GET / HTTP/1.1\r\nHost: backup\r\n\r\n", "http");
+    let text = std::fs::read_to_string(&log).expect("reads log");
+    assert!(
+        text.contains("replayed or reordered frame refused"),
+        "{text}"
+    );
+    assert!(text.contains("frame checksum mismatch"), "{text}");
+    assert!(text.contains("bad magic"), "{text}");
+    assert!(recv.try_wait().is_none(), "the receiver must keep running");
+    let out = std::process::Command::new(SECONDSITE)
+        .args(["store", "ls"])
+        .arg(store.join("web"))
+        .output()
+        .expect("runs");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 checkpoints"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
