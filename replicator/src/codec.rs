@@ -508,10 +508,10 @@ mod tests {
         let mut replica = VecReplica(vec![[0; PAGE]; 16]);
         for round in 0..20u8 {
             for (i, p) in memory.iter_mut().enumerate() {
-                if (i + round as usize) % 3 == 0 {
+                if (i + round as usize).is_multiple_of(3) {
                     p[(round as usize * 7) % PAGE] ^= round | 1;
                 }
-                if (i + round as usize) % 5 == 0 {
+                if (i + round as usize).is_multiple_of(5) {
                     *p = page_with(round % 4);
                 }
             }

@@ -156,7 +156,7 @@ impl MmioTransport {
                 if setup_allowed =>
             {
                 if let Some(q) = self.selected() {
-                    let (lo, hi) = if offset % 8 == 0 {
+                    let (lo, hi) = if offset.is_multiple_of(8) {
                         (Some(value), None)
                     } else {
                         (None, Some(value))
