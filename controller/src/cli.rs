@@ -77,6 +77,17 @@ pub enum BenchCommand {
         #[arg(long)]
         quick: bool,
     },
+    /// Replication: bytes sent against dirty pages, Mbit/s at 1 Hz and 40 Hz epochs, epoch
+    /// pauses, and SET throughput with replication against without, for idle, SET-heavy and
+    /// memscan guests. Needs root, /dev/kvm, unshare and redis-tools.
+    Replication {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Shorter measurements (for CI smoke runs).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -66,3 +66,53 @@ fn bench_vm_reports_every_figure() {
             .is_some()
     );
 }
+
+#[test]
+fn bench_replication_reports_every_workload() {
+    if !privileged("bench_replication_reports_every_workload") {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_secondsite"))
+        .args(["bench", "replication", "--quick", "--json"])
+        .output()
+        .expect("runs secondsite bench replication");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let rows = report["workloads"].as_array().expect("workloads");
+    let seen: Vec<(String, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["workload"].as_str().expect("name").to_owned(),
+                r["epoch_hz"].as_u64().expect("hz"),
+            )
+        })
+        .collect();
+    for workload in ["idle", "set_heavy", "memscan_64mib_s"] {
+        for hz in [1, 40] {
+            assert!(
+                seen.contains(&(workload.to_owned(), hz)),
+                "{workload} at {hz} Hz missing: {seen:?}"
+            );
+        }
+    }
+    for row in rows.iter().filter(|r| r["workload"] != "idle") {
+        assert!(row["dirty_pages"].as_u64() > Some(0), "{row}");
+        assert!(row["bytes_sent"].as_u64() > Some(0), "{row}");
+        // Whatever the machine, encoding must send less than the raw dirty pages.
+        assert!(
+            row["bytes_sent"].as_u64() < row["dirty_bytes"].as_u64(),
+            "{row}"
+        );
+    }
+    let t = &report["set_throughput"];
+    assert!(
+        t["unprotected_rps"].as_f64() > Some(0.0) && t["protected_25ms_rps"].as_f64() > Some(0.0),
+        "{t}"
+    );
+    assert!(report["peak_memory_mib"]["receiver"].as_f64() > Some(0.0));
+}

@@ -14,7 +14,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::codec::{CodecConfig, Decoder, PAGE, Page, Replica, VecReplica};
+use crate::codec::{CodecConfig, Decoder, PAGE, Page, Replica, VecReplica, unpack_state};
 use crate::store::{EpochRecord, Store, StoreError, VmEpoch};
 use crate::wire::{self, Link, Message, WireError};
 
@@ -208,6 +208,8 @@ impl<'a> Session<'a> {
                 if replica.pages() != mem_size / PAGE as u64 {
                     return refuse(format!("VM {vm} changed memory size"));
                 }
+                let state = unpack_state(&state)
+                    .map_err(|e| BackupError::Refused(format!("VM {vm} state: {e}")))?;
                 pending.states.insert(vm, (mem_size, state));
                 Ok(None)
             }

@@ -213,6 +213,46 @@ impl Encoder {
     }
 }
 
+/// The largest vCPU/device state accepted (it is a few tens of KiB).
+const MAX_STATE_RAW: usize = 16 << 20;
+
+/// Compresses a VM's state for a `VmState` message: raw length, then zstd.
+pub fn pack_state(state: &[u8]) -> Vec<u8> {
+    let mut out = (state.len() as u32).to_le_bytes().to_vec();
+    match zstd::bulk::compress(state, 3) {
+        Ok(c) => out.extend_from_slice(&c),
+        Err(_) => {
+            out = u32::MAX.to_le_bytes().to_vec();
+            out.extend_from_slice(state);
+        }
+    }
+    out
+}
+
+/// The inverse of [`pack_state`], refusing anything over the limit.
+pub fn unpack_state(packed: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let raw_len = u32::from_le_bytes(
+        packed
+            .get(..4)
+            .ok_or(CodecError::Truncated(0))?
+            .try_into()
+            .expect("4 bytes"),
+    );
+    if raw_len == u32::MAX {
+        return Ok(packed[4..].to_vec());
+    }
+    let raw_len = raw_len as usize;
+    if raw_len > MAX_STATE_RAW {
+        return Err(CodecError::TooLarge(raw_len));
+    }
+    let state = zstd::bulk::decompress(&packed[4..], raw_len)
+        .map_err(|e| CodecError::Zstd(e.to_string()))?;
+    if state.len() != raw_len {
+        return Err(CodecError::Truncated(state.len()));
+    }
+    Ok(state)
+}
+
 fn zstd_compress(body: &[u8], level: i32) -> Option<Vec<u8>> {
     (level > 0)
         .then(|| zstd::bulk::compress(body, level).ok())
@@ -563,6 +603,21 @@ mod tests {
             Decoder::new(config).apply(&bomb, &mut replica),
             Err(CodecError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn state_packs_small_and_unpacks_exactly() {
+        let state =
+            br#"{"regs":{"rax":0,"rbx":0},"xsave":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]}"#.repeat(100);
+        let packed = pack_state(&state);
+        assert!(packed.len() < state.len() / 10);
+        assert_eq!(unpack_state(&packed).expect("unpacks"), state);
+        assert!(unpack_state(&packed[..packed.len() - 1]).is_err());
+        assert!(matches!(
+            unpack_state(&[0xff, 0xff, 0xff, 0x7f, 1]),
+            Err(CodecError::TooLarge(_))
+        ));
+        assert!(unpack_state(&[1]).is_err());
     }
 
     #[test]

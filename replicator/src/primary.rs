@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use secondsite_vmm::VmHandle;
 
-use crate::codec::{BatchStats, CodecConfig, Encoder, Page};
+use crate::codec::{BatchStats, CodecConfig, Encoder, Page, pack_state};
 use crate::wire::{Link, MIN_VERSION, Message, VERSION};
 
 /// Epochs that may be in flight (captured and sent, not yet acknowledged).
@@ -52,8 +52,11 @@ pub struct ReplicationStatus {
     pub links: u64,
     pub resyncs: u64,
     pub last_error: Option<String>,
-    /// Pause of each recent epoch as the caller of `checkpoint` saw it, in microseconds.
+    /// Pause of each recent epoch as the caller of `checkpoint` saw it (kick, capture, reply),
+    /// in microseconds.
     pub pauses_us: Vec<u64>,
+    /// The capture part of each recent pause: the VM thread copying pages and state.
+    pub captures_us: Vec<u64>,
     pub dirty_pages: u64,
     pub bytes_sent: u64,
     pub codec: BatchStats,
@@ -316,7 +319,7 @@ fn ship_epochs(
         frames.extend(out.emit(&Message::VmState {
             vm: config.vm,
             mem_size: capture.mem_size,
-            state: capture.state.clone(),
+            state: pack_state(&capture.state),
         }));
         let mut stats = BatchStats::default();
         for chunk in pages.chunks(PAGES_PER_BATCH) {
@@ -339,8 +342,10 @@ fn ship_epochs(
             s.epoch = epoch;
             if s.pauses_us.len() == PAUSE_SAMPLES {
                 s.pauses_us.remove(0);
+                s.captures_us.remove(0);
             }
             s.pauses_us.push(pause);
+            s.captures_us.push(capture.capture_us);
             s.dirty_pages += pages.len() as u64;
             s.bytes_sent += frames.len() as u64;
             s.codec.add(&stats);

@@ -6,7 +6,7 @@
 //!     │<── HelloAck {version, last epoch} ─────│   the highest version both speak
 //!     │── EpochBegin {group, epoch, vms} ─────>│   for every epoch:
 //!     │── Pages {vm, batch} ... ──────────────>│     dirty pages, codec batches
-//!     │── VmState {vm, state} ... ────────────>│     vCPU and device state
+//!     │── VmState {vm, state} ... ────────────>│     vCPU and device state (zstd)
 //!     │── EpochEnd {group, epoch, pages} ─────>│     the backup applies, stores, then
 //!     │<──────── Ack {group, epoch, durable} ──│     acknowledges (after fsync if durable)
 //!     │<──────── Nack {group, epoch, reason} ──│   or refuses: the primary resynchronises

@@ -36,7 +36,8 @@ pub enum MemoryError {
 }
 
 pub fn check_size(size: u64) -> Result<(), MemoryError> {
-    if !(MIN_GUEST_MEMORY..=MAX_GUEST_MEMORY).contains(&size) || !size.is_multiple_of(MEMORY_ALIGN) {
+    if !(MIN_GUEST_MEMORY..=MAX_GUEST_MEMORY).contains(&size) || !size.is_multiple_of(MEMORY_ALIGN)
+    {
         return Err(MemoryError::BadSize { size });
     }
     Ok(())

@@ -17,6 +17,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(command) => policy::run(command),
         Command::Vm(command) => vm::run(command),
         Command::Bench(BenchCommand::Vm { json, quick }) => bench::vm(json, quick),
+        Command::Bench(BenchCommand::Replication { json, quick }) => {
+            bench::replication(json, quick)
+        }
         Command::Replicate(command) => replicate::receive(command),
         Command::Store(command) => replicate::store(command),
     }

@@ -19,20 +19,32 @@ const TAP: &str = "ssbench0";
 const GUEST: [u8; 4] = [203, 0, 113, 10];
 const PORT: u16 = 6379;
 
-pub fn vm(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
-    if std::env::var_os(MARKER).is_none() {
-        // Run again in a private network namespace.
-        let status = Command::new("unshare")
-            .arg("--net")
-            .arg("--")
-            .arg(std::env::current_exe()?)
-            .args(std::env::args_os().skip(1))
-            .env(MARKER, "1")
-            .status()
-            .context("cannot run unshare (util-linux) to get a private network namespace")?;
-        return Ok(ExitCode::from(status.code().unwrap_or(1) as u8));
+mod replication;
+
+pub use replication::replication;
+
+/// Re-runs this command in a private network namespace (`unshare --net`), unless it already is
+/// in one; `Some(exit code)` when it ran it there.
+fn in_private_netns() -> anyhow::Result<Option<ExitCode>> {
+    if std::env::var_os(MARKER).is_some() {
+        setup_network()?;
+        return Ok(None);
     }
-    setup_network()?;
+    let status = Command::new("unshare")
+        .arg("--net")
+        .arg("--")
+        .arg(std::env::current_exe()?)
+        .args(std::env::args_os().skip(1))
+        .env(MARKER, "1")
+        .status()
+        .context("cannot run unshare (util-linux) to get a private network namespace")?;
+    Ok(Some(ExitCode::from(status.code().unwrap_or(1) as u8)))
+}
+
+pub fn vm(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
+    if let Some(code) = in_private_netns()? {
+        return Ok(code);
+    }
     let scratch = Scratch(scratch_dir()?);
     let scratch = &scratch.0;
     let rounds = if quick { 3 } else { 10 };
@@ -376,7 +388,10 @@ fn parse_benchmark(output: &str) -> Vec<(String, f64)> {
 }
 
 fn redis_benchmark(host: &str, port: u16, requests: usize) -> anyhow::Result<Vec<(String, f64)>> {
-    let out = run(Command::new("redis-benchmark").args([
+    // Bounded by `timeout`: a server that stops answering must not hang the benchmark.
+    let out = run(Command::new("timeout").args([
+        "120",
+        "redis-benchmark",
         "-h",
         host,
         "-p",

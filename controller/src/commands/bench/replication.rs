@@ -1,0 +1,321 @@
+//! `secondsite bench replication`: what continuous checkpoints cost, in one run.
+//!
+//! A 256 MiB guest replicates to `secondsite replicate receive` (a child process, so its memory
+//! is its own) in a private network namespace. For an idle guest, a SET-heavy one
+//! (redis-benchmark) and a memscan one, at 1 Hz and at 40 Hz epochs: the bytes sent against the
+//! dirty pages they carry, Mbit/s, and the pause of each epoch. Then redis-benchmark SET
+//! throughput with replication at 25 ms epochs against the same without.
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use secondsite_replicator::codec::CodecConfig;
+use secondsite_replicator::primary::{Replication, SenderConfig};
+use serde_json::{Value, json};
+
+use super::{
+    Scratch, boot, in_private_netns, parse_benchmark, percentile, resp, round, scratch_dir,
+    wait_serving,
+};
+
+const RECEIVER: &str = "127.0.0.1:7900";
+const GUEST_MIB: u64 = 256;
+
+/// The receiver child process, killed on drop.
+struct Receiver(Child);
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Peak resident memory (VmHWM) of a process, in MiB.
+fn peak_rss_mib(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn sender(
+    handle: &Arc<secondsite_vmm::VmHandle>,
+    group: &str,
+    epoch_ms: u64,
+) -> anyhow::Result<Replication> {
+    let peer: SocketAddr = RECEIVER.parse()?;
+    let replication = Replication::start(
+        handle.clone(),
+        SenderConfig {
+            peer,
+            group: group.into(),
+            site: "bench".into(),
+            vm: 0,
+            epoch_ms,
+            codec: CodecConfig::default(),
+        },
+    );
+    // The first epoch is the full synchronisation; measure from after it.
+    let started = Instant::now();
+    while replication.status().committed < replication.status().epoch.max(1)
+        || !replication.status().protected
+    {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "replication did not start: {:?}",
+                replication.status().last_error
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(replication)
+}
+
+/// A background load on the guest, stopped on drop.
+enum Load {
+    Idle,
+    Set(Child),
+    Memscan,
+}
+
+impl Load {
+    fn start(kind: &str) -> anyhow::Result<Load> {
+        Ok(match kind {
+            "set_heavy" => Load::Set(
+                Command::new("redis-benchmark")
+                    .args([
+                        "-h",
+                        "203.0.113.10",
+                        "-t",
+                        "set",
+                        "-n",
+                        "100000000",
+                        "-r",
+                        "100000",
+                        "-d",
+                        "100",
+                        "-q",
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("cannot run redis-benchmark")?,
+            ),
+            "memscan_64mib_s" => {
+                resp("MEMSCAN 64")?;
+                Load::Memscan
+            }
+            _ => Load::Idle,
+        })
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        match self {
+            Load::Set(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Load::Memscan => {
+                let _ = resp("MEMSCAN 0");
+            }
+            Load::Idle => {}
+        }
+    }
+}
+
+fn measure(
+    handle: &Arc<secondsite_vmm::VmHandle>,
+    workload: &str,
+    hz: u64,
+    seconds: u64,
+) -> anyhow::Result<Value> {
+    let _load = Load::start(workload)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let replication = sender(
+        handle,
+        &format!("{}-{hz}hz", workload.replace('_', "-")),
+        1000 / hz,
+    )?;
+    let before = replication.status();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    let after = replication.status();
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(replication);
+    let dirty = after.dirty_pages - before.dirty_pages;
+    let bytes = after.bytes_sent - before.bytes_sent;
+    let raw = dirty * 4096;
+    let since = |v: &Vec<u64>| {
+        let mut x: Vec<f64> = v[before.pauses_us.len().min(v.len())..]
+            .iter()
+            .map(|&p| p as f64)
+            .collect();
+        x.sort_by(f64::total_cmp);
+        x
+    };
+    let (pauses, captures) = (since(&after.pauses_us), since(&after.captures_us));
+    Ok(json!({
+        "workload": workload,
+        "epoch_hz": hz,
+        "epochs": after.epoch - before.epoch,
+        "dirty_pages": dirty,
+        "dirty_bytes": raw,
+        "bytes_sent": bytes,
+        "reduction_percent": if raw > 0 { round(100.0 * (1.0 - bytes as f64 / raw as f64)) } else { 0.0 },
+        "mbit_per_s": round(bytes as f64 * 8.0 / elapsed / 1e6),
+        "uncompressed_mbit_per_s": round(raw as f64 * 8.0 / elapsed / 1e6),
+        "pause_us_p50": round(percentile(&pauses, 0.5)),
+        "pause_us_p99": round(percentile(&pauses, 0.99)),
+        "capture_us_p50": round(percentile(&captures, 0.5)),
+        "capture_us_p99": round(percentile(&captures, 0.99)),
+    }))
+}
+
+fn set_throughput(requests: usize) -> anyhow::Result<f64> {
+    // Bounded by `timeout`: a guest that stops answering must not hang the benchmark. 100,000
+    // keys of 100 bytes fit the guest's heap.
+    let out = super::run(Command::new("timeout").args([
+        "120",
+        "redis-benchmark",
+        "-h",
+        "203.0.113.10",
+        "-t",
+        "set",
+        "-n",
+        &requests.to_string(),
+        "-r",
+        "100000",
+        "-d",
+        "100",
+        "-q",
+    ]))?;
+    parse_benchmark(&out)
+        .into_iter()
+        .find(|(n, _)| n == "SET")
+        .map(|(_, r)| r)
+        .context("no SET result")
+}
+
+pub fn replication(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
+    if let Some(code) = in_private_netns()? {
+        return Ok(code);
+    }
+    let scratch = Scratch(scratch_dir()?);
+    let receiver = Receiver(
+        Command::new(std::env::current_exe()?)
+            .args([
+                "replicate",
+                "receive",
+                "--listen",
+                RECEIVER,
+                "--ack",
+                "memory",
+                "--store",
+            ])
+            .arg(scratch.0.join("store"))
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let started = Instant::now();
+    while TcpStream::connect(RECEIVER).is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("the receiver did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let handle = Arc::new(boot(GUEST_MIB)?);
+    wait_serving(Duration::from_secs(30))?;
+    let seconds = if quick { 2 } else { 10 };
+    let mut rows = Vec::new();
+    for workload in ["idle", "set_heavy", "memscan_64mib_s"] {
+        for hz in [1, 40] {
+            rows.push(measure(&handle, workload, hz, seconds)?);
+        }
+    }
+    let requests = if quick { 50_000 } else { 300_000 };
+    let unprotected = set_throughput(requests)?;
+    let replication = sender(&handle, "throughput", 25)?;
+    let protected = set_throughput(requests)?;
+    let status = replication.status();
+    drop(replication);
+    let report = json!({
+        "guest_mib": GUEST_MIB,
+        "ack": "memory",
+        "workloads": rows,
+        "set_throughput": {
+            "requests": requests,
+            "unprotected_rps": round(unprotected),
+            "protected_25ms_rps": round(protected),
+            "protected_over_unprotected": round(protected / unprotected),
+            "resyncs": status.resyncs,
+        },
+        "peak_memory_mib": {
+            "receiver": round(peak_rss_mib(&receiver.0.id().to_string())),
+            "sender_process_including_guest": round(peak_rss_mib("self")),
+            "sender_page_cache_limit": CodecConfig::default().version_cache_bytes >> 20,
+        },
+    });
+    drop(receiver);
+    if json_output {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(r: &Value) {
+    println!(
+        "replication of a {} MiB guest (ack: {}):",
+        r["guest_mib"],
+        r["ack"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  {:<16} {:>4} {:>10} {:>12} {:>10} {:>9} {:>9} {:>10} {:>10}",
+        "workload",
+        "Hz",
+        "dirty pg",
+        "bytes sent",
+        "reduction",
+        "Mbit/s",
+        "raw Mb/s",
+        "pause p50",
+        "pause p99"
+    );
+    for row in r["workloads"].as_array().into_iter().flatten() {
+        let f = |k: &str| row[k].to_string();
+        println!(
+            "  {:<16} {:>4} {:>10} {:>12} {:>9}% {:>9} {:>9} {:>8}us {:>8}us {:>9}us",
+            row["workload"].as_str().unwrap_or("?"),
+            f("epoch_hz"),
+            f("dirty_pages"),
+            f("bytes_sent"),
+            f("reduction_percent"),
+            f("mbit_per_s"),
+            f("uncompressed_mbit_per_s"),
+            f("pause_us_p50"),
+            f("pause_us_p99"),
+            f("capture_us_p99")
+        );
+    }
+    let t = &r["set_throughput"];
+    println!(
+        "SET throughput: {} ops/s unprotected, {} ops/s with 25 ms epochs: ratio {}",
+        t["unprotected_rps"], t["protected_25ms_rps"], t["protected_over_unprotected"]
+    );
+    let m = &r["peak_memory_mib"];
+    println!(
+        "peak memory: receiver {} MiB; sender process {} MiB including the guest (page-version cache limit {} MiB)",
+        m["receiver"], m["sender_process_including_guest"], m["sender_page_cache_limit"]
+    );
+}
