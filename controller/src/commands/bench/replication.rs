@@ -281,7 +281,7 @@ fn print_report(r: &Value) {
         r["ack"].as_str().unwrap_or("?")
     );
     println!(
-        "  {:<16} {:>4} {:>10} {:>12} {:>10} {:>9} {:>9} {:>10} {:>10}",
+        "  {:<16} {:>4} {:>10} {:>12} {:>10} {:>9} {:>9} {:>10} {:>10} {:>11}",
         "workload",
         "Hz",
         "dirty pg",
@@ -290,7 +290,8 @@ fn print_report(r: &Value) {
         "Mbit/s",
         "raw Mb/s",
         "pause p50",
-        "pause p99"
+        "pause p99",
+        "capture p99"
     );
     for row in r["workloads"].as_array().into_iter().flatten() {
         let f = |k: &str| row[k].to_string();
