@@ -23,6 +23,8 @@ use std::num::NonZeroUsize;
 use lru::LruCache;
 use xxhash_rust::xxh3::xxh3_128;
 
+use crate::bytes::Fields;
+
 pub const PAGE: usize = 4096;
 pub type Page = [u8; PAGE];
 type PageHash = u128;
@@ -310,49 +312,20 @@ pub struct Decoder {
     contents: LruCache<PageHash, Box<Page>>,
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|e| *e <= self.bytes.len())
-            .ok_or(CodecError::Truncated(self.at))?;
-        let s = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, CodecError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, CodecError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
-    }
-    fn u32(&mut self) -> Result<u32, CodecError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
+/// A reader of a batch: running out of bytes is `CodecError::Truncated(offset)`.
+fn reader(bytes: &[u8]) -> Fields<'_, CodecError, fn(usize) -> CodecError> {
+    Fields::new(bytes, CodecError::Truncated)
 }
 
 /// Decompresses a batch's body, refusing anything over the limit.
 fn batch_body(batch: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, CodecError> {
-    let mut r = Reader {
-        bytes: batch,
-        at: 0,
-    };
+    let mut r = reader(batch);
     let compression = r.u8()?;
     let raw_len = r.u32()? as usize;
     if raw_len > MAX_BATCH_RAW {
         return Err(CodecError::TooLarge(raw_len));
     }
-    let rest = &batch[r.at..];
+    let rest = r.rest();
     match compression {
         COMPRESSION_NONE if rest.len() == raw_len => Ok(rest.into()),
         COMPRESSION_NONE => Err(CodecError::Truncated(batch.len())),
@@ -401,7 +374,7 @@ impl Decoder {
         replica: &mut dyn Replica,
         undo: &mut Vec<(u64, Box<Page>)>,
     ) -> Result<Vec<u64>, CodecError> {
-        let mut r = Reader { bytes: body, at: 0 };
+        let mut r = reader(body);
         let count = r.u32()?;
         let mut written = Vec::with_capacity(count.min(1 << 16) as usize);
         for _ in 0..count {
@@ -428,7 +401,7 @@ impl Decoder {
                     }
                 }
                 KIND_REF => {
-                    let hash = u128::from_le_bytes(r.take(16)?.try_into().expect("16 bytes"));
+                    let hash = r.u128()?;
                     new = **self
                         .contents
                         .peek(&hash)
@@ -447,8 +420,8 @@ impl Decoder {
             }
             written.push(index);
         }
-        if r.at != body.len() {
-            return Err(CodecError::Trailing(body.len() - r.at));
+        if r.remaining() != 0 {
+            return Err(CodecError::Trailing(r.remaining()));
         }
         Ok(written)
     }

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backup;
+mod bytes;
 pub mod codec;
 pub mod primary;
 pub mod restore;

@@ -20,6 +20,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::bytes::Fields;
 use crate::codec::{PAGE, Page};
 
 const RECORD_MAGIC: &[u8; 4] = b"SSEP";
@@ -560,33 +561,22 @@ fn read_payload(log: &File, entry: Entry) -> Result<Vec<u8>, StoreError> {
 
 fn decode_record(epoch: u64, raw: &[u8]) -> Result<EpochRecord, StoreError> {
     let corrupt = || StoreError::Corrupt(format!("epoch {epoch}: malformed record"));
-    let mut at = 0usize;
-    let mut take = |n: usize| -> Result<&[u8], StoreError> {
-        let end = at
-            .checked_add(n)
-            .filter(|e| *e <= raw.len())
-            .ok_or_else(corrupt)?;
-        let s = &raw[at..end];
-        at = end;
-        Ok(s)
-    };
-    let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
-    let u64_of = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
-    let count = u32_of(take(4)?);
+    let mut r = Fields::new(raw, |_| corrupt());
+    let count = r.u32()?;
     let mut vms = Vec::new();
     for _ in 0..count {
-        let vm = u32_of(take(4)?);
-        let mem_size = u64_of(take(8)?);
-        let pages = u32_of(take(4)?);
-        let state_len = u32_of(take(4)?) as usize;
-        let state = take(state_len)?.to_vec();
+        let vm = r.u32()?;
+        let mem_size = r.u64()?;
+        let pages = r.u32()?;
+        let state_len = r.u32()? as usize;
+        let state = r.take(state_len)?.to_vec();
         let mut list = Vec::with_capacity(pages.min(1 << 20) as usize);
         for _ in 0..pages {
-            let page = u64_of(take(8)?);
+            let page = r.u64()?;
             if page >= mem_size / PAGE as u64 {
                 return Err(corrupt());
             }
-            let data: Box<Page> = Box::new(take(PAGE)?.try_into().expect("page size"));
+            let data: Box<Page> = Box::new(r.take(PAGE)?.try_into().expect("page size"));
             list.push((page, data));
         }
         vms.push(VmEpoch {

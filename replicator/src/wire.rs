@@ -19,6 +19,8 @@
 
 use crc32fast::Hasher;
 
+use crate::bytes::Fields;
+
 pub const MAGIC: [u8; 4] = *b"SSRP";
 /// The protocol version this build speaks best; it also accepts `VERSION - 1` (once there is
 /// one: version 1 is the first).
@@ -217,111 +219,71 @@ impl Message {
     }
 
     fn parse_payload(command: CommandCode, p: &[u8]) -> Result<Message, WireError> {
-        let mut r = Fields { p, at: 0, command };
+        let malformed = |detail| WireError::Malformed { command, detail };
+        let mut r = Fields::new(p, |_| malformed("truncated"));
         let message = match command {
             CommandCode::Hello => Message::Hello {
                 min_version: r.u16()?,
                 max_version: r.u16()?,
                 link_id: r.u64()?,
-                site: r.string()?,
-                group: r.string()?,
+                site: string(&mut r, command)?,
+                group: string(&mut r, command)?,
             },
             CommandCode::HelloAck => Message::HelloAck {
                 version: r.u16()?,
                 last_epoch: r.u64()?,
             },
             CommandCode::EpochBegin => Message::EpochBegin {
-                group: r.string()?,
+                group: string(&mut r, command)?,
                 epoch: r.u64()?,
                 vms: r.u32()?,
             },
             CommandCode::Pages => Message::Pages {
                 vm: r.u32()?,
-                batch: r.rest(),
+                batch: r.rest().to_vec(),
             },
             CommandCode::VmState => Message::VmState {
                 vm: r.u32()?,
                 mem_size: r.u64()?,
-                state: r.rest(),
+                state: r.rest().to_vec(),
             },
             CommandCode::EpochEnd => Message::EpochEnd {
-                group: r.string()?,
+                group: string(&mut r, command)?,
                 epoch: r.u64()?,
                 pages: r.u64()?,
             },
             CommandCode::Ack => Message::Ack {
-                group: r.string()?,
+                group: string(&mut r, command)?,
                 epoch: r.u64()?,
                 durable: match r.u8()? {
                     0 => false,
                     1 => true,
-                    _ => return Err(r.malformed("durable must be 0 or 1")),
+                    _ => return Err(malformed("durable must be 0 or 1")),
                 },
             },
             CommandCode::Nack => Message::Nack {
-                group: r.string()?,
+                group: string(&mut r, command)?,
                 epoch: r.u64()?,
-                reason: r.string()?,
+                reason: string(&mut r, command)?,
             },
         };
-        if r.at != p.len() {
-            return Err(r.malformed("trailing bytes"));
+        if r.remaining() != 0 {
+            return Err(malformed("trailing bytes"));
         }
         Ok(message)
     }
 }
 
-struct Fields<'a> {
-    p: &'a [u8],
-    at: usize,
+/// A length-prefixed (u16) UTF-8 string.
+fn string<F: Fn(usize) -> WireError>(
+    r: &mut Fields<'_, WireError, F>,
     command: CommandCode,
-}
-
-impl Fields<'_> {
-    fn malformed(&self, detail: &'static str) -> WireError {
-        WireError::Malformed {
-            command: self.command,
-            detail,
-        }
-    }
-    fn take(&mut self, n: usize) -> Result<&[u8], WireError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|e| *e <= self.p.len())
-            .ok_or_else(|| self.malformed("truncated"))?;
-        let s = &self.p[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, WireError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, WireError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
-    }
-    fn u32(&mut self) -> Result<u32, WireError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, WireError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-    fn string(&mut self) -> Result<String, WireError> {
-        let n = usize::from(self.u16()?);
-        let bytes = self.take(n)?.to_vec();
-        String::from_utf8(bytes).map_err(|_| self.malformed("string is not UTF-8"))
-    }
-    fn rest(&mut self) -> Vec<u8> {
-        let s = self.p[self.at..].to_vec();
-        self.at = self.p.len();
-        s
-    }
+) -> Result<String, WireError> {
+    let n = usize::from(r.u16()?);
+    String::from_utf8(r.take(n)?.to_vec()).map_err(|_| WireError::Malformed {
+        command,
+        detail: "string is not UTF-8",
+    })
 }
 
 /// One direction of a link: numbers outgoing frames, checks incoming ones. Sans-IO: bytes in,

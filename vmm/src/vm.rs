@@ -303,19 +303,32 @@ impl Vm {
                 part: "registers",
                 source,
             })?;
-        let clock = GuestClock::starting_at(clock::tsc_hz(&parts.vcpu), 0);
+        let net = NetDevice::new(config.mac, port);
+        Vm::assemble(parts, mem, net, 0, (random_id(), 0), console)
+    }
+
+    /// The VM from its parts: the guest clock made to read `guest_ns` now, the console open.
+    fn assemble(
+        parts: KvmParts,
+        mem: GuestMem,
+        net: NetDevice,
+        guest_ns: u64,
+        (vm_id, save_seq): (u64, u64),
+        console: Option<&Path>,
+    ) -> Result<Vm, VmError> {
+        let clock = GuestClock::starting_at(clock::tsc_hz(&parts.vcpu), guest_ns);
         clock
             .write_to(&mem)
             .map_err(|e| VmError::GuestMemory(e.to_string()))?;
         Ok(Vm {
-            mem_size: config.mem_size,
-            net: NetDevice::new(config.mac, port),
+            mem_size: memory::size(&mem),
+            net,
             console: Console::open(console)
                 .map_err(|e| VmError::GuestMemory(format!("console: {e}")))?,
             clock,
             msr_indices: parts.msr_indices,
-            vm_id: random_id(),
-            save_seq: 0,
+            vm_id,
+            save_seq,
             state: RunState::Running,
             exits: 0,
             waits: 0,
@@ -373,31 +386,17 @@ impl Vm {
         vcpu::restore(&parts.vcpu, &snap.vcpu)?;
         let mut net = NetDevice::new(snap.net.mac, port);
         net.restore(&snap.net, &mem).map_err(VmError::NetRestore)?;
-        let clock = GuestClock::starting_at(clock::tsc_hz(&parts.vcpu), snap.guest_ns);
-        clock
-            .write_to(&mem)
-            .map_err(|e| VmError::GuestMemory(e.to_string()))?;
-        // What restore wrote is not guest activity: start the dirty record clean.
-        memory::harvest_dirty_pages(&parts.vm, &mem)?;
-        Ok(Vm {
-            mem_size: snap.mem_size,
-            net,
-            console: Console::open(console)
-                .map_err(|e| VmError::GuestMemory(format!("console: {e}")))?,
-            clock,
-            msr_indices: parts.msr_indices,
-            vm_id: snap.vm_id,
-            save_seq: snap.save_seq,
-            state: RunState::Running,
-            exits: 0,
-            waits: 0,
-            kick: Arc::new(Kick::new()?),
-            finished: Arc::default(),
-            vcpu: parts.vcpu,
-            vm: parts.vm,
-            _kvm: parts.kvm,
+        let vm = Vm::assemble(
+            parts,
             mem,
-        })
+            net,
+            snap.guest_ns,
+            (snap.vm_id, snap.save_seq),
+            console,
+        )?;
+        // What restore wrote is not guest activity: start the dirty record clean.
+        memory::harvest_dirty_pages(&vm.vm, &vm.mem)?;
+        Ok(vm)
     }
 
     /// Runs the VM on its own thread; the handle sends it commands.
