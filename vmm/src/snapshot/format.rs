@@ -193,30 +193,39 @@ pub fn verify_layer(dir: &Path, layer: &LayerInfo) -> Result<(), SnapshotError> 
             layer.file
         )));
     }
-    let mut file = File::open(&path).map_err(io_err(&path))?;
-    let len = file.metadata().map_err(io_err(&path))?.len();
+    let len = File::open(&path)
+        .and_then(|f| f.metadata())
+        .map_err(io_err(&path))?
+        .len();
     if len != layer.bytes {
         return Err(SnapshotError::Size {
             path,
             detail: format!("{len} bytes, the state says {}", layer.bytes),
         });
     }
-    let mut hasher = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io_err(&path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    if hasher.finalize() != layer.crc32 {
+    if file_crc32(&path)?.1 != layer.crc32 {
         return Err(SnapshotError::Checksum {
             path,
             what: "memory layer",
         });
     }
     Ok(())
+}
+
+/// The length and CRC32 of a whole file, read in 1 MiB chunks.
+pub fn file_crc32(path: &Path) -> Result<(u64, u32), SnapshotError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            return Ok((len, hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
 }
 
 /// Reads a (verified) delta layer: its page numbers and contents.

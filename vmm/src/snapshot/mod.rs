@@ -14,8 +14,8 @@
 mod format;
 
 pub use format::{
-    FORMAT_VERSION, LayerInfo, LayerKind, SnapshotError, read_delta, read_state, verify_layer,
-    write_delta, write_full, write_state,
+    FORMAT_VERSION, LayerInfo, LayerKind, SnapshotError, file_crc32, read_delta, read_state,
+    verify_layer, write_delta, write_full, write_state,
 };
 
 use serde::{Deserialize, Serialize};
@@ -51,37 +51,14 @@ pub fn assemble(dir: &std::path::Path, state_json: &[u8]) -> Result<(), Snapshot
             path: path.clone(),
             detail: e.to_string(),
         })?;
-    let bytes = std::fs::metadata(&path)
-        .map_err(|source| SnapshotError::Io {
-            path: path.clone(),
-            source,
-        })?
-        .len();
-    let mut layer = LayerInfo {
+    let (bytes, crc32) = file_crc32(&path)?;
+    snap.layers = vec![LayerInfo {
         file: FULL_LAYER.into(),
         kind: LayerKind::Full,
         pages: bytes / 4096,
         bytes,
-        crc32: 0,
-    };
-    let mut file = std::fs::File::open(&path).map_err(|source| SnapshotError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let mut hasher = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut file, &mut buf).map_err(|source| SnapshotError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    layer.crc32 = hasher.finalize();
-    snap.layers = vec![layer];
+        crc32,
+    }];
     snap.save_seq = 1;
     write_state(dir, &snap)
 }
