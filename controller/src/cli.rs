@@ -47,7 +47,38 @@ pub enum ReplicateCommand {
         /// Checkpoints kept for restoring an earlier one.
         #[arg(long, default_value_t = 8)]
         retain: usize,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
+}
+
+/// Mutual TLS for the replication link: all three, or none (plain TCP).
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// PEM file of the CA that signs both sites' certificates.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM file of this site's certificate.
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of this site's private key.
+    #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn files(&self) -> Option<secondsite_replicator::tls::TlsFiles> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(certificate), Some(key)) => {
+                Some(secondsite_replicator::tls::TlsFiles {
+                    ca: ca.clone(),
+                    certificate: certificate.clone(),
+                    key: key.clone(),
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -195,6 +226,8 @@ pub struct VmRunArgs {
     /// zstd level of checkpoint batches (0: off).
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// `64M`, `512M`, `1G`, `65536K` or plain bytes.

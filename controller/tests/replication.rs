@@ -299,3 +299,145 @@ fn corrupt_and_replayed_frames_are_refused_and_nothing_is_stored() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A CA and two certificates it signs: the backup's (for 127.0.0.1) and a primary's.
+struct Pki {
+    ca: std::path::PathBuf,
+    backup: (std::path::PathBuf, std::path::PathBuf),
+    primary: (std::path::PathBuf, std::path::PathBuf),
+}
+
+fn make_pki(dir: &Path, name: &str) -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} CA"));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = KeyPair::generate().expect("key");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("self-signed CA");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let write = |file: &str, text: String| {
+        let path = dir.join(format!("{name}-{file}"));
+        std::fs::write(&path, text).expect("writes PEM");
+        path
+    };
+    let leaf = |who: &str, san: &str| {
+        let mut params = CertificateParams::new(vec![san.to_owned()]).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} {who}"));
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &issuer).expect("signed");
+        (
+            write(&format!("{who}.pem"), cert.pem()),
+            write(&format!("{who}.key"), key.serialize_pem()),
+        )
+    };
+    let backup = leaf("backup", "127.0.0.1");
+    let primary = leaf("primary", "primary.example");
+    Pki {
+        ca: write("ca.pem", ca_cert.pem()),
+        backup,
+        primary,
+    }
+}
+
+fn tls_args<'a>(
+    ca: &'a Path,
+    (cert, key): &'a (std::path::PathBuf, std::path::PathBuf),
+) -> Vec<&'a str> {
+    vec![
+        "--tls-ca",
+        ca.to_str().expect("utf-8"),
+        "--tls-cert",
+        cert.to_str().expect("utf-8"),
+        "--tls-key",
+        key.to_str().expect("utf-8"),
+    ]
+}
+
+#[test]
+fn a_receiver_refuses_a_primary_with_a_strangers_certificate() {
+    if !privileged("a_receiver_refuses_a_primary_with_a_strangers_certificate") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ours = make_pki(dir.path(), "ours");
+    let stranger = make_pki(dir.path(), "stranger");
+    let store = dir.path().join("store");
+    let log = dir.path().join("receiver.log");
+    let mut cmd = site.site.command(SECONDSITE);
+    cmd.args([
+        "replicate",
+        "receive",
+        "--listen",
+        &format!("127.0.0.1:{PORT}"),
+        "--store",
+    ])
+    .arg(&store)
+    .args(tls_args(&ours.ca, &ours.backup))
+    .stdin(Stdio::null())
+    .stderr(File::create(&log).expect("log file"));
+    let _receiver = Proc::spawn(&mut cmd, "replicate receive").expect("starts the receiver");
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("receiving checkpoints")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the receiver did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let to = format!("127.0.0.1:{PORT}");
+
+    // A primary whose certificate another CA signed: the backup refuses the link.
+    let intruder_dir = dir.path().join("intruder");
+    std::fs::create_dir(&intruder_dir).expect("mkdir");
+    let mut args = vec!["--replicate-to", to.as_str(), "--group", "web"];
+    args.extend(tls_args(&ours.ca, &stranger.primary));
+    let mut intruder = start_with(&site, &intruder_dir, "64M", &args);
+    std::thread::sleep(Duration::from_secs(2));
+    let r = replication(&intruder.control);
+    assert_eq!(r["protected"], false, "{r}");
+    assert_eq!(r["committed"], 0, "{r}");
+    let text = std::fs::read_to_string(&log).expect("reads log");
+    assert!(
+        text.contains("TLS handshake with") && text.contains("link refused"),
+        "{text}"
+    );
+    intruder.proc.kill();
+
+    // The same with our CA's certificate: protected, and the store fills.
+    let mut args = vec!["--replicate-to", to.as_str(), "--group", "web"];
+    args.extend(tls_args(&ours.ca, &ours.primary));
+    let vm = start_with(&site, dir.path(), "64M", &args);
+    wait_for(&vm.control, "protection over TLS", |r| {
+        r["protected"] == true && r["committed"].as_u64() > Some(1)
+    });
+    let out = std::process::Command::new(SECONDSITE)
+        .args(["store", "verify"])
+        .arg(store.join("web"))
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

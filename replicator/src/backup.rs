@@ -10,12 +10,13 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::codec::{CodecConfig, Decoder, PAGE, Page, Replica, VecReplica, unpack_state};
 use crate::store::{EpochRecord, Store, StoreError, VmEpoch};
+use crate::tls::Channel;
 use crate::wire::{self, Link, Message, WireError};
 
 /// Frames or batches refused (corrupt, replayed, malformed): a counter for status and tests.
@@ -28,6 +29,8 @@ pub struct ReceiverConfig {
     pub durable: bool,
     pub retain: usize,
     pub codec: CodecConfig,
+    /// Mutual TLS: only primaries with a certificate from the CA are accepted.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +54,21 @@ pub fn serve(listener: TcpListener, config: &ReceiverConfig, mut log: impl FnMut
             .map(|a| a.to_string())
             .unwrap_or_default();
         log(&format!("primary {peer} connected"));
-        match Session::new(config).and_then(|mut s| s.run(stream, &mut log)) {
+        // A peer gets 10 s to finish the handshake; a stranger's certificate fails it.
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+        let channel = match Channel::accept(stream, config.tls.as_ref()) {
+            Ok(channel) => channel,
+            Err(e) => {
+                REFUSED.fetch_add(1, Ordering::Relaxed);
+                log(&format!(
+                    "TLS handshake with {peer} failed, link refused: {e}"
+                ));
+                continue;
+            }
+        };
+        let _ = channel.tcp().set_read_timeout(None);
+        match Session::new(config).and_then(|mut s| s.run(channel, &mut log)) {
             Ok(()) => log(&format!("primary {peer} closed the link")),
             Err(e) => log(&format!("link with {peer} ended: {e}")),
         }
@@ -110,8 +127,7 @@ impl<'a> Session<'a> {
         })
     }
 
-    fn run(&mut self, mut stream: TcpStream, log: &mut dyn FnMut(&str)) -> Result<(), BackupError> {
-        stream.set_nodelay(true)?;
+    fn run(&mut self, mut stream: Channel, log: &mut dyn FnMut(&str)) -> Result<(), BackupError> {
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let message = match self.link.next_message() {

@@ -23,4 +23,5 @@ pub mod codec;
 pub mod primary;
 pub mod restore;
 pub mod store;
+pub mod tls;
 pub mod wire;

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  sender thread: every epoch_ms ── VmHandle::checkpoint (vCPU stopped only to copy) ──> encode
-//!        │                                                                  └─> frames ──> TCP
-//!  ack reader thread: Ack frames ──> status.committed, commit events to subscribers
+//!        │                                                         └─> frames ──> TLS/TCP
+//!        └── between epochs: Ack frames ──> status.committed, commit events to subscribers
 //! ```
 //! The guest runs on while an epoch is encoded and in flight; at most `WINDOW` epochs may be
 //! unacknowledged before the sender waits. Losing the backup does not stop the guest: the
@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use secondsite_vmm::VmHandle;
 
 use crate::codec::{BatchStats, CodecConfig, Encoder, Page, pack_state};
+use crate::tls::Channel;
 use crate::wire::{Link, MIN_VERSION, Message, VERSION};
 
 /// Epochs that may be in flight (captured and sent, not yet acknowledged).
@@ -38,6 +39,8 @@ pub struct SenderConfig {
     pub vm: u32,
     pub epoch_ms: u64,
     pub codec: CodecConfig,
+    /// Mutual TLS to the backup; `None` sends in the clear.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What the sender is doing, for status and benchmarks.
@@ -161,16 +164,21 @@ fn sender_loop(vm: &VmHandle, config: &SenderConfig, shared: &Arc<Shared>) {
     }
 }
 
-/// One connection: handshake, then epochs until the link or the stop flag ends it.
+/// One connection: handshake, then epochs until the link or the stop flag ends it. One thread
+/// does both directions: it reads acknowledgements while it waits for the next epoch.
 fn run_link(
     vm: &VmHandle,
     config: &SenderConfig,
     shared: &Arc<Shared>,
     encoder: &mut Encoder,
 ) -> Result<(), String> {
-    let mut stream = TcpStream::connect_timeout(&config.peer, Duration::from_secs(1))
+    let tcp = TcpStream::connect_timeout(&config.peer, Duration::from_secs(1))
         .map_err(|e| format!("connect {}: {e}", config.peer))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut channel = Channel::connect(tcp, config.tls.as_ref(), config.peer.ip())
+        .map_err(|e| format!("TLS with {}: {e}", config.peer))?;
     let mut out = Link::default();
     let mut inbound = Link::default();
     let hello = Message::Hello {
@@ -180,13 +188,10 @@ fn run_link(
         site: config.site.clone(),
         group: config.group.clone(),
     };
-    stream
+    channel
         .write_all(&out.emit(&hello))
         .map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    let (version, last_epoch) = match read_message(&mut stream, &mut inbound)? {
+    let (version, last_epoch) = match read_message(&mut channel, &mut inbound)? {
         Message::HelloAck {
             version,
             last_epoch,
@@ -194,44 +199,7 @@ fn run_link(
         other => return Err(format!("expected HelloAck, got {other:?}")),
     };
     out.set_version(version);
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     encoder.reset();
-    let broken = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let mut stream = stream.try_clone().map_err(|e| e.to_string())?;
-        let (shared, broken) = (shared.clone(), broken.clone());
-        std::thread::spawn(move || {
-            while let Ok(message) = read_message(&mut stream, &mut inbound) {
-                match message {
-                    Message::Ack {
-                        group,
-                        epoch,
-                        durable,
-                    } => {
-                        shared.update(|s| s.committed = s.committed.max(epoch));
-                        let commit = Commit {
-                            group,
-                            epoch,
-                            durable,
-                        };
-                        shared
-                            .subscribers
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .retain(|tx| tx.send(commit.clone()).is_ok());
-                    }
-                    Message::Nack { reason, .. } => {
-                        shared.update(|s| {
-                            s.last_error = Some(format!("backup refused an epoch: {reason}"))
-                        });
-                        break;
-                    }
-                    _ => break,
-                }
-            }
-            broken.store(true, Ordering::Relaxed);
-        })
-    };
     shared.update(|s| {
         // Every link after the first starts with a full resynchronisation.
         if s.links > 0 {
@@ -243,31 +211,76 @@ fn run_link(
         s.committed = last_epoch;
         s.last_error = None;
     });
-    let result = ship_epochs(
-        vm,
-        config,
-        shared,
-        encoder,
-        &mut stream,
-        &mut out,
-        last_epoch,
-        &broken,
-    );
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    let _ = reader.join();
+    let mut io = LinkIo {
+        channel,
+        out,
+        inbound,
+    };
+    let result = ship_epochs(vm, config, shared, encoder, &mut io, last_epoch);
+    let _ = io.channel.tcp().shutdown(std::net::Shutdown::Both);
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The two directions of an established link.
+struct LinkIo {
+    channel: Channel,
+    out: Link,
+    inbound: Link,
+}
+
+impl LinkIo {
+    /// Reads acknowledgements for up to `wait`, updating the status and telling subscribers.
+    fn poll_acks(&mut self, shared: &Shared, wait: Duration) -> Result<(), String> {
+        let tcp = self.channel.tcp();
+        tcp.set_read_timeout(Some(wait.max(Duration::from_micros(100))))
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 4096];
+        match self.channel.read(&mut buf) {
+            Ok(0) => return Err("the backup closed the link".into()),
+            Ok(n) => self.inbound.receive(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(format!("receive: {e}")),
+        }
+        while let Some(message) = self.inbound.next_message().map_err(|e| e.to_string())? {
+            match message {
+                Message::Ack {
+                    group,
+                    epoch,
+                    durable,
+                } => {
+                    shared.update(|s| s.committed = s.committed.max(epoch));
+                    let commit = Commit {
+                        group,
+                        epoch,
+                        durable,
+                    };
+                    shared
+                        .subscribers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|tx| tx.send(commit.clone()).is_ok());
+                }
+                Message::Nack { reason, .. } => {
+                    return Err(format!("backup refused an epoch: {reason}"));
+                }
+                other => return Err(format!("unexpected {:?} from the backup", other.command())),
+            }
+        }
+        Ok(())
+    }
+}
+
 fn ship_epochs(
     vm: &VmHandle,
     config: &SenderConfig,
     shared: &Shared,
     encoder: &mut Encoder,
-    stream: &mut TcpStream,
-    out: &mut Link,
+    io: &mut LinkIo,
     mut epoch: u64,
-    broken: &AtomicBool,
 ) -> Result<(), String> {
     let interval = Duration::from_millis(config.epoch_ms.max(1));
     let mut full = true;
@@ -277,12 +290,13 @@ fn ship_epochs(
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        if broken.load(Ordering::Relaxed) {
-            return Err("the backup closed the link".into());
-        }
-        let now = Instant::now();
-        if now < next {
-            std::thread::sleep(next - now);
+        // Until the next epoch is due, listen for acknowledgements.
+        loop {
+            let now = Instant::now();
+            if now >= next {
+                break;
+            }
+            io.poll_acks(shared, next - now)?;
         }
         next += interval;
         let committed = shared
@@ -311,6 +325,7 @@ fn ship_epochs(
             .enumerate()
             .map(|(i, p)| (*p, capture.page(i)))
             .collect();
+        let out = &mut io.out;
         let mut frames = out.emit(&Message::EpochBegin {
             group: config.group.clone(),
             epoch,
@@ -335,7 +350,7 @@ fn ship_epochs(
             epoch,
             pages: pages.len() as u64,
         }));
-        stream
+        io.channel
             .write_all(&frames)
             .map_err(|e| format!("send: {e}"))?;
         shared.update(|s| {
@@ -353,7 +368,7 @@ fn ship_epochs(
     }
 }
 
-fn read_message(stream: &mut TcpStream, link: &mut Link) -> Result<Message, String> {
+fn read_message(stream: &mut Channel, link: &mut Link) -> Result<Message, String> {
     let mut buf = [0u8; 4096];
     loop {
         if let Some(m) = link.next_message().map_err(|e| e.to_string())? {

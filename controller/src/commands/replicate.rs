@@ -16,7 +16,12 @@ pub fn receive(command: ReplicateCommand) -> anyhow::Result<ExitCode> {
         store,
         ack,
         retain,
+        tls,
     } = command;
+    let tls = match tls.files() {
+        Some(files) => Some(secondsite_replicator::tls::server_config(&files).context("TLS")?),
+        None => None,
+    };
     let listener =
         TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     eprintln!(
@@ -28,6 +33,7 @@ pub fn receive(command: ReplicateCommand) -> anyhow::Result<ExitCode> {
         durable: matches!(ack, Ack::Disk),
         retain,
         codec: CodecConfig::default(),
+        tls,
     };
     backup::serve(listener, &config, |line| eprintln!("secondsite: {line}"));
     Ok(ExitCode::SUCCESS)

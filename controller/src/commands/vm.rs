@@ -108,7 +108,12 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
     let port = Tap::open(&args.tap).with_context(|| format!("tap {}", args.tap))?;
     let vm = Vm::boot(&config, &image, Box::new(port), args.console.as_deref())
         .context("cannot start the VM")?;
+    let tls = match args.tls.files() {
+        Some(files) => Some(secondsite_replicator::tls::client_config(&files).context("TLS")?),
+        None => None,
+    };
     let replication = args.replicate_to.map(|peer| SenderConfig {
+        tls,
         peer,
         group: args.group.clone(),
         site: "primary".into(),

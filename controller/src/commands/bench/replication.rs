@@ -61,6 +61,7 @@ fn sender(
             vm: 0,
             epoch_ms,
             codec: CodecConfig::default(),
+            tls: None,
         },
     );
     // The first epoch is the full synchronisation; measure from after it.
