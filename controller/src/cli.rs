@@ -226,6 +226,13 @@ pub struct VmRunArgs {
     /// zstd level of checkpoint batches (0: off).
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
+    /// Replication bandwidth budget: when epochs outrun it, the guest is slowed (held for part
+    /// of each epoch). Default: no budget, never slowed.
+    #[arg(long)]
+    pub bandwidth_mbit: Option<u32>,
+    /// The most of each epoch the guest may be held when throttled.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=95))]
+    pub max_throttle_percent: u8,
     #[command(flatten)]
     pub tls: TlsArgs,
 }

@@ -441,3 +441,56 @@ fn a_receiver_refuses_a_primary_with_a_strangers_certificate() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_guest_that_outruns_its_bandwidth_budget_is_slowed() {
+    if !privileged("a_guest_that_outruns_its_bandwidth_budget_is_slowed") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let _receiver = receiver(&site, &store, &dir.path().join("receiver.log"));
+    let to = format!("127.0.0.1:{PORT}");
+    let args = [
+        "--replicate-to",
+        &to,
+        "--group",
+        "web",
+        "--bandwidth-mbit",
+        "1",
+        "--max-throttle-percent",
+        "60",
+    ];
+    let vm = start_with(&site, dir.path(), "64M", &args);
+    wait_for(&vm.control, "protection", |r| {
+        r["protected"] == true && r["committed"].as_u64() > Some(0)
+    });
+    let mut load = site.client.command("redis-benchmark");
+    load.args([
+        "-h",
+        VmSite::GUEST_IP,
+        "-t",
+        "set",
+        "-n",
+        "1000000",
+        "-r",
+        "100000",
+        "-d",
+        "200",
+        "-q",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let _load = Proc::spawn(&mut load, "redis-benchmark").expect("starts load");
+    let r = wait_for(&vm.control, "throttling", |r| {
+        r["throttle_percent"].as_u64() > Some(0) && r["throttled_ms"].as_u64() > Some(100)
+    });
+    assert!(
+        r["throttle_percent"].as_u64() <= Some(60),
+        "beyond the limit: {r}"
+    );
+    eprintln!("throttled under a 1 Mbit/s budget: {r}");
+    // Slowed, not stopped: the guest still answers.
+    assert_eq!(redis(&site, &["ping"]), "PONG");
+}

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use secondsite_vmm::VmHandle;
+use secondsite_vmm::{Command, VmHandle};
 
 use crate::codec::{BatchStats, CodecConfig, Encoder, Page, pack_state};
 use crate::tls::Channel;
@@ -41,6 +41,8 @@ pub struct SenderConfig {
     pub codec: CodecConfig,
     /// Mutual TLS to the backup; `None` sends in the clear.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Slow the guest when its epochs outrun this budget; `None`: never.
+    pub throttle: Option<Throttle>,
 }
 
 /// What the sender is doing, for status and benchmarks.
@@ -63,6 +65,9 @@ pub struct ReplicationStatus {
     pub dirty_pages: u64,
     pub bytes_sent: u64,
     pub codec: BatchStats,
+    /// The share of each epoch the guest is held now, and the time it was held in all.
+    pub throttle_percent: u8,
+    pub throttled_us: u64,
 }
 
 /// "Epoch `epoch` of `group` is committed at the backup" (durably if `durable`).
@@ -286,6 +291,7 @@ fn ship_epochs(
     let mut full = true;
     let mut next = Instant::now();
     let mut waiting_since: Option<Instant> = None;
+    let mut throttle = ThrottleState::default();
     loop {
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -365,6 +371,59 @@ fn ship_epochs(
             s.bytes_sent += frames.len() as u64;
             s.codec.add(&stats);
         });
+        if let Some(budget) = config.throttle.as_ref() {
+            let share = throttle.adjust(budget, frames.len() as u64, interval);
+            if share > 0.0 {
+                // Time dilation: hold the guest for part of the next epoch, reading acks.
+                let hold = interval.mul_f64(share);
+                vm.call(Command::Pause).map_err(|e| e.to_string())?;
+                let until = Instant::now() + hold;
+                let held = loop {
+                    let now = Instant::now();
+                    if now >= until {
+                        break io.poll_acks(shared, Duration::ZERO);
+                    }
+                    if let Err(e) = io.poll_acks(shared, until - now) {
+                        break Err(e);
+                    }
+                };
+                vm.call(Command::Resume).map_err(|e| e.to_string())?;
+                held?;
+                shared.update(|s| s.throttled_us += hold.as_micros() as u64);
+            }
+            shared.update(|s| s.throttle_percent = (share * 100.0).round() as u8);
+        }
+    }
+}
+
+/// A bandwidth budget for one VM's replication, and how far the guest may be slowed to keep
+/// within it (the policy's `checkpoint.bandwidth_mbit` and `throttle`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Throttle {
+    pub bandwidth_mbit: u32,
+    /// The largest share of each epoch the guest may be held, 0.0 to 0.95.
+    pub max_share: f64,
+}
+
+/// The throttle's state: the share of each epoch the guest is held, raised while epochs
+/// overrun the budget and lowered once they fit again (additive increase, gentle decrease).
+#[derive(Debug, Default)]
+struct ThrottleState {
+    share: f64,
+}
+
+impl ThrottleState {
+    fn adjust(&mut self, budget: &Throttle, sent: u64, interval: Duration) -> f64 {
+        let allowed = f64::from(budget.bandwidth_mbit) * 1e6 / 8.0 * interval.as_secs_f64();
+        let ratio = sent as f64 / allowed.max(1.0);
+        self.share = if ratio > 1.0 {
+            (self.share + 0.1 * ratio.min(5.0)).min(budget.max_share)
+        } else if ratio < 0.5 {
+            (self.share - 0.05).max(0.0)
+        } else {
+            self.share
+        };
+        self.share
     }
 }
 
@@ -379,5 +438,40 @@ fn read_message(stream: &mut Channel, link: &mut Link) -> Result<Message, String
             return Err("the backup closed the link".into());
         }
         link.receive(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_throttle_rises_while_epochs_overrun_and_falls_once_they_fit() {
+        let budget = Throttle {
+            bandwidth_mbit: 8,
+            max_share: 0.5,
+        };
+        let epoch = Duration::from_millis(100); // 8 Mbit/s x 100 ms = 100 kB allowed
+        let mut t = ThrottleState::default();
+        let mut shares = Vec::new();
+        for _ in 0..8 {
+            shares.push(t.adjust(&budget, 400_000, epoch));
+        }
+        assert!(shares.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(
+            *shares.last().expect("share"),
+            0.5,
+            "capped at the policy's limit"
+        );
+        assert_eq!(
+            t.adjust(&budget, 80_000, epoch),
+            0.5,
+            "within budget but not far under: hold"
+        );
+        let mut last = 0.5;
+        for _ in 0..20 {
+            last = t.adjust(&budget, 1_000, epoch);
+        }
+        assert_eq!(last, 0.0);
     }
 }

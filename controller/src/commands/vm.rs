@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use secondsite_replicator::codec::CodecConfig;
-use secondsite_replicator::primary::{Replication, ReplicationStatus, SenderConfig};
+use secondsite_replicator::primary::{Replication, ReplicationStatus, SenderConfig, Throttle};
 use secondsite_replicator::restore;
 use secondsite_vmm::{Command, Reply, RunState, Tap, Vm, VmConfig, VmHandle, control};
 
@@ -112,8 +112,13 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
         Some(files) => Some(secondsite_replicator::tls::client_config(&files).context("TLS")?),
         None => None,
     };
+    let throttle = args.bandwidth_mbit.map(|bandwidth_mbit| Throttle {
+        bandwidth_mbit,
+        max_share: f64::from(args.max_throttle_percent) / 100.0,
+    });
     let replication = args.replicate_to.map(|peer| SenderConfig {
         tls,
+        throttle,
         peer,
         group: args.group.clone(),
         site: "primary".into(),
@@ -163,6 +168,8 @@ fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
         "pause_us_p99": pct(0.99),
         "dirty_pages": status.dirty_pages,
         "bytes_sent": status.bytes_sent,
+        "throttle_percent": status.throttle_percent,
+        "throttled_ms": status.throttled_us / 1000,
     })
 }
 

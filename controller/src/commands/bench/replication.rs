@@ -62,6 +62,7 @@ fn sender(
             epoch_ms,
             codec: CodecConfig::default(),
             tls: None,
+            throttle: None,
         },
     );
     // The first epoch is the full synchronisation; measure from after it.
