@@ -215,8 +215,9 @@ impl<'a> Session<'a> {
                 let Some(pending) = self.pending.as_mut() else {
                     return refuse("state outside an epoch".into());
                 };
-                if mem_size == 0 || mem_size % PAGE as u64 != 0 || mem_size > 1 << 40 {
-                    return refuse(format!("bad memory size {mem_size}"));
+                // Only sizes a VM of ours can have: the replica is allocated to match.
+                if let Err(e) = secondsite_vmm::memory::check_size(mem_size) {
+                    return refuse(format!("VM {vm}: {e}"));
                 }
                 let replica = self.replicas.entry(vm).or_insert_with(|| {
                     VecReplica(vec![[0u8; PAGE]; (mem_size / PAGE as u64) as usize])
