@@ -1,14 +1,20 @@
 //! `secondsite bench vm` runs end to end and reports every figure (a smoke run: the figures
 //! themselves are for people to read, not for a test to judge on a shared machine).
 
+use std::sync::Mutex;
+
 use secondsite_lab::privileged;
 use serde_json::Value;
+
+/// The benchmarks measure the machine: run them one at a time, not beside each other.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 #[test]
 fn bench_vm_reports_every_figure() {
     if !privileged("bench_vm_reports_every_figure") {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_secondsite"))
         .args(["bench", "vm", "--quick", "--json"])
         .output()
@@ -72,6 +78,7 @@ fn bench_replication_reports_every_workload() {
     if !privileged("bench_replication_reports_every_workload") {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_secondsite"))
         .args(["bench", "replication", "--quick", "--json"])
         .output()

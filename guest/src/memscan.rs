@@ -30,7 +30,12 @@ impl MemScan {
         scan
     }
 
+    /// Sets the rate; 0 stops and gives the memory back.
     pub fn set_rate(&mut self, rate_mib_per_s: u32) {
+        if rate_mib_per_s == 0 {
+            self.area = Vec::new();
+            self.cursor = 0;
+        }
         while rate_mib_per_s > 0 && self.area.len() < AREA_CHUNKS {
             let mut chunk = Vec::new();
             if chunk.try_reserve_exact(CHUNK).is_err() {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use secondsite_replicator::codec::CodecConfig;
-use secondsite_replicator::primary::{Replication, SenderConfig};
+use secondsite_replicator::primary::{Replication, ReplicationStatus, SenderConfig};
 use serde_json::{Value, json};
 
 use super::{
@@ -22,7 +22,10 @@ use super::{
 };
 
 const RECEIVER: &str = "127.0.0.1:7900";
-const GUEST_MIB: u64 = 256;
+/// The guest measured (a smaller one for `--quick` smoke runs, which may be debug builds).
+fn guest_mib(quick: bool) -> u64 {
+    if quick { 128 } else { 256 }
+}
 
 /// The receiver child process, killed on drop.
 struct Receiver(Child);
@@ -65,19 +68,23 @@ fn sender(
             throttle: None,
         },
     );
-    // The first epoch is the full synchronisation; measure from after it.
+    // The first epoch of the link is the full synchronisation; measure from after it is
+    // committed (the epochs continue from the store's newest, `committed` at connection).
     let started = Instant::now();
-    while replication.status().committed < replication.status().epoch.max(1)
-        || !replication.status().protected
-    {
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!(
-                "replication did not start: {:?}",
-                replication.status().last_error
-            );
+    let wait = |done: &dyn Fn(&ReplicationStatus) -> bool| -> anyhow::Result<ReplicationStatus> {
+        loop {
+            let status = replication.status();
+            if done(&status) {
+                return Ok(status);
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("replication did not start: {:?}", status.last_error);
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    };
+    let connected = wait(&|s| s.protected)?;
+    wait(&|s| s.committed > connected.committed)?;
     Ok(replication)
 }
 
@@ -235,7 +242,7 @@ pub fn replication(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let handle = Arc::new(boot(GUEST_MIB)?);
+    let handle = Arc::new(boot(guest_mib(quick))?);
     wait_serving(Duration::from_secs(30))?;
     let seconds = if quick { 2 } else { 10 };
     let mut rows = Vec::new();
@@ -251,7 +258,7 @@ pub fn replication(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
     let status = replication.status();
     drop(replication);
     let report = json!({
-        "guest_mib": GUEST_MIB,
+        "guest_mib": guest_mib(quick),
         "ack": "memory",
         "workloads": rows,
         "set_throughput": {
