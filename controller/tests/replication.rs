@@ -494,3 +494,118 @@ fn a_guest_that_outruns_its_bandwidth_budget_is_slowed() {
     // Slowed, not stopped: the guest still answers.
     assert_eq!(redis(&site, &["ping"]), "PONG");
 }
+
+/// Starts a VM on its own tap `tap` (gateway `gw`, address `cidr`) with extra arguments,
+/// returning once its control socket answers.
+fn start_on_tap(
+    site: &VmSite,
+    dir: &Path,
+    tap: &str,
+    cidr: &str,
+    gw: &str,
+    extra: &[&str],
+) -> (Proc, std::path::PathBuf) {
+    let control_path = dir.join("vm.sock");
+    let mut cmd = site.site.command(SECONDSITE);
+    cmd.args([
+        "vm",
+        "run",
+        "--mem",
+        "64M",
+        "--tap",
+        tap,
+        "--ip",
+        cidr,
+        "--gw",
+        gw,
+        "--mac",
+        "52:54:00:00:00:02",
+    ])
+    .arg("--control")
+    .arg(&control_path)
+    .arg("--console")
+    .arg(dir.join("console.log"))
+    .args(extra)
+    .stdin(Stdio::null());
+    let proc = Proc::spawn(&mut cmd, "vm run").expect("starts");
+    let started = Instant::now();
+    while !control_path.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the VM on {tap} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (proc, control_path)
+}
+
+#[test]
+fn one_receiver_serves_several_primaries_with_one_link_per_group() {
+    if !privileged("one_receiver_serves_several_primaries_with_one_link_per_group") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    site.site
+        .add_tap("sstap1", "203.0.114.1/24")
+        .expect("second tap");
+    site.site
+        .add_tap("sstap2", "203.0.115.1/24")
+        .expect("third tap");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let log = dir.path().join("receiver.log");
+    let _receiver = receiver(&site, &store, &log);
+    let to = format!("127.0.0.1:{PORT}");
+    let web = replicating_vm(&site, dir.path());
+    let db_dir = dir.path().join("db");
+    std::fs::create_dir(&db_dir).expect("mkdir");
+    let (_db, db_control) = start_on_tap(
+        &site,
+        &db_dir,
+        "sstap1",
+        "203.0.114.10/24",
+        "203.0.114.1",
+        &["--replicate-to", &to, "--group", "db"],
+    );
+    wait_for(&db_control, "the second group's link", |r| {
+        r["protected"] == true && r["committed"].as_u64() > Some(1)
+    });
+    // Both links run at once.
+    let before = replication(&web.control)["committed"]
+        .as_u64()
+        .expect("committed");
+    wait_for(&web.control, "the first group going on", |r| {
+        r["committed"].as_u64() > Some(before + 2)
+    });
+    // A second primary for a group that has one is refused.
+    let dup_dir = dir.path().join("dup");
+    std::fs::create_dir(&dup_dir).expect("mkdir");
+    let (_dup, dup_control) = start_on_tap(
+        &site,
+        &dup_dir,
+        "sstap2",
+        "203.0.115.10/24",
+        "203.0.115.1",
+        &["--replicate-to", &to, "--group", "web"],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let r = replication(&dup_control);
+    assert_eq!(r["protected"], false, "{r}");
+    let text = std::fs::read_to_string(&log).expect("reads log");
+    assert!(
+        text.contains("group web already has a primary connected"),
+        "{text}"
+    );
+    for group in ["web", "db"] {
+        let out = std::process::Command::new(SECONDSITE)
+            .args(["store", "verify"])
+            .arg(store.join(group))
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{group}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

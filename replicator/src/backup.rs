@@ -8,11 +8,12 @@
 //! previous epoch; a bad frame or batch gets a `Nack` and the connection is closed, so the
 //! primary reconnects and resynchronises from a full epoch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::codec::{CodecConfig, Decoder, PAGE, Page, Replica, VecReplica, unpack_state};
 use crate::store::{EpochRecord, Store, StoreError, VmEpoch};
@@ -45,33 +46,44 @@ pub enum BackupError {
     Refused(String),
 }
 
-/// Accepts primaries on `listener` forever, one session at a time.
-pub fn serve(listener: TcpListener, config: &ReceiverConfig, mut log: impl FnMut(&str)) {
+/// Where the receiver reports what happens (connections, refusals).
+pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Accepts primaries on `listener` forever, each on its own thread. One link per group: a
+/// second primary for a group that has one connected is refused.
+pub fn serve(listener: TcpListener, config: Arc<ReceiverConfig>, log: Log) {
+    let active: Arc<Mutex<HashSet<String>>> = Arc::default();
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        log(&format!("primary {peer} connected"));
-        // A peer gets 10 s to finish the handshake; a stranger's certificate fails it.
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-        let channel = match Channel::accept(stream, config.tls.as_ref()) {
-            Ok(channel) => channel,
-            Err(e) => {
-                REFUSED.fetch_add(1, Ordering::Relaxed);
-                log(&format!(
-                    "TLS handshake with {peer} failed, link refused: {e}"
-                ));
-                continue;
-            }
-        };
-        let _ = channel.tcp().set_read_timeout(None);
-        match Session::new(config).and_then(|mut s| s.run(channel, &mut log)) {
-            Ok(()) => log(&format!("primary {peer} closed the link")),
-            Err(e) => log(&format!("link with {peer} ended: {e}")),
-        }
+        let (config, log, active) = (config.clone(), log.clone(), active.clone());
+        let _ = std::thread::Builder::new()
+            .name("primary-link".into())
+            .spawn(move || {
+                let peer = stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                log(&format!("primary {peer} connected"));
+                // A peer gets 10 s to finish the handshake; a stranger's certificate fails it.
+                let _ = stream.set_nodelay(true);
+                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                let channel = match Channel::accept(stream, config.tls.as_ref()) {
+                    Ok(channel) => channel,
+                    Err(e) => {
+                        REFUSED.fetch_add(1, Ordering::Relaxed);
+                        log(&format!(
+                            "TLS handshake with {peer} failed, link refused: {e}"
+                        ));
+                        return;
+                    }
+                };
+                let _ = channel.tcp().set_read_timeout(None);
+                let mut session = Session::new(&config, active);
+                match session.run(channel, &*log) {
+                    Ok(()) => log(&format!("primary {peer} closed the link")),
+                    Err(e) => log(&format!("link with {peer} ended: {e}")),
+                }
+            });
     }
 }
 
@@ -84,6 +96,9 @@ struct Pending {
 
 struct Session<'a> {
     config: &'a ReceiverConfig,
+    /// Groups with a primary connected, across all links; this link's group once it said Hello.
+    active: Arc<Mutex<HashSet<String>>>,
+    group: Option<String>,
     link: Link,
     decoder: Decoder,
     replicas: HashMap<u32, VecReplica>,
@@ -116,18 +131,20 @@ impl Replica for Overlay<'_> {
 }
 
 impl<'a> Session<'a> {
-    fn new(config: &'a ReceiverConfig) -> Result<Self, BackupError> {
-        Ok(Session {
+    fn new(config: &'a ReceiverConfig, active: Arc<Mutex<HashSet<String>>>) -> Self {
+        Session {
             config,
+            active,
+            group: None,
             link: Link::default(),
             decoder: Decoder::new(config.codec),
             replicas: HashMap::new(),
             stores: HashMap::new(),
             pending: None,
-        })
+        }
     }
 
-    fn run(&mut self, mut stream: Channel, log: &mut dyn FnMut(&str)) -> Result<(), BackupError> {
+    fn run(&mut self, mut stream: Channel, log: &dyn Fn(&str)) -> Result<(), BackupError> {
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let message = match self.link.next_message() {
@@ -171,7 +188,7 @@ impl<'a> Session<'a> {
     fn handle(
         &mut self,
         message: Message,
-        log: &mut dyn FnMut(&str),
+        log: &dyn Fn(&str),
     ) -> Result<Option<Message>, BackupError> {
         let refuse = |why: String| Err(BackupError::Refused(why));
         match message {
@@ -184,6 +201,18 @@ impl<'a> Session<'a> {
             } => {
                 let version = wire::negotiate(min_version, max_version)?;
                 check_group(&group)?;
+                if self.group.is_some() {
+                    return refuse("a second Hello on one link".into());
+                }
+                if !self
+                    .active
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(group.clone())
+                {
+                    return refuse(format!("group {group} already has a primary connected"));
+                }
+                self.group = Some(group.clone());
                 self.link.set_version(version);
                 let last_epoch = self.store(&group)?.latest().unwrap_or(0);
                 log(&format!(
@@ -198,7 +227,12 @@ impl<'a> Session<'a> {
                 if self.pending.is_some() {
                     return refuse("an epoch began inside another".into());
                 }
-                check_group(&group)?;
+                if self.group.as_deref() != Some(group.as_str()) {
+                    return refuse(format!(
+                        "epoch for group {group} on a link opened for {:?}",
+                        self.group
+                    ));
+                }
                 self.pending = Some(Pending {
                     group,
                     epoch,
@@ -321,6 +355,17 @@ impl<'a> Session<'a> {
             epoch,
             durable: self.config.durable,
         })
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if let Some(group) = self.group.take() {
+            self.active
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&group);
+        }
     }
 }
 

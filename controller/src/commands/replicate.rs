@@ -35,7 +35,11 @@ pub fn receive(command: ReplicateCommand) -> anyhow::Result<ExitCode> {
         codec: CodecConfig::default(),
         tls,
     };
-    backup::serve(listener, &config, |line| eprintln!("secondsite: {line}"));
+    backup::serve(
+        listener,
+        std::sync::Arc::new(config),
+        std::sync::Arc::new(|line: &str| eprintln!("secondsite: {line}")),
+    );
     Ok(ExitCode::SUCCESS)
 }
 
