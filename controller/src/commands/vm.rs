@@ -26,8 +26,8 @@ pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
             control,
             console,
         } => {
-            // Holds a checkpoint materialized from a store until the VM has read it.
-            let mut _scratch = None;
+            // Holds a checkpoint materialized from a store until the VM has mapped it.
+            let mut scratch_dir = None;
             let from = match (from, from_store) {
                 (Some(dir), _) => dir,
                 (None, Some(store)) => {
@@ -38,7 +38,7 @@ pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
                         })?;
                     eprintln!("secondsite: restoring epoch {used} of {}", store.display());
                     let dir = scratch.0.clone();
-                    _scratch = Some(scratch);
+                    scratch_dir = Some(scratch);
                     dir
                 }
                 (None, None) => bail!("give --from DIR or --from-store DIR"),
@@ -47,6 +47,9 @@ pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
             let vm = Vm::restore(&from, Box::new(port), console.as_deref())
                 .with_context(|| format!("cannot restore from {}", from.display()))?;
             eprintln!("secondsite: VM restored from {}", from.display());
+            // The VM maps the memory file (its inode lives on) and has read the rest: the
+            // scratch copy can go now, so even a killed process leaves nothing behind.
+            drop(scratch_dir);
             serve_until_done(vm, &control.control, None)
         }
         VmCommand::Pause(c) => client(&c, Command::Pause),
