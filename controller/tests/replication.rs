@@ -45,6 +45,21 @@ fn receiver(site: &VmSite, store: &Path, log: &Path) -> Proc {
     proc
 }
 
+/// `secondsite store verify` passes on a group's store.
+fn assert_store_verifies(group_store: &Path) {
+    let out = std::process::Command::new(SECONDSITE)
+        .args(["store", "verify"])
+        .arg(group_store)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        group_store.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn replication(control_path: &Path) -> Value {
     control(control_path, &["status"])["replication"].clone()
 }
@@ -216,16 +231,7 @@ fn the_primary_runs_on_without_its_backup_and_resynchronises() {
             && r["committed"].as_u64() > Some(before + 2)
     });
     eprintln!("resynchronised: {r}");
-    let out = std::process::Command::new(SECONDSITE)
-        .args(["store", "verify"])
-        .arg(store.join("web"))
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_store_verifies(&store.join("web"));
 }
 
 #[test]
@@ -430,16 +436,7 @@ fn a_receiver_refuses_a_primary_with_a_strangers_certificate() {
     wait_for(&vm.control, "protection over TLS", |r| {
         r["protected"] == true && r["committed"].as_u64() > Some(1)
     });
-    let out = std::process::Command::new(SECONDSITE)
-        .args(["store", "verify"])
-        .arg(store.join("web"))
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_store_verifies(&store.join("web"));
 }
 
 #[test]
@@ -597,15 +594,6 @@ fn one_receiver_serves_several_primaries_with_one_link_per_group() {
         "{text}"
     );
     for group in ["web", "db"] {
-        let out = std::process::Command::new(SECONDSITE)
-            .args(["store", "verify"])
-            .arg(store.join(group))
-            .output()
-            .expect("runs");
-        assert!(
-            out.status.success(),
-            "{group}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_store_verifies(&store.join(group));
     }
 }
