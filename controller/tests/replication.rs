@@ -45,6 +45,26 @@ fn receiver(site: &VmSite, store: &Path, log: &Path) -> Proc {
     proc
 }
 
+/// redis-benchmark SET load on the guest (100,000 keys of `value_bytes`), until dropped.
+fn set_load(site: &VmSite, value_bytes: usize) -> Proc {
+    let mut load = site.client.command("redis-benchmark");
+    load.args([
+        "-h",
+        VmSite::GUEST_IP,
+        "-t",
+        "set",
+        "-n",
+        "1000000",
+        "-r",
+        "100000",
+        "-q",
+    ])
+    .args(["-d", &value_bytes.to_string()])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    Proc::spawn(&mut load, "redis-benchmark").expect("starts load")
+}
+
 /// `secondsite store verify` passes on a group's store.
 fn assert_store_verifies(group_store: &Path) {
     let out = std::process::Command::new(SECONDSITE)
@@ -103,21 +123,7 @@ fn the_backup_replica_equals_the_primary_page_for_page_under_set_load() {
     let store = dir.path().join("store");
     let _receiver = receiver(&site, &store, &dir.path().join("receiver.log"));
     let vm = replicating_vm(&site, dir.path());
-    let mut load = site.client.command("redis-benchmark");
-    load.args([
-        "-h",
-        VmSite::GUEST_IP,
-        "-t",
-        "set",
-        "-n",
-        "1000000",
-        "-r",
-        "100000",
-        "-q",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let _load = Proc::spawn(&mut load, "redis-benchmark").expect("starts load");
+    let _load = set_load(&site, 3);
     std::thread::sleep(Duration::from_millis(1500));
 
     control(&vm.control, &["pause"]);
@@ -463,23 +469,7 @@ fn a_guest_that_outruns_its_bandwidth_budget_is_slowed() {
     wait_for(&vm.control, "protection", |r| {
         r["protected"] == true && r["committed"].as_u64() > Some(0)
     });
-    let mut load = site.client.command("redis-benchmark");
-    load.args([
-        "-h",
-        VmSite::GUEST_IP,
-        "-t",
-        "set",
-        "-n",
-        "1000000",
-        "-r",
-        "100000",
-        "-d",
-        "200",
-        "-q",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let _load = Proc::spawn(&mut load, "redis-benchmark").expect("starts load");
+    let _load = set_load(&site, 200);
     let r = wait_for(&vm.control, "throttling", |r| {
         r["throttle_percent"].as_u64() > Some(0) && r["throttled_ms"].as_u64() > Some(100)
     });

@@ -340,7 +340,7 @@ fn ship_epochs(
         frames.extend(out.emit(&Message::VmState {
             vm: config.vm,
             mem_size: capture.mem_size,
-            state: pack_state(&capture.state),
+            state: pack_state(&capture.state_json().map_err(|e| e.to_string())?),
         }));
         let mut stats = BatchStats::default();
         for chunk in pages.chunks(PAGES_PER_BATCH) {

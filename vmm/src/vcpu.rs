@@ -32,7 +32,7 @@ fn get(part: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
 
 fn set(part: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
     move |source| VcpuError::Access {
-        what: "restore",
+        what: "set",
         part,
         source,
     }
@@ -80,6 +80,18 @@ pub fn restorable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Vec<u32> {
             matches!(vcpu.get_msrs(&mut one), Ok(1)) && matches!(vcpu.set_msrs(&one), Ok(1))
         })
         .collect()
+}
+
+/// The vCPU's special registers now (a boot protocol starts from them).
+pub fn special_registers(vcpu: &VcpuFd) -> Result<kvm_sregs, VcpuError> {
+    vcpu.get_sregs().map_err(get("special registers"))
+}
+
+/// Puts the vCPU at a guest's first instruction.
+pub fn set_entry(vcpu: &VcpuFd, entry: &crate::boot::EntryState) -> Result<(), VcpuError> {
+    vcpu.set_sregs(&entry.sregs)
+        .map_err(set("special registers"))?;
+    vcpu.set_regs(&entry.regs).map_err(set("registers"))
 }
 
 pub fn save(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {

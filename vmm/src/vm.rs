@@ -281,28 +281,8 @@ impl Vm {
                 ..Default::default()
             },
         };
-        let sregs = parts.vcpu.get_sregs().map_err(|source| VcpuError::Access {
-            what: "read",
-            part: "special registers",
-            source,
-        })?;
-        let entry = boot.load(&mem, sregs)?;
-        parts
-            .vcpu
-            .set_sregs(&entry.sregs)
-            .map_err(|source| VcpuError::Access {
-                what: "set",
-                part: "special registers",
-                source,
-            })?;
-        parts
-            .vcpu
-            .set_regs(&entry.regs)
-            .map_err(|source| VcpuError::Access {
-                what: "set",
-                part: "registers",
-                source,
-            })?;
+        let entry = boot.load(&mem, vcpu::special_registers(&parts.vcpu)?)?;
+        vcpu::set_entry(&parts.vcpu, &entry)?;
         let net = NetDevice::new(config.mac, port);
         Vm::assemble(parts, mem, net, 0, (random_id(), 0), console)
     }
@@ -580,7 +560,8 @@ impl Vm {
     }
 
     /// Copies what a checkpoint needs while the vCPU is stopped (it is: this runs on the VM
-    /// thread between exits).
+    /// thread between exits). Nothing else happens here: encoding, even of the state, waits
+    /// until the guest runs again.
     fn capture(&mut self, full: bool) -> Result<Capture, VmError> {
         let started = Instant::now();
         let dirty = memory::harvest_dirty_pages(&self.vm, &self.mem)?;
@@ -605,12 +586,11 @@ impl Vm {
             guest_ns: self.clock.now_ns(),
             layers: Vec::new(),
         };
-        let state = serde_json::to_vec(&snap).map_err(|e| VmError::Checkpoint(e.to_string()))?;
         Ok(Capture {
             mem_size: self.mem_size,
             pages,
             data,
-            state,
+            state: Box::new(snap),
             capture_us: started.elapsed().as_micros() as u64,
         })
     }
@@ -774,13 +754,19 @@ pub struct Capture {
     /// Page numbers, increasing; page `pages[i]` is `data[i * PAGE_SIZE..][..PAGE_SIZE]`.
     pub pages: Vec<u64>,
     pub data: Vec<u8>,
-    /// The VM's snapshot state (JSON of `snapshot::VmSnapshot`, without memory layers).
-    pub state: Vec<u8>,
+    /// The VM's snapshot state (without memory layers); serialized by the caller with
+    /// [`Capture::state_json`], after the guest runs again.
+    pub state: Box<VmSnapshot>,
     /// Microseconds the VM thread spent capturing (the vCPU was stopped for this, plus the kick).
     pub capture_us: u64,
 }
 
 impl Capture {
+    /// The state as the JSON a stored checkpoint keeps (`snapshot::assemble` reads it).
+    pub fn state_json(&self) -> Result<Vec<u8>, VmError> {
+        serde_json::to_vec(&*self.state).map_err(|e| VmError::Checkpoint(e.to_string()))
+    }
+
     pub fn page(&self, i: usize) -> &[u8; PAGE_SIZE as usize] {
         self.data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize]
             .try_into()

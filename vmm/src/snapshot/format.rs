@@ -113,33 +113,18 @@ pub fn write_full(
     mem_size: u64,
 ) -> Result<LayerInfo, SnapshotError> {
     let file = format!("memory-{seq:06}.full");
-    let mut info = LayerInfo {
-        file: file.clone(),
-        kind: LayerKind::Full,
-        pages: mem_size / PAGE_SIZE,
-        bytes: 0,
-        crc32: 0,
-    };
-    write_atomically(dir, &file, |out| {
-        let mut crc = Crc {
-            inner: out,
-            hasher: crc32fast::Hasher::new(),
-            bytes: 0,
-        };
+    write_layer(dir, file, LayerKind::Full, mem_size / PAGE_SIZE, |out| {
         let mut chunk = vec![0u8; 1 << 20];
         let mut at = 0;
         while at < mem_size {
             let n = chunk.len().min((mem_size - at) as usize);
             mem.read_slice(&mut chunk[..n], GuestAddress(at))
                 .map_err(io::Error::other)?;
-            crc.write_all(&chunk[..n])?;
+            out.write_all(&chunk[..n])?;
             at += n as u64;
         }
-        info.bytes = crc.bytes;
-        info.crc32 = crc.hasher.finalize();
         Ok(())
-    })?;
-    Ok(info)
+    })
 }
 
 /// Writes the pages in `pages` as delta layer `seq`.
@@ -151,32 +136,46 @@ pub fn write_delta(
 ) -> Result<LayerInfo, SnapshotError> {
     let file = format!("memory-{seq:06}.delta");
     let count = pages.count() as u64;
-    let mut info = LayerInfo {
-        file: file.clone(),
-        kind: LayerKind::Delta,
-        pages: count,
-        bytes: 0,
-        crc32: 0,
-    };
-    write_atomically(dir, &file, |out| {
-        let mut crc = Crc {
-            inner: out,
-            hasher: crc32fast::Hasher::new(),
-            bytes: 0,
-        };
-        crc.write_all(DELTA_MAGIC)?;
-        crc.write_all(&FORMAT_VERSION.to_le_bytes())?;
-        crc.write_all(&(PAGE_SIZE as u32).to_le_bytes())?;
-        crc.write_all(&count.to_le_bytes())?;
+    write_layer(dir, file, LayerKind::Delta, count, |out| {
+        out.write_all(DELTA_MAGIC)?;
+        out.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        out.write_all(&(PAGE_SIZE as u32).to_le_bytes())?;
+        out.write_all(&count.to_le_bytes())?;
         for page in pages.iter() {
-            crc.write_all(&page.to_le_bytes())?;
+            out.write_all(&page.to_le_bytes())?;
         }
         let mut buf = vec![0u8; PAGE_SIZE as usize];
         for page in pages.iter() {
             mem.read_slice(&mut buf, GuestAddress(page * PAGE_SIZE))
                 .map_err(io::Error::other)?;
-            crc.write_all(&buf)?;
+            out.write_all(&buf)?;
         }
+        Ok(())
+    })
+}
+
+/// Writes a layer file atomically through `body`, recording its size and CRC32.
+fn write_layer(
+    dir: &Path,
+    file: String,
+    kind: LayerKind,
+    pages: u64,
+    body: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<LayerInfo, SnapshotError> {
+    let mut info = LayerInfo {
+        file,
+        kind,
+        pages,
+        bytes: 0,
+        crc32: 0,
+    };
+    write_atomically(dir, &info.file.clone(), |out| {
+        let mut crc = Crc {
+            inner: out,
+            hasher: crc32fast::Hasher::new(),
+            bytes: 0,
+        };
+        body(&mut crc)?;
         info.bytes = crc.bytes;
         info.crc32 = crc.hasher.finalize();
         Ok(())
