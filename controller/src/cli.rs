@@ -20,6 +20,9 @@ pub enum Command {
     /// Run and control a protected VM (KVM micro-VM).
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Run or restore all the VMs of a policy's protected group in one process.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Measure secondsite's parts and print the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -171,6 +174,67 @@ pub enum VmCommand {
         #[arg(long)]
         console: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Boot every VM of a group as the policy describes it (memory, MAC, address) and
+    /// replicate them to the backup site, all paused at one barrier per checkpoint, so the
+    /// group's checkpoints are consistent with each other. Runs until SIGTERM/SIGINT.
+    Run(GroupRunArgs),
+    /// Restore every VM of a group from the backup's store, all at one epoch.
+    Restore(GroupRestoreArgs),
+}
+
+/// Which group, and where its VMs' taps, control sockets and consoles are.
+#[derive(Debug, Args)]
+pub struct GroupVmsArgs {
+    /// The policy file.
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// The group to run.
+    #[arg(long)]
+    pub group: String,
+    /// The tap of a VM, as VM=TAP (repeat per VM); default: a tap named like the VM.
+    #[arg(long = "tap", value_name = "VM=TAP")]
+    pub taps: Vec<String>,
+    /// Directory for the VMs' control sockets, one VM.sock each.
+    #[arg(long)]
+    pub control_dir: PathBuf,
+    /// Directory for the guests' consoles, one VM.log each (default: standard error).
+    #[arg(long)]
+    pub console_dir: Option<PathBuf>,
+    /// The guests' default gateway (default: the first address of the prefix each VM's
+    /// address is in).
+    #[arg(long)]
+    pub gw: Option<std::net::Ipv4Addr>,
+}
+
+#[derive(Debug, Args)]
+pub struct GroupRunArgs {
+    #[command(flatten)]
+    pub vms: GroupVmsArgs,
+    /// The backup's `replicate receive` (default: the backup site's `replication.listen`).
+    #[arg(long)]
+    pub replicate_to: Option<std::net::SocketAddr>,
+    /// zstd level of checkpoint batches (0: off).
+    #[arg(long, default_value_t = 1)]
+    pub zstd_level: i32,
+    /// Mutual TLS (default: the primary site's `replication.tls` from the policy).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GroupRestoreArgs {
+    #[command(flatten)]
+    pub vms: GroupVmsArgs,
+    /// The backup's store directory (as given to `replicate receive --store`).
+    #[arg(long)]
+    pub from_store: PathBuf,
+    /// The epoch to restore every VM at (default: the newest).
+    #[arg(long)]
+    pub epoch: Option<u64>,
 }
 
 #[derive(Debug, Args)]

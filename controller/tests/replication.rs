@@ -12,38 +12,10 @@ use secondsite_lab::{Proc, VmSite, privileged};
 use secondsite_replicator::restore::snapshot_from_store;
 use secondsite_replicator::wire::{Link, Message};
 use secondsite_vmm::snapshot::FULL_LAYER;
-use serde_json::Value;
-use support::{SECONDSITE, control, redis, start_with, wait_until_serving};
-
-const PORT: &str = "7800";
-
-fn receiver(site: &VmSite, store: &Path, log: &Path) -> Proc {
-    let mut cmd = site.site.command(SECONDSITE);
-    cmd.args([
-        "replicate",
-        "receive",
-        "--listen",
-        &format!("127.0.0.1:{PORT}"),
-        "--store",
-    ])
-    .arg(store)
-    .stdin(Stdio::null())
-    .stderr(File::create(log).expect("log file"));
-    let proc = Proc::spawn(&mut cmd, "replicate receive").expect("starts the receiver");
-    // Wait until it listens.
-    let started = Instant::now();
-    while !std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .contains("receiving checkpoints")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the receiver did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    proc
-}
+use support::{
+    PORT, SECONDSITE, control, receiver, receiver_with, redis, replication, start_with, wait_for,
+    wait_until_serving,
+};
 
 /// redis-benchmark SET load on the guest (100,000 keys of `value_bytes`), until dropped.
 fn set_load(site: &VmSite, value_bytes: usize) -> Proc {
@@ -80,25 +52,6 @@ fn assert_store_verifies(group_store: &Path) {
     );
 }
 
-fn replication(control_path: &Path) -> Value {
-    control(control_path, &["status"])["replication"].clone()
-}
-
-fn wait_for(control_path: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let started = Instant::now();
-    loop {
-        let r = replication(control_path);
-        if pred(&r) {
-            return r;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}: {r}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn replicating_vm(site: &VmSite, dir: &Path) -> support::Vm {
     let to = format!("127.0.0.1:{PORT}");
     let vm = start_with(
@@ -121,7 +74,7 @@ fn the_backup_replica_equals_the_primary_page_for_page_under_set_load() {
     let site = VmSite::new().expect("builds the namespaces");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
-    let _receiver = receiver(&site, &store, &dir.path().join("receiver.log"));
+    let _receiver = receiver(&site.site, &store, &dir.path().join("receiver.log"));
     let vm = replicating_vm(&site, dir.path());
     let _load = set_load(&site, 3);
     std::thread::sleep(Duration::from_millis(1500));
@@ -172,7 +125,7 @@ fn restoring_the_latest_checkpoint_keeps_every_committed_write() {
     let site = VmSite::new().expect("builds the namespaces");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
-    let _receiver = receiver(&site, &store, &dir.path().join("receiver.log"));
+    let _receiver = receiver(&site.site, &store, &dir.path().join("receiver.log"));
     let mut vm = replicating_vm(&site, dir.path());
     for i in 0..40 {
         assert_eq!(
@@ -217,7 +170,7 @@ fn the_primary_runs_on_without_its_backup_and_resynchronises() {
     let site = VmSite::new().expect("builds the namespaces");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
-    let mut first = receiver(&site, &store, &dir.path().join("receiver.log"));
+    let mut first = receiver(&site.site, &store, &dir.path().join("receiver.log"));
     let vm = replicating_vm(&site, dir.path());
     first.kill();
     wait_for(&vm.control, "loss of protection", |r| {
@@ -227,7 +180,7 @@ fn the_primary_runs_on_without_its_backup_and_resynchronises() {
     assert_eq!(redis(&site, &["set", "alone", "yes"]), "OK");
     assert_eq!(redis(&site, &["get", "alone"]), "yes");
 
-    let _second = receiver(&site, &store, &dir.path().join("receiver2.log"));
+    let _second = receiver(&site.site, &store, &dir.path().join("receiver2.log"));
     let before = replication(&vm.control)["committed"]
         .as_u64()
         .expect("committed");
@@ -249,7 +202,7 @@ fn corrupt_and_replayed_frames_are_refused_and_nothing_is_stored() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
     let log = dir.path().join("receiver.log");
-    let mut recv = receiver(&site, &store, &log);
+    let mut recv = receiver(&site.site, &store, &log);
     let send = |bytes: &[u8], name: &str| {
         let file = dir.path().join(name);
         std::fs::write(&file, bytes).expect("writes");
@@ -292,6 +245,28 @@ fn corrupt_and_replayed_frames_are_refused_and_nothing_is_stored() {
     send(&[hello.clone(), begin.clone(), bad_end].concat(), "corrupt");
     // Not our protocol at all.
     send(b"GET / HTTP/1.1\r\nHost: backup\r\n\r\n", "http");
+    // A group epoch that announces two VMs and ends with none: it must not commit.
+    let mut link = Link::default();
+    let incomplete = [
+        link.emit(&Message::Hello {
+            min_version: 1,
+            max_version: 1,
+            link_id: 2,
+            site: "intruder".into(),
+            group: "web".into(),
+        }),
+        link.emit(&Message::EpochBegin {
+            group: "web".into(),
+            epoch: 1,
+            vms: 2,
+        }),
+        link.emit(&Message::EpochEnd {
+            group: "web".into(),
+            epoch: 1,
+            pages: 0,
+        }),
+    ];
+    send(&incomplete.concat(), "incomplete");
     let text = std::fs::read_to_string(&log).expect("reads log");
     assert!(
         text.contains("replayed or reordered frame refused"),
@@ -299,6 +274,7 @@ fn corrupt_and_replayed_frames_are_refused_and_nothing_is_stored() {
     );
     assert!(text.contains("frame checksum mismatch"), "{text}");
     assert!(text.contains("bad magic"), "{text}");
+    assert!(text.contains("ended with 0 of its 2 VMs"), "{text}");
     assert!(recv.try_wait().is_none(), "the receiver must keep running");
     let out = std::process::Command::new(SECONDSITE)
         .args(["store", "ls"])
@@ -392,30 +368,7 @@ fn a_receiver_refuses_a_primary_with_a_strangers_certificate() {
     let stranger = make_pki(dir.path(), "stranger");
     let store = dir.path().join("store");
     let log = dir.path().join("receiver.log");
-    let mut cmd = site.site.command(SECONDSITE);
-    cmd.args([
-        "replicate",
-        "receive",
-        "--listen",
-        &format!("127.0.0.1:{PORT}"),
-        "--store",
-    ])
-    .arg(&store)
-    .args(tls_args(&ours.ca, &ours.backup))
-    .stdin(Stdio::null())
-    .stderr(File::create(&log).expect("log file"));
-    let _receiver = Proc::spawn(&mut cmd, "replicate receive").expect("starts the receiver");
-    let started = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("receiving checkpoints")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the receiver did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _receiver = receiver_with(&site.site, &store, &log, &tls_args(&ours.ca, &ours.backup));
     let to = format!("127.0.0.1:{PORT}");
 
     // A primary whose certificate another CA signed: the backup refuses the link.
@@ -453,7 +406,7 @@ fn a_guest_that_outruns_its_bandwidth_budget_is_slowed() {
     let site = VmSite::new().expect("builds the namespaces");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
-    let _receiver = receiver(&site, &store, &dir.path().join("receiver.log"));
+    let _receiver = receiver(&site.site, &store, &dir.path().join("receiver.log"));
     let to = format!("127.0.0.1:{PORT}");
     let args = [
         "--replicate-to",
@@ -541,7 +494,7 @@ fn one_receiver_serves_several_primaries_with_one_link_per_group() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
     let log = dir.path().join("receiver.log");
-    let _receiver = receiver(&site, &store, &log);
+    let _receiver = receiver(&site.site, &store, &log);
     let to = format!("127.0.0.1:{PORT}");
     let web = replicating_vm(&site, dir.path());
     let db_dir = dir.path().join("db");

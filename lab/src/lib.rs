@@ -8,6 +8,8 @@
 //!   Netns (ip netns add/del) ── veth() ── Netns        Proc: a child killed on drop
 //!          └── tap (ip tuntap)                          VmSite: site ns with a tap for a VM,
 //!                                                               client ns routed to it
+//!                                                       GroupSite: the same with a bridge
+//!                                                               and a tap per VM of a group
 //! ```
 //!
 //! Namespace names carry the test process's pid (`ss<pid>-<n>-<role>`), so parallel runs do
@@ -23,7 +25,7 @@ mod topology;
 
 pub use netns::{Netns, veth};
 pub use proc::Proc;
-pub use topology::VmSite;
+pub use topology::{GroupSite, VmSite};
 
 /// Whether privileged tests can run here. Skips (false, with a message) when not root; panics
 /// when they must run (`SECONDSITE_REQUIRE_PRIVILEGED=1`) but cannot.

@@ -79,7 +79,8 @@ impl Netns {
         self.ip(&["link", "del", name])
     }
 
-    fn kill_processes(&self) {
+    /// Kills every process running in the namespace.
+    pub fn kill_processes(&self) {
         if let Ok(out) = Command::new("ip")
             .args(["netns", "pids", &self.name])
             .output()

@@ -51,6 +51,9 @@ pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Accepts primaries on `listener` forever, each on its own thread. One link per group: a
 /// second primary for a group that has one connected is refused.
+/// The most VMs one group may have (a bound on what one epoch may announce).
+pub const MAX_GROUP_VMS: u32 = 256;
+
 pub fn serve(listener: TcpListener, config: Arc<ReceiverConfig>, log: Log) {
     let active: Arc<Mutex<HashSet<String>>> = Arc::default();
     for stream in listener.incoming() {
@@ -90,6 +93,8 @@ pub fn serve(listener: TcpListener, config: Arc<ReceiverConfig>, log: Log) {
 struct Pending {
     group: String,
     epoch: u64,
+    /// The VMs the primary said the epoch carries: it commits only with every one's part.
+    vms: u32,
     states: HashMap<u32, (u64, Vec<u8>)>,
     writes: HashMap<u32, HashMap<u64, Box<Page>>>,
 }
@@ -223,9 +228,14 @@ impl<'a> Session<'a> {
                     last_epoch,
                 }))
             }
-            Message::EpochBegin { group, epoch, .. } => {
+            Message::EpochBegin { group, epoch, vms } => {
                 if self.pending.is_some() {
                     return refuse("an epoch began inside another".into());
+                }
+                if vms == 0 || vms > MAX_GROUP_VMS {
+                    return refuse(format!(
+                        "epoch {epoch} announces {vms} VMs (1 to {MAX_GROUP_VMS})"
+                    ));
                 }
                 if self.group.as_deref() != Some(group.as_str()) {
                     return refuse(format!(
@@ -236,6 +246,7 @@ impl<'a> Session<'a> {
                 self.pending = Some(Pending {
                     group,
                     epoch,
+                    vms,
                     states: HashMap::new(),
                     writes: HashMap::new(),
                 });
@@ -249,6 +260,15 @@ impl<'a> Session<'a> {
                 let Some(pending) = self.pending.as_mut() else {
                     return refuse("state outside an epoch".into());
                 };
+                if pending.states.contains_key(&vm) {
+                    return refuse(format!("VM {vm} sent its state twice in one epoch"));
+                }
+                if pending.states.len() >= pending.vms as usize {
+                    return refuse(format!(
+                        "more VMs than the {} epoch {} announced",
+                        pending.vms, pending.epoch
+                    ));
+                }
                 // Only sizes a VM of ours can have: the replica is allocated to match.
                 if let Err(e) = secondsite_vmm::memory::check_size(mem_size) {
                     return refuse(format!("VM {vm}: {e}"));
@@ -292,6 +312,13 @@ impl<'a> Session<'a> {
                         pending.group, pending.epoch
                     ));
                 }
+                if pending.states.len() != pending.vms as usize {
+                    return refuse(format!(
+                        "epoch {epoch} ended with {} of its {} VMs",
+                        pending.states.len(),
+                        pending.vms
+                    ));
+                }
                 let written: u64 = pending.writes.values().map(|w| w.len() as u64).sum();
                 if written > pages {
                     return refuse(format!(
@@ -324,6 +351,7 @@ impl<'a> Session<'a> {
             group,
             epoch,
             mut states,
+            vms: _,
             mut writes,
         } = pending;
         let mut vms: Vec<u32> = states.keys().copied().collect();

@@ -1,11 +1,13 @@
-//! The primary's sender: every epoch, capture the VM's changes, encode them, ship them.
+//! The primary's sender: every epoch, capture a group's VMs, encode their changes, ship them.
 //!
 //! ```text
-//!  sender thread: every epoch_ms ── VmHandle::checkpoint (vCPU stopped only to copy) ──> encode
-//!        │                                                         └─> frames ──> TLS/TCP
+//!  sender thread: every epoch_ms ── checkpoint_group (every VM of the group stopped at one
+//!        │                           barrier, only to copy) ──> encode ──> frames ──> TLS/TCP
 //!        └── between epochs: Ack frames ──> status.committed, commit events to subscribers
 //! ```
-//! The guest runs on while an epoch is encoded and in flight; at most `WINDOW` epochs may be
+//! One sender serves one group: each epoch carries every VM's part under one epoch number,
+//! and the backup acknowledges the epoch only once all parts are stored. The guests run on
+//! while an epoch is encoded and in flight; at most `WINDOW` epochs may be
 //! unacknowledged before the sender waits. Losing the backup does not stop the guest: the
 //! sender marks the VM unprotected, stops capturing, reconnects every second, and on success
 //! resynchronises with a full epoch.
@@ -18,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use secondsite_vmm::{Command, VmHandle};
+use secondsite_vmm::{Command, VmHandle, checkpoint_group};
 
 use crate::codec::{BatchStats, CodecConfig, Encoder, Page, pack_state};
 use crate::tls::Channel;
@@ -36,7 +38,6 @@ pub struct SenderConfig {
     pub peer: SocketAddr,
     pub group: String,
     pub site: String,
-    pub vm: u32,
     pub epoch_ms: u64,
     pub codec: CodecConfig,
     /// Mutual TLS to the backup; `None` sends in the clear.
@@ -91,24 +92,33 @@ impl Shared {
     }
 }
 
+/// One VM of the replicated group, with its number in the group (its key in the store).
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub vm: u32,
+    pub handle: Arc<VmHandle>,
+}
+
 /// A running sender.
 #[derive(Debug)]
 pub struct Replication {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Replication {
-    pub fn start(vm: Arc<VmHandle>, config: SenderConfig) -> Replication {
+    /// Starts replicating the group's VMs (at least one; numbers unique).
+    pub fn start(members: Vec<Member>, config: SenderConfig) -> Replication {
+        assert!(!members.is_empty(), "a group has at least one VM");
         let shared = Arc::new(Shared::default());
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("replication".into())
-            .spawn(move || sender_loop(&vm, &config, &s))
+            .spawn(move || sender_loop(&members, &config, &s))
             .expect("spawns the replication thread");
         Replication {
             shared,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         }
     }
 
@@ -144,19 +154,27 @@ impl Replication {
     }
 }
 
-impl Drop for Replication {
-    fn drop(&mut self) {
+impl Replication {
+    /// Stops sending (after the epoch in flight, if any) and waits for the sender to end.
+    pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
     }
 }
 
-fn sender_loop(vm: &VmHandle, config: &SenderConfig, shared: &Arc<Shared>) {
+impl Drop for Replication {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn sender_loop(members: &[Member], config: &SenderConfig, shared: &Arc<Shared>) {
     let mut encoder = Encoder::new(config.codec);
     while !shared.stop.load(Ordering::Relaxed) {
-        match run_link(vm, config, shared, &mut encoder) {
+        match run_link(members, config, shared, &mut encoder) {
             Ok(()) => return,
             Err(e) => {
                 shared.update(|s| {
@@ -172,7 +190,7 @@ fn sender_loop(vm: &VmHandle, config: &SenderConfig, shared: &Arc<Shared>) {
 /// One connection: handshake, then epochs until the link or the stop flag ends it. One thread
 /// does both directions: it reads acknowledgements while it waits for the next epoch.
 fn run_link(
-    vm: &VmHandle,
+    members: &[Member],
     config: &SenderConfig,
     shared: &Arc<Shared>,
     encoder: &mut Encoder,
@@ -221,7 +239,7 @@ fn run_link(
         out,
         inbound,
     };
-    let result = ship_epochs(vm, config, shared, encoder, &mut io, last_epoch);
+    let result = ship_epochs(members, config, shared, encoder, &mut io, last_epoch);
     let _ = io.channel.tcp().shutdown(std::net::Shutdown::Both);
     result
 }
@@ -280,7 +298,7 @@ impl LinkIo {
 }
 
 fn ship_epochs(
-    vm: &VmHandle,
+    members: &[Member],
     config: &SenderConfig,
     shared: &Shared,
     encoder: &mut Encoder,
@@ -320,41 +338,47 @@ fn ship_epochs(
             continue;
         }
         waiting_since = None;
+        let handles: Vec<&VmHandle> = members.iter().map(|m| &*m.handle).collect();
         let started = Instant::now();
-        let capture = vm.checkpoint(full).map_err(|e| e.to_string())?;
+        let captures = checkpoint_group(&handles, full).map_err(|e| e.to_string())?;
         let pause = started.elapsed().as_micros() as u64;
         full = false;
         epoch += 1;
-        let pages: Vec<(u64, &Page)> = capture
-            .pages
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (*p, capture.page(i)))
-            .collect();
         let out = &mut io.out;
         let mut frames = out.emit(&Message::EpochBegin {
             group: config.group.clone(),
             epoch,
-            vms: 1,
+            vms: members.len() as u32,
         });
-        frames.extend(out.emit(&Message::VmState {
-            vm: config.vm,
-            mem_size: capture.mem_size,
-            state: pack_state(&capture.state_json().map_err(|e| e.to_string())?),
-        }));
         let mut stats = BatchStats::default();
-        for chunk in pages.chunks(PAGES_PER_BATCH) {
-            let (batch, s) = encoder.encode(config.vm, chunk);
-            stats.add(&s);
-            frames.extend(out.emit(&Message::Pages {
-                vm: config.vm,
-                batch,
+        let mut dirty_pages = 0;
+        for (member, capture) in members.iter().zip(&captures) {
+            frames.extend(out.emit(&Message::VmState {
+                vm: member.vm,
+                mem_size: capture.mem_size,
+                state: pack_state(&capture.state_json().map_err(|e| e.to_string())?),
             }));
+            let pages: Vec<(u64, &Page)> = capture
+                .pages
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (*p, capture.page(i)))
+                .collect();
+            for chunk in pages.chunks(PAGES_PER_BATCH) {
+                let (batch, s) = encoder.encode(member.vm, chunk);
+                stats.add(&s);
+                frames.extend(out.emit(&Message::Pages {
+                    vm: member.vm,
+                    batch,
+                }));
+            }
+            dirty_pages += pages.len() as u64;
         }
+        let capture_us = captures.iter().map(|c| c.capture_us).max().unwrap_or(0);
         frames.extend(out.emit(&Message::EpochEnd {
             group: config.group.clone(),
             epoch,
-            pages: pages.len() as u64,
+            pages: dirty_pages,
         }));
         io.channel
             .write_all(&frames)
@@ -366,8 +390,8 @@ fn ship_epochs(
                 s.captures_us.remove(0);
             }
             s.pauses_us.push(pause);
-            s.captures_us.push(capture.capture_us);
-            s.dirty_pages += pages.len() as u64;
+            s.captures_us.push(capture_us);
+            s.dirty_pages += dirty_pages;
             s.bytes_sent += frames.len() as u64;
             s.codec.add(&stats);
         });
@@ -376,7 +400,7 @@ fn ship_epochs(
             if share > 0.0 {
                 // Time dilation: hold the guest for part of the next epoch, reading acks.
                 let hold = interval.mul_f64(share);
-                vm.call(Command::Pause).map_err(|e| e.to_string())?;
+                for_each_vm(members, Command::Pause)?;
                 let until = Instant::now() + hold;
                 let held = loop {
                     let now = Instant::now();
@@ -387,7 +411,7 @@ fn ship_epochs(
                         break Err(e);
                     }
                 };
-                vm.call(Command::Resume).map_err(|e| e.to_string())?;
+                for_each_vm(members, Command::Resume)?;
                 held?;
                 shared.update(|s| s.throttled_us += hold.as_micros() as u64);
             }
@@ -396,7 +420,17 @@ fn ship_epochs(
     }
 }
 
-/// A bandwidth budget for one VM's replication, and how far the guest may be slowed to keep
+fn for_each_vm(members: &[Member], command: Command) -> Result<(), String> {
+    for member in members {
+        member
+            .handle
+            .call(command.clone())
+            .map_err(|e| format!("VM {}: {e}", member.vm))?;
+    }
+    Ok(())
+}
+
+/// A bandwidth budget for one group's replication, and how far the guest may be slowed to keep
 /// within it (the policy's `checkpoint.bandwidth_mbit` and `throttle`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Throttle {

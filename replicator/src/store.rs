@@ -455,6 +455,16 @@ impl Store {
         Ok((mem_size, state))
     }
 
+    /// The VMs whose parts epoch `epoch` holds, with the number of pages of each.
+    pub fn epoch_parts(&self, epoch: u64) -> Result<Vec<(u32, usize)>, StoreError> {
+        Ok(self
+            .record(epoch)?
+            .vms
+            .iter()
+            .map(|v| (v.vm, v.pages.len()))
+            .collect())
+    }
+
     /// The VMs of the store.
     pub fn vms(&self) -> Vec<u32> {
         self.folded.keys().copied().collect()

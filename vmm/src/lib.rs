@@ -21,6 +21,7 @@
 //! [`boot::cpl3`] builds its page tables and GDT. A Linux guest would be another
 //! [`boot::BootProtocol`]; the devices and snapshots do not change.
 
+pub mod barrier;
 pub mod boot;
 pub mod clock;
 pub mod control;
@@ -32,7 +33,9 @@ pub mod vcpu;
 pub mod vm;
 
 pub use net_port::{NetPort, Tap};
-pub use vm::{Capture, Command, Reply, RunState, Vm, VmConfig, VmError, VmHandle, VmStatus};
+pub use vm::{
+    Capture, Command, Reply, RunState, Vm, VmConfig, VmError, VmHandle, VmStatus, checkpoint_group,
+};
 
 /// The project's test guest, built from `guest/` by this crate's build script.
 pub const GUEST_IMAGE: &[u8] = include_bytes!(env!("SECONDSITE_GUEST_IMAGE"));

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::barrier::CaptureBarrier;
 use crate::boot::cpl3::Cpl3Elf;
 use crate::boot::{BootError, BootProtocol};
 use crate::clock::{self, GuestClock};
@@ -422,8 +423,22 @@ impl Vm {
                             break self.state.clone();
                         }
                     }
-                    Request::Checkpoint { full, reply } => {
-                        let _ = reply.send(self.capture(full).map_err(|e| e.to_string()));
+                    Request::Checkpoint {
+                        full,
+                        barrier,
+                        reply,
+                    } => {
+                        let mut result = self.capture(full).map_err(|e| e.to_string());
+                        if let Some(barrier) = barrier
+                            && !barrier.arrive_and_wait(BARRIER_TIMEOUT)
+                            && result.is_ok()
+                        {
+                            result = Err("the group's other VMs did not reach the barrier".into());
+                        }
+                        if let Ok(capture) = result.as_mut() {
+                            capture.resumed_at = Instant::now();
+                        }
+                        let _ = reply.send(result);
                     }
                 }
                 continue;
@@ -592,6 +607,8 @@ impl Vm {
             data,
             state: Box::new(snap),
             capture_us: started.elapsed().as_micros() as u64,
+            stopped_at: started,
+            resumed_at: started,
         })
     }
 
@@ -742,6 +759,8 @@ enum Request {
     },
     Checkpoint {
         full: bool,
+        /// With the other VMs of a group: wait here, stopped, until all have captured.
+        barrier: Option<Arc<CaptureBarrier>>,
         reply: Sender<Result<Capture, String>>,
     },
 }
@@ -759,6 +778,10 @@ pub struct Capture {
     pub state: Box<VmSnapshot>,
     /// Microseconds the VM thread spent capturing (the vCPU was stopped for this, plus the kick).
     pub capture_us: u64,
+    /// When the capture began (the guest was stopped from then on, so this is the moment the
+    /// checkpoint shows), and when the guest was let run again (after the group's barrier).
+    pub stopped_at: Instant,
+    pub resumed_at: Instant,
 }
 
 impl Capture {
@@ -771,6 +794,50 @@ impl Capture {
         self.data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize]
             .try_into()
             .expect("page-sized slice")
+    }
+}
+
+/// How long a VM waits, stopped, for the rest of its group to capture.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Captures one checkpoint of every VM in `vms` at one barrier (see [`CaptureBarrier`]): the
+/// VMs copy their pages in parallel, each stays stopped until all have copied, then all run
+/// on. Captures come back in the order of `vms`.
+pub fn checkpoint_group(vms: &[&VmHandle], full: bool) -> Result<Vec<Capture>, VmError> {
+    if let [vm] = vms {
+        return Ok(vec![vm.checkpoint(full)?]);
+    }
+    let barrier = Arc::new(CaptureBarrier::new(vms.len()));
+    let mut pending = Vec::with_capacity(vms.len());
+    for vm in vms {
+        let sent = vm.send(|reply| Request::Checkpoint {
+            full,
+            barrier: Some(barrier.clone()),
+            reply,
+        });
+        match sent {
+            Ok(rx) => pending.push((vm, rx)),
+            Err(e) => {
+                barrier.cancel();
+                return Err(e);
+            }
+        }
+    }
+    let mut captures = Vec::with_capacity(vms.len());
+    let mut failure = None;
+    for (vm, rx) in pending {
+        match vm.wait_reply(&rx) {
+            Ok(Ok(capture)) => captures.push(capture),
+            Ok(Err(e)) => failure = failure.or(Some(VmError::Checkpoint(e))),
+            Err(e) => {
+                barrier.cancel();
+                failure = failure.or(Some(e));
+            }
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(captures),
     }
 }
 
@@ -787,7 +854,11 @@ impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Request::Command { command, .. } => command.fmt(f),
-            Request::Checkpoint { full, .. } => write!(f, "Checkpoint {{ full: {full} }}"),
+            Request::Checkpoint { full, barrier, .. } => write!(
+                f,
+                "Checkpoint {{ full: {full}, group: {} }}",
+                barrier.is_some()
+            ),
         }
     }
 }
@@ -801,18 +872,33 @@ impl VmHandle {
     /// Captures a checkpoint: stops the vCPU, copies the dirty pages (all pages if `full`) and
     /// the state, and lets the guest run on before returning.
     pub fn checkpoint(&self, full: bool) -> Result<Capture, VmError> {
-        self.request(|reply| Request::Checkpoint { full, reply })?
-            .map_err(VmError::Checkpoint)
+        self.request(|reply| Request::Checkpoint {
+            full,
+            barrier: None,
+            reply,
+        })?
+        .map_err(VmError::Checkpoint)
     }
 
     fn request<T>(&self, make: impl FnOnce(Sender<T>) -> Request) -> Result<T, VmError> {
+        let rx = self.send(make)?;
+        self.wait_reply(&rx)
+    }
+
+    fn send<T>(&self, make: impl FnOnce(Sender<T>) -> Request) -> Result<Receiver<T>, VmError> {
         let (tx, rx) = mpsc::channel();
         self.commands.send(make(tx)).map_err(|_| VmError::Gone)?;
+        self.kick.kick();
+        Ok(rx)
+    }
+
+    /// Waits for the reply to a request `send` delivered (and kicked for), kicking again
+    /// every 2 ms until the VM thread answers.
+    fn wait_reply<T>(&self, rx: &Receiver<T>) -> Result<T, VmError> {
         loop {
-            self.kick.kick();
             match rx.recv_timeout(Duration::from_millis(2)) {
                 Ok(reply) => return Ok(reply),
-                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Timeout) => self.kick.kick(),
                 Err(RecvTimeoutError::Disconnected) => return Err(VmError::Gone),
             }
         }

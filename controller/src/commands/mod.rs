@@ -1,6 +1,7 @@
 //! One module per command group.
 
 mod bench;
+mod group;
 mod policy;
 mod replicate;
 mod vm;
@@ -16,6 +17,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Policy(command) => policy::run(command),
         Command::Vm(command) => vm::run(command),
+        Command::Group(command) => group::run(command),
         Command::Bench(BenchCommand::Vm { json, quick }) => bench::vm(json, quick),
         Command::Bench(BenchCommand::Replication { json, quick }) => {
             bench::replication(json, quick)

@@ -69,7 +69,7 @@ fn check_one(file: &Path) -> bool {
     }
 }
 
-fn print_diagnostics(file: &Path, report: &Report) {
+pub(crate) fn print_diagnostics(file: &Path, report: &Report) {
     let name = file.display().to_string();
     for d in &report.diagnostics {
         eprintln!("{}", d.render(&name));

@@ -56,7 +56,13 @@ pub fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
                 store.log_bytes()
             );
             for epoch in store.epochs() {
-                println!("epoch {epoch}");
+                let parts: Vec<String> = store
+                    .epoch_parts(epoch)
+                    .with_context(|| format!("epoch {epoch} of {}", dir.display()))?
+                    .iter()
+                    .map(|(vm, pages)| format!("VM {vm} {pages} pages"))
+                    .collect();
+                println!("epoch {epoch}: {}", parts.join(", "));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,6 +1,6 @@
 //! `secondsite vm run|pause|resume|status|save|restore`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use secondsite_replicator::codec::CodecConfig;
-use secondsite_replicator::primary::{Replication, ReplicationStatus, SenderConfig, Throttle};
+use secondsite_replicator::primary::{
+    Member, Replication, ReplicationStatus, SenderConfig, Throttle,
+};
 use secondsite_replicator::restore;
 use secondsite_vmm::{Command, Reply, RunState, Tap, Vm, VmConfig, VmHandle, control};
 
@@ -26,31 +28,27 @@ pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
             control,
             console,
         } => {
-            // Holds a checkpoint materialized from a store until the VM has mapped it.
-            let mut scratch_dir = None;
-            let from = match (from, from_store) {
-                (Some(dir), _) => dir,
+            let vm = match (from, from_store) {
+                (Some(dir), _) => {
+                    let port = Tap::open(&tap).with_context(|| format!("tap {tap}"))?;
+                    let vm = Vm::restore(&dir, Box::new(port), console.as_deref())
+                        .with_context(|| format!("cannot restore from {}", dir.display()))?;
+                    eprintln!("secondsite: VM restored from {}", dir.display());
+                    vm
+                }
                 (None, Some(store)) => {
-                    let scratch = ScratchDir::new()?;
-                    let used = restore::snapshot_from_store(&store, vm, epoch, &scratch.0)
-                        .with_context(|| {
-                            format!("cannot read a checkpoint from {}", store.display())
-                        })?;
-                    eprintln!("secondsite: restoring epoch {used} of {}", store.display());
-                    let dir = scratch.0.clone();
-                    scratch_dir = Some(scratch);
-                    dir
+                    restore_from_store(&store, vm, epoch, &tap, console.as_deref())?.0
                 }
                 (None, None) => bail!("give --from DIR or --from-store DIR"),
             };
-            let port = Tap::open(&tap).with_context(|| format!("tap {tap}"))?;
-            let vm = Vm::restore(&from, Box::new(port), console.as_deref())
-                .with_context(|| format!("cannot restore from {}", from.display()))?;
-            eprintln!("secondsite: VM restored from {}", from.display());
-            // The VM maps the memory file (its inode lives on) and has read the rest: the
-            // scratch copy can go now, so even a killed process leaves nothing behind.
-            drop(scratch_dir);
-            serve_until_done(vm, &control.control, None)
+            serve_until_done(
+                vec![Served {
+                    vm,
+                    index: 0,
+                    control: control.control,
+                }],
+                None,
+            )
         }
         VmCommand::Pause(c) => client(&c, Command::Pause),
         VmCommand::Resume(c) => client(&c, Command::Resume),
@@ -125,22 +123,54 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
         peer,
         group: args.group.clone(),
         site: "primary".into(),
-        vm: args.vm_index,
         epoch_ms: args.epoch_ms,
         codec: CodecConfig {
             zstd_level: args.zstd_level,
             ..CodecConfig::default()
         },
     });
-    serve_until_done(vm, &args.control.control, replication)
+    serve_until_done(
+        vec![Served {
+            vm,
+            index: args.vm_index,
+            control: args.control.control,
+        }],
+        replication,
+    )
+}
+
+/// Rebuilds VM `vm` of a group's store (`store` is the group's directory) at `epoch` (the
+/// newest if `None`) on the tap `tap`; returns the VM and the epoch used.
+pub fn restore_from_store(
+    store: &Path,
+    vm: u32,
+    epoch: Option<u64>,
+    tap: &str,
+    console: Option<&Path>,
+) -> anyhow::Result<(Vm, u64)> {
+    let scratch = ScratchDir::new(vm)?;
+    let used = restore::snapshot_from_store(store, vm, epoch, &scratch.0)
+        .with_context(|| format!("cannot read a checkpoint from {}", store.display()))?;
+    let port = Tap::open(tap).with_context(|| format!("tap {tap}"))?;
+    let restored = Vm::restore(&scratch.0, Box::new(port), console)
+        .with_context(|| format!("cannot restore VM {vm} from {}", store.display()))?;
+    eprintln!(
+        "secondsite: VM {vm} restored at epoch {used} of {}",
+        store.display()
+    );
+    // The VM maps the memory file (its inode lives on) and has read the rest: the scratch
+    // copy goes now, so even a killed process leaves nothing behind.
+    drop(scratch);
+    Ok((restored, used))
 }
 
 /// A scratch directory, removed on drop.
 struct ScratchDir(std::path::PathBuf);
 
 impl ScratchDir {
-    fn new() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("secondsite-restore-{}", std::process::id()));
+    fn new(vm: u32) -> anyhow::Result<Self> {
+        let dir =
+            std::env::temp_dir().join(format!("secondsite-restore-{}-{vm}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         Ok(ScratchDir(dir))
     }
@@ -176,54 +206,90 @@ fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
     })
 }
 
-/// Runs the VM with its control socket (and its replication, if any) until the guest stops
-/// or we are told to stop.
-fn serve_until_done(
-    vm: Vm,
-    control_path: &Path,
+/// A VM to serve: built, with its number in its group and its control socket.
+pub struct Served {
+    pub vm: Vm,
+    pub index: u32,
+    pub control: PathBuf,
+}
+
+/// Runs the VMs with their control sockets (and the group's replication, if any) until every
+/// guest has stopped or we are told to stop.
+pub fn serve_until_done(
+    vms: Vec<Served>,
     replication: Option<SenderConfig>,
 ) -> anyhow::Result<ExitCode> {
-    let handle = Arc::new(vm.spawn()?);
+    let mut running = Vec::with_capacity(vms.len());
+    for served in vms {
+        running.push((
+            Member {
+                vm: served.index,
+                handle: Arc::new(served.vm.spawn()?),
+            },
+            served.control,
+        ));
+    }
+    let members: Vec<Member> = running.iter().map(|(m, _)| m.clone()).collect();
     let replication = replication.map(|config| {
         eprintln!(
-            "secondsite: replicating group {} to {} every {} ms",
-            config.group, config.peer, config.epoch_ms
+            "secondsite: replicating group {} ({} VMs) to {} every {} ms",
+            config.group,
+            members.len(),
+            config.peer,
+            config.epoch_ms
         );
-        Arc::new(Replication::start(handle.clone(), config))
+        Arc::new(Replication::start(members.clone(), config))
     });
-    let extra: Option<control::StatusExtra> = replication.clone().map(|r| {
-        let f: control::StatusExtra =
-            Arc::new(move || ("replication".to_owned(), replication_json(&r.status())));
-        f
-    });
-    control::serve(control_path, handle.clone(), extra)
-        .with_context(|| format!("cannot listen on {}", control_path.display()))?;
-    eprintln!(
-        "secondsite: VM running; control socket {}",
-        control_path.display()
-    );
+    for (member, control_path) in &running {
+        let extra: Option<control::StatusExtra> = replication.clone().map(|r| {
+            let f: control::StatusExtra =
+                Arc::new(move || ("replication".to_owned(), replication_json(&r.status())));
+            f
+        });
+        control::serve(control_path, member.handle.clone(), extra)
+            .with_context(|| format!("cannot listen on {}", control_path.display()))?;
+        eprintln!(
+            "secondsite: VM {} running; control socket {}",
+            member.vm,
+            control_path.display()
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
-    let state = loop {
+    let states = loop {
         std::thread::sleep(Duration::from_millis(50));
         if stop.load(Ordering::Relaxed) {
-            break stop_vm(&handle)?;
+            // Replication first, so no checkpoint is asked of a stopping VM.
+            if let Some(r) = &replication {
+                r.stop();
+            }
+            break members
+                .iter()
+                .map(|m| stop_vm(&m.handle))
+                .collect::<anyhow::Result<Vec<_>>>()?;
         }
-        if let Some(state) = handle.finished() {
-            break state;
+        let finished: Vec<RunState> = members.iter().filter_map(|m| m.handle.finished()).collect();
+        if finished.len() == members.len() {
+            break finished;
         }
     };
-    let _ = std::fs::remove_file(control_path);
-    match state {
-        RunState::Exited { code } => {
-            eprintln!("secondsite: guest exited with code {code}");
-            Ok(ExitCode::from(code.min(255) as u8))
-        }
-        RunState::Crashed { reason } => bail!("the VM crashed: {reason}"),
-        _ => Ok(ExitCode::SUCCESS),
+    for (_, control_path) in &running {
+        let _ = std::fs::remove_file(control_path);
     }
+    let mut exit = ExitCode::SUCCESS;
+    for state in states {
+        match state {
+            RunState::Exited { code } => {
+                eprintln!("secondsite: guest exited with code {code}");
+                exit = ExitCode::from(code.min(255) as u8);
+            }
+            RunState::Crashed { reason } => bail!("a VM crashed: {reason}"),
+            _ => {}
+        }
+    }
+    Ok(exit)
 }
 
 fn stop_vm(handle: &VmHandle) -> anyhow::Result<RunState> {

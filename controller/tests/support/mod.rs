@@ -2,14 +2,18 @@
 //! namespace, talk to it with redis-cli, and drive its control socket.
 #![allow(dead_code)]
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use secondsite_lab::{Proc, VmSite};
+use secondsite_lab::{Netns, Proc, VmSite};
 use serde_json::Value;
 
 pub const SECONDSITE: &str = env!("CARGO_BIN_EXE_secondsite");
+
+/// The receiver's port (on the site namespace's loopback).
+pub const PORT: &str = "7800";
 
 pub struct Vm {
     pub proc: Proc,
@@ -104,4 +108,60 @@ pub fn control(socket: &Path, args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stdout)
     );
     serde_json::from_slice(&out.stdout).expect("a JSON reply")
+}
+
+/// `secondsite replicate receive` on 127.0.0.1:PORT in `ns`, logging to `log`; returns once it listens.
+pub fn receiver(ns: &Netns, store: &Path, log: &Path) -> Proc {
+    receiver_with(ns, store, log, &[])
+}
+
+/// [`receiver`] with extra arguments.
+pub fn receiver_with(ns: &Netns, store: &Path, log: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = ns.command(SECONDSITE);
+    cmd.args([
+        "replicate",
+        "receive",
+        "--listen",
+        &format!("127.0.0.1:{PORT}"),
+        "--store",
+    ])
+    .arg(store)
+    .args(extra)
+    .stdin(Stdio::null())
+    .stderr(File::create(log).expect("log file"));
+    let proc = Proc::spawn(&mut cmd, "replicate receive").expect("starts the receiver");
+    // Wait until it listens.
+    let started = Instant::now();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("receiving checkpoints")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the receiver did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc
+}
+
+/// The `replication` part of a VM's status.
+pub fn replication(control_path: &Path) -> Value {
+    control(control_path, &["status"])["replication"].clone()
+}
+
+/// Polls the VM's replication status until `pred` holds (20 s at most).
+pub fn wait_for(control_path: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let r = replication(control_path);
+        if pred(&r) {
+            return r;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -137,6 +137,15 @@ impl Prefix {
     pub fn is_ipv4(&self) -> bool {
         matches!(self.0, IpNet::V4(_))
     }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.0.prefix_len()
+    }
+
+    /// The prefix's first address (host bits clear).
+    pub fn network(&self) -> IpAddr {
+        self.0.network()
+    }
 }
 
 impl FromStr for Prefix {

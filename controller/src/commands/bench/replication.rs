@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use secondsite_replicator::codec::CodecConfig;
-use secondsite_replicator::primary::{Replication, ReplicationStatus, SenderConfig};
+use secondsite_replicator::primary::{Member, Replication, ReplicationStatus, SenderConfig};
 use serde_json::{Value, json};
 
 use super::{
@@ -56,12 +56,14 @@ fn sender(
 ) -> anyhow::Result<Replication> {
     let peer: SocketAddr = RECEIVER.parse()?;
     let replication = Replication::start(
-        handle.clone(),
+        vec![Member {
+            vm: 0,
+            handle: handle.clone(),
+        }],
         SenderConfig {
             peer,
             group: group.into(),
             site: "bench".into(),
-            vm: 0,
             epoch_ms,
             codec: CodecConfig::default(),
             tls: None,
