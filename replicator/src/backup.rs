@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::codec::{CodecConfig, Decoder, PAGE, Page, Replica, VecReplica, unpack_state};
+use crate::codec::{
+    ChangeList, CodecConfig, Decoder, PAGE, Page, Replica, VecReplica, unpack_state,
+};
 use crate::store::{EpochRecord, Store, StoreError, VmEpoch};
 use crate::tls::Channel;
 use crate::wire::{self, Link, Message, WireError};
@@ -97,6 +99,8 @@ struct Pending {
     vms: u32,
     states: HashMap<u32, (u64, Vec<u8>)>,
     writes: HashMap<u32, HashMap<u64, Box<Page>>>,
+    /// Each VM's changes as the store keeps them.
+    changes: HashMap<u32, ChangeList>,
 }
 
 struct Session<'a> {
@@ -249,6 +253,7 @@ impl<'a> Session<'a> {
                     vms,
                     states: HashMap::new(),
                     writes: HashMap::new(),
+                    changes: HashMap::new(),
                 });
                 Ok(None)
             }
@@ -292,9 +297,10 @@ impl<'a> Session<'a> {
                     return refuse(format!("pages for VM {vm} before its state"));
                 };
                 let writes = pending.writes.entry(vm).or_default();
+                let changes = pending.changes.entry(vm).or_default();
                 let mut overlay = Overlay { base, writes };
                 self.decoder
-                    .apply(&batch, &mut overlay)
+                    .apply_staged_recording(&batch, &mut overlay, changes)
                     .map_err(|e| BackupError::Refused(e.to_string()))?;
                 Ok(None)
             }
@@ -353,6 +359,7 @@ impl<'a> Session<'a> {
             mut states,
             vms: _,
             mut writes,
+            mut changes,
         } = pending;
         let mut vms: Vec<u32> = states.keys().copied().collect();
         vms.sort_unstable();
@@ -362,17 +369,14 @@ impl<'a> Session<'a> {
         };
         for vm in vms {
             let (mem_size, state) = states.remove(&vm).expect("listed");
-            let mut pages: Vec<(u64, Box<Page>)> =
-                writes.remove(&vm).unwrap_or_default().into_iter().collect();
-            pages.sort_unstable_by_key(|(p, _)| *p);
             let replica = self.replicas.get_mut(&vm).expect("created with its state");
-            for (index, data) in &pages {
-                *replica.page_mut(*index) = **data;
+            for (index, data) in writes.remove(&vm).unwrap_or_default() {
+                *replica.page_mut(index) = *data;
             }
             record.vms.push(VmEpoch {
                 vm,
                 mem_size,
-                pages,
+                changes: changes.remove(&vm).unwrap_or_default(),
                 state,
             });
         }

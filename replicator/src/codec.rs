@@ -190,9 +190,7 @@ impl Encoder {
             }
             match self.versions.get_mut(&key) {
                 Some(v) => v.copy_from_slice(page),
-                None => {
-                    self.versions.put(key, Box::new(*page));
-                }
+                None => put_page(&mut self.versions, key, page),
             }
         }
         body[..4].copy_from_slice(&records.to_le_bytes());
@@ -356,9 +354,33 @@ impl Decoder {
         batch: &[u8],
         replica: &mut dyn Replica,
     ) -> Result<Vec<u64>, CodecError> {
+        self.apply_journaled(batch, replica, true, None)
+    }
+
+    /// Applies a batch to a staging area that the caller throws away if the batch fails (the
+    /// backup's overlay of an epoch), so no undo copies are kept, and appends the batch's pages
+    /// to `changes` as the store keeps them: self-contained, every dedup reference replaced by
+    /// the page it named. On error the dedup cache is emptied, as with [`Decoder::apply`].
+    pub fn apply_staged_recording(
+        &mut self,
+        batch: &[u8],
+        staging: &mut dyn Replica,
+        changes: &mut ChangeList,
+    ) -> Result<Vec<u64>, CodecError> {
+        self.apply_journaled(batch, staging, false, Some(changes))
+    }
+
+    fn apply_journaled(
+        &mut self,
+        batch: &[u8],
+        replica: &mut dyn Replica,
+        keep_undo: bool,
+        changes: Option<&mut ChangeList>,
+    ) -> Result<Vec<u64>, CodecError> {
         let body = batch_body(batch)?;
         let mut undo: Vec<(u64, Box<Page>)> = Vec::new();
-        let result = self.apply_body(&body, replica, &mut undo);
+        let undo_log = keep_undo.then_some(&mut undo);
+        let result = apply_records(&body, replica, undo_log, Some(&mut self.contents), changes);
         if result.is_err() {
             for (index, old) in undo.into_iter().rev() {
                 *replica.page_mut(index) = *old;
@@ -367,63 +389,179 @@ impl Decoder {
         }
         result
     }
+}
 
-    fn apply_body(
-        &mut self,
-        body: &[u8],
-        replica: &mut dyn Replica,
-        undo: &mut Vec<(u64, Box<Page>)>,
-    ) -> Result<Vec<u64>, CodecError> {
-        let mut r = reader(body);
-        let count = r.u32()?;
-        let mut written = Vec::with_capacity(count.min(1 << 16) as usize);
-        for _ in 0..count {
-            let index = u64::from(r.u32()?);
-            if index >= replica.pages() {
-                return Err(CodecError::PageOutOfRange(index));
-            }
-            let kind = r.u8()?;
-            let mut new = *replica.page(index);
-            match kind {
-                KIND_ZERO => new.fill(0),
-                KIND_FULL => new.copy_from_slice(r.take(PAGE)?),
-                KIND_XOR => {
-                    for _ in 0..r.u16()? {
-                        let offset = usize::from(r.u16()?);
-                        let len = usize::from(r.u16()?);
-                        let data = r.take(len)?;
-                        if offset + len > PAGE {
-                            return Err(CodecError::BadRun { offset, len });
-                        }
-                        for (p, x) in new[offset..offset + len].iter_mut().zip(data) {
-                            *p ^= x;
-                        }
+/// Applies the page records of a batch body (or of a stored [`ChangeList`], which has no
+/// references: `contents` is `None`) to `replica`, page by page in place. `undo` collects the
+/// previous pages; `changes` collects the records as the store keeps them.
+fn apply_records(
+    body: &[u8],
+    replica: &mut dyn Replica,
+    mut undo: Option<&mut Vec<(u64, Box<Page>)>>,
+    mut contents: Option<&mut LruCache<PageHash, Box<Page>>>,
+    mut changes: Option<&mut ChangeList>,
+) -> Result<Vec<u64>, CodecError> {
+    let mut r = reader(body);
+    let count = r.u32()?;
+    let mut written = Vec::with_capacity(count.min(1 << 16) as usize);
+    for _ in 0..count {
+        let index = u64::from(r.u32()?);
+        if index >= replica.pages() {
+            return Err(CodecError::PageOutOfRange(index));
+        }
+        let kind = r.u8()?;
+        if let Some(undo) = undo.as_deref_mut() {
+            undo.push((index, Box::new(*replica.page(index))));
+        }
+        // Decoded in place: a page left half-written by an error is undone or discarded.
+        let page = replica.page_mut(index);
+        let payload_at = r.at;
+        match kind {
+            KIND_ZERO => page.fill(0),
+            KIND_FULL => page.copy_from_slice(r.take(PAGE)?),
+            KIND_XOR => {
+                for _ in 0..r.u16()? {
+                    let offset = usize::from(r.u16()?);
+                    let len = usize::from(r.u16()?);
+                    let data = r.take(len)?;
+                    if offset + len > PAGE {
+                        return Err(CodecError::BadRun { offset, len });
+                    }
+                    for (p, x) in page[offset..offset + len].iter_mut().zip(data) {
+                        *p ^= x;
                     }
                 }
-                KIND_REF => {
-                    let hash = r.u128()?;
-                    new = **self
-                        .contents
-                        .peek(&hash)
-                        .ok_or(CodecError::UnknownRef(hash))?;
+            }
+            KIND_REF => {
+                let hash = r.u128()?;
+                let known = contents
+                    .as_deref_mut()
+                    .ok_or(CodecError::Kind(KIND_REF))?
+                    .peek(&hash)
+                    .ok_or(CodecError::UnknownRef(hash))?;
+                page.copy_from_slice(&known[..]);
+            }
+            other => return Err(CodecError::Kind(other)),
+        }
+        if let Some(changes) = changes.as_deref_mut() {
+            match kind {
+                // A reference is kept as the page it named.
+                KIND_REF => changes.push(index, KIND_FULL, page),
+                _ => changes.push(index, kind, &body[payload_at..r.at]),
+            }
+        }
+        // Mirror the sender: every non-zero page sent becomes content a REF may name.
+        if kind != KIND_ZERO
+            && let Some(contents) = contents.as_deref_mut()
+        {
+            let hash = xxh3_128(page);
+            if contents.get(&hash).is_none() {
+                put_page(contents, hash, page);
+            }
+        }
+        written.push(index);
+    }
+    if r.remaining() != 0 {
+        return Err(CodecError::Trailing(r.remaining()));
+    }
+    Ok(written)
+}
+
+/// One VM's changes in one epoch as the store keeps them: the records the primary sent (zero,
+/// full, XOR runs against the previous version), with every dedup reference replaced by the
+/// page it named, so they apply onto the VM's memory as of the previous epoch with nothing
+/// else. The bytes are a batch body: `u32 count`, then the records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeList {
+    bytes: Vec<u8>,
+    count: u32,
+}
+
+impl Default for ChangeList {
+    fn default() -> Self {
+        ChangeList {
+            bytes: vec![0; 4],
+            count: 0,
+        }
+    }
+}
+
+impl ChangeList {
+    /// Page `index` becomes `page`.
+    pub fn push_full(&mut self, index: u64, page: &Page) {
+        self.push(index, KIND_FULL, page);
+    }
+
+    fn push(&mut self, index: u64, kind: u8, payload: &[u8]) {
+        self.bytes.extend_from_slice(&(index as u32).to_le_bytes());
+        self.bytes.push(kind);
+        self.bytes.extend_from_slice(payload);
+        self.count += 1;
+        self.bytes[..4].copy_from_slice(&self.count.to_le_bytes());
+    }
+
+    /// Pages changed.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Reads a stored list back; it is checked when applied.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<ChangeList, CodecError> {
+        let count = reader(&bytes).u32()?;
+        Ok(ChangeList { bytes, count })
+    }
+
+    /// The pages the list changes, in its order.
+    pub fn indices(&self) -> Result<Vec<u64>, CodecError> {
+        let mut r = reader(&self.bytes);
+        let count = r.u32()?;
+        let mut indices = Vec::with_capacity(count.min(1 << 16) as usize);
+        for _ in 0..count {
+            indices.push(u64::from(r.u32()?));
+            match r.u8()? {
+                KIND_ZERO => {}
+                KIND_FULL => {
+                    r.take(PAGE)?;
+                }
+                KIND_XOR => {
+                    for _ in 0..r.u16()? {
+                        r.u16()?;
+                        let len = usize::from(r.u16()?);
+                        r.take(len)?;
+                    }
                 }
                 other => return Err(CodecError::Kind(other)),
             }
-            undo.push((index, Box::new(*replica.page(index))));
-            *replica.page_mut(index) = new;
-            // Mirror the sender: every non-zero page sent becomes content a REF may name.
-            if kind != KIND_ZERO {
-                let hash = xxh3_128(&new);
-                if self.contents.get(&hash).is_none() {
-                    self.contents.put(hash, Box::new(new));
-                }
-            }
-            written.push(index);
         }
-        if r.remaining() != 0 {
-            return Err(CodecError::Trailing(r.remaining()));
-        }
-        Ok(written)
+        Ok(indices)
+    }
+
+    /// Applies the changes onto `memory` (which must hold the previous epoch); returns the
+    /// pages written.
+    pub fn apply(&self, memory: &mut dyn Replica) -> Result<Vec<u64>, CodecError> {
+        apply_records(&self.bytes, memory, None, None, None)
+    }
+}
+
+/// Puts a copy of `page` in `cache` under a new `key`, reusing the evicted entry's allocation
+/// when the cache is full (the same state as a plain insert that evicts, so the two ends of a
+/// link stay in step).
+fn put_page<K: std::hash::Hash + Eq>(cache: &mut LruCache<K, Box<Page>>, key: K, page: &Page) {
+    if cache.len() == cache.cap().get()
+        && let Some((_, mut recycled)) = cache.pop_lru()
+    {
+        recycled.copy_from_slice(page);
+        cache.put(key, recycled);
+    } else {
+        cache.put(key, Box::new(*page));
     }
 }
 
@@ -576,6 +714,65 @@ mod tests {
             Decoder::new(config).apply(&bomb, &mut replica),
             Err(CodecError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn change_lists_replay_what_was_sent_without_the_dedup_cache() {
+        let config = CodecConfig::default();
+        let (mut enc, mut dec) = (Encoder::new(config), Decoder::new(config));
+        let mut replica = VecReplica(vec![[0; PAGE]; 6]);
+        let mut epochs = Vec::new();
+        let mut memory = vec![[0u8; PAGE]; 6];
+        for round in 0..4u8 {
+            // Full pages, then XOR deltas (a few bytes change), a zeroed page, and a page
+            // equal to another VM's content (sent as a reference).
+            for (i, page) in memory.iter_mut().enumerate() {
+                if round == 0 {
+                    *page = page_with(i as u8);
+                } else {
+                    page[100 + usize::from(round)] ^= 0x5a;
+                }
+            }
+            if round == 2 {
+                memory[3] = [0; PAGE];
+                memory[4] = page_with(0); // page 0's first version: a reference
+            }
+            let dirty: Vec<(u64, &Page)> = memory
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u64, p))
+                .collect();
+            let (batch, stats) = enc.encode(0, &dirty);
+            if round > 0 {
+                assert!(stats.xor > 0, "round {round}: {stats:?}");
+            }
+            if round == 2 {
+                assert_eq!(stats.refs, 1, "{stats:?}");
+            }
+            let mut changes = ChangeList::default();
+            dec.apply_staged_recording(&batch, &mut replica, &mut changes)
+                .expect("applies");
+            assert_eq!(changes.len(), 6);
+            epochs.push(changes);
+        }
+        // Replayed in order onto empty memory, the lists alone give the replica.
+        let mut replayed = VecReplica(vec![[0; PAGE]; 6]);
+        for (i, changes) in epochs.iter().enumerate() {
+            let stored = ChangeList::from_bytes(changes.as_bytes().to_vec()).expect("reads");
+            assert_eq!(
+                stored.indices().expect("walks"),
+                (0..6).collect::<Vec<u64>>()
+            );
+            stored
+                .apply(&mut replayed)
+                .unwrap_or_else(|e| panic!("epoch {i}: {e}"));
+        }
+        assert_eq!(replayed, replica);
+        assert_eq!(replayed.0, memory);
+        // A list holding a reference is refused: stored lists must stand alone.
+        let mut forged = ChangeList::default();
+        forged.push(0, KIND_REF, &7u128.to_le_bytes());
+        assert_eq!(forged.apply(&mut replayed), Err(CodecError::Kind(KIND_REF)));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //!   VmHandle ──> VM thread (vm.rs): KVM_RUN ─ exits ─> devices/hypercall.rs (console, WAIT)
 //!                    │                               └> devices/virtio_mmio.rs + net.rs
 //!                    │                                          │ frames
-//!              memory.rs: GuestMem, dirty pages                  ▼
+//!              memory.rs: GuestMem; dirty_log.rs                  ▼
 //!              boot/: entry state (CPL3 ELF today)          net_port.rs: Tap
 //! ```
 //!
@@ -26,9 +26,11 @@ pub mod boot;
 pub mod clock;
 pub mod control;
 pub mod devices;
+pub mod dirty_log;
 pub mod memory;
 pub mod net_port;
 pub mod snapshot;
+pub mod staging;
 pub mod vcpu;
 pub mod vm;
 

@@ -1,9 +1,6 @@
 //! Guest memory: one anonymous (or snapshot-file-backed, copy-on-write) region at guest
-//! physical 0, registered with KVM with dirty logging on, and the dirty-page harvest.
-//!
-//! Two writers dirty guest memory: the guest itself (recorded by KVM's dirty log) and the VMM's
-//! devices, which write through vm-memory and are recorded in its bitmap (KVM does not see
-//! them). [`harvest_dirty_pages`] returns the union and clears both.
+//! physical 0, registered with KVM with dirty logging on (harvested by [`crate::dirty_log`]),
+//! and the copy of pages out of it.
 
 use std::fs::File;
 use std::num::NonZeroUsize;
@@ -18,7 +15,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
 /// Guest memory with the VMM's own dirty bitmap.
 pub type GuestMem = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
-const SLOT: u32 = 0;
+pub(crate) const SLOT: u32 = 0;
 /// Guest memory is a whole number of 2 MiB pages (the granule of the VMM's page tables).
 pub const MEMORY_ALIGN: u64 = 2 << 20;
 
@@ -102,6 +99,43 @@ pub fn register(vm: &VmFd, mem: &GuestMem) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// Copies guest pages `pages` (page numbers) into `out`, page `pages[i]` at `i * PAGE_SIZE`,
+/// with plain memcpy from the mapping. Only for a stopped guest: the caller (the VM thread,
+/// between exits) guarantees nothing writes guest memory meanwhile, since the devices run on
+/// that same thread.
+pub fn copy_pages(mem: &GuestMem, pages: &[u64], out: &mut [u8]) -> Result<(), MemoryError> {
+    let page = PAGE_SIZE as usize;
+    assert!(
+        out.len() >= pages.len() * page,
+        "the staging buffer is too small"
+    );
+    let region = mem
+        .iter()
+        .next()
+        .ok_or_else(|| MemoryError::Map("no guest memory".into()))?;
+    let limit = region.len() / PAGE_SIZE;
+    if let Some(bad) = pages.iter().find(|&&p| p >= limit) {
+        return Err(MemoryError::Map(format!(
+            "page {bad} is outside guest memory"
+        )));
+    }
+    let base = region.as_ptr();
+    for (i, &p) in pages.iter().enumerate() {
+        // SAFETY: `p < limit`, so the source lies inside the region's mapping, which lives as
+        // long as `mem`; `out` holds `pages.len()` pages (asserted); the two never overlap
+        // (`out` is the VMM's own buffer); the guest is stopped and no other thread writes
+        // guest memory, so the bytes do not change under the copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                base.add(p as usize * page),
+                out.as_mut_ptr().add(i * page),
+                page,
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A set of guest pages, one bit each (bit `i` of word `i / 64` is page `i`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PageSet {
@@ -134,7 +168,7 @@ impl PageSet {
         })
     }
 
-    fn union_with(&mut self, other: &[u64]) {
+    pub(crate) fn union_with(&mut self, other: &[u64]) {
         if self.bits.len() < other.len() {
             self.bits.resize(other.len(), 0);
         }
@@ -142,22 +176,6 @@ impl PageSet {
             *a |= b;
         }
     }
-}
-
-/// The pages written since the last harvest, by the guest (KVM's log) or by the VMM's devices
-/// (vm-memory's bitmap); both records are cleared.
-pub fn harvest_dirty_pages(vm: &VmFd, mem: &GuestMem) -> Result<PageSet, MemoryError> {
-    let mut set = PageSet::default();
-    for region in mem.iter() {
-        let kvm = vm
-            .get_dirty_log(SLOT, region.len() as usize)
-            .map_err(MemoryError::DirtyLog)?;
-        set.union_with(&kvm);
-        // The region's own bitmap (`MmapRegion::bitmap`), not the trait's slice view of it.
-        let vmm_writes: &AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
-        set.union_with(&vmm_writes.get_and_reset());
-    }
-    Ok(set)
 }
 
 #[cfg(test)]

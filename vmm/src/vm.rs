@@ -35,9 +35,11 @@ use crate::boot::{BootError, BootProtocol};
 use crate::clock::{self, GuestClock};
 use crate::devices::hypercall::{self, Console};
 use crate::devices::net::{NetDevice, NetStats};
+use crate::dirty_log::{DEFAULT_MAX_HOT_PAGES, DirtyLog};
 use crate::memory::{self, GuestMem, MemoryError};
 use crate::net_port::NetPort;
 use crate::snapshot::{self, LayerKind, SnapshotError, VmSnapshot};
+use crate::staging::{DEFAULT_MAX_KEPT_BYTES, StagingBuffer, StagingPool};
 use crate::vcpu::{self, VcpuError};
 
 /// How to build a new VM with the test guest.
@@ -145,6 +147,9 @@ pub struct VmStatus {
     pub saves: u64,
     /// Control-socket lines that were not valid commands.
     pub bad_control_requests: u64,
+    /// Pages the dirty log left writable at the last harvest (`None`: the kernel has no manual
+    /// dirty-log protection, every page is re-protected).
+    pub hot_pages: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +181,10 @@ pub struct Vm {
     exits: u64,
     waits: u64,
     kick: Arc<Kick>,
+    /// KVM's dirty log (with hot pages left writable) and the VMM's bitmap.
+    dirty: DirtyLog,
+    /// Where captures copy pages to, kept mapped between epochs.
+    staging: Arc<StagingPool>,
     /// Set once the VM can no longer run (guest exit or crash), for the handle to see.
     finished: Arc<std::sync::Mutex<Option<RunState>>>,
 }
@@ -243,11 +252,13 @@ struct KvmParts {
     vm: VmFd,
     vcpu: VcpuFd,
     msr_indices: Vec<u32>,
+    dirty: DirtyLog,
 }
 
 fn create_kvm(mem: &GuestMem) -> Result<KvmParts, VmError> {
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = kvm.create_vm().map_err(VmError::Kvm)?;
+    let dirty = DirtyLog::enable(&vm, DEFAULT_MAX_HOT_PAGES);
     memory::register(&vm, mem)?;
     let vcpu = vcpu::create(&kvm, &vm, 0)?;
     let msr_indices = vcpu::restorable_msrs(&kvm, &vcpu);
@@ -256,6 +267,7 @@ fn create_kvm(mem: &GuestMem) -> Result<KvmParts, VmError> {
         vm,
         vcpu,
         msr_indices,
+        dirty,
     })
 }
 
@@ -314,6 +326,8 @@ impl Vm {
             exits: 0,
             waits: 0,
             kick: Arc::new(Kick::new()?),
+            staging: StagingPool::new(DEFAULT_MAX_KEPT_BYTES),
+            dirty: parts.dirty,
             finished: Arc::default(),
             vcpu: parts.vcpu,
             vm: parts.vm,
@@ -367,7 +381,7 @@ impl Vm {
         vcpu::restore(&parts.vcpu, &snap.vcpu)?;
         let mut net = NetDevice::new(snap.net.mac, port);
         net.restore(&snap.net, &mem).map_err(VmError::NetRestore)?;
-        let vm = Vm::assemble(
+        let mut vm = Vm::assemble(
             parts,
             mem,
             net,
@@ -376,7 +390,7 @@ impl Vm {
             console,
         )?;
         // What restore wrote is not guest activity: start the dirty record clean.
-        memory::harvest_dirty_pages(&vm.vm, &vm.mem)?;
+        vm.dirty.harvest(&vm.vm, &vm.mem)?;
         Ok(vm)
     }
 
@@ -490,7 +504,7 @@ impl Vm {
                     };
                 }
                 let started = Instant::now();
-                match memory::harvest_dirty_pages(&self.vm, &self.mem) {
+                match self.dirty.harvest(&self.vm, &self.mem) {
                     Ok(set) => Reply::Dirty {
                         harvest_us: started.elapsed().as_micros() as u64,
                         pages: set.iter().collect(),
@@ -516,6 +530,7 @@ impl Vm {
             saves: self.save_seq,
             bad_control_requests: crate::control::BAD_REQUESTS
                 .load(std::sync::atomic::Ordering::Relaxed),
+            hot_pages: self.dirty.manual().then(|| self.dirty.hot_pages()),
         }
     }
 
@@ -542,7 +557,7 @@ impl Vm {
         let guest_ns = self.clock.now_ns();
         let vcpu = vcpu::save(&self.vcpu, &self.msr_indices)?;
         // Pages dirtied since the last harvest: the delta now, and a clean start after a full save.
-        let dirty = memory::harvest_dirty_pages(&self.vm, &self.mem)?;
+        let dirty = self.dirty.harvest(&self.vm, &self.mem)?;
         let seq = self.save_seq + 1;
         let (layer, mut layers) = match previous {
             Some(layers) => (snapshot::write_delta(dir, seq, &self.mem, &dirty)?, layers),
@@ -579,18 +594,24 @@ impl Vm {
     /// until the guest runs again.
     fn capture(&mut self, full: bool) -> Result<Capture, VmError> {
         let started = Instant::now();
-        let dirty = memory::harvest_dirty_pages(&self.vm, &self.mem)?;
+        let dirty = self.dirty.harvest(&self.vm, &self.mem)?;
         let pages: Vec<u64> = if full {
             (0..self.mem_size / PAGE_SIZE).collect()
         } else {
             dirty.iter().collect()
         };
-        let mut data = vec![0u8; pages.len() * PAGE_SIZE as usize];
-        for (i, page) in pages.iter().enumerate() {
-            let dst = &mut data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
-            self.mem
-                .read_slice(dst, GuestAddress(page * PAGE_SIZE))
-                .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+        let t1 = started.elapsed().as_micros();
+        let mut data = self.staging.take(pages.len() * PAGE_SIZE as usize);
+        let t2 = started.elapsed().as_micros();
+        memory::copy_pages(&self.mem, &pages, data.as_mut_slice())?;
+        let t3 = started.elapsed().as_micros();
+        if std::env::var("SS_TRACE").is_ok() {
+            eprintln!(
+                "TRACE pages {} harvest {t1} take {} copy {}",
+                pages.len(),
+                t2 - t1,
+                t3 - t2
+            );
         }
         let snap = VmSnapshot {
             vm_id: self.vm_id,
@@ -772,7 +793,7 @@ pub struct Capture {
     pub mem_size: u64,
     /// Page numbers, increasing; page `pages[i]` is `data[i * PAGE_SIZE..][..PAGE_SIZE]`.
     pub pages: Vec<u64>,
-    pub data: Vec<u8>,
+    pub data: StagingBuffer,
     /// The VM's snapshot state (without memory layers); serialized by the caller with
     /// [`Capture::state_json`], after the guest runs again.
     pub state: Box<VmSnapshot>,
@@ -823,22 +844,47 @@ pub fn checkpoint_group(vms: &[&VmHandle], full: bool) -> Result<Vec<Capture>, V
             }
         }
     }
-    let mut captures = Vec::with_capacity(vms.len());
-    let mut failure = None;
-    for (vm, rx) in pending {
-        match vm.wait_reply(&rx) {
-            Ok(Ok(capture)) => captures.push(capture),
-            Ok(Err(e)) => failure = failure.or(Some(VmError::Checkpoint(e))),
-            Err(e) => {
-                barrier.cancel();
-                failure = failure.or(Some(e));
+    // Replies in any order: a VM whose thread is gone cancels the barrier at once, so the
+    // others are not held until the barrier's timeout.
+    let mut replies: Vec<Option<Result<Capture, VmError>>> = pending.iter().map(|_| None).collect();
+    let mut last_kick = Instant::now();
+    while let Some(first) = replies.iter().position(Option::is_none) {
+        let wait = Duration::from_micros(200);
+        for (i, (_, rx)) in pending.iter().enumerate().skip(first) {
+            if replies[i].is_some() {
+                continue;
+            }
+            let reply = if i == first {
+                rx.recv_timeout(wait)
+            } else {
+                rx.try_recv().map_err(|e| match e {
+                    mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                    mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+                })
+            };
+            match reply {
+                Ok(result) => replies[i] = Some(result.map_err(VmError::Checkpoint)),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    barrier.cancel();
+                    replies[i] = Some(Err(VmError::Gone));
+                }
             }
         }
+        if last_kick.elapsed() > Duration::from_millis(2) {
+            for ((vm, _), reply) in pending.iter().zip(&replies) {
+                if reply.is_none() {
+                    vm.kick.kick();
+                }
+            }
+            last_kick = Instant::now();
+        }
     }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(captures),
+    let mut captures = Vec::with_capacity(vms.len());
+    for reply in replies.into_iter().flatten() {
+        captures.push(reply?);
     }
+    Ok(captures)
 }
 
 /// Sends commands to a running VM's thread.

@@ -192,6 +192,113 @@ fn measure(
     }))
 }
 
+/// Checkpoints a VM every `interval` and drops the captures, until dropped.
+struct CaptureOnly {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CaptureOnly {
+    fn start(handle: Arc<secondsite_vmm::VmHandle>, interval: Duration) -> CaptureOnly {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("replication".into()) // counted as the sender's CPU
+            .spawn(move || {
+                let mut next = Instant::now();
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    next += interval;
+                    if handle.checkpoint(false).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+            })
+            .expect("spawns the capture thread");
+        CaptureOnly {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for CaptureOnly {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// CPU seconds used so far by the parts of a protected VM: the VM thread, the sender thread,
+/// the receiver process, and the clients (waited-for children: redis-benchmark).
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuUse {
+    vcpu: f64,
+    sender: f64,
+    receiver: f64,
+    client: f64,
+}
+
+impl CpuUse {
+    fn now(receiver_pid: u32) -> CpuUse {
+        let ticks = 100.0; // USER_HZ
+        // Fields after the `(comm)`: state is [0], utime [11], stime [12], cutime [13], cstime [14].
+        let fields = |path: &str| -> Option<(String, Vec<f64>)> {
+            let text = std::fs::read_to_string(path).ok()?;
+            let (head, rest) = text.rsplit_once(')')?;
+            let comm = head.split_once('(')?.1.to_owned();
+            let numbers = rest
+                .split_whitespace()
+                .map(|f| f.parse().unwrap_or(0.0))
+                .collect();
+            Some((comm, numbers))
+        };
+        let own = |v: &[f64]| (v[11] + v[12]) / ticks;
+        let mut cpu = CpuUse::default();
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            for task in tasks.flatten() {
+                let path = task.path().join("stat");
+                if let Some((comm, v)) = fields(&path.to_string_lossy()) {
+                    match comm.as_str() {
+                        "vcpu0" => cpu.vcpu += own(&v),
+                        "replication" => cpu.sender += own(&v),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if let Some((_, v)) = fields(&format!("/proc/{receiver_pid}/stat")) {
+            cpu.receiver = own(&v);
+        }
+        if let Some((_, v)) = fields("/proc/self/stat") {
+            cpu.client = (v[13] + v[14]) / ticks;
+        }
+        cpu
+    }
+
+    /// Shares of one core over `seconds` since `earlier`.
+    fn since(&self, earlier: &CpuUse, seconds: f64) -> Value {
+        let share = |a: f64, b: f64| round((a - b) / seconds * 100.0);
+        json!({
+            "vcpu_percent": share(self.vcpu, earlier.vcpu),
+            "sender_percent": share(self.sender, earlier.sender),
+            "receiver_percent": share(self.receiver, earlier.receiver),
+            "client_percent": share(self.client, earlier.client),
+        })
+    }
+}
+
+/// SET throughput and the CPU shares of the parts while it ran.
+fn set_throughput_with_cpu(requests: usize, receiver_pid: u32) -> anyhow::Result<(f64, Value)> {
+    let before = CpuUse::now(receiver_pid);
+    let started = Instant::now();
+    let rps = set_throughput(requests)?;
+    let cpu = CpuUse::now(receiver_pid).since(&before, started.elapsed().as_secs_f64());
+    Ok((rps, cpu))
+}
+
 fn set_throughput(requests: usize) -> anyhow::Result<f64> {
     // Bounded by `timeout`: a guest that stops answering must not hang the benchmark. 100,000
     // keys of 100 bytes fit the guest's heap.
@@ -254,9 +361,15 @@ pub fn replication(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
         }
     }
     let requests = if quick { 50_000 } else { 300_000 };
-    let unprotected = set_throughput(requests)?;
+    let (unprotected, unprotected_cpu) = set_throughput_with_cpu(requests, receiver.0.id())?;
+    // What protection costs the protected server itself (pauses, dirty tracking, copies),
+    // without a sender and a receiver competing with guest and client for this machine's cores:
+    // the guest is checkpointed every 25 ms and the captures are dropped.
+    let capturing = CaptureOnly::start(handle.clone(), Duration::from_millis(25));
+    let (capture_only, capture_only_cpu) = set_throughput_with_cpu(requests, receiver.0.id())?;
+    drop(capturing);
     let replication = sender(&handle, "throughput", 25)?;
-    let protected = set_throughput(requests)?;
+    let (protected, protected_cpu) = set_throughput_with_cpu(requests, receiver.0.id())?;
     let status = replication.status();
     drop(replication);
     let report = json!({
@@ -268,6 +381,11 @@ pub fn replication(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
             "unprotected_rps": round(unprotected),
             "protected_25ms_rps": round(protected),
             "protected_over_unprotected": round(protected / unprotected),
+            "capture_only_25ms_rps": round(capture_only),
+            "capture_only_over_unprotected": round(capture_only / unprotected),
+            "cpu_capture_only": capture_only_cpu,
+            "cpu_unprotected": unprotected_cpu,
+            "cpu_protected": protected_cpu,
             "resyncs": status.resyncs,
         },
         "peak_memory_mib": {
@@ -325,6 +443,22 @@ fn print_report(r: &Value) {
         "SET throughput: {} ops/s unprotected, {} ops/s with 25 ms epochs: ratio {}",
         t["unprotected_rps"], t["protected_25ms_rps"], t["protected_over_unprotected"]
     );
+    println!(
+        "  checkpointed every 25 ms with no sender or receiver on this machine: {} ops/s, ratio {}",
+        t["capture_only_25ms_rps"], t["capture_only_over_unprotected"]
+    );
+    let cpu = |k: &str| {
+        let c = &t[k];
+        format!(
+            "guest vCPU {}%, client {}%, sender {}%, receiver {}%",
+            c["vcpu_percent"], c["client_percent"], c["sender_percent"], c["receiver_percent"]
+        )
+    };
+    println!(
+        "  CPU (of one core) unprotected: {}",
+        cpu("cpu_unprotected")
+    );
+    println!("  CPU (of one core) protected:   {}", cpu("cpu_protected"));
     let m = &r["peak_memory_mib"];
     println!(
         "peak memory: receiver {} MiB; sender process {} MiB including the guest (page-version cache limit {} MiB)",
