@@ -32,6 +32,60 @@ pub enum Command {
     /// Inspect a backup's checkpoint store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// The BGP speaker.
+    #[command(subcommand)]
+    Bgp(BgpCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BgpCommand {
+    /// Speak BGP to one or more peers, announcing prefixes, until SIGTERM (then Cease and exit
+    /// 0). Reads commands on stdin, one per line: `announce PREFIX`, `withdraw PREFIX`, `show`;
+    /// prints one JSON line per session state change and per `show` on stdout; logs to stderr.
+    Speak(BgpSpeakArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BgpSpeakArgs {
+    /// Our AS number (4-octet ASNs work).
+    #[arg(long)]
+    pub local_as: u32,
+    /// Our BGP identifier.
+    #[arg(long)]
+    pub router_id: std::net::Ipv4Addr,
+    /// A peer's address (repeat for several peers, all in --peer-as).
+    #[arg(long = "peer", required = true)]
+    pub peers: Vec<std::net::IpAddr>,
+    /// The peers' AS number.
+    #[arg(long)]
+    pub peer_as: u32,
+    /// A prefix to announce from the start (repeat).
+    #[arg(long = "announce")]
+    pub announce: Vec<ipnet::IpNet>,
+    /// IPv4 next hop (default: --local-addr, else the router id).
+    #[arg(long)]
+    pub next_hop: Option<std::net::Ipv4Addr>,
+    /// IPv6 next hop, for IPv6 prefixes (carried in MP_REACH_NLRI).
+    #[arg(long)]
+    pub next_hop6: Option<std::net::Ipv6Addr>,
+    /// Our address toward the peers.
+    #[arg(long)]
+    pub local_addr: Option<std::net::IpAddr>,
+    /// Prepend our AS this many more times (the other site is then preferred).
+    #[arg(long, default_value_t = 0)]
+    pub prepend: u8,
+    /// MULTI_EXIT_DISC.
+    #[arg(long)]
+    pub med: Option<u32>,
+    /// A community, ASN:VALUE or graceful-shutdown (repeat).
+    #[arg(long = "community")]
+    pub communities: Vec<String>,
+    /// Hold time we propose, in seconds (0, or 3 and more).
+    #[arg(long, default_value_t = 9)]
+    pub hold: u16,
+    /// Wait for the peers to connect.
+    #[arg(long)]
+    pub passive: bool,
 }
 
 #[derive(Debug, Subcommand)]

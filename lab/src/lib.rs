@@ -21,10 +21,12 @@
 
 mod netns;
 mod proc;
+mod routers;
 mod topology;
 
 pub use netns::{Netns, veth};
 pub use proc::Proc;
+pub use routers::{Bird, Frr, UpstreamLab, wait_until};
 pub use topology::{GroupSite, VmSite};
 
 /// Whether privileged tests can run here. Skips (false, with a message) when not root; panics

@@ -1,6 +1,7 @@
 //! One module per command group.
 
 mod bench;
+mod bgp;
 mod group;
 mod policy;
 mod replicate;
@@ -24,5 +25,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Replicate(command) => replicate::receive(command),
         Command::Store(command) => replicate::store(command),
+        Command::Bgp(crate::cli::BgpCommand::Speak(args)) => bgp::speak(args),
     }
 }

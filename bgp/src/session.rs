@@ -1,0 +1,661 @@
+//! One BGP session's finite state machine (RFC 4271 section 8), Sans-IO: it is fed inputs
+//! (TCP events, received bytes, commands) and the time, and returns what to do (connect, send,
+//! close) and what changed. Timers are deadlines the driver asks for with [`Session::next_deadline`].
+//!
+//! ```text
+//!  Idle ─Start─> Connect ─TCP up─> OpenSent ─OPEN ok─> OpenConfirm ─KEEPALIVE─> Established
+//!   ▲   (passive: Active)   │ fail: Active, retry        │ bad OPEN: NOTIFICATION
+//!   └──── error, NOTIFICATION, hold timer, TCP closed, BFD down: back to Idle, and after an
+//!         idle hold (1 s, doubling to 8 s) start again ──────────────────────────────────┘
+//! ```
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use netgauze_bgp_pkt::BgpMessage;
+use netgauze_bgp_pkt::notification::{
+    BgpNotificationMessage, CeaseError, FiniteStateMachineError, HoldTimerExpiredError,
+    OpenMessageError,
+};
+use serde::Serialize;
+
+use crate::message::{self, Framer, PeerOpen};
+use crate::route::{AdjRibIn, Announcement};
+
+/// The hold time an OPEN is waited for (RFC 4271 suggests 4 minutes).
+const OPEN_HOLD: Duration = Duration::from_secs(240);
+const IDLE_HOLD_FIRST: Duration = Duration::from_secs(1);
+const IDLE_HOLD_MAX: Duration = Duration::from_secs(8);
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub local_as: u32,
+    pub router_id: Ipv4Addr,
+    pub peer_as: u32,
+    /// The hold time we propose (seconds; 0 or at least 3).
+    pub hold_time: u16,
+    /// Wait for the peer to connect instead of connecting.
+    pub passive: bool,
+    pub connect_retry: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Idle,
+    Connect,
+    Active,
+    OpenSent,
+    OpenConfirm,
+    Established,
+}
+
+#[derive(Debug)]
+pub enum Input<'a> {
+    /// Start the session (and restart it after errors) until `Stop`.
+    Start,
+    /// Stop: a Cease NOTIFICATION if connected, and no restart.
+    Stop,
+    /// The TCP connection is up (ours or the peer's).
+    Connected,
+    /// Connecting failed.
+    ConnectFailed,
+    /// The TCP connection closed.
+    Closed,
+    Received(&'a [u8]),
+    /// BFD says the peer is gone: down at once, as BIRD's `bfd on` does.
+    BfdDown,
+    Announce(Announcement),
+    Withdraw(IpNet),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Open a TCP connection to the peer.
+    Connect,
+    Send(Vec<u8>),
+    /// Close the TCP connection (after what was sent).
+    Close,
+    /// The state changed, with why.
+    StateChanged {
+        from: State,
+        to: State,
+        reason: String,
+    },
+}
+
+/// Counters of what went wrong, for status and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub malformed_received: u64,
+    pub notifications_sent: u64,
+    pub notifications_received: u64,
+    pub established: u64,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    state: State,
+    running: bool,
+    framer: Framer,
+    peer: Option<PeerOpen>,
+    hold: Option<Duration>,
+    hold_deadline: Option<Instant>,
+    keepalive_deadline: Option<Instant>,
+    retry_deadline: Option<Instant>,
+    idle_hold: Duration,
+    announcements: Vec<Announcement>,
+    rib_in: AdjRibIn,
+    counters: Counters,
+    last_error: Option<String>,
+}
+
+impl Session {
+    pub fn new(config: SessionConfig) -> Session {
+        Session {
+            config,
+            state: State::Idle,
+            running: false,
+            framer: Framer::default(),
+            peer: None,
+            hold: None,
+            hold_deadline: None,
+            keepalive_deadline: None,
+            retry_deadline: None,
+            idle_hold: IDLE_HOLD_FIRST,
+            announcements: Vec::new(),
+            rib_in: AdjRibIn::default(),
+            counters: Counters::default(),
+            last_error: None,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The negotiated hold time, once OPENs were exchanged.
+    pub fn hold_time(&self) -> Option<u16> {
+        self.hold.map(|h| h.as_secs() as u16)
+    }
+
+    pub fn peer(&self) -> Option<&PeerOpen> {
+        self.peer.as_ref()
+    }
+
+    pub fn rib_in(&self) -> &AdjRibIn {
+        &self.rib_in
+    }
+
+    pub fn announcements(&self) -> &[Announcement] {
+        &self.announcements
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    /// The earliest timer; call [`Session::on_timer`] then.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.hold_deadline,
+            self.keepalive_deadline,
+            self.retry_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    pub fn handle(&mut self, now: Instant, input: Input<'_>) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::Start => {
+                self.running = true;
+                if self.state == State::Idle {
+                    self.start(now, &mut out, "started");
+                }
+            }
+            Input::Stop => {
+                self.running = false;
+                if matches!(
+                    self.state,
+                    State::OpenSent | State::OpenConfirm | State::Established
+                ) {
+                    self.send(&message::cease_shutdown(), &mut out);
+                    self.counters.notifications_sent += 1;
+                }
+                self.down(now, &mut out, "stopped".into());
+            }
+            Input::Connected => match self.state {
+                State::Connect | State::Active => {
+                    self.framer = Framer::default();
+                    self.retry_deadline = None;
+                    let open = message::open(
+                        self.config.local_as,
+                        self.config.hold_time,
+                        self.config.router_id,
+                    );
+                    self.send(&open, &mut out);
+                    self.hold_deadline = Some(now + OPEN_HOLD);
+                    self.goto(State::OpenSent, &mut out, "TCP connection up");
+                }
+                // A second connection while one is open: keep the first (the driver accepts
+                // one connection at a time).
+                _ => out.push(Output::Close),
+            },
+            Input::ConnectFailed => {
+                if self.state == State::Connect {
+                    self.retry_deadline = Some(now + self.config.connect_retry);
+                    self.goto(State::Active, &mut out, "connection failed");
+                }
+            }
+            Input::Closed => {
+                if self.state != State::Idle {
+                    self.fail(now, &mut out, "the TCP connection closed".into());
+                }
+            }
+            Input::Received(bytes) => self.receive(now, bytes, &mut out),
+            Input::BfdDown => {
+                if matches!(
+                    self.state,
+                    State::OpenSent | State::OpenConfirm | State::Established
+                ) {
+                    let cease = BgpMessage::Notification(BgpNotificationMessage::CeaseError(
+                        CeaseError::BfdDown {
+                            value: Box::new([]),
+                        },
+                    ));
+                    self.send(&cease, &mut out);
+                    self.counters.notifications_sent += 1;
+                    self.fail(now, &mut out, "BFD session down".into());
+                }
+            }
+            Input::Announce(route) => {
+                self.announcements.retain(|a| a.prefix != route.prefix);
+                if self.state == State::Established {
+                    let update = message::announce(&route, self.config.local_as, self.asn4());
+                    self.send(&update, &mut out);
+                }
+                self.announcements.push(route);
+            }
+            Input::Withdraw(prefix) => {
+                let before = self.announcements.len();
+                self.announcements.retain(|a| a.prefix != prefix);
+                if self.state == State::Established && self.announcements.len() < before {
+                    self.send(&message::withdraw(prefix), &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn on_timer(&mut self, now: Instant) -> Vec<Output> {
+        let mut out = Vec::new();
+        if self.hold_deadline.is_some_and(|d| now >= d) {
+            self.hold_deadline = None;
+            let expired = BgpMessage::Notification(BgpNotificationMessage::HoldTimerExpiredError(
+                HoldTimerExpiredError::Unspecific {
+                    sub_code: 0,
+                    value: Box::new([]),
+                },
+            ));
+            self.send(&expired, &mut out);
+            self.counters.notifications_sent += 1;
+            self.fail(now, &mut out, "hold timer expired".into());
+        }
+        if self.keepalive_deadline.is_some_and(|d| now >= d) {
+            self.send(&BgpMessage::KeepAlive, &mut out);
+            self.keepalive_deadline = self.hold.map(|h| now + h / 3);
+        }
+        if self.retry_deadline.is_some_and(|d| now >= d) {
+            self.retry_deadline = None;
+            match self.state {
+                State::Idle if self.running => self.start(now, &mut out, "idle hold over"),
+                State::Connect | State::Active if !self.config.passive => {
+                    self.retry_deadline = Some(now + self.config.connect_retry);
+                    out.push(Output::Connect);
+                    self.goto(State::Connect, &mut out, "connect retry");
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn start(&mut self, now: Instant, out: &mut Vec<Output>, why: &str) {
+        if self.config.passive {
+            self.goto(State::Active, out, why);
+        } else {
+            out.push(Output::Connect);
+            self.retry_deadline = Some(now + self.config.connect_retry);
+            self.goto(State::Connect, out, why);
+        }
+    }
+
+    fn asn4(&self) -> bool {
+        self.peer.as_ref().is_some_and(|p| p.asn4)
+    }
+
+    fn receive(&mut self, now: Instant, bytes: &[u8], out: &mut Vec<Output>) {
+        if !matches!(
+            self.state,
+            State::OpenSent | State::OpenConfirm | State::Established
+        ) {
+            return;
+        }
+        self.framer.push(bytes);
+        loop {
+            let frame = match self.framer.next_message() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err(e) => {
+                    self.malformed(now, e.notification, e.reason, out);
+                    return;
+                }
+            };
+            let message = match message::decode(&frame, self.asn4()) {
+                Ok(m) => m,
+                Err(notification) => {
+                    let reason = format!("malformed message: {notification:?}");
+                    self.malformed(now, notification, reason, out);
+                    return;
+                }
+            };
+            self.message(now, message, out);
+            if self.state == State::Idle {
+                return;
+            }
+        }
+    }
+
+    fn malformed(
+        &mut self,
+        now: Instant,
+        notification: BgpNotificationMessage,
+        reason: String,
+        out: &mut Vec<Output>,
+    ) {
+        self.counters.malformed_received += 1;
+        self.send(&BgpMessage::Notification(notification), out);
+        self.counters.notifications_sent += 1;
+        self.fail(now, out, reason);
+    }
+
+    fn message(&mut self, now: Instant, message: BgpMessage, out: &mut Vec<Output>) {
+        // Any message is a sign of life (RFC 4271: KEEPALIVE and UPDATE restart the timer).
+        if let Some(hold) = self.hold {
+            self.hold_deadline = Some(now + hold);
+        }
+        match (self.state, message) {
+            (_, BgpMessage::Notification(n)) => {
+                self.counters.notifications_received += 1;
+                self.fail(now, out, format!("NOTIFICATION from the peer: {n:?}"));
+            }
+            (State::OpenSent, BgpMessage::Open(open)) => {
+                let peer = message::read_open(&open);
+                if let Some(error) = self.check_open(&peer) {
+                    let reason = format!("refused the peer's OPEN: {error:?}");
+                    self.send(
+                        &BgpMessage::Notification(BgpNotificationMessage::OpenMessageError(error)),
+                        out,
+                    );
+                    self.counters.notifications_sent += 1;
+                    self.fail(now, out, reason);
+                    return;
+                }
+                let hold = self.config.hold_time.min(peer.hold_time);
+                self.hold = (hold > 0).then(|| Duration::from_secs(u64::from(hold)));
+                self.hold_deadline = self.hold.map(|h| now + h);
+                self.keepalive_deadline = self.hold.map(|h| now + h / 3);
+                self.peer = Some(peer);
+                self.send(&BgpMessage::KeepAlive, out);
+                self.goto(State::OpenConfirm, out, "OPEN received");
+            }
+            (State::OpenConfirm, BgpMessage::KeepAlive) => {
+                self.counters.established += 1;
+                self.idle_hold = IDLE_HOLD_FIRST;
+                self.last_error = None;
+                self.goto(State::Established, out, "KEEPALIVE received");
+                for route in self.announcements.clone() {
+                    let update = message::announce(&route, self.config.local_as, self.asn4());
+                    self.send(&update, out);
+                }
+            }
+            (State::Established, BgpMessage::KeepAlive) => {}
+            (State::Established, BgpMessage::Update(update)) => {
+                let routes = message::read_update(&update);
+                for prefix in &routes.withdrawn {
+                    self.rib_in.remove(prefix);
+                }
+                for route in routes.announced {
+                    self.rib_in.insert(route);
+                }
+            }
+            (State::Established, BgpMessage::RouteRefresh(_)) => {
+                for route in self.announcements.clone() {
+                    let update = message::announce(&route, self.config.local_as, self.asn4());
+                    self.send(&update, out);
+                }
+            }
+            (state, other) => {
+                let error = match state {
+                    State::OpenSent => {
+                        FiniteStateMachineError::ReceiveUnexpectedMessageInOpenSentState {
+                            value: Box::new([]),
+                        }
+                    }
+                    State::OpenConfirm => {
+                        FiniteStateMachineError::ReceiveUnexpectedMessageInOpenConfirmState {
+                            value: Box::new([]),
+                        }
+                    }
+                    _ => FiniteStateMachineError::ReceiveUnexpectedMessageInEstablishedState {
+                        value: Box::new([]),
+                    },
+                };
+                self.send(
+                    &BgpMessage::Notification(BgpNotificationMessage::FiniteStateMachineError(
+                        error,
+                    )),
+                    out,
+                );
+                self.counters.notifications_sent += 1;
+                self.fail(
+                    now,
+                    out,
+                    format!("unexpected {:?} in {state:?}", other.get_type()),
+                );
+            }
+        }
+    }
+
+    /// RFC 4271 section 6.2: the checks whose failure has its own OPEN error subcode.
+    fn check_open(&self, peer: &PeerOpen) -> Option<OpenMessageError> {
+        let value = Box::new([]);
+        if peer.asn != self.config.peer_as {
+            return Some(OpenMessageError::BadPeerAs { value });
+        }
+        if peer.hold_time == 1 || peer.hold_time == 2 {
+            return Some(OpenMessageError::UnacceptableHoldTime { value });
+        }
+        if peer.router_id.is_unspecified()
+            || (peer.router_id == self.config.router_id && peer.asn == self.config.local_as)
+        {
+            return Some(OpenMessageError::BadBgpIdentifier { value });
+        }
+        None
+    }
+
+    fn send(&self, message: &BgpMessage, out: &mut Vec<Output>) {
+        out.push(Output::Send(message::encode(message)));
+    }
+
+    /// An error: down, and start again after the idle hold (which doubles each time).
+    fn fail(&mut self, now: Instant, out: &mut Vec<Output>, reason: String) {
+        self.last_error = Some(reason.clone());
+        self.down(now, out, reason);
+        if self.running {
+            self.retry_deadline = Some(now + self.idle_hold);
+            self.idle_hold = (self.idle_hold * 2).min(IDLE_HOLD_MAX);
+        }
+    }
+
+    fn down(&mut self, _now: Instant, out: &mut Vec<Output>, reason: String) {
+        if self.state != State::Idle {
+            out.push(Output::Close);
+        }
+        self.hold = None;
+        self.hold_deadline = None;
+        self.keepalive_deadline = None;
+        self.retry_deadline = None;
+        self.peer = None;
+        self.rib_in.clear();
+        self.framer = Framer::default();
+        self.goto(State::Idle, out, &reason);
+    }
+
+    fn goto(&mut self, to: State, out: &mut Vec<Output>, reason: &str) {
+        if self.state != to {
+            out.push(Output::StateChanged {
+                from: self.state,
+                to,
+                reason: reason.to_owned(),
+            });
+            self.state = to;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn config(local_as: u32, id: [u8; 4], peer_as: u32, passive: bool) -> SessionConfig {
+        SessionConfig {
+            local_as,
+            router_id: Ipv4Addr::from(id),
+            peer_as,
+            hold_time: 9,
+            passive,
+            connect_retry: Duration::from_secs(1),
+        }
+    }
+
+    fn sent(out: &[Output]) -> Vec<u8> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send(b) => Some(b.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Runs two sessions against each other until neither has bytes to send.
+    fn exchange(a: &mut Session, b: &mut Session, now: Instant, mut to_b: Vec<u8>) {
+        let mut to_a = Vec::new();
+        while !to_a.is_empty() || !to_b.is_empty() {
+            if !to_b.is_empty() {
+                to_a.extend(sent(
+                    &b.handle(now, Input::Received(&std::mem::take(&mut to_b))),
+                ));
+            }
+            if !to_a.is_empty() {
+                to_b.extend(sent(
+                    &a.handle(now, Input::Received(&std::mem::take(&mut to_a))),
+                ));
+            }
+        }
+    }
+
+    fn established_pair(now: Instant) -> (Session, Session) {
+        let mut ours = Session::new(config(65001, [10, 0, 1, 2], 65000, false));
+        let mut theirs = Session::new(config(65000, [10, 0, 0, 1], 65001, true));
+        ours.handle(
+            now,
+            Input::Announce(Announcement {
+                prefix: "203.0.113.0/24".parse().unwrap(),
+                next_hop: "10.0.1.2".parse().unwrap(),
+                prepend: 2,
+                med: Some(50),
+                communities: vec![0xffff_0000],
+            }),
+        );
+        assert!(ours.handle(now, Input::Start).contains(&Output::Connect));
+        theirs.handle(now, Input::Start);
+        assert_eq!(theirs.state(), State::Active);
+        let open = sent(&ours.handle(now, Input::Connected));
+        let mut back = sent(&theirs.handle(now, Input::Connected));
+        back.extend(sent(&theirs.handle(now, Input::Received(&open))));
+        let to_theirs = sent(&ours.handle(now, Input::Received(&back)));
+        exchange(&mut ours, &mut theirs, now, to_theirs);
+        (ours, theirs)
+    }
+
+    #[test]
+    fn two_sessions_establish_and_carry_announcements_and_withdrawals() {
+        let now = Instant::now();
+        let (mut ours, mut theirs) = established_pair(now);
+        assert_eq!(ours.state(), State::Established);
+        assert_eq!(theirs.state(), State::Established);
+        assert_eq!(ours.hold_time(), Some(9));
+        let route = theirs
+            .rib_in()
+            .get(&"203.0.113.0/24".parse().unwrap())
+            .expect("announced on establishment")
+            .clone();
+        assert_eq!(route.as_path, vec![65001, 65001, 65001], "prepended twice");
+        assert_eq!(route.med, Some(50));
+        assert_eq!(route.communities, vec![0xffff_0000]);
+        assert_eq!(route.next_hop, Some("10.0.1.2".parse().unwrap()));
+
+        let v6: IpNet = "2001:db8:113::/48".parse().unwrap();
+        let update = sent(&ours.handle(
+            now,
+            Input::Announce(Announcement {
+                prefix: v6,
+                next_hop: "fd00:1::2".parse().unwrap(),
+                prepend: 0,
+                med: None,
+                communities: vec![],
+            }),
+        ));
+        exchange(&mut ours, &mut theirs, now, update);
+        let r6 = theirs.rib_in().get(&v6).expect("MP_REACH carried it");
+        assert_eq!(r6.next_hop, Some(IpAddr::V6("fd00:1::2".parse().unwrap())));
+        for prefix in [v6, "203.0.113.0/24".parse().unwrap()] {
+            let update = sent(&ours.handle(now, Input::Withdraw(prefix)));
+            exchange(&mut ours, &mut theirs, now, update);
+        }
+        assert!(theirs.rib_in().is_empty());
+    }
+
+    #[test]
+    fn an_open_from_the_wrong_as_gets_bad_peer_as_and_the_session_restarts_later() {
+        let now = Instant::now();
+        let mut ours = Session::new(config(65001, [10, 0, 1, 2], 65000, false));
+        let mut stranger = Session::new(config(64999, [10, 0, 0, 9], 65001, true));
+        ours.handle(now, Input::Start);
+        stranger.handle(now, Input::Start);
+        ours.handle(now, Input::Connected);
+        let open = sent(&stranger.handle(now, Input::Connected));
+        let out = ours.handle(now, Input::Received(&open));
+        let reply = sent(&out);
+        // NOTIFICATION: type 3, code 2 (OPEN Message Error), subcode 2 (Bad Peer AS).
+        let at = reply
+            .windows(3)
+            .position(|w| w == [3, 2, 2])
+            .expect("an OPEN error NOTIFICATION with subcode Bad Peer AS");
+        assert_eq!(at, 18, "right after the marker and length: {reply:?}");
+        assert!(out.contains(&Output::Close));
+        assert_eq!(ours.state(), State::Idle);
+        // After the idle hold it starts again by itself.
+        let next = ours.next_deadline().expect("a restart is scheduled");
+        assert!(ours.on_timer(next).contains(&Output::Connect));
+        assert_eq!(ours.state(), State::Connect);
+    }
+
+    #[test]
+    fn garbage_gets_a_header_error_and_counts() {
+        let now = Instant::now();
+        let (mut ours, _) = established_pair(now);
+        let out = ours.handle(now, Input::Received(&[0u8; 40]));
+        let reply = sent(&out);
+        assert_eq!(reply[18], 3, "a NOTIFICATION");
+        assert_eq!(reply[19], 1, "Message Header Error");
+        assert_eq!(reply[20], 1, "Connection Not Synchronized");
+        assert_eq!(ours.counters().malformed_received, 1);
+        assert_eq!(ours.state(), State::Idle);
+    }
+
+    #[test]
+    fn the_hold_timer_ends_a_silent_session_and_keepalives_keep_one_alive() {
+        let now = Instant::now();
+        let (mut ours, _) = established_pair(now);
+        let keepalive_at = now + Duration::from_secs(3);
+        let out = ours.on_timer(keepalive_at);
+        assert_eq!(sent(&out).len(), 19, "a KEEPALIVE every hold/3");
+        let out = ours.on_timer(now + Duration::from_secs(9));
+        let reply = sent(&out);
+        assert_eq!(reply[18..20], [3, 4], "NOTIFICATION Hold Timer Expired");
+        assert_eq!(ours.state(), State::Idle);
+    }
+
+    #[test]
+    fn bfd_down_takes_the_session_down_at_once() {
+        let now = Instant::now();
+        let (mut ours, _) = established_pair(now);
+        let reply = sent(&ours.handle(now, Input::BfdDown));
+        assert_eq!(reply[18..21], [3, 6, 10], "Cease, BFD Down (RFC 9384)");
+        assert_eq!(ours.state(), State::Idle);
+        assert!(ours.rib_in().is_empty());
+    }
+}

@@ -1,0 +1,348 @@
+//! The speaker: drives one [`Session`] per peer over real TCP with tokio, and takes commands.
+//!
+//! ```text
+//!  commands ──> Speaker ──per peer──> peer task: Session + TCP stream + timers ──> events
+//!                  ▲                         ▲ accepted connections by peer address
+//!              show: status snapshots    listener on port 179 (for passive peers, and peers
+//!                                        that connect to us first)
+//! ```
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::route::{Announcement, Route};
+use crate::session::{Counters, Input, Output, Session, SessionConfig, State};
+
+pub const BGP_PORT: u16 = 179;
+
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub address: IpAddr,
+    /// Our address toward the peer (default: what the kernel picks).
+    pub local_address: Option<IpAddr>,
+    pub session: SessionConfig,
+}
+
+#[derive(Debug, Clone)]
+pub enum Command {
+    Announce(Announcement),
+    Withdraw(IpNet),
+    /// Cease NOTIFICATION to every peer, then end.
+    Stop,
+}
+
+/// A session's state change, as the CLI prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionEvent {
+    pub peer: IpAddr,
+    pub from: State,
+    pub to: State,
+    pub reason: String,
+}
+
+/// One peer as `show` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub peer: IpAddr,
+    pub state: State,
+    pub hold_time: Option<u16>,
+    pub adj_rib_in: Vec<Route>,
+    pub counters: Counters,
+    pub last_error: Option<String>,
+}
+
+/// A running speaker.
+#[derive(Debug)]
+pub struct Speaker {
+    peers: Vec<(mpsc::UnboundedSender<Command>, Arc<Mutex<PeerStatus>>)>,
+    announced: Arc<Mutex<Vec<Announcement>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Speaker {
+    /// Starts a session per peer (inside a tokio runtime) announcing `announcements`; session
+    /// state changes go to `events`.
+    pub async fn start(
+        peers: Vec<PeerConfig>,
+        announcements: Vec<Announcement>,
+        events: mpsc::UnboundedSender<SessionEvent>,
+    ) -> std::io::Result<Speaker> {
+        let mut routes: HashMap<IpAddr, mpsc::UnboundedSender<TcpStream>> = HashMap::new();
+        let mut speaker = Speaker {
+            peers: Vec::new(),
+            announced: Arc::new(Mutex::new(announcements.clone())),
+            tasks: Vec::new(),
+        };
+        let mut listen_on = Vec::new();
+        for peer in peers {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
+            routes.insert(peer.address, incoming_tx);
+            let status = Arc::new(Mutex::new(PeerStatus {
+                peer: peer.address,
+                state: State::Idle,
+                hold_time: None,
+                adj_rib_in: Vec::new(),
+                counters: Counters::default(),
+                last_error: None,
+            }));
+            listen_on.push(peer.local_address);
+            let task = PeerTask {
+                session: Session::new(peer.session.clone()),
+                config: peer,
+                status: status.clone(),
+                events: events.clone(),
+            };
+            speaker.tasks.push(tokio::spawn(task.run(
+                announcements.clone(),
+                rx,
+                incoming_rx,
+            )));
+            speaker.peers.push((tx, status));
+        }
+        // One listener (all addresses, or the one local address all peers share): a peer that
+        // connects first, and passive sessions, come in through it.
+        let bind = match listen_on.as_slice() {
+            [Some(a), rest @ ..] if rest.iter().all(|b| *b == Some(*a)) => *a,
+            _ => IpAddr::from([0u8; 16]),
+        };
+        let listener = TcpListener::bind(SocketAddr::new(bind, BGP_PORT)).await?;
+        speaker.tasks.push(tokio::spawn(async move {
+            while let Ok((stream, from)) = listener.accept().await {
+                let from = canonical(from.ip());
+                match routes.get(&from) {
+                    Some(tx) => {
+                        let _ = tx.send(stream);
+                    }
+                    None => drop(stream), // not a configured peer
+                }
+            }
+        }));
+        Ok(speaker)
+    }
+
+    pub fn command(&self, command: Command) {
+        if let Command::Announce(a) = &command {
+            let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+            announced.retain(|x| x.prefix != a.prefix);
+            announced.push(a.clone());
+        }
+        if let Command::Withdraw(p) = &command {
+            self.announced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|x| x.prefix != *p);
+        }
+        for (tx, _) in &self.peers {
+            let _ = tx.send(command.clone());
+        }
+    }
+
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .map(|(_, s)| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    pub fn announced(&self) -> Vec<Announcement> {
+        self.announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sends Cease to every established peer and waits (up to a second) for the sessions to end.
+    pub async fn stop(mut self) {
+        self.command(Command::Stop);
+        let listener = self.tasks.pop();
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
+        if let Some(l) = listener {
+            l.abort();
+        }
+    }
+}
+
+/// An IPv4 peer seen through an IPv6 socket is `::ffff:a.b.c.d`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+struct PeerTask {
+    config: PeerConfig,
+    session: Session,
+    status: Arc<Mutex<PeerStatus>>,
+    events: mpsc::UnboundedSender<SessionEvent>,
+}
+
+impl PeerTask {
+    async fn run(
+        mut self,
+        announcements: Vec<Announcement>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut incoming: mpsc::UnboundedReceiver<TcpStream>,
+    ) {
+        let (connected_tx, mut connected) = mpsc::unbounded_channel::<std::io::Result<TcpStream>>();
+        let mut reader: Option<OwnedReadHalf> = None;
+        let mut writer: Option<OwnedWriteHalf> = None;
+        let mut buf = vec![0u8; 65536];
+        let now = Instant::now().into_std();
+        let mut outputs = Vec::new();
+        for a in announcements {
+            outputs.extend(self.session.handle(now, Input::Announce(a)));
+        }
+        outputs.extend(self.session.handle(now, Input::Start));
+        let mut stopping = false;
+        loop {
+            for output in std::mem::take(&mut outputs) {
+                match output {
+                    Output::Connect => {
+                        let tx = connected_tx.clone();
+                        let (peer, local) = (self.config.address, self.config.local_address);
+                        tokio::spawn(async move {
+                            let _ = tx.send(connect(peer, local).await);
+                        });
+                    }
+                    Output::Send(bytes) => {
+                        if let Some(w) = writer.as_mut()
+                            && w.write_all(&bytes).await.is_err()
+                        {
+                            reader = None;
+                            writer = None;
+                            let now = Instant::now().into_std();
+                            outputs.extend(self.session.handle(now, Input::Closed));
+                        }
+                    }
+                    Output::Close => {
+                        if let Some(mut w) = writer.take() {
+                            let _ = w.shutdown().await;
+                        }
+                        reader = None;
+                    }
+                    Output::StateChanged { from, to, reason } => {
+                        let _ = self.events.send(SessionEvent {
+                            peer: self.config.address,
+                            from,
+                            to,
+                            reason,
+                        });
+                    }
+                }
+            }
+            if !outputs.is_empty() {
+                continue;
+            }
+            self.publish();
+            if stopping {
+                return;
+            }
+            let deadline = self.session.next_deadline().map(Instant::from_std);
+            tokio::select! {
+                command = commands.recv() => {
+                    let now = Instant::now().into_std();
+                    match command {
+                        Some(Command::Announce(a)) => outputs.extend(self.session.handle(now, Input::Announce(a))),
+                        Some(Command::Withdraw(p)) => outputs.extend(self.session.handle(now, Input::Withdraw(p))),
+                        Some(Command::Stop) | None => {
+                            outputs.extend(self.session.handle(now, Input::Stop));
+                            stopping = true;
+                        }
+                    }
+                }
+                read = read_some(reader.as_mut(), &mut buf) => {
+                    let now = Instant::now().into_std();
+                    match read {
+                        Ok(0) | Err(_) => {
+                            reader = None;
+                            writer = None;
+                            outputs.extend(self.session.handle(now, Input::Closed));
+                        }
+                        Ok(n) => outputs.extend(self.session.handle(now, Input::Received(&buf[..n]))),
+                    }
+                }
+                Some(result) = connected.recv() => {
+                    let now = Instant::now().into_std();
+                    match result {
+                        Ok(stream) if writer.is_none() && matches!(self.session.state(), State::Connect | State::Active) => {
+                            let (r, w) = stream.into_split();
+                            reader = Some(r);
+                            writer = Some(w);
+                            outputs.extend(self.session.handle(now, Input::Connected));
+                        }
+                        Ok(_) => {} // already connected: the late one is dropped
+                        Err(_) => outputs.extend(self.session.handle(now, Input::ConnectFailed)),
+                    }
+                }
+                Some(stream) = incoming.recv() => {
+                    let now = Instant::now().into_std();
+                    if writer.is_none() && matches!(self.session.state(), State::Connect | State::Active) {
+                        let _ = stream.set_nodelay(true);
+                        let (r, w) = stream.into_split();
+                        reader = Some(r);
+                        writer = Some(w);
+                        outputs.extend(self.session.handle(now, Input::Connected));
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    outputs.extend(self.session.on_timer(Instant::now().into_std()));
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.state = self.session.state();
+        s.hold_time = self.session.hold_time();
+        s.adj_rib_in = self.session.rib_in().routes().cloned().collect();
+        s.counters = self.session.counters().clone();
+        s.last_error = self.session.last_error().map(str::to_owned);
+    }
+}
+
+async fn connect(peer: IpAddr, local: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = match peer {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(local) = local {
+        socket.bind(SocketAddr::new(local, 0))?;
+    }
+    let stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        socket.connect(SocketAddr::new(peer, BGP_PORT)),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn read_some(reader: Option<&mut OwnedReadHalf>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match reader {
+        Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,212 @@
+//! The BGP speaker against real routers: `secondsite bgp speak` in a site namespace, BIRD 2 or
+//! FRR as the upstream in the lab topology. Needs root (CI is root) and bird2 and frr.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{ChildStdin, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::Duration;
+
+use secondsite_lab::{Bird, Frr, Netns, Proc, UpstreamLab, privileged, wait_until};
+use serde_json::Value;
+
+const SECONDSITE: &str = env!("CARGO_BIN_EXE_secondsite");
+const V4: &str = "203.0.113.0/24";
+const V6: &str = "2001:db8:113::/48";
+
+/// `secondsite bgp speak` with a line-oriented stdin and its stdout lines as JSON.
+struct Speaker {
+    _proc: Proc,
+    stdin: ChildStdin,
+    lines: Receiver<Value>,
+}
+
+impl Speaker {
+    /// Site `n` (1 or 2) of the lab, peering with the upstream at 10.0.n.1.
+    fn start(ns: &Netns, n: u8, extra: &[&str]) -> Speaker {
+        let mut cmd = ns.command(SECONDSITE);
+        let (me, peer, nh6) = (
+            format!("10.0.{n}.2"),
+            format!("10.0.{n}.1"),
+            format!("fd00:{n}::2"),
+        );
+        cmd.args(["bgp", "speak", "--local-as", "65001", "--peer-as", "65000"])
+            .args(["--router-id", &me, "--local-addr", &me, "--peer", &peer])
+            .args(["--announce", V4, "--announce", V6, "--next-hop6", &nh6])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut proc = Proc::spawn(&mut cmd, "secondsite bgp speak").expect("starts the speaker");
+        let stdin = proc.child().stdin.take().expect("stdin");
+        let stdout = proc.child().stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        Speaker {
+            _proc: proc,
+            stdin,
+            lines,
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("writes to the speaker");
+    }
+
+    /// The next line that satisfies `pred`, within `timeout`.
+    fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(_) => {}
+                Err(_) => panic!("no {what} within {timeout:?}"),
+            }
+        }
+    }
+
+    fn established(&self, timeout: Duration) {
+        self.wait_for("Established", timeout, |v| {
+            v["event"] == "session" && v["to"] == "established"
+        });
+    }
+
+    fn show(&mut self) -> Value {
+        self.send("show");
+        self.wait_for("a show reply", Duration::from_secs(5), |v| {
+            v.get("peers").is_some()
+        })
+    }
+}
+
+fn routes_present(lab: &UpstreamLab, via: &str) -> bool {
+    lab.upstream_fib(V4).contains(&format!("via 10.0.{via}.2"))
+        && lab.upstream_fib(V6).contains(&format!("via fd00:{via}::2"))
+}
+
+fn routes_gone(lab: &UpstreamLab) -> bool {
+    lab.upstream_fib(V4).is_empty() && lab.upstream_fib(V6).is_empty()
+}
+
+fn announce_check_withdraw(lab: &UpstreamLab, speaker: &mut Speaker, rib: impl Fn() -> String) {
+    speaker.established(Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(10), || routes_present(lab, "1")).is_some(),
+        "the upstream's FIB lacks our routes: {} / {}",
+        lab.upstream_fib(V4),
+        lab.upstream_fib(V6)
+    );
+    let table = rib();
+    assert!(
+        table.contains("203.0.113.0/24") && table.contains("2001:db8:113::/48"),
+        "{table}"
+    );
+    let show = speaker.show();
+    assert_eq!(show["peers"][0]["state"], "established", "{show}");
+    assert_eq!(show["peers"][0]["hold_time"], 9, "{show}");
+    for prefix in [V4, V6] {
+        speaker.send(&format!("withdraw {prefix}"));
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || routes_gone(lab)).is_some(),
+        "withdrawn routes stay: {} / {}",
+        lab.upstream_fib(V4),
+        lab.upstream_fib(V6)
+    );
+    speaker.send(&format!("announce {V4}"));
+    assert!(
+        wait_until(Duration::from_secs(10), || lab
+            .upstream_fib(V4)
+            .contains("via 10.0.1.2"))
+        .is_some(),
+        "announced again, the route is back"
+    );
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+#[test]
+fn with_bird_upstream_our_prefixes_reach_its_rib_and_fib_and_withdraw_removes_them() {
+    if !privileged(
+        "with_bird_upstream_our_prefixes_reach_its_rib_and_fib_and_withdraw_removes_them",
+    ) {
+        return;
+    }
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let bird = Bird::start(&lab.up, dir.path()).expect("starts BIRD");
+    let mut speaker = Speaker::start(&lab.site_a, 1, &[]);
+    announce_check_withdraw(&lab, &mut speaker, || bird.birdc(&["show", "route"]));
+}
+
+#[test]
+fn with_frr_upstream_our_prefixes_reach_its_rib_and_fib_and_withdraw_removes_them() {
+    if !privileged("with_frr_upstream_our_prefixes_reach_its_rib_and_fib_and_withdraw_removes_them")
+    {
+        return;
+    }
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let frr = Frr::start(&lab.up, dir.path()).expect("starts FRR");
+    let mut speaker = Speaker::start(&lab.site_a, 1, &[]);
+    announce_check_withdraw(&lab, &mut speaker, || {
+        frr.vtysh("show ip bgp") + &frr.vtysh("show bgp ipv6 unicast")
+    });
+}
+
+#[test]
+fn with_two_sites_the_upstream_prefers_the_one_that_does_not_prepend() {
+    if !privileged("with_two_sites_the_upstream_prefers_the_one_that_does_not_prepend") {
+        return;
+    }
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let _bird = Bird::start(&lab.up, dir.path()).expect("starts BIRD");
+    let backup = Speaker::start(&lab.site_b, 2, &["--prepend", "2"]);
+    backup.established(Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(10), || routes_present(&lab, "2")).is_some());
+    let mut primary = Speaker::start(&lab.site_a, 1, &[]);
+    primary.established(Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(10), || routes_present(&lab, "1")).is_some(),
+        "the shorter AS path wins: {}",
+        lab.upstream_fib(V4)
+    );
+    // The primary withdraws: the upstream moves to the backup.
+    primary.send(&format!("withdraw {V4}"));
+    primary.send(&format!("withdraw {V6}"));
+    assert!(wait_until(Duration::from_secs(10), || routes_present(&lab, "2")).is_some());
+}
+
+#[test]
+fn the_speaker_reconnects_and_reannounces_after_the_upstream_restarts() {
+    if !privileged("the_speaker_reconnects_and_reannounces_after_the_upstream_restarts") {
+        return;
+    }
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let bird = Bird::start(&lab.up, &dir.path().join("first")).expect("starts BIRD");
+    let speaker = Speaker::start(&lab.site_a, 1, &[]);
+    speaker.established(Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(10), || routes_present(&lab, "1")).is_some());
+    drop(bird);
+    speaker.wait_for("the session going down", Duration::from_secs(15), |v| {
+        v["event"] == "session" && v["from"] == "established"
+    });
+    let _bird = Bird::start(&lab.up, &dir.path().join("second")).expect("restarts BIRD");
+    speaker.established(Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || routes_present(&lab, "1")).is_some(),
+        "re-announced after the reconnect"
+    );
+}

@@ -1,0 +1,217 @@
+//! The BGP lab: the reference topology of an upstream router and two dual-homed sites, and
+//! real routers (BIRD 2, FRR) started in it with the project's own configs (`lab/configs/`).
+//!
+//! ```text
+//!              up (AS 65000: BIRD or FRR)
+//!   10.0.1.1 fd00:1::1 up-siteA    up-siteB 10.0.2.1 fd00:2::1
+//!              │                          │
+//!   10.0.1.2 fd00:1::2 eth0        eth0 10.0.2.2 fd00:2::2
+//!        site_a (AS 65001)          site_b (AS 65001)
+//! ```
+//! Every namespace, process and file goes away when the guards drop, failing test or not.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::netns::{Netns, run};
+use crate::proc::Proc;
+
+/// The upstream and the two sites.
+#[derive(Debug)]
+pub struct UpstreamLab {
+    pub up: Netns,
+    pub site_a: Netns,
+    pub site_b: Netns,
+}
+
+impl UpstreamLab {
+    pub fn new() -> io::Result<UpstreamLab> {
+        let up = Netns::new("up")?;
+        let site_a = Netns::new("siteA")?;
+        let site_b = Netns::new("siteB")?;
+        for ns in [&up, &site_a, &site_b] {
+            ns.sysctl("net.ipv6.conf.all.keep_addr_on_down", "1")?;
+            ns.sysctl("net.ipv6.conf.default.keep_addr_on_down", "1")?;
+        }
+        for (n, site, name) in [(1, &site_a, "up-siteA"), (2, &site_b, "up-siteB")] {
+            run(Command::new("ip").args([
+                "link",
+                "add",
+                name,
+                "netns",
+                up.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                site.name(),
+            ]))?;
+            up.ip(&["addr", "add", &format!("10.0.{n}.1/24"), "dev", name])?;
+            up.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:{n}::1/64"),
+                "dev",
+                name,
+                "nodad",
+            ])?;
+            site.ip(&["addr", "add", &format!("10.0.{n}.2/24"), "dev", "eth0"])?;
+            site.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:{n}::2/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            up.ip(&["link", "set", name, "up"])?;
+            site.ip(&["link", "set", "eth0", "up"])?;
+        }
+        up.sysctl("net.ipv4.ip_forward", "1")?;
+        up.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        Ok(UpstreamLab { up, site_a, site_b })
+    }
+
+    /// The upstream's kernel routes for `prefix` (`ip -n up route show PREFIX`), one per line.
+    pub fn upstream_fib(&self, prefix: &str) -> String {
+        let family = if prefix.contains(':') { "-6" } else { "-4" };
+        Command::new("ip")
+            .args(["-n", self.up.name(), family, "route", "show", prefix])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Polls `check` every 20 ms until it holds or `timeout` passes; the time it took.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if check() {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// BIRD 2 as the upstream router, in the foreground, killed on drop.
+#[derive(Debug)]
+pub struct Bird {
+    _proc: Proc,
+    ctl: PathBuf,
+}
+
+impl Bird {
+    pub const CONFIG: &'static str = include_str!("../configs/bird-upstream.conf");
+
+    pub fn start(ns: &Netns, dir: &Path) -> io::Result<Bird> {
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("bird.conf");
+        std::fs::write(&config, Self::CONFIG)?;
+        let ctl = dir.join("bird.ctl");
+        let log = std::fs::File::create(dir.join("bird.log"))?;
+        let mut cmd = ns.command("bird");
+        cmd.arg("-f")
+            .arg("-c")
+            .arg(&config)
+            .arg("-s")
+            .arg(&ctl)
+            .arg("-P")
+            .arg(dir.join("bird.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let proc = Proc::spawn(&mut cmd, "bird")?;
+        let bird = Bird { _proc: proc, ctl };
+        if wait_until(Duration::from_secs(10), || {
+            bird.birdc(&["show", "status"]).contains("Daemon is up")
+        })
+        .is_none()
+        {
+            return Err(io::Error::other("BIRD did not start"));
+        }
+        Ok(bird)
+    }
+
+    /// `birdc -s CTL ARGS...`, its output.
+    pub fn birdc(&self, args: &[&str]) -> String {
+        Command::new("birdc")
+            .arg("-s")
+            .arg(&self.ctl)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// FRR (zebra and bgpd) as the upstream router, in the foreground, killed on drop.
+#[derive(Debug)]
+pub struct Frr {
+    _procs: Vec<Proc>,
+    vty_name: String,
+    run_dir: PathBuf,
+}
+
+impl Frr {
+    pub const BGPD: &'static str = include_str!("../configs/frr-bgpd.conf");
+    pub const ZEBRA: &'static str = include_str!("../configs/frr-zebra.conf");
+
+    pub fn start(ns: &Netns, dir: &Path) -> io::Result<Frr> {
+        std::fs::create_dir_all(dir)?;
+        // The daemons run as user frr: their files must be its, and their sockets live in
+        // /var/run/frr/NAME (NAME: the namespace's, unique to this run).
+        let vty_name = ns.name().to_owned();
+        let run_dir = PathBuf::from(format!("/var/run/frr/{vty_name}"));
+        std::fs::create_dir_all(&run_dir)?;
+        std::fs::write(dir.join("zebra.conf"), Self::ZEBRA)?;
+        std::fs::write(dir.join("bgpd.conf"), Self::BGPD)?;
+        run(Command::new("chown")
+            .args(["-R", "frr:frr"])
+            .arg(dir)
+            .arg(&run_dir))?;
+        let mut procs = Vec::new();
+        for daemon in ["zebra", "bgpd"] {
+            let log = std::fs::File::create(dir.join(format!("{daemon}.log")))?;
+            let mut cmd = ns.command(&format!("/usr/lib/frr/{daemon}"));
+            cmd.args(["-N", &vty_name, "-f"])
+                .arg(dir.join(format!("{daemon}.conf")))
+                .arg("-i")
+                .arg(dir.join(format!("{daemon}.pid")))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            procs.push(Proc::spawn(&mut cmd, daemon)?);
+            let socket = run_dir.join(format!("{daemon}.vty"));
+            if wait_until(Duration::from_secs(10), || socket.exists()).is_none() {
+                return Err(io::Error::other(format!("FRR {daemon} did not start")));
+            }
+        }
+        Ok(Frr {
+            _procs: procs,
+            vty_name,
+            run_dir,
+        })
+    }
+
+    /// `vtysh -N NAME -c COMMAND`, its output.
+    pub fn vtysh(&self, command: &str) -> String {
+        Command::new("vtysh")
+            .args(["-N", &self.vty_name, "-c", command])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Frr {
+    fn drop(&mut self) {
+        drop(std::mem::take(&mut self._procs));
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
