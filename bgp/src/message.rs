@@ -84,12 +84,38 @@ impl Framer {
     }
 }
 
-/// Decodes one framed message. `asn4`: both sides announced 4-octet AS numbers.
-pub fn decode(bytes: &[u8], asn4: bool) -> Result<BgpMessage, BgpNotificationMessage> {
-    let mut ctx = BgpParsingContext::default();
-    ctx.set_asn4(asn4);
+/// A decoded message, with the path attribute errors that RFC 7606 handles by
+/// "treat-as-withdraw" (the UPDATE's prefixes are withdrawn, the session stays up).
+#[derive(Debug)]
+pub struct Decoded {
+    pub message: BgpMessage,
+    pub attribute_errors: Vec<String>,
+}
+
+/// Decodes one framed message. `asn4`: both sides announced 4-octet AS numbers. A message that
+/// cannot be parsed becomes the NOTIFICATION RFC 4271 section 6 prescribes for it.
+pub fn decode(bytes: &[u8], asn4: bool) -> Result<Decoded, BgpNotificationMessage> {
+    // Lenient on path attributes (RFC 7606), strict on everything else.
+    let mut ctx = BgpParsingContext::new(
+        asn4,
+        Default::default(),
+        Default::default(),
+        true,
+        true,
+        false,
+        false,
+    );
     let mut reader = SliceReader::new(bytes);
-    BgpMessage::parse(&mut reader, &mut ctx).map_err(BgpNotificationMessage::from)
+    let message = BgpMessage::parse(&mut reader, &mut ctx).map_err(BgpNotificationMessage::from)?;
+    let ignored = ctx.reset_parsing_errors();
+    Ok(Decoded {
+        message,
+        attribute_errors: ignored
+            .path_attr_errors()
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect(),
+    })
 }
 
 pub fn encode(message: &BgpMessage) -> Vec<u8> {
@@ -346,4 +372,83 @@ pub fn read_update(update: &BgpUpdateMessage) -> UpdateRoutes {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![0xff; 16];
+        m.extend_from_slice(&((19 + body.len()) as u16).to_be_bytes());
+        m.push(kind);
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// NOTIFICATION code and subcode of what decoding `bytes` answers.
+    fn refusal(bytes: &[u8]) -> (u8, u8) {
+        let notification = decode(bytes, true).expect_err("malformed");
+        let wire = encode(&BgpMessage::Notification(notification));
+        (wire[19], wire[20])
+    }
+
+    #[test]
+    fn malformed_messages_get_the_notification_rfc_4271_prescribes() {
+        // OPEN version 3: OPEN Message Error, Unsupported Version Number.
+        assert_eq!(
+            refusal(&frame(1, &[3, 0xfd, 0xe8, 0, 9, 10, 0, 0, 1, 0])),
+            (2, 1)
+        );
+        // UPDATE whose attributes claim 100 bytes and have 4: Malformed Attribute List.
+        assert_eq!(refusal(&frame(2, &[0, 0, 0, 100, 0x40, 1, 1, 0])), (3, 1));
+        // A message type that does not exist: Message Header Error, Bad Message Type.
+        assert_eq!(refusal(&frame(9, &[])), (1, 3));
+    }
+
+    #[test]
+    fn an_attribute_error_is_treat_as_withdraw_not_a_reset() {
+        // ORIGIN 7 (undefined) on 203.0.113.0/24: RFC 7606 withdraws the route instead.
+        let bad_origin = frame(2, &[0, 0, 0, 4, 0x40, 1, 1, 7, 24, 203, 0, 113]);
+        let decoded = decode(&bad_origin, true).expect("parses leniently");
+        assert_eq!(decoded.attribute_errors.len(), 1, "{decoded:?}");
+        let BgpMessage::Update(update) = decoded.message else {
+            panic!("an UPDATE");
+        };
+        assert_eq!(read_update(&update).announced.len(), 1);
+    }
+
+    #[test]
+    fn announcements_round_trip_through_the_wire() {
+        let v4 = Announcement {
+            prefix: "203.0.113.0/24".parse().unwrap(),
+            next_hop: "10.0.1.2".parse().unwrap(),
+            prepend: 1,
+            med: Some(7),
+            communities: vec![0xffff_0000, 65001 << 16 | 200],
+        };
+        for asn4 in [true, false] {
+            let wire = encode(&announce(&v4, 4_200_000_001, asn4));
+            let BgpMessage::Update(update) = decode(&wire, asn4).expect("decodes").message else {
+                panic!("an UPDATE");
+            };
+            let routes = read_update(&update);
+            let expected_as = if asn4 {
+                4_200_000_001
+            } else {
+                u32::from(AS_TRANS)
+            };
+            assert_eq!(routes.announced[0].as_path, vec![expected_as; 2]);
+            assert_eq!(routes.announced[0].communities, v4.communities);
+            assert_eq!(routes.announced[0].med, Some(7));
+        }
+        let wire = encode(&withdraw("2001:db8:113::/48".parse().unwrap()));
+        let BgpMessage::Update(update) = decode(&wire, true).expect("decodes").message else {
+            panic!("an UPDATE");
+        };
+        assert_eq!(
+            read_update(&update).withdrawn,
+            vec!["2001:db8:113::/48".parse::<IpNet>().unwrap()]
+        );
+    }
 }

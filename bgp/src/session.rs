@@ -91,6 +91,8 @@ pub struct Counters {
     pub malformed_received: u64,
     pub notifications_sent: u64,
     pub notifications_received: u64,
+    /// UPDATEs with path attribute errors whose routes were withdrawn (RFC 7606).
+    pub treat_as_withdraw: u64,
     pub established: u64,
 }
 
@@ -320,7 +322,7 @@ impl Session {
                     return;
                 }
             };
-            let message = match message::decode(&frame, self.asn4()) {
+            let decoded = match message::decode(&frame, self.asn4()) {
                 Ok(m) => m,
                 Err(notification) => {
                     let reason = format!("malformed message: {notification:?}");
@@ -328,7 +330,28 @@ impl Session {
                     return;
                 }
             };
-            self.message(now, message, out);
+            if !decoded.attribute_errors.is_empty() {
+                self.counters.treat_as_withdraw += 1;
+                self.last_error = Some(format!(
+                    "UPDATE with bad path attributes, treated as withdraw (RFC 7606): {}",
+                    decoded.attribute_errors.join("; ")
+                ));
+                if let BgpMessage::Update(update) = &decoded.message {
+                    let routes = message::read_update(update);
+                    for prefix in routes
+                        .withdrawn
+                        .iter()
+                        .chain(routes.announced.iter().map(|r| &r.prefix))
+                    {
+                        self.rib_in.remove(prefix);
+                    }
+                    if let Some(hold) = self.hold {
+                        self.hold_deadline = Some(now + hold);
+                    }
+                    continue;
+                }
+            }
+            self.message(now, decoded.message, out);
             if self.state == State::Idle {
                 return;
             }

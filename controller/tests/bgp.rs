@@ -210,3 +210,87 @@ fn the_speaker_reconnects_and_reannounces_after_the_upstream_restarts() {
         "re-announced after the reconnect"
     );
 }
+
+/// A message as the wire carries it.
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0xff; 16];
+    m.extend_from_slice(&((19 + body.len()) as u16).to_be_bytes());
+    m.push(kind);
+    m.extend_from_slice(body);
+    m
+}
+
+/// The (code, subcode) of the first NOTIFICATION in a byte stream.
+fn first_notification(mut stream: &[u8]) -> Option<(u8, u8)> {
+    while stream.len() >= 19 {
+        let len = usize::from(u16::from_be_bytes([stream[16], stream[17]]));
+        if len < 19 || len > stream.len() {
+            return None;
+        }
+        if stream[18] == 3 && len >= 21 {
+            return Some((stream[19], stream[20]));
+        }
+        stream = &stream[len..];
+    }
+    None
+}
+
+#[test]
+fn a_peer_sending_a_malformed_open_or_update_gets_the_right_notification() {
+    if !privileged("a_peer_sending_a_malformed_open_or_update_gets_the_right_notification") {
+        return;
+    }
+    use secondsite_bgp::message;
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let good_open = message::encode(&message::open(65000, 9, "10.0.0.1".parse().unwrap()));
+    let keepalive = frame(4, &[]);
+    let cases = [
+        // OPEN with version 3: OPEN Message Error / Unsupported Version Number.
+        (
+            "open",
+            frame(1, &[3, 0xfd, 0xe8, 0, 9, 10, 0, 0, 1, 0]),
+            (2, 1),
+        ),
+        // Established, then an UPDATE whose attributes claim 100 bytes and carry 4: UPDATE
+        // Message Error / Malformed Attribute List.
+        (
+            "update",
+            [
+                good_open,
+                keepalive,
+                frame(2, &[0, 0, 0, 100, 0x40, 1, 1, 0]),
+            ]
+            .concat(),
+            (3, 1),
+        ),
+    ];
+    for (name, bytes, expected) in cases {
+        let input = dir.path().join(format!("{name}.in"));
+        let output = dir.path().join(format!("{name}.out"));
+        std::fs::write(&input, &bytes).expect("writes");
+        // The test peer: nc listening as the upstream, sending `bytes` to whoever connects.
+        let mut peer = lab.up.command("timeout");
+        peer.args(["5", "nc", "-l", "10.0.1.1", "179"])
+            .stdin(std::fs::File::open(&input).expect("opens"))
+            .stdout(std::fs::File::create(&output).expect("creates"));
+        let mut peer = Proc::spawn(&mut peer, "nc").expect("starts nc");
+        std::thread::sleep(Duration::from_millis(200));
+        let mut speaker = Speaker::start(&lab.site_a, 1, &[]);
+        assert!(
+            wait_until(Duration::from_secs(15), || peer.try_wait().is_some()).is_some(),
+            "{name}: the test peer never finished"
+        );
+        let reply = std::fs::read(&output).expect("reads the reply");
+        assert_eq!(
+            first_notification(&reply),
+            Some(expected),
+            "{name}: the speaker answered {reply:?}"
+        );
+        let show = speaker.show();
+        assert!(
+            show["peers"][0]["counters"]["malformed_received"].as_u64() >= Some(1),
+            "{name}: counted: {show}"
+        );
+    }
+}
