@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bfd;
 pub mod message;
 pub mod route;
 pub mod session;

@@ -16,10 +16,11 @@ use ipnet::IpNet;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::bfd::{self, BfdConfig, BfdSession, BfdState, Diagnostic};
 use crate::route::{Announcement, Route};
 use crate::session::{Counters, Input, Output, Session, SessionConfig, State};
 
@@ -31,6 +32,8 @@ pub struct PeerConfig {
     /// Our address toward the peer (default: what the kernel picks).
     pub local_address: Option<IpAddr>,
     pub session: SessionConfig,
+    /// BFD toward the peer (RFC 5881 single hop); its going down takes the session down.
+    pub bfd: Option<BfdConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -41,13 +44,23 @@ pub enum Command {
     Stop,
 }
 
-/// A session's state change, as the CLI prints it.
+/// A state change, as the CLI prints it.
 #[derive(Debug, Clone, Serialize)]
-pub struct SessionEvent {
-    pub peer: IpAddr,
-    pub from: State,
-    pub to: State,
-    pub reason: String,
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Event {
+    /// The BGP session.
+    Session {
+        peer: IpAddr,
+        from: State,
+        to: State,
+        reason: String,
+    },
+    Bfd {
+        peer: IpAddr,
+        from: BfdState,
+        to: BfdState,
+        diagnostic: Diagnostic,
+    },
 }
 
 /// One peer as `show` reports it.
@@ -56,6 +69,7 @@ pub struct PeerStatus {
     pub peer: IpAddr,
     pub state: State,
     pub hold_time: Option<u16>,
+    pub bfd: Option<BfdState>,
     pub adj_rib_in: Vec<Route>,
     pub counters: Counters,
     pub last_error: Option<String>,
@@ -75,9 +89,10 @@ impl Speaker {
     pub async fn start(
         peers: Vec<PeerConfig>,
         announcements: Vec<Announcement>,
-        events: mpsc::UnboundedSender<SessionEvent>,
+        events: mpsc::UnboundedSender<Event>,
     ) -> std::io::Result<Speaker> {
         let mut routes: HashMap<IpAddr, mpsc::UnboundedSender<TcpStream>> = HashMap::new();
+        let mut bfd_routes: HashMap<IpAddr, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
         let mut speaker = Speaker {
             peers: Vec::new(),
             announced: Arc::new(Mutex::new(announcements.clone())),
@@ -88,16 +103,34 @@ impl Speaker {
             let (tx, rx) = mpsc::unbounded_channel();
             let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
             routes.insert(peer.address, incoming_tx);
+            let (bfd_tx, bfd_rx) = mpsc::unbounded_channel();
+            let bfd = match peer.bfd {
+                Some(config) => {
+                    bfd_routes.insert(peer.address, bfd_tx);
+                    Some(BfdLink {
+                        session: BfdSession::new(
+                            config,
+                            discriminator(peer.address),
+                            Instant::now().into_std(),
+                        ),
+                        socket: bfd_socket(peer.address, peer.local_address).await?,
+                        packets: bfd_rx,
+                    })
+                }
+                None => None,
+            };
             let status = Arc::new(Mutex::new(PeerStatus {
                 peer: peer.address,
                 state: State::Idle,
                 hold_time: None,
+                bfd: None,
                 adj_rib_in: Vec::new(),
                 counters: Counters::default(),
                 last_error: None,
             }));
             listen_on.push(peer.local_address);
             let task = PeerTask {
+                bfd,
                 session: Session::new(peer.session.clone()),
                 config: peer,
                 status: status.clone(),
@@ -117,6 +150,20 @@ impl Speaker {
             _ => IpAddr::from([0u8; 16]),
         };
         let listener = TcpListener::bind(SocketAddr::new(bind, BGP_PORT)).await?;
+        if !bfd_routes.is_empty() {
+            let socket = UdpSocket::bind(SocketAddr::new(bind, bfd::CONTROL_PORT)).await?;
+            speaker.tasks.insert(
+                0,
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 512];
+                    while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                        if let Some(tx) = bfd_routes.get(&canonical(from.ip())) {
+                            let _ = tx.send(buf[..n].to_vec());
+                        }
+                    }
+                }),
+            );
+        }
         speaker.tasks.push(tokio::spawn(async move {
             while let Ok((stream, from)) = listener.accept().await {
                 let from = canonical(from.ip());
@@ -163,14 +210,20 @@ impl Speaker {
     }
 
     /// Sends Cease to every established peer and waits (up to a second) for the sessions to end.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
         self.command(Command::Stop);
-        let listener = self.tasks.pop();
         for task in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
-        }
-        if let Some(l) = listener {
-            l.abort();
+            if task.is_finished() {
+                continue;
+            }
+            // Peer tasks end after their Cease; the listeners never do.
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_millis(500), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
     }
 }
@@ -186,8 +239,50 @@ fn canonical(ip: IpAddr) -> IpAddr {
 struct PeerTask {
     config: PeerConfig,
     session: Session,
+    bfd: Option<BfdLink>,
     status: Arc<Mutex<PeerStatus>>,
-    events: mpsc::UnboundedSender<SessionEvent>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// A peer's BFD session and its transport.
+struct BfdLink {
+    session: BfdSession,
+    socket: UdpSocket,
+    packets: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+/// A local discriminator per peer: non-zero, and different for different peers.
+fn discriminator(peer: IpAddr) -> u32 {
+    let bytes = match peer {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let hash = bytes.iter().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    });
+    (hash ^ std::process::id()) | 1
+}
+
+/// The socket a BFD session sends from: a source port in 49152-65535, TTL 255 (RFC 5881).
+async fn bfd_socket(peer: IpAddr, local: Option<IpAddr>) -> std::io::Result<UdpSocket> {
+    let local = local.unwrap_or(match peer {
+        IpAddr::V4(_) => IpAddr::from([0u8; 4]),
+        IpAddr::V6(_) => IpAddr::from([0u8; 16]),
+    });
+    let mut last = None;
+    for port in bfd::SOURCE_PORTS.step_by(7).take(64) {
+        match UdpSocket::bind(SocketAddr::new(local, port)).await {
+            Ok(socket) => {
+                socket.set_ttl(255)?;
+                socket
+                    .connect(SocketAddr::new(peer, bfd::CONTROL_PORT))
+                    .await?;
+                return Ok(socket);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no BFD source port free")))
 }
 
 impl PeerTask {
@@ -235,7 +330,7 @@ impl PeerTask {
                         reader = None;
                     }
                     Output::StateChanged { from, to, reason } => {
-                        let _ = self.events.send(SessionEvent {
+                        let _ = self.events.send(Event::Session {
                             peer: self.config.address,
                             from,
                             to,
@@ -251,7 +346,14 @@ impl PeerTask {
             if stopping {
                 return;
             }
-            let deadline = self.session.next_deadline().map(Instant::from_std);
+            let deadline = [
+                self.session.next_deadline(),
+                self.bfd.as_ref().map(|b| b.session.next_deadline()),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(Instant::from_std);
             tokio::select! {
                 command = commands.recv() => {
                     let now = Instant::now().into_std();
@@ -298,10 +400,43 @@ impl PeerTask {
                         outputs.extend(self.session.handle(now, Input::Connected));
                     }
                 }
+                Some(packet) = bfd_packet(self.bfd.as_mut()) => {
+                    let now = Instant::now().into_std();
+                    if let Some(link) = self.bfd.as_mut()
+                        && let Ok(Some(change)) = link.session.receive(now, &packet)
+                    {
+                        outputs.extend(self.bfd_changed(now, change));
+                    }
+                }
                 _ = sleep_until(deadline) => {
-                    outputs.extend(self.session.on_timer(Instant::now().into_std()));
+                    let now = Instant::now().into_std();
+                    outputs.extend(self.session.on_timer(now));
+                    if let Some(link) = self.bfd.as_mut() {
+                        let (packets, change) = link.session.on_timer(now);
+                        for p in packets {
+                            let _ = link.socket.send(&p).await;
+                        }
+                        if let Some(change) = change {
+                            outputs.extend(self.bfd_changed(now, change));
+                        }
+                    }
                 }
             }
+        }
+    }
+
+    /// Reports a BFD state change; BFD going down takes the BGP session down with it.
+    fn bfd_changed(&mut self, now: std::time::Instant, change: bfd::StateChange) -> Vec<Output> {
+        let _ = self.events.send(Event::Bfd {
+            peer: self.config.address,
+            from: change.from,
+            to: change.to,
+            diagnostic: change.diagnostic,
+        });
+        if change.from == BfdState::Up && change.to != BfdState::Up {
+            self.session.handle(now, Input::BfdDown)
+        } else {
+            Vec::new()
         }
     }
 
@@ -309,6 +444,7 @@ impl PeerTask {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         s.state = self.session.state();
         s.hold_time = self.session.hold_time();
+        s.bfd = self.bfd.as_ref().map(|b| b.session.state());
         s.adj_rib_in = self.session.rib_in().routes().cloned().collect();
         s.counters = self.session.counters().clone();
         s.last_error = self.session.last_error().map(str::to_owned);
@@ -336,6 +472,13 @@ async fn connect(peer: IpAddr, local: Option<IpAddr>) -> std::io::Result<TcpStre
 async fn read_some(reader: Option<&mut OwnedReadHalf>, buf: &mut [u8]) -> std::io::Result<usize> {
     match reader {
         Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn bfd_packet(link: Option<&mut BfdLink>) -> Option<Vec<u8>> {
+    match link {
+        Some(l) => l.packets.recv().await,
         None => std::future::pending().await,
     }
 }

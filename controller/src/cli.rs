@@ -86,6 +86,10 @@ pub struct BgpSpeakArgs {
     /// Wait for the peers to connect.
     #[arg(long)]
     pub passive: bool,
+    /// BFD toward each peer, INTERVAL_MS:MULTIPLIER (like 100:3): its going down takes the
+    /// session down at once.
+    #[arg(long)]
+    pub bfd: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

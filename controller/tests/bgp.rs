@@ -15,7 +15,7 @@ const V6: &str = "2001:db8:113::/48";
 
 /// `secondsite bgp speak` with a line-oriented stdin and its stdout lines as JSON.
 struct Speaker {
-    _proc: Proc,
+    proc: Proc,
     stdin: ChildStdin,
     lines: Receiver<Value>,
 }
@@ -49,11 +49,11 @@ impl Speaker {
                 }
             }
         });
-        Speaker {
-            _proc: proc,
-            stdin,
-            lines,
-        }
+        Speaker { proc, stdin, lines }
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.id()
     }
 
     fn send(&mut self, line: &str) {
@@ -293,4 +293,94 @@ fn a_peer_sending_a_malformed_open_or_update_gets_the_right_notification() {
             "{name}: counted: {show}"
         );
     }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("runs kill");
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// Our speaker with BFD 100:3 established with the upstream, routes in its FIB.
+fn speaker_with_bfd(lab: &UpstreamLab) -> Speaker {
+    let speaker = Speaker::start(&lab.site_a, 1, &["--bfd", "100:3"]);
+    // Both, in either order.
+    let (mut session_up, mut bfd_up) = (false, false);
+    while !(session_up && bfd_up) {
+        let v = speaker.wait_for("Established and BFD up", Duration::from_secs(20), |v| {
+            v["to"] == "established" || (v["event"] == "bfd" && v["to"] == "up")
+        });
+        session_up |= v["to"] == "established";
+        bfd_up |= v["event"] == "bfd";
+    }
+    assert!(wait_until(Duration::from_secs(10), || routes_present(lab, "1")).is_some());
+    speaker
+}
+
+/// Freezing our speaker: the upstream's BFD notices and it drops our routes.
+fn frozen_speaker_loses_its_routes(lab: &UpstreamLab, router: &str) {
+    let speaker = speaker_with_bfd(lab);
+    signal(speaker.pid(), "-STOP");
+    let took = wait_until(Duration::from_secs(5), || routes_gone(lab));
+    signal(speaker.pid(), "-CONT");
+    let took = took.expect("the upstream dropped the routes of a frozen speaker");
+    eprintln!("{router}: frozen speaker's routes gone from the upstream's FIB in {took:?}");
+    assert!(
+        took <= Duration::from_millis(500),
+        "{router}: BFD 100 ms x 3 took {took:?} (more than 0.5 s)"
+    );
+}
+
+/// Freezing the upstream's BFD: ours reports BFD down and takes the session down with it.
+fn frozen_upstream_takes_our_session_down(speaker: &Speaker, frozen_pid: u32) {
+    signal(frozen_pid, "-STOP");
+    let started = std::time::Instant::now();
+    let bfd = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        speaker.wait_for("BFD down", Duration::from_secs(3), |v| {
+            v["event"] == "bfd" && v["from"] == "up" && v["diagnostic"] == "detection_time_expired"
+        });
+        speaker.wait_for("the session down", Duration::from_secs(1), |v| {
+            v["event"] == "session" && v["from"] == "established"
+        });
+    }));
+    signal(frozen_pid, "-CONT");
+    if let Err(e) = bfd {
+        std::panic::resume_unwind(e);
+    }
+    eprintln!(
+        "BFD and BGP down {:?} after the upstream froze",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn bfd_with_bird_a_frozen_speaker_loses_its_routes_and_a_frozen_upstream_takes_ours_down() {
+    if !privileged(
+        "bfd_with_bird_a_frozen_speaker_loses_its_routes_and_a_frozen_upstream_takes_ours_down",
+    ) {
+        return;
+    }
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let bird = Bird::start_with(&lab.up, dir.path(), true).expect("starts BIRD");
+    frozen_speaker_loses_its_routes(&lab, "BIRD");
+    let speaker = speaker_with_bfd(&lab);
+    frozen_upstream_takes_our_session_down(&speaker, bird.pid());
+}
+
+#[test]
+fn bfd_with_frr_a_frozen_speaker_loses_its_routes_and_a_frozen_upstream_takes_ours_down() {
+    if !privileged(
+        "bfd_with_frr_a_frozen_speaker_loses_its_routes_and_a_frozen_upstream_takes_ours_down",
+    ) {
+        return;
+    }
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let frr = Frr::start_with(&lab.up, dir.path(), true).expect("starts FRR");
+    frozen_speaker_loses_its_routes(&lab, "FRR");
+    let speaker = speaker_with_bfd(&lab);
+    frozen_upstream_takes_our_session_down(&speaker, frr.pid("bfdd").expect("bfdd runs"));
 }

@@ -102,7 +102,7 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> Option<
 /// BIRD 2 as the upstream router, in the foreground, killed on drop.
 #[derive(Debug)]
 pub struct Bird {
-    _proc: Proc,
+    proc: Proc,
     ctl: PathBuf,
 }
 
@@ -110,9 +110,14 @@ impl Bird {
     pub const CONFIG: &'static str = include_str!("../configs/bird-upstream.conf");
 
     pub fn start(ns: &Netns, dir: &Path) -> io::Result<Bird> {
+        Self::start_with(ns, dir, false)
+    }
+
+    /// With `bfd`: BFD at 100 ms x 3 toward both sites, tied to the BGP sessions.
+    pub fn start_with(ns: &Netns, dir: &Path, bfd: bool) -> io::Result<Bird> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("bird.conf");
-        std::fs::write(&config, Self::CONFIG)?;
+        std::fs::write(&config, switch_lines(Self::CONFIG, "#BFD", bfd))?;
         let ctl = dir.join("bird.ctl");
         let log = std::fs::File::create(dir.join("bird.log"))?;
         let mut cmd = ns.command("bird");
@@ -127,7 +132,7 @@ impl Bird {
             .stdout(Stdio::null())
             .stderr(log);
         let proc = Proc::spawn(&mut cmd, "bird")?;
-        let bird = Bird { _proc: proc, ctl };
+        let bird = Bird { proc, ctl };
         if wait_until(Duration::from_secs(10), || {
             bird.birdc(&["show", "status"]).contains("Daemon is up")
         })
@@ -136,6 +141,10 @@ impl Bird {
             return Err(io::Error::other("BIRD did not start"));
         }
         Ok(bird)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.id()
     }
 
     /// `birdc -s CTL ARGS...`, its output.
@@ -153,7 +162,7 @@ impl Bird {
 /// FRR (zebra and bgpd) as the upstream router, in the foreground, killed on drop.
 #[derive(Debug)]
 pub struct Frr {
-    _procs: Vec<Proc>,
+    procs: Vec<(&'static str, Proc)>,
     vty_name: String,
     run_dir: PathBuf,
 }
@@ -162,7 +171,14 @@ impl Frr {
     pub const BGPD: &'static str = include_str!("../configs/frr-bgpd.conf");
     pub const ZEBRA: &'static str = include_str!("../configs/frr-zebra.conf");
 
+    pub const BFDD: &'static str = include_str!("../configs/frr-bfdd.conf");
+
     pub fn start(ns: &Netns, dir: &Path) -> io::Result<Frr> {
+        Self::start_with(ns, dir, false)
+    }
+
+    /// With `bfd`: bfdd runs too, at 100 ms x 3 toward both sites, tied to the BGP sessions.
+    pub fn start_with(ns: &Netns, dir: &Path, bfd: bool) -> io::Result<Frr> {
         std::fs::create_dir_all(dir)?;
         // The daemons run as user frr: their files must be its, and their sockets live in
         // /var/run/frr/NAME (NAME: the namespace's, unique to this run).
@@ -170,13 +186,19 @@ impl Frr {
         let run_dir = PathBuf::from(format!("/var/run/frr/{vty_name}"));
         std::fs::create_dir_all(&run_dir)?;
         std::fs::write(dir.join("zebra.conf"), Self::ZEBRA)?;
-        std::fs::write(dir.join("bgpd.conf"), Self::BGPD)?;
+        std::fs::write(dir.join("bgpd.conf"), switch_lines(Self::BGPD, "!BFD", bfd))?;
+        std::fs::write(dir.join("bfdd.conf"), Self::BFDD)?;
         run(Command::new("chown")
             .args(["-R", "frr:frr"])
             .arg(dir)
             .arg(&run_dir))?;
         let mut procs = Vec::new();
-        for daemon in ["zebra", "bgpd"] {
+        let daemons: &[&str] = if bfd {
+            &["zebra", "bfdd", "bgpd"]
+        } else {
+            &["zebra", "bgpd"]
+        };
+        for &daemon in daemons {
             let log = std::fs::File::create(dir.join(format!("{daemon}.log")))?;
             let mut cmd = ns.command(&format!("/usr/lib/frr/{daemon}"));
             cmd.args(["-N", &vty_name, "-f"])
@@ -186,17 +208,25 @@ impl Frr {
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);
-            procs.push(Proc::spawn(&mut cmd, daemon)?);
+            procs.push((daemon, Proc::spawn(&mut cmd, daemon)?));
             let socket = run_dir.join(format!("{daemon}.vty"));
             if wait_until(Duration::from_secs(10), || socket.exists()).is_none() {
                 return Err(io::Error::other(format!("FRR {daemon} did not start")));
             }
         }
         Ok(Frr {
-            _procs: procs,
+            procs,
             vty_name,
             run_dir,
         })
+    }
+
+    /// The pid of one of its daemons (`zebra`, `bgpd`, `bfdd`).
+    pub fn pid(&self, daemon: &str) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|(d, _)| *d == daemon)
+            .map(|(_, p)| p.id())
     }
 
     /// `vtysh -N NAME -c COMMAND`, its output.
@@ -211,7 +241,20 @@ impl Frr {
 
 impl Drop for Frr {
     fn drop(&mut self) {
-        drop(std::mem::take(&mut self._procs));
+        drop(std::mem::take(&mut self.procs));
         let _ = std::fs::remove_dir_all(&self.run_dir);
     }
+}
+
+/// The config with the lines marked `marker` switched on (the marker removed) or left out.
+fn switch_lines(config: &str, marker: &str, on: bool) -> String {
+    config
+        .lines()
+        .filter_map(|l| match l.strip_prefix(marker) {
+            Some(rest) if on => Some(rest),
+            Some(_) => None,
+            None => Some(l),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ipnet::IpNet;
+use secondsite_bgp::bfd::BfdConfig;
 use secondsite_bgp::route::{Announcement, format_community, parse_community};
 use secondsite_bgp::session::SessionConfig;
 use secondsite_bgp::speaker::{Command, PeerConfig, Speaker};
@@ -77,6 +78,12 @@ pub fn speak(args: BgpSpeakArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|p| attributes.announcement(*p))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let bfd = args
+        .bfd
+        .as_deref()
+        .map(BfdConfig::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let peers: Vec<PeerConfig> = args
         .peers
         .iter()
@@ -91,6 +98,7 @@ pub fn speak(args: BgpSpeakArgs) -> anyhow::Result<ExitCode> {
                 passive: args.passive,
                 connect_retry: Duration::from_secs(1),
             },
+            bfd,
         })
         .collect();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -114,8 +122,9 @@ async fn run(
     loop {
         tokio::select! {
             Some(event) = events.recv() => {
-                eprintln!("secondsite bgp: {}: {:?} -> {:?} ({})", event.peer, event.from, event.to, event.reason);
-                println!("{}", serde_json::json!({"event": "session", "peer": event.peer, "from": event.from, "to": event.to, "reason": event.reason}));
+                let line = serde_json::to_string(&event)?;
+                eprintln!("secondsite bgp: {line}");
+                println!("{line}");
             }
             line = stdin.next_line(), if stdin_open => match line {
                 Ok(Some(line)) => handle_line(&speaker, &attributes, line.trim()),
