@@ -6,7 +6,7 @@ use std::process::{ChildStdin, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
-use secondsite_lab::{Bird, Frr, Netns, Proc, UpstreamLab, privileged, wait_until};
+use secondsite_lab::{Bird, Frr, Gobgp, Netns, Proc, UpstreamLab, privileged, wait_until};
 use serde_json::Value;
 
 const SECONDSITE: &str = env!("CARGO_BIN_EXE_secondsite");
@@ -162,6 +162,45 @@ fn with_frr_upstream_our_prefixes_reach_its_rib_and_fib_and_withdraw_removes_the
     announce_check_withdraw(&lab, &mut speaker, || {
         frr.vtysh("show ip bgp") + &frr.vtysh("show bgp ipv6 unicast")
     });
+}
+
+#[test]
+fn with_gobgp_upstream_our_prefixes_reach_its_rib_and_withdraw_removes_them() {
+    if !privileged("with_gobgp_upstream_our_prefixes_reach_its_rib_and_withdraw_removes_them") {
+        return;
+    }
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let gobgp = Gobgp::start(&lab.up, dir.path()).expect("starts GoBGP");
+    let mut speaker = Speaker::start(&lab.site_a, 1, &["--prepend", "1", "--med", "20"]);
+    speaker.established(Duration::from_secs(20));
+    let rib = || {
+        gobgp.gobgp(&["global", "rib", "-a", "ipv4"])
+            + &gobgp.gobgp(&["global", "rib", "-a", "ipv6"])
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let r = rib();
+            r.contains(V4) && r.contains(V6) && r.contains("fd00:1::2")
+        })
+        .is_some(),
+        "GoBGP's RIB lacks our routes: {}",
+        rib()
+    );
+    let r = rib();
+    assert!(r.contains("65001 65001"), "AS path with one prepend: {r}");
+    assert!(r.contains("Med: 20"), "MED carried: {r}");
+    speaker.send(&format!("withdraw {V4}"));
+    speaker.send(&format!("withdraw {V6}"));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let r = rib();
+            !r.contains(V4) && !r.contains(V6)
+        })
+        .is_some(),
+        "withdrawn routes stay in GoBGP: {}",
+        rib()
+    );
 }
 
 #[test]

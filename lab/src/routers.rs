@@ -258,3 +258,60 @@ fn switch_lines(config: &str, marker: &str, on: bool) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// GoBGP as the upstream router, in the foreground, killed on drop.
+#[derive(Debug)]
+pub struct Gobgp {
+    _proc: Proc,
+    ns: String,
+}
+
+impl Gobgp {
+    pub const CONFIG: &'static str = include_str!("../configs/gobgp-upstream.toml");
+    const API: &'static str = "127.0.0.1:50051";
+
+    pub fn start(ns: &Netns, dir: &Path) -> io::Result<Gobgp> {
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("gobgpd.toml");
+        std::fs::write(&config, Self::CONFIG)?;
+        let log = std::fs::File::create(dir.join("gobgpd.log"))?;
+        let mut cmd = ns.command("gobgpd");
+        cmd.arg("-f")
+            .arg(&config)
+            .args(["-p", "--api-hosts", Self::API, "--pprof-disable"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let gobgp = Gobgp {
+            _proc: Proc::spawn(&mut cmd, "gobgpd")?,
+            ns: ns.name().to_owned(),
+        };
+        if wait_until(Duration::from_secs(10), || {
+            gobgp.gobgp(&["global"]).contains("65000")
+        })
+        .is_none()
+        {
+            return Err(io::Error::other("GoBGP did not start"));
+        }
+        Ok(gobgp)
+    }
+
+    /// `gobgp ARGS...` against this daemon, its output.
+    pub fn gobgp(&self, args: &[&str]) -> String {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "gobgp",
+                "-u",
+                "127.0.0.1",
+                "-p",
+                "50051",
+            ])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
