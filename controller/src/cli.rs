@@ -180,6 +180,17 @@ pub enum BenchCommand {
         #[arg(long)]
         quick: bool,
     },
+    /// The BGP speaker against BIRD and FRR in a namespace lab: time from a `withdraw` to the
+    /// upstream's FIB change (20 trials each), UPDATE encode+decode rate, memory with two
+    /// sessions. Needs root, bird2 and frr.
+    Bgp {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Fewer trials (for CI smoke runs).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -123,3 +123,35 @@ fn bench_replication_reports_every_workload() {
     );
     assert!(report["peak_memory_mib"]["receiver"].as_f64() > Some(0.0));
 }
+
+#[test]
+fn bench_bgp_reports_withdraw_times_codec_rate_and_memory() {
+    if !privileged("bench_bgp_reports_withdraw_times_codec_rate_and_memory") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_secondsite"))
+        .args(["bench", "bgp", "--quick", "--json"])
+        .output()
+        .expect("runs secondsite bench bgp");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let routers: Vec<&str> = report["withdraw_to_fib_ms"]
+        .as_array()
+        .expect("per router")
+        .iter()
+        .map(|w| {
+            assert!(w["median"].as_f64() > Some(0.0), "{w}");
+            assert!(w["p95"].as_f64() >= w["median"].as_f64(), "{w}");
+            w["router"].as_str().expect("name")
+        })
+        .collect();
+    assert_eq!(routers, ["bird", "frr"]);
+    assert!(report["update_encode_decode_per_s"].as_f64() > Some(1000.0), "{report}");
+    let rss = report["speaker_two_sessions_rss_mib"].as_f64().expect("memory");
+    assert!(rss > 0.5 && rss < 200.0, "{report}");
+}

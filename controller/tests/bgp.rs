@@ -1,76 +1,64 @@
 //! The BGP speaker against real routers: `secondsite bgp speak` in a site namespace, BIRD 2 or
 //! FRR as the upstream in the lab topology. Needs root (CI is root) and bird2 and frr.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{ChildStdin, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::path::Path;
 use std::time::Duration;
 
-use secondsite_lab::{Bird, Frr, Gobgp, Netns, Proc, UpstreamLab, privileged, wait_until};
+use secondsite_lab::{
+    Bird, Frr, Gobgp, Netns, Proc, SpeakerProc, UpstreamLab, privileged, wait_until,
+};
 use serde_json::Value;
 
 const SECONDSITE: &str = env!("CARGO_BIN_EXE_secondsite");
 const V4: &str = "203.0.113.0/24";
 const V6: &str = "2001:db8:113::/48";
 
-/// `secondsite bgp speak` with a line-oriented stdin and its stdout lines as JSON.
-struct Speaker {
-    proc: Proc,
-    stdin: ChildStdin,
-    lines: Receiver<Value>,
-}
+/// `secondsite bgp speak` in a lab namespace, failing the test when what it waits for does
+/// not come.
+struct Speaker(SpeakerProc);
 
 impl Speaker {
     /// Site `n` (1 or 2) of the lab, peering with the upstream at 10.0.n.1.
     fn start(ns: &Netns, n: u8, extra: &[&str]) -> Speaker {
-        let mut cmd = ns.command(SECONDSITE);
         let (me, peer, nh6) = (
             format!("10.0.{n}.2"),
             format!("10.0.{n}.1"),
             format!("fd00:{n}::2"),
         );
-        cmd.args(["bgp", "speak", "--local-as", "65001", "--peer-as", "65000"])
-            .args(["--router-id", &me, "--local-addr", &me, "--peer", &peer])
-            .args(["--announce", V4, "--announce", V6, "--next-hop6", &nh6])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut proc = Proc::spawn(&mut cmd, "secondsite bgp speak").expect("starts the speaker");
-        let stdin = proc.child().stdin.take().expect("stdin");
-        let stdout = proc.child().stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
-                if tx.send(value).is_err() {
-                    return;
-                }
-            }
-        });
-        Speaker { proc, stdin, lines }
+        let mut args = vec![
+            "--local-as",
+            "65001",
+            "--peer-as",
+            "65000",
+            "--router-id",
+            &me,
+            "--local-addr",
+            &me,
+            "--peer",
+            &peer,
+            "--announce",
+            V4,
+            "--announce",
+            V6,
+            "--next-hop6",
+            &nh6,
+        ];
+        args.extend(extra);
+        Speaker(SpeakerProc::start(ns, Path::new(SECONDSITE), &args).expect("starts the speaker"))
     }
 
     fn pid(&self) -> u32 {
-        self.proc.id()
+        self.0.pid()
     }
 
     fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("writes to the speaker");
+        self.0.send(line).expect("writes to the speaker");
     }
 
-    /// The next line that satisfies `pred`, within `timeout`.
     fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) if pred(&v) => return v,
-                Ok(_) => {}
-                Err(_) => panic!("no {what} within {timeout:?}"),
-            }
-        }
+        self.0
+            .wait_for(timeout, pred)
+            .unwrap_or_else(|| panic!("no {what} within {timeout:?}"))
     }
 
     fn established(&self, timeout: Duration) {

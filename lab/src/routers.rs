@@ -315,3 +315,76 @@ impl Gobgp {
             .unwrap_or_default()
     }
 }
+
+/// `secondsite bgp speak` in a lab namespace: commands to its stdin, its JSON lines back.
+#[derive(Debug)]
+pub struct SpeakerProc {
+    proc: Proc,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl SpeakerProc {
+    /// Runs `secondsite` (the binary at `exe`) `bgp speak ARGS` in `ns`.
+    pub fn start(ns: &Netns, exe: &Path, args: &[&str]) -> io::Result<SpeakerProc> {
+        let mut cmd = ns.command(&exe.to_string_lossy());
+        cmd.args(["bgp", "speak"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut proc = Proc::spawn(&mut cmd, "secondsite bgp speak")?;
+        let stdin = proc
+            .child()
+            .stdin
+            .take()
+            .ok_or_else(|| io::Error::other("no stdin"))?;
+        let stdout = proc
+            .child()
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout"))?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let value = serde_json::from_str(&line).unwrap_or_else(
+                    |e| serde_json::json!({ "unparsed": line, "error": e.to_string() }),
+                );
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(SpeakerProc { proc, stdin, lines })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.id()
+    }
+
+    pub fn send(&mut self, line: &str) -> io::Result<()> {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}")
+    }
+
+    /// The next line that satisfies `pred`, within `timeout`.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if pred(&v) => return Some(v),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+}

@@ -23,6 +23,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Replication { json, quick }) => {
             bench::replication(json, quick)
         }
+        Command::Bench(BenchCommand::Bgp { json, quick }) => bench::bgp(json, quick),
         Command::Replicate(command) => replicate::receive(command),
         Command::Store(command) => replicate::store(command),
         Command::Bgp(crate::cli::BgpCommand::Speak(args)) => bgp::speak(args),

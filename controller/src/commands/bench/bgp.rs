@@ -1,0 +1,227 @@
+//! `secondsite bench bgp`: how fast a withdrawal reaches the upstream's forwarding table, how
+//! fast UPDATEs encode and decode, and what the speaker costs in memory.
+//!
+//! ```text
+//!  lab: up (BIRD or FRR) ── site A: secondsite bgp speak
+//!       ip monitor route (in up) <── the FIB change, timestamped
+//!  "withdraw P" on the speaker's stdin ─────────────────────────────> time to "Deleted P"
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use secondsite_bgp::message;
+use secondsite_bgp::route::Announcement;
+use secondsite_lab::{Bird, Frr, Proc, SpeakerProc, UpstreamLab, wait_until};
+use serde_json::{Value, json};
+
+use super::{percentile, round};
+
+const V4: &str = "203.0.113.0/24";
+
+pub fn bgp(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
+    let trials = if quick { 5 } else { 20 };
+    let exe = std::env::current_exe()?;
+    let scratch = tempdir()?;
+    let mut withdraw = Vec::new();
+    for router in ["bird", "frr"] {
+        withdraw.push(measure_withdraw(
+            router,
+            trials,
+            &exe,
+            &scratch.join(router),
+        )?);
+    }
+    let codec = measure_codec(if quick { 20_000 } else { 200_000 });
+    let memory = measure_memory(&exe, &scratch.join("memory"))?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let report = json!({
+        "withdraw_to_fib_ms": withdraw,
+        "update_encode_decode_per_s": codec,
+        "speaker_two_sessions_rss_mib": memory,
+    });
+    if json_output {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for w in &withdraw {
+            println!(
+                "withdraw to upstream FIB change, {}: median {} ms, p95 {} ms ({} trials)",
+                w["router"], w["median"], w["p95"], w["trials"]
+            );
+        }
+        println!("UPDATE encode + decode: {codec} messages/s");
+        println!("speaker with two sessions: {memory} MiB resident");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tempdir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("secondsite-bench-bgp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The upstream router of a run, kept alive (and stopped when dropped).
+struct Router {
+    _bird: Option<Bird>,
+    _frr: Option<Frr>,
+}
+
+fn start_router(router: &str, lab: &UpstreamLab, dir: &Path) -> anyhow::Result<Router> {
+    Ok(match router {
+        "bird" => Router {
+            _bird: Some(Bird::start(&lab.up, dir).context("cannot start BIRD (bird2)")?),
+            _frr: None,
+        },
+        _ => Router {
+            _bird: None,
+            _frr: Some(Frr::start(&lab.up, dir).context("cannot start FRR")?),
+        },
+    })
+}
+
+fn speaker(
+    lab: &UpstreamLab,
+    exe: &Path,
+    peers: &[&str],
+    local: Option<&str>,
+) -> anyhow::Result<SpeakerProc> {
+    let mut args = vec![
+        "--local-as",
+        "65001",
+        "--peer-as",
+        "65000",
+        "--router-id",
+        "10.0.1.2",
+        "--announce",
+        V4,
+        "--announce",
+        "2001:db8:113::/48",
+        "--next-hop6",
+        "fd00:1::2",
+    ];
+    for p in peers {
+        args.extend(["--peer", p]);
+    }
+    if let Some(local) = local {
+        args.extend(["--local-addr", local]);
+    }
+    let speaker = SpeakerProc::start(&lab.site_a, exe, &args)?;
+    let mut established = 0;
+    while established < peers.len() {
+        speaker
+            .wait_for(Duration::from_secs(30), |v| v["to"] == "established")
+            .context("the speaker did not reach Established")?;
+        established += 1;
+    }
+    Ok(speaker)
+}
+
+fn measure_withdraw(router: &str, trials: usize, exe: &Path, dir: &Path) -> anyhow::Result<Value> {
+    let lab = UpstreamLab::new()?;
+    let _router = start_router(router, &lab, dir)?;
+    let mut speaker = speaker(&lab, exe, &["10.0.1.1"], Some("10.0.1.2"))?;
+    // The upstream's FIB changes, as they happen.
+    let mut monitor = lab.up.command("ip");
+    monitor
+        .args(["monitor", "route"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut monitor = Proc::spawn(&mut monitor, "ip monitor")?;
+    let out = monitor.child().stdout.take().context("monitor output")?;
+    let (tx, changes) = mpsc::channel::<(Instant, String)>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), line)).is_err() {
+                return;
+            }
+        }
+    });
+    let mut samples = Vec::with_capacity(trials);
+    for trial in 0..trials {
+        if wait_until(Duration::from_secs(15), || {
+            lab.upstream_fib(V4).contains("10.0.1.2")
+        })
+        .is_none()
+        {
+            bail!("{router}: trial {trial}: the route never reached the FIB");
+        }
+        while changes.try_recv().is_ok() {}
+        let sent = Instant::now();
+        speaker.send(&format!("withdraw {V4}"))?;
+        let deadline = sent + Duration::from_secs(10);
+        let deleted = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match changes.recv_timeout(left) {
+                Ok((at, line)) if line.starts_with("Deleted") && line.contains(V4) => break at,
+                Ok(_) => {}
+                Err(_) => bail!("{router}: trial {trial}: the withdrawal never left the FIB"),
+            }
+        };
+        samples.push((deleted - sent).as_secs_f64() * 1000.0);
+        speaker.send(&format!("announce {V4}"))?;
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(json!({
+        "router": router,
+        "trials": trials,
+        "median": round(percentile(&samples, 0.5)),
+        "p95": round(percentile(&samples, 0.95)),
+    }))
+}
+
+/// Announcement UPDATEs encoded and decoded per second, one core.
+fn measure_codec(messages: usize) -> f64 {
+    let route = Announcement {
+        prefix: V4.parse().expect("a prefix"),
+        next_hop: "10.0.1.2".parse().expect("an address"),
+        prepend: 2,
+        med: Some(50),
+        communities: vec![0xffff_0000],
+    };
+    let started = Instant::now();
+    let mut bytes = 0;
+    for _ in 0..messages {
+        let wire = message::encode(&message::announce(&route, 65001, true));
+        bytes += wire.len();
+        let decoded = message::decode(&wire, true);
+        debug_assert!(decoded.is_ok());
+        std::hint::black_box(decoded.ok());
+    }
+    std::hint::black_box(bytes);
+    round(messages as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Resident memory of a speaker with two established sessions (IPv4 and IPv6 to BIRD).
+fn measure_memory(exe: &Path, dir: &Path) -> anyhow::Result<f64> {
+    let lab = UpstreamLab::new()?;
+    let _router = start_router("bird", &lab, dir)?;
+    let speaker = speaker(&lab, exe, &["10.0.1.1", "fd00:1::1"], None)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", speaker_pid(&speaker)?))?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .context("no VmRSS")?;
+    Ok(round(kib / 1024.0))
+}
+
+/// The speaker's own pid: `ip netns exec` runs it as its child or replaces itself with it.
+fn speaker_pid(speaker: &SpeakerProc) -> anyhow::Result<u32> {
+    let pid = speaker.pid();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() == "secondsite" {
+        return Ok(pid);
+    }
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))?;
+    children
+        .split_whitespace()
+        .next()
+        .and_then(|c| c.parse().ok())
+        .context("cannot find the speaker process")
+}
