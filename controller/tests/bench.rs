@@ -151,7 +151,12 @@ fn bench_bgp_reports_withdraw_times_codec_rate_and_memory() {
         })
         .collect();
     assert_eq!(routers, ["bird", "frr"]);
-    assert!(report["update_encode_decode_per_s"].as_f64() > Some(1000.0), "{report}");
-    let rss = report["speaker_two_sessions_rss_mib"].as_f64().expect("memory");
+    assert!(
+        report["update_encode_decode_per_s"].as_f64() > Some(1000.0),
+        "{report}"
+    );
+    let rss = report["speaker_two_sessions_rss_mib"]
+        .as_f64()
+        .expect("memory");
     assert!(rss > 0.5 && rss < 200.0, "{report}");
 }

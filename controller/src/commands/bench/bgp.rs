@@ -142,9 +142,11 @@ fn measure_withdraw(router: &str, trials: usize, exe: &Path, dir: &Path) -> anyh
         }
     });
     // Wait until the monitor listens: it must see a route change made for the purpose.
-    lab.up.ip(&["route", "add", "blackhole", "198.51.100.1/32"])?;
+    lab.up
+        .ip(&["route", "add", "blackhole", "198.51.100.1/32"])?;
     let ready = changes.recv_timeout(Duration::from_secs(10));
-    lab.up.ip(&["route", "del", "blackhole", "198.51.100.1/32"])?;
+    lab.up
+        .ip(&["route", "del", "blackhole", "198.51.100.1/32"])?;
     ready.context("ip monitor route saw nothing")?;
     let mut samples = Vec::with_capacity(trials);
     for trial in 0..trials {
