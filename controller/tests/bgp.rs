@@ -191,28 +191,67 @@ fn with_gobgp_upstream_our_prefixes_reach_its_rib_and_withdraw_removes_them() {
     );
 }
 
+/// Site B announces with `--prepend 2`, then site A without: the upstream's best route goes
+/// to A; A withdraws: it moves to B. `best_via(n)` says whether the upstream's best routes for
+/// both prefixes go to site n.
+fn two_sites_prefer_the_one_without_prepend(lab: &UpstreamLab, best_via: impl Fn(u8) -> bool) {
+    let backup = Speaker::start(&lab.site_b, 2, &["--prepend", "2"]);
+    backup.established(Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(10), || best_via(2)).is_some());
+    let mut primary = Speaker::start(&lab.site_a, 1, &[]);
+    primary.established(Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(10), || best_via(1)).is_some(),
+        "the shorter AS path wins"
+    );
+    primary.send(&format!("withdraw {V4}"));
+    primary.send(&format!("withdraw {V6}"));
+    assert!(
+        wait_until(Duration::from_secs(10), || best_via(2)).is_some(),
+        "without the primary's routes the upstream moves to the backup"
+    );
+}
+
 #[test]
-fn with_two_sites_the_upstream_prefers_the_one_that_does_not_prepend() {
-    if !privileged("with_two_sites_the_upstream_prefers_the_one_that_does_not_prepend") {
+fn with_two_sites_bird_prefers_the_one_that_does_not_prepend() {
+    if !privileged("with_two_sites_bird_prefers_the_one_that_does_not_prepend") {
         return;
     }
     let lab = UpstreamLab::new().expect("builds the lab");
     let dir = tmp();
     let _bird = Bird::start(&lab.up, dir.path()).expect("starts BIRD");
-    let backup = Speaker::start(&lab.site_b, 2, &["--prepend", "2"]);
-    backup.established(Duration::from_secs(20));
-    assert!(wait_until(Duration::from_secs(10), || routes_present(&lab, "2")).is_some());
-    let mut primary = Speaker::start(&lab.site_a, 1, &[]);
-    primary.established(Duration::from_secs(20));
-    assert!(
-        wait_until(Duration::from_secs(10), || routes_present(&lab, "1")).is_some(),
-        "the shorter AS path wins: {}",
-        lab.upstream_fib(V4)
-    );
-    // The primary withdraws: the upstream moves to the backup.
-    primary.send(&format!("withdraw {V4}"));
-    primary.send(&format!("withdraw {V6}"));
-    assert!(wait_until(Duration::from_secs(10), || routes_present(&lab, "2")).is_some());
+    two_sites_prefer_the_one_without_prepend(&lab, |n| routes_present(&lab, &n.to_string()));
+}
+
+#[test]
+fn with_two_sites_frr_prefers_the_one_that_does_not_prepend() {
+    if !privileged("with_two_sites_frr_prefers_the_one_that_does_not_prepend") {
+        return;
+    }
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let _frr = Frr::start(&lab.up, dir.path()).expect("starts FRR");
+    two_sites_prefer_the_one_without_prepend(&lab, |n| routes_present(&lab, &n.to_string()));
+}
+
+#[test]
+fn with_two_sites_gobgp_prefers_the_one_that_does_not_prepend() {
+    if !privileged("with_two_sites_gobgp_prefers_the_one_that_does_not_prepend") {
+        return;
+    }
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let gobgp = Gobgp::start(&lab.up, dir.path()).expect("starts GoBGP");
+    // GoBGP marks its best path `*>`.
+    let best = |family: &str, prefix: &str, via: &str| {
+        gobgp
+            .gobgp(&["global", "rib", "-a", family])
+            .lines()
+            .any(|l| l.starts_with("*>") && l.contains(prefix) && l.contains(via))
+    };
+    two_sites_prefer_the_one_without_prepend(&lab, |n| {
+        best("ipv4", V4, &format!("10.0.{n}.2")) && best("ipv6", V6, &format!("fd00:{n}::2"))
+    });
 }
 
 #[test]
