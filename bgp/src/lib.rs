@@ -14,10 +14,12 @@
 //!                    route.rs: our announcements, the peer's Adj-RIB-In
 //! ```
 
-#![forbid(unsafe_code)]
+// Unsafe code is denied except in `sockopt` (setsockopt calls), which allows it.
+#![deny(unsafe_code)]
 
 pub mod bfd;
 pub mod message;
 pub mod route;
 pub mod session;
+pub mod sockopt;
 pub mod speaker;

@@ -20,9 +20,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use std::os::fd::AsFd;
+
 use crate::bfd::{self, BfdConfig, BfdSession, BfdState, Diagnostic};
 use crate::route::{Announcement, Route};
 use crate::session::{Counters, Input, Output, Session, SessionConfig, State};
+use crate::sockopt;
 
 pub const BGP_PORT: u16 = 179;
 
@@ -34,6 +37,10 @@ pub struct PeerConfig {
     pub session: SessionConfig,
     /// BFD toward the peer (RFC 5881 single hop); its going down takes the session down.
     pub bfd: Option<BfdConfig>,
+    /// GTSM (RFC 5082): TTL 255 out, only TTL 255 in.
+    pub gtsm: bool,
+    /// TCP-MD5 (RFC 2385) key.
+    pub md5_key: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,7 +98,11 @@ impl Speaker {
         announcements: Vec<Announcement>,
         events: mpsc::UnboundedSender<Event>,
     ) -> std::io::Result<Speaker> {
-        let mut routes: HashMap<IpAddr, mpsc::UnboundedSender<TcpStream>> = HashMap::new();
+        let mut routes: HashMap<IpAddr, (mpsc::UnboundedSender<TcpStream>, bool)> = HashMap::new();
+        let md5_keys: Vec<(IpAddr, Vec<u8>)> = peers
+            .iter()
+            .filter_map(|p| p.md5_key.clone().map(|k| (p.address, k)))
+            .collect();
         let mut bfd_routes: HashMap<IpAddr, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
         let mut speaker = Speaker {
             peers: Vec::new(),
@@ -102,7 +113,7 @@ impl Speaker {
         for peer in peers {
             let (tx, rx) = mpsc::unbounded_channel();
             let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
-            routes.insert(peer.address, incoming_tx);
+            routes.insert(peer.address, (incoming_tx, peer.gtsm));
             let (bfd_tx, bfd_rx) = mpsc::unbounded_channel();
             let bfd = match peer.bfd {
                 Some(config) => {
@@ -150,6 +161,9 @@ impl Speaker {
             _ => IpAddr::from([0u8; 16]),
         };
         let listener = TcpListener::bind(SocketAddr::new(bind, BGP_PORT)).await?;
+        for (peer, key) in &md5_keys {
+            sockopt::set_md5(listener.as_fd(), *peer, key)?;
+        }
         if !bfd_routes.is_empty() {
             let socket = UdpSocket::bind(SocketAddr::new(bind, bfd::CONTROL_PORT)).await?;
             speaker.tasks.insert(
@@ -168,7 +182,10 @@ impl Speaker {
             while let Ok((stream, from)) = listener.accept().await {
                 let from = canonical(from.ip());
                 match routes.get(&from) {
-                    Some(tx) => {
+                    Some((tx, gtsm)) => {
+                        if *gtsm && sockopt::set_gtsm(stream.as_fd()).is_err() {
+                            continue;
+                        }
                         let _ = tx.send(stream);
                     }
                     None => drop(stream), // not a configured peer
@@ -308,9 +325,9 @@ impl PeerTask {
                 match output {
                     Output::Connect => {
                         let tx = connected_tx.clone();
-                        let (peer, local) = (self.config.address, self.config.local_address);
+                        let config = self.config.clone();
                         tokio::spawn(async move {
-                            let _ = tx.send(connect(peer, local).await);
+                            let _ = tx.send(connect(&config).await);
                         });
                     }
                     Output::Send(bytes) => {
@@ -451,12 +468,19 @@ impl PeerTask {
     }
 }
 
-async fn connect(peer: IpAddr, local: Option<IpAddr>) -> std::io::Result<TcpStream> {
+async fn connect(config: &PeerConfig) -> std::io::Result<TcpStream> {
+    let peer = config.address;
     let socket = match peer {
         IpAddr::V4(_) => TcpSocket::new_v4()?,
         IpAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    if let Some(local) = local {
+    if config.gtsm {
+        sockopt::set_gtsm(socket.as_fd())?;
+    }
+    if let Some(key) = &config.md5_key {
+        sockopt::set_md5(socket.as_fd(), peer, key)?;
+    }
+    if let Some(local) = config.local_address {
         socket.bind(SocketAddr::new(local, 0))?;
     }
     let stream = tokio::time::timeout(

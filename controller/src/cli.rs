@@ -47,18 +47,25 @@ pub enum BgpCommand {
 
 #[derive(Debug, Args)]
 pub struct BgpSpeakArgs {
+    /// Take the site's AS, router id, peers and announcements from this policy instead of the
+    /// options below (with --site).
+    #[arg(long, requires = "site", conflicts_with_all = ["local_as", "router_id", "peers", "peer_as", "announce"])]
+    pub policy: Option<PathBuf>,
+    /// With --policy: the site to speak for.
+    #[arg(long, requires = "policy")]
+    pub site: Option<String>,
     /// Our AS number (4-octet ASNs work).
-    #[arg(long)]
-    pub local_as: u32,
+    #[arg(long, required_unless_present = "policy")]
+    pub local_as: Option<u32>,
     /// Our BGP identifier.
-    #[arg(long)]
-    pub router_id: std::net::Ipv4Addr,
+    #[arg(long, required_unless_present = "policy")]
+    pub router_id: Option<std::net::Ipv4Addr>,
     /// A peer's address (repeat for several peers, all in --peer-as).
-    #[arg(long = "peer", required = true)]
+    #[arg(long = "peer", required_unless_present = "policy")]
     pub peers: Vec<std::net::IpAddr>,
     /// The peers' AS number.
-    #[arg(long)]
-    pub peer_as: u32,
+    #[arg(long, required_unless_present = "policy")]
+    pub peer_as: Option<u32>,
     /// A prefix to announce from the start (repeat).
     #[arg(long = "announce")]
     pub announce: Vec<ipnet::IpNet>,
@@ -90,6 +97,12 @@ pub struct BgpSpeakArgs {
     /// session down at once.
     #[arg(long)]
     pub bfd: Option<String>,
+    /// GTSM (RFC 5082): send with TTL 255 and accept only TTL 255 (directly connected peers).
+    #[arg(long)]
+    pub gtsm: bool,
+    /// TCP-MD5 (RFC 2385, BIRD's `password`): the file holding the shared secret.
+    #[arg(long)]
+    pub md5_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

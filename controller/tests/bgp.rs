@@ -430,7 +430,7 @@ fn bfd_with_bird_a_frozen_speaker_loses_its_routes_and_a_frozen_upstream_takes_o
     }
     let lab = UpstreamLab::new().expect("builds the lab");
     let dir = tmp();
-    let bird = Bird::start_with(&lab.up, dir.path(), true).expect("starts BIRD");
+    let bird = Bird::start_with(&lab.up, dir.path(), &["BFD"]).expect("starts BIRD");
     frozen_speaker_loses_its_routes(&lab, "BIRD");
     let speaker = speaker_with_bfd(&lab);
     frozen_upstream_takes_our_session_down(&speaker, bird.pid());
@@ -449,4 +449,78 @@ fn bfd_with_frr_a_frozen_speaker_loses_its_routes_and_a_frozen_upstream_takes_ou
     frozen_speaker_loses_its_routes(&lab, "FRR");
     let speaker = speaker_with_bfd(&lab);
     frozen_upstream_takes_our_session_down(&speaker, frr.pid("bfdd").expect("bfdd runs"));
+}
+
+#[test]
+fn with_gtsm_and_tcp_md5_the_session_comes_up_and_a_wrong_password_keeps_it_down() {
+    if !privileged("with_gtsm_and_tcp_md5_the_session_comes_up_and_a_wrong_password_keeps_it_down")
+    {
+        return;
+    }
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let bird =
+        Bird::start_with(&lab.up, &dir.path().join("bird"), &["GTSM", "MD5"]).expect("starts BIRD");
+    let wrong = dir.path().join("wrong.key");
+    std::fs::write(&wrong, "not-the-password\n").expect("writes");
+    let wrong_arg = wrong.to_str().expect("utf-8").to_owned();
+    let intruder = Speaker::start(
+        &lab.site_a,
+        1,
+        &["--gtsm", "--md5-password-file", &wrong_arg],
+    );
+    assert!(
+        intruder
+            .0
+            .wait_for(Duration::from_secs(4), |v| v["to"] == "established")
+            .is_none(),
+        "a wrong TCP-MD5 password must keep the session down"
+    );
+    drop(intruder);
+    let key = dir.path().join("md5.key");
+    std::fs::write(&key, format!("{}\n", Bird::MD5_PASSWORD)).expect("writes");
+    let key_arg = key.to_str().expect("utf-8").to_owned();
+    let speaker = Speaker::start(&lab.site_a, 1, &["--gtsm", "--md5-password-file", &key_arg]);
+    speaker.established(Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(10), || routes_present(&lab, "1")).is_some());
+    let protocols = bird.birdc(&["show", "protocols", "all", "siteA"]);
+    assert!(protocols.contains("Established"), "{protocols}");
+}
+
+#[test]
+fn the_speaker_takes_its_sessions_and_announcements_from_the_policy() {
+    if !privileged("the_speaker_takes_its_sessions_and_announcements_from_the_policy") {
+        return;
+    }
+    // examples/two-sites.yaml's site-a: peer 10.0.1.1 (AS 65000, hold 9, BFD 100 ms x 3, GTSM),
+    // uplink 10.0.1.2/24 and fd00:1::2/64, announcing both prefixes: the lab's site A.
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let _bird = Bird::start_with(&lab.up, dir.path(), &["BFD", "GTSM"]).expect("starts BIRD");
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/two-sites.yaml");
+    let mut speaker = Speaker(
+        SpeakerProc::start(
+            &lab.site_a,
+            Path::new(SECONDSITE),
+            &["--policy", policy, "--site", "site-a"],
+        )
+        .expect("starts the speaker"),
+    );
+    speaker.established(Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(10), || routes_present(&lab, "1")).is_some());
+    let show = speaker.show();
+    let peer = &show["peers"][0];
+    assert_eq!(peer["hold_time"], 9, "{show}");
+    assert!(
+        wait_until(Duration::from_secs(5), || speaker.show()["peers"][0]["bfd"]
+            == "up")
+        .is_some(),
+        "BFD from the policy: {show}"
+    );
+    let announced = show["announced"].as_array().expect("announced");
+    let v4 = announced
+        .iter()
+        .find(|a| a["prefix"] == V4)
+        .expect("the IPv4 prefix");
+    assert_eq!(v4["med"], 10, "the policy's MED: {show}");
 }

@@ -109,15 +109,23 @@ pub struct Bird {
 impl Bird {
     pub const CONFIG: &'static str = include_str!("../configs/bird-upstream.conf");
 
+    /// The TCP-MD5 password of the `MD5` feature.
+    pub const MD5_PASSWORD: &'static str = "secondsite-lab";
+
     pub fn start(ns: &Netns, dir: &Path) -> io::Result<Bird> {
-        Self::start_with(ns, dir, false)
+        Self::start_with(ns, dir, &[])
     }
 
-    /// With `bfd`: BFD at 100 ms x 3 toward both sites, tied to the BGP sessions.
-    pub fn start_with(ns: &Netns, dir: &Path, bfd: bool) -> io::Result<Bird> {
+    /// With features switched on in the config: `BFD` (100 ms x 3 toward both sites, tied to
+    /// the BGP sessions), `GTSM` (`ttl security`), `MD5` (`password`, [`Bird::MD5_PASSWORD`]).
+    pub fn start_with(ns: &Netns, dir: &Path, features: &[&str]) -> io::Result<Bird> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("bird.conf");
-        std::fs::write(&config, switch_lines(Self::CONFIG, "#BFD", bfd))?;
+        let mut text = Self::CONFIG.to_owned();
+        for marker in ["BFD", "GTSM", "MD5"] {
+            text = switch_lines(&text, &format!("#{marker}"), features.contains(&marker));
+        }
+        std::fs::write(&config, text)?;
         let ctl = dir.join("bird.ctl");
         let log = std::fs::File::create(dir.join("bird.log"))?;
         let mut cmd = ns.command("bird");

@@ -1,11 +1,13 @@
 //! `secondsite bgp speak`: the BGP speaker on the command line, for network engineers and tests.
 //!
 //! ```text
+//!  options, or --policy FILE --site NAME ──> peers + announcements ──> Speaker
 //!  stdin: announce P | withdraw P | show ──> Speaker ──> stdout: JSON lines (state changes,
 //!  SIGTERM/SIGINT ──> Cease to every peer, exit 0          show replies); stderr: logs
 //! ```
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,13 +17,16 @@ use secondsite_bgp::bfd::BfdConfig;
 use secondsite_bgp::route::{Announcement, format_community, parse_community};
 use secondsite_bgp::session::SessionConfig;
 use secondsite_bgp::speaker::{Command, PeerConfig, Speaker};
+use secondsite_policy::Policy;
 use tokio::io::AsyncBufReadExt;
 
+use super::EXIT_INVALID_INPUT;
+use super::policy::print_diagnostics;
 use crate::cli::BgpSpeakArgs;
 
-/// The attributes every announcement of this speaker carries.
+/// How `announce PREFIX` on stdin builds an announcement.
 struct Attributes {
-    next_hop4: IpAddr,
+    next_hop4: Option<IpAddr>,
     next_hop6: Option<IpAddr>,
     prepend: u8,
     med: Option<u32>,
@@ -39,7 +44,9 @@ impl Attributes {
             bail!("{prefix} is a multicast prefix");
         }
         let next_hop = match prefix {
-            IpNet::V4(_) => self.next_hop4,
+            IpNet::V4(_) => self
+                .next_hop4
+                .with_context(|| format!("no IPv4 next hop for {prefix}"))?,
             IpNet::V6(_) => self
                 .next_hop6
                 .with_context(|| format!("{prefix} needs --next-hop6"))?,
@@ -54,7 +61,38 @@ impl Attributes {
     }
 }
 
+fn read_md5(file: &Path) -> anyhow::Result<Vec<u8>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the TCP-MD5 password {}", file.display()))?;
+    Ok(text.trim_end_matches(['\r', '\n']).as_bytes().to_vec())
+}
+
 pub fn speak(args: BgpSpeakArgs) -> anyhow::Result<ExitCode> {
+    let (peers, announcements, attributes) = match (&args.policy, &args.site) {
+        (Some(file), Some(site)) => {
+            let report = secondsite_policy::check_file(file);
+            print_diagnostics(file, &report);
+            let Some(policy) = report.policy else {
+                return Ok(ExitCode::from(EXIT_INVALID_INPUT));
+            };
+            from_policy(&policy, site, file)?
+        }
+        _ => from_options(&args)?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(peers, announcements, attributes))
+}
+
+type Setup = (Vec<PeerConfig>, Vec<Announcement>, Attributes);
+
+fn from_options(args: &BgpSpeakArgs) -> anyhow::Result<Setup> {
+    let (Some(local_as), Some(router_id), Some(peer_as)) =
+        (args.local_as, args.router_id, args.peer_as)
+    else {
+        bail!("give --local-as, --router-id, --peer and --peer-as, or --policy and --site");
+    };
     if args.hold == 1 || args.hold == 2 {
         bail!("--hold must be 0 or at least 3 seconds (RFC 4271)");
     }
@@ -64,10 +102,10 @@ pub fn speak(args: BgpSpeakArgs) -> anyhow::Result<ExitCode> {
         .map(|c| parse_community(c).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<u32>>>()?;
     let attributes = Attributes {
-        next_hop4: IpAddr::V4(args.next_hop.unwrap_or(match args.local_addr {
+        next_hop4: Some(IpAddr::V4(args.next_hop.unwrap_or(match args.local_addr {
             Some(IpAddr::V4(a)) => a,
-            _ => args.router_id,
-        })),
+            _ => router_id,
+        }))),
         next_hop6: args.next_hop6.map(IpAddr::V6),
         prepend: args.prepend,
         med: args.med,
@@ -84,27 +122,103 @@ pub fn speak(args: BgpSpeakArgs) -> anyhow::Result<ExitCode> {
         .map(BfdConfig::parse)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let peers: Vec<PeerConfig> = args
+    let md5_key = args
+        .md5_password_file
+        .as_deref()
+        .map(read_md5)
+        .transpose()?;
+    let peers = args
         .peers
         .iter()
         .map(|address| PeerConfig {
             address: *address,
             local_address: args.local_addr,
             session: SessionConfig {
-                local_as: args.local_as,
-                router_id: args.router_id,
-                peer_as: args.peer_as,
+                local_as,
+                router_id,
+                peer_as,
                 hold_time: args.hold,
                 passive: args.passive,
                 connect_retry: Duration::from_secs(1),
             },
             bfd,
+            gtsm: args.gtsm,
+            md5_key: md5_key.clone(),
         })
         .collect();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run(peers, announcements, attributes))
+    Ok((peers, announcements, attributes))
+}
+
+/// The site's sessions and announcements as the policy gives them.
+fn from_policy(policy: &Policy, site_name: &str, file: &Path) -> anyhow::Result<Setup> {
+    let site = policy
+        .sites
+        .iter()
+        .find(|s| s.name.as_str() == site_name)
+        .with_context(|| format!("{} has no site {site_name:?}", file.display()))?;
+    let uplink = |v4: bool| {
+        site.uplink
+            .addresses
+            .iter()
+            .map(|a| a.addr())
+            .find(|a| a.is_ipv4() == v4)
+    };
+    let relative = |p: &Path| file.parent().unwrap_or(Path::new(".")).join(p);
+    let mut peers = Vec::new();
+    for peer in &site.bgp.peers {
+        let bfd = peer.bfd.as_ref().map(|b| BfdConfig {
+            interval: Duration::from_millis(u64::from(b.interval_ms)),
+            multiplier: b.multiplier,
+        });
+        let md5_key = match &peer.md5_password_file {
+            Some(f) => Some(read_md5(&relative(f))?),
+            None => None,
+        };
+        peers.push(PeerConfig {
+            address: peer.address,
+            local_address: peer.local_address.or(uplink(peer.address.is_ipv4())),
+            session: SessionConfig {
+                local_as: site.bgp.local_as,
+                router_id: site.bgp.router_id,
+                peer_as: peer.remote_as,
+                hold_time: peer.hold_time,
+                passive: peer.passive,
+                connect_retry: Duration::from_secs(1),
+            },
+            bfd,
+            gtsm: peer.gtsm,
+            md5_key,
+        });
+    }
+    let mut announcements = Vec::new();
+    for prefix in &policy.prefixes {
+        for a in prefix
+            .announce
+            .iter()
+            .filter(|a| a.site.as_str() == site_name)
+        {
+            let net = prefix.prefix.0;
+            let next_hop = uplink(matches!(net, IpNet::V4(_))).with_context(|| {
+                format!("site {site_name} has no uplink address of {net}'s family")
+            })?;
+            announcements.push(Announcement {
+                prefix: net.trunc(),
+                next_hop,
+                prepend: a.prepend,
+                med: a.med,
+                communities: a.communities.iter().map(|c| c.0).collect(),
+            });
+        }
+    }
+    // `announce PREFIX` on stdin: the policy's attributes for that prefix if it has some.
+    let attributes = Attributes {
+        next_hop4: uplink(true),
+        next_hop6: uplink(false),
+        prepend: 0,
+        med: None,
+        communities: Vec::new(),
+    };
+    Ok((peers, announcements, attributes))
 }
 
 async fn run(
@@ -113,6 +227,7 @@ async fn run(
     attributes: Attributes,
 ) -> anyhow::Result<ExitCode> {
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let configured = announcements.clone();
     let speaker = Speaker::start(peers, announcements, events_tx)
         .await
         .context("cannot listen on the BGP port (179)")?;
@@ -127,7 +242,7 @@ async fn run(
                 println!("{line}");
             }
             line = stdin.next_line(), if stdin_open => match line {
-                Ok(Some(line)) => handle_line(&speaker, &attributes, line.trim()),
+                Ok(Some(line)) => handle_line(&speaker, &attributes, &configured, line.trim()),
                 Ok(None) | Err(_) => stdin_open = false,
             },
             _ = term.recv() => break,
@@ -138,7 +253,12 @@ async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-fn handle_line(speaker: &Speaker, attributes: &Attributes, line: &str) {
+fn handle_line(
+    speaker: &Speaker,
+    attributes: &Attributes,
+    configured: &[Announcement],
+    line: &str,
+) {
     let mut words = line.split_whitespace();
     let reply = match (words.next(), words.next(), words.next()) {
         (None, _, _) => return,
@@ -150,13 +270,20 @@ fn handle_line(speaker: &Speaker, attributes: &Attributes, line: &str) {
                     speaker.command(Command::Withdraw(prefix.trunc()));
                     serde_json::json!({"ok": verb, "prefix": prefix.trunc()})
                 }
-                Ok(prefix) => match attributes.announcement(prefix) {
-                    Ok(a) => {
-                        speaker.command(Command::Announce(a));
-                        serde_json::json!({"ok": verb, "prefix": prefix.trunc()})
+                Ok(prefix) => {
+                    // A prefix the configuration announces keeps its attributes.
+                    let known = configured.iter().find(|a| a.prefix == prefix.trunc());
+                    match known
+                        .cloned()
+                        .map_or_else(|| attributes.announcement(prefix), Ok)
+                    {
+                        Ok(a) => {
+                            speaker.command(Command::Announce(a));
+                            serde_json::json!({"ok": verb, "prefix": prefix.trunc()})
+                        }
+                        Err(e) => error(e.to_string()),
                     }
-                    Err(e) => error(e.to_string()),
-                },
+                }
             }
         }
         _ => error(format!(
