@@ -23,6 +23,15 @@ use serde::Serialize;
 use crate::message::{self, Framer, PeerOpen};
 use crate::route::{AdjRibIn, Announcement};
 
+/// Cease, Connection Collision Resolution (RFC 4486).
+fn collision_cease() -> BgpMessage {
+    BgpMessage::Notification(BgpNotificationMessage::CeaseError(
+        CeaseError::ConnectionCollisionResolution {
+            value: Box::new([]),
+        },
+    ))
+}
+
 /// The hold time an OPEN is waited for (RFC 4271 suggests 4 minutes).
 const OPEN_HOLD: Duration = Duration::from_secs(240);
 const IDLE_HOLD_FIRST: Duration = Duration::from_secs(1);
@@ -51,19 +60,25 @@ pub enum State {
     Established,
 }
 
+/// A TCP connection of the session, named by the driver.
+pub type ConnId = u64;
+
 #[derive(Debug)]
 pub enum Input<'a> {
     /// Start the session (and restart it after errors) until `Stop`.
     Start,
     /// Stop: a Cease NOTIFICATION if connected, and no restart.
     Stop,
-    /// The TCP connection is up (ours or the peer's).
-    Connected,
+    /// A TCP connection is up: `outgoing` if we opened it, else the peer did.
+    Connected {
+        id: ConnId,
+        outgoing: bool,
+    },
     /// Connecting failed.
     ConnectFailed,
-    /// The TCP connection closed.
-    Closed,
-    Received(&'a [u8]),
+    /// A TCP connection closed.
+    Closed(ConnId),
+    Received(ConnId, &'a [u8]),
     /// BFD says the peer is gone: down at once, as BIRD's `bfd on` does.
     BfdDown,
     Announce(Announcement),
@@ -74,9 +89,9 @@ pub enum Input<'a> {
 pub enum Output {
     /// Open a TCP connection to the peer.
     Connect,
-    Send(Vec<u8>),
-    /// Close the TCP connection (after what was sent).
-    Close,
+    Send(ConnId, Vec<u8>),
+    /// Close a TCP connection (after what was sent on it).
+    Close(ConnId),
     /// The state changed, with why.
     StateChanged {
         from: State,
@@ -94,6 +109,25 @@ pub struct Counters {
     /// UPDATEs with path attribute errors whose routes were withdrawn (RFC 7606).
     pub treat_as_withdraw: u64,
     pub established: u64,
+    /// Connection collisions resolved (RFC 4271 6.8).
+    pub collisions: u64,
+}
+
+#[derive(Debug)]
+struct Conn {
+    id: ConnId,
+    outgoing: bool,
+    framer: Framer,
+}
+
+impl Conn {
+    fn new(id: ConnId, outgoing: bool) -> Conn {
+        Conn {
+            id,
+            outgoing,
+            framer: Framer::default(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -101,7 +135,11 @@ pub struct Session {
     config: SessionConfig,
     state: State,
     running: bool,
-    framer: Framer,
+    /// The connection the session runs on.
+    main: Option<Conn>,
+    /// A second connection while the first is not yet Established (RFC 4271 6.8): OPEN sent,
+    /// kept until the BGP identifiers say which of the two survives.
+    other: Option<Conn>,
     peer: Option<PeerOpen>,
     hold: Option<Duration>,
     hold_deadline: Option<Instant>,
@@ -120,7 +158,8 @@ impl Session {
             config,
             state: State::Idle,
             running: false,
-            framer: Framer::default(),
+            main: None,
+            other: None,
             peer: None,
             hold: None,
             hold_deadline: None,
@@ -195,22 +234,28 @@ impl Session {
                 }
                 self.down(now, &mut out, "stopped".into());
             }
-            Input::Connected => match self.state {
-                State::Connect | State::Active => {
-                    self.framer = Framer::default();
+            Input::Connected { id, outgoing } => match self.state {
+                State::Connect | State::Active if self.main.is_none() => {
+                    self.main = Some(Conn::new(id, outgoing));
                     self.retry_deadline = None;
-                    let open = message::open(
-                        self.config.local_as,
-                        self.config.hold_time,
-                        self.config.router_id,
-                    );
-                    self.send(&open, &mut out);
+                    self.send(&self.our_open(), &mut out);
                     self.hold_deadline = Some(now + OPEN_HOLD);
                     self.goto(State::OpenSent, &mut out, "TCP connection up");
                 }
-                // A second connection while one is open: keep the first (the driver accepts
-                // one connection at a time).
-                _ => out.push(Output::Close),
+                // A collision: both ends connected at once. Run the second connection up to
+                // the peer's OPEN, which tells which one survives.
+                State::OpenSent | State::OpenConfirm if self.other.is_none() => {
+                    self.other = Some(Conn::new(id, outgoing));
+                    self.send_on(id, &self.our_open(), &mut out);
+                    if let Some(peer) = self.peer.clone() {
+                        self.resolve_collision(now, &peer, &mut out);
+                    }
+                }
+                // Established (or a third connection): the existing session wins.
+                _ => {
+                    self.send_on(id, &collision_cease(), &mut out);
+                    out.push(Output::Close(id));
+                }
             },
             Input::ConnectFailed => {
                 if self.state == State::Connect {
@@ -218,12 +263,26 @@ impl Session {
                     self.goto(State::Active, &mut out, "connection failed");
                 }
             }
-            Input::Closed => {
-                if self.state != State::Idle {
-                    self.fail(now, &mut out, "the TCP connection closed".into());
+            Input::Closed(id) => {
+                if self.other.as_ref().is_some_and(|c| c.id == id) {
+                    self.other = None;
+                } else if self.main.as_ref().is_some_and(|c| c.id == id) {
+                    self.main = None;
+                    if let Some(other) = self.other.take() {
+                        // The surviving connection carries on from its OPEN exchange.
+                        self.switch_to(now, other, &mut out, "the first connection closed");
+                    } else if self.state != State::Idle {
+                        self.fail(now, &mut out, "the TCP connection closed".into());
+                    }
                 }
             }
-            Input::Received(bytes) => self.receive(now, bytes, &mut out),
+            Input::Received(id, bytes) => {
+                if self.other.as_ref().is_some_and(|c| c.id == id) {
+                    self.receive_other(now, bytes, &mut out);
+                } else if self.main.as_ref().is_some_and(|c| c.id == id) {
+                    self.receive(now, bytes, &mut out);
+                }
+            }
             Input::BfdDown => {
                 if matches!(
                     self.state,
@@ -312,9 +371,19 @@ impl Session {
         ) {
             return;
         }
-        self.framer.push(bytes);
+        if let Some(main) = self.main.as_mut() {
+            main.framer.push(bytes);
+        }
+        self.drain_main(now, out);
+    }
+
+    /// Handles every complete message buffered on the main connection.
+    fn drain_main(&mut self, now: Instant, out: &mut Vec<Output>) {
         loop {
-            let frame = match self.framer.next_message() {
+            let Some(main) = self.main.as_mut() else {
+                return;
+            };
+            let frame = match main.framer.next_message() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return,
                 Err(e) => {
@@ -391,6 +460,10 @@ impl Session {
                     );
                     self.counters.notifications_sent += 1;
                     self.fail(now, out, reason);
+                    return;
+                }
+                if self.other.is_some() && !self.resolve_collision(now, &peer, out) {
+                    // The other connection survives; it carries on when its OPEN arrives.
                     return;
                 }
                 let hold = self.config.hold_time.min(peer.hold_time);
@@ -476,8 +549,98 @@ impl Session {
         None
     }
 
+    /// Sends on the main connection (nothing if there is none).
     fn send(&self, message: &BgpMessage, out: &mut Vec<Output>) {
-        out.push(Output::Send(message::encode(message)));
+        if let Some(main) = &self.main {
+            self.send_on(main.id, message, out);
+        }
+    }
+
+    fn send_on(&self, id: ConnId, message: &BgpMessage, out: &mut Vec<Output>) {
+        out.push(Output::Send(id, message::encode(message)));
+    }
+
+    fn our_open(&self) -> BgpMessage {
+        message::open(
+            self.config.local_as,
+            self.config.hold_time,
+            self.config.router_id,
+        )
+    }
+
+    /// Bytes on the second connection of a collision: its first message must be the peer's
+    /// OPEN, which settles the collision.
+    fn receive_other(&mut self, now: Instant, bytes: &[u8], out: &mut Vec<Output>) {
+        let Some(other) = self.other.as_mut() else {
+            return;
+        };
+        other.framer.push(bytes);
+        let id = other.id;
+        let frame = match other.framer.next_message() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(_) => {
+                self.other = None;
+                out.push(Output::Close(id));
+                return;
+            }
+        };
+        match message::decode(&frame, false).map(|d| d.message) {
+            Ok(BgpMessage::Open(open)) => {
+                let peer = message::read_open(&open);
+                let kept_main = self.resolve_collision(now, &peer, out);
+                if !kept_main {
+                    // The peer's OPEN came on the connection that survives: carry on with it.
+                    self.message(now, BgpMessage::Open(open), out);
+                    self.drain_main(now, out);
+                }
+            }
+            _ => {
+                self.other = None;
+                self.send_on(id, &collision_cease(), out);
+                out.push(Output::Close(id));
+            }
+        }
+    }
+
+    /// RFC 4271 6.8: of two connections, the one opened by the side with the higher BGP
+    /// identifier survives; the other gets a Cease (Connection Collision Resolution) and is
+    /// closed. Returns whether the main connection is the survivor.
+    fn resolve_collision(&mut self, now: Instant, peer: &PeerOpen, out: &mut Vec<Output>) -> bool {
+        let Some(other) = self.other.take() else {
+            return true;
+        };
+        self.counters.collisions += 1;
+        let ours_wins = u32::from(self.config.router_id) > u32::from(peer.router_id);
+        let main_outgoing = self.main.as_ref().is_some_and(|m| m.outgoing);
+        let keep_main = main_outgoing == ours_wins || other.outgoing == main_outgoing;
+        if keep_main {
+            self.send_on(other.id, &collision_cease(), out);
+            out.push(Output::Close(other.id));
+            true
+        } else {
+            self.send(&collision_cease(), out);
+            if let Some(main) = self.main.take() {
+                out.push(Output::Close(main.id));
+            }
+            self.switch_to(
+                now,
+                other,
+                out,
+                "connection collision: the peer's connection wins",
+            );
+            false
+        }
+    }
+
+    /// Makes `conn` (on which our OPEN went out) the session's connection, from OpenSent.
+    fn switch_to(&mut self, now: Instant, conn: Conn, out: &mut Vec<Output>, why: &str) {
+        self.main = Some(conn);
+        self.peer = None;
+        self.hold = None;
+        self.keepalive_deadline = None;
+        self.hold_deadline = Some(now + OPEN_HOLD);
+        self.goto(State::OpenSent, out, why);
     }
 
     /// An error: down, and start again after the idle hold (which doubles each time).
@@ -491,8 +654,8 @@ impl Session {
     }
 
     fn down(&mut self, _now: Instant, out: &mut Vec<Output>, reason: String) {
-        if self.state != State::Idle {
-            out.push(Output::Close);
+        for conn in [self.main.take(), self.other.take()].into_iter().flatten() {
+            out.push(Output::Close(conn.id));
         }
         self.hold = None;
         self.hold_deadline = None;
@@ -500,7 +663,6 @@ impl Session {
         self.retry_deadline = None;
         self.peer = None;
         self.rib_in.clear();
-        self.framer = Framer::default();
         self.goto(State::Idle, out, &reason);
     }
 
@@ -535,7 +697,7 @@ mod tests {
     fn sent(out: &[Output]) -> Vec<u8> {
         out.iter()
             .filter_map(|o| match o {
-                Output::Send(b) => Some(b.clone()),
+                Output::Send(_, b) => Some(b.clone()),
                 _ => None,
             })
             .flatten()
@@ -548,12 +710,12 @@ mod tests {
         while !to_a.is_empty() || !to_b.is_empty() {
             if !to_b.is_empty() {
                 to_a.extend(sent(
-                    &b.handle(now, Input::Received(&std::mem::take(&mut to_b))),
+                    &b.handle(now, Input::Received(1, &std::mem::take(&mut to_b))),
                 ));
             }
             if !to_a.is_empty() {
                 to_b.extend(sent(
-                    &a.handle(now, Input::Received(&std::mem::take(&mut to_a))),
+                    &a.handle(now, Input::Received(1, &std::mem::take(&mut to_a))),
                 ));
             }
         }
@@ -575,10 +737,22 @@ mod tests {
         assert!(ours.handle(now, Input::Start).contains(&Output::Connect));
         theirs.handle(now, Input::Start);
         assert_eq!(theirs.state(), State::Active);
-        let open = sent(&ours.handle(now, Input::Connected));
-        let mut back = sent(&theirs.handle(now, Input::Connected));
-        back.extend(sent(&theirs.handle(now, Input::Received(&open))));
-        let to_theirs = sent(&ours.handle(now, Input::Received(&back)));
+        let open = sent(&ours.handle(
+            now,
+            Input::Connected {
+                id: 1,
+                outgoing: true,
+            },
+        ));
+        let mut back = sent(&theirs.handle(
+            now,
+            Input::Connected {
+                id: 1,
+                outgoing: false,
+            },
+        ));
+        back.extend(sent(&theirs.handle(now, Input::Received(1, &open))));
+        let to_theirs = sent(&ours.handle(now, Input::Received(1, &back)));
         exchange(&mut ours, &mut theirs, now, to_theirs);
         (ours, theirs)
     }
@@ -621,6 +795,140 @@ mod tests {
         assert!(theirs.rib_in().is_empty());
     }
 
+    /// Both ends connect at once: connection X opened by `a`, Y by `b`. Runs the sessions,
+    /// carrying each one's output to the other end of the same connection, until quiet; returns
+    /// the connections (X, Y) each end closed.
+    fn collide(a: &mut Session, b: &mut Session, now: Instant) -> (Vec<ConnId>, Vec<ConnId>) {
+        // a: X is id 1 (outgoing), Y is id 2; b: Y is id 1 (outgoing), X is id 2.
+        let peer_id = |id: ConnId| if id == 1 { 2 } else { 1 };
+        let mut to_a: Vec<(ConnId, Option<Vec<u8>>)> = Vec::new();
+        let mut to_b: Vec<(ConnId, Option<Vec<u8>>)> = Vec::new();
+        let mut closed = (Vec::new(), Vec::new());
+        let route = |out: Vec<Output>,
+                     to: &mut Vec<(ConnId, Option<Vec<u8>>)>,
+                     closed: &mut Vec<ConnId>| {
+            for o in out {
+                match o {
+                    Output::Send(id, bytes) => to.push((peer_id(id), Some(bytes))),
+                    Output::Close(id) => {
+                        closed.push(id);
+                        to.push((peer_id(id), None));
+                    }
+                    _ => {}
+                }
+            }
+        };
+        route(
+            a.handle(
+                now,
+                Input::Connected {
+                    id: 1,
+                    outgoing: true,
+                },
+            ),
+            &mut to_b,
+            &mut closed.0,
+        );
+        route(
+            b.handle(
+                now,
+                Input::Connected {
+                    id: 1,
+                    outgoing: true,
+                },
+            ),
+            &mut to_a,
+            &mut closed.1,
+        );
+        route(
+            a.handle(
+                now,
+                Input::Connected {
+                    id: 2,
+                    outgoing: false,
+                },
+            ),
+            &mut to_b,
+            &mut closed.0,
+        );
+        route(
+            b.handle(
+                now,
+                Input::Connected {
+                    id: 2,
+                    outgoing: false,
+                },
+            ),
+            &mut to_a,
+            &mut closed.1,
+        );
+        while !to_a.is_empty() || !to_b.is_empty() {
+            for (id, data) in std::mem::take(&mut to_a) {
+                if closed.0.contains(&id) {
+                    continue;
+                }
+                let out = match data {
+                    Some(bytes) => a.handle(now, Input::Received(id, &bytes)),
+                    None => a.handle(now, Input::Closed(id)),
+                };
+                route(out, &mut to_b, &mut closed.0);
+            }
+            for (id, data) in std::mem::take(&mut to_b) {
+                if closed.1.contains(&id) {
+                    continue;
+                }
+                let out = match data {
+                    Some(bytes) => b.handle(now, Input::Received(id, &bytes)),
+                    None => b.handle(now, Input::Closed(id)),
+                };
+                route(out, &mut to_a, &mut closed.1);
+            }
+        }
+        closed
+    }
+
+    #[test]
+    fn a_connection_collision_keeps_the_connection_of_the_higher_bgp_identifier() {
+        let now = Instant::now();
+        // ours (10.0.1.2) has the higher identifier: the connection it opened (X) survives.
+        let mut ours = Session::new(config(65001, [10, 0, 1, 2], 65000, false));
+        let mut theirs = Session::new(config(65000, [10, 0, 0, 1], 65001, false));
+        ours.handle(now, Input::Start);
+        theirs.handle(now, Input::Start);
+        let (ours_closed, theirs_closed) = collide(&mut ours, &mut theirs, now);
+        assert_eq!(ours.state(), State::Established);
+        assert_eq!(theirs.state(), State::Established);
+        assert_eq!(
+            ours_closed,
+            vec![2],
+            "ours closed Y, the connection the peer opened"
+        );
+        assert_eq!(
+            theirs_closed,
+            vec![1],
+            "theirs closed Y, the connection it opened"
+        );
+        assert!(ours.counters().collisions + theirs.counters().collisions >= 1);
+        assert_eq!(ours.main.as_ref().map(|c| c.outgoing), Some(true));
+
+        // The other way round: the peer's identifier is higher, its connection survives.
+        let mut low = Session::new(config(65001, [10, 0, 0, 1], 65000, false));
+        let mut high = Session::new(config(65000, [10, 0, 1, 2], 65001, false));
+        low.handle(now, Input::Start);
+        high.handle(now, Input::Start);
+        let (low_closed, _) = collide(&mut low, &mut high, now);
+        assert_eq!(
+            (low.state(), high.state()),
+            (State::Established, State::Established)
+        );
+        assert_eq!(
+            low_closed,
+            vec![1],
+            "low closed X, the connection it opened"
+        );
+        assert_eq!(low.main.as_ref().map(|c| c.outgoing), Some(false));
+    }
+
     #[test]
     fn an_open_from_the_wrong_as_gets_bad_peer_as_and_the_session_restarts_later() {
         let now = Instant::now();
@@ -628,9 +936,21 @@ mod tests {
         let mut stranger = Session::new(config(64999, [10, 0, 0, 9], 65001, true));
         ours.handle(now, Input::Start);
         stranger.handle(now, Input::Start);
-        ours.handle(now, Input::Connected);
-        let open = sent(&stranger.handle(now, Input::Connected));
-        let out = ours.handle(now, Input::Received(&open));
+        ours.handle(
+            now,
+            Input::Connected {
+                id: 1,
+                outgoing: true,
+            },
+        );
+        let open = sent(&stranger.handle(
+            now,
+            Input::Connected {
+                id: 1,
+                outgoing: true,
+            },
+        ));
+        let out = ours.handle(now, Input::Received(1, &open));
         let reply = sent(&out);
         // NOTIFICATION: type 3, code 2 (OPEN Message Error), subcode 2 (Bad Peer AS).
         let at = reply
@@ -638,7 +958,7 @@ mod tests {
             .position(|w| w == [3, 2, 2])
             .expect("an OPEN error NOTIFICATION with subcode Bad Peer AS");
         assert_eq!(at, 18, "right after the marker and length: {reply:?}");
-        assert!(out.contains(&Output::Close));
+        assert!(out.contains(&Output::Close(1)));
         assert_eq!(ours.state(), State::Idle);
         // After the idle hold it starts again by itself.
         let next = ours.next_deadline().expect("a restart is scheduled");
@@ -650,7 +970,7 @@ mod tests {
     fn garbage_gets_a_header_error_and_counts() {
         let now = Instant::now();
         let (mut ours, _) = established_pair(now);
-        let out = ours.handle(now, Input::Received(&[0u8; 40]));
+        let out = ours.handle(now, Input::Received(1, &[0u8; 40]));
         let reply = sent(&out);
         assert_eq!(reply[18], 3, "a NOTIFICATION");
         assert_eq!(reply[19], 1, "Message Header Error");

@@ -15,7 +15,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -24,7 +24,7 @@ use std::os::fd::AsFd;
 
 use crate::bfd::{self, BfdConfig, BfdSession, BfdState, Diagnostic};
 use crate::route::{Announcement, Route};
-use crate::session::{Counters, Input, Output, Session, SessionConfig, State};
+use crate::session::{ConnId, Counters, Input, Output, Session, SessionConfig, State};
 use crate::sockopt;
 
 pub const BGP_PORT: u16 = 179;
@@ -310,9 +310,11 @@ impl PeerTask {
         mut incoming: mpsc::UnboundedReceiver<TcpStream>,
     ) {
         let (connected_tx, mut connected) = mpsc::unbounded_channel::<std::io::Result<TcpStream>>();
-        let mut reader: Option<OwnedReadHalf> = None;
-        let mut writer: Option<OwnedWriteHalf> = None;
-        let mut buf = vec![0u8; 65536];
+        // Each connection: its writer here, its reader in a task that reports what it reads.
+        let (read_tx, mut reads) = mpsc::unbounded_channel::<(ConnId, Option<Vec<u8>>)>();
+        let mut writers: HashMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)> =
+            HashMap::new();
+        let mut next_id: ConnId = 0;
         let now = Instant::now().into_std();
         let mut outputs = Vec::new();
         for a in announcements {
@@ -330,22 +332,16 @@ impl PeerTask {
                             let _ = tx.send(connect(&config).await);
                         });
                     }
-                    Output::Send(bytes) => {
-                        if let Some(w) = writer.as_mut()
+                    Output::Send(id, bytes) => {
+                        if let Some((w, _)) = writers.get_mut(&id)
                             && w.write_all(&bytes).await.is_err()
                         {
-                            reader = None;
-                            writer = None;
+                            close(&mut writers, id).await;
                             let now = Instant::now().into_std();
-                            outputs.extend(self.session.handle(now, Input::Closed));
+                            outputs.extend(self.session.handle(now, Input::Closed(id)));
                         }
                     }
-                    Output::Close => {
-                        if let Some(mut w) = writer.take() {
-                            let _ = w.shutdown().await;
-                        }
-                        reader = None;
-                    }
+                    Output::Close(id) => close(&mut writers, id).await,
                     Output::StateChanged { from, to, reason } => {
                         let _ = self.events.send(Event::Session {
                             peer: self.config.address,
@@ -371,6 +367,31 @@ impl PeerTask {
             .flatten()
             .min()
             .map(Instant::from_std);
+            let mut attach = |stream: TcpStream, outgoing: bool, session: &mut Session| {
+                let _ = stream.set_nodelay(true);
+                let (mut r, w) = stream.into_split();
+                next_id += 1;
+                let id = next_id;
+                let tx = read_tx.clone();
+                let reader = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    loop {
+                        match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => {
+                                let _ = tx.send((id, None));
+                                return;
+                            }
+                            Ok(n) => {
+                                if tx.send((id, Some(buf[..n].to_vec()))).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+                writers.insert(id, (w, reader));
+                session.handle(Instant::now().into_std(), Input::Connected { id, outgoing })
+            };
             tokio::select! {
                 command = commands.recv() => {
                     let now = Instant::now().into_std();
@@ -383,39 +404,25 @@ impl PeerTask {
                         }
                     }
                 }
-                read = read_some(reader.as_mut(), &mut buf) => {
+                Some((id, read)) = reads.recv() => {
                     let now = Instant::now().into_std();
                     match read {
-                        Ok(0) | Err(_) => {
-                            reader = None;
-                            writer = None;
-                            outputs.extend(self.session.handle(now, Input::Closed));
+                        Some(bytes) => outputs.extend(self.session.handle(now, Input::Received(id, &bytes))),
+                        None => {
+                            if writers.remove(&id).is_some() {
+                                outputs.extend(self.session.handle(now, Input::Closed(id)));
+                            }
                         }
-                        Ok(n) => outputs.extend(self.session.handle(now, Input::Received(&buf[..n]))),
                     }
                 }
                 Some(result) = connected.recv() => {
-                    let now = Instant::now().into_std();
                     match result {
-                        Ok(stream) if writer.is_none() && matches!(self.session.state(), State::Connect | State::Active) => {
-                            let (r, w) = stream.into_split();
-                            reader = Some(r);
-                            writer = Some(w);
-                            outputs.extend(self.session.handle(now, Input::Connected));
-                        }
-                        Ok(_) => {} // already connected: the late one is dropped
-                        Err(_) => outputs.extend(self.session.handle(now, Input::ConnectFailed)),
+                        Ok(stream) => outputs.extend(attach(stream, true, &mut self.session)),
+                        Err(_) => outputs.extend(self.session.handle(Instant::now().into_std(), Input::ConnectFailed)),
                     }
                 }
                 Some(stream) = incoming.recv() => {
-                    let now = Instant::now().into_std();
-                    if writer.is_none() && matches!(self.session.state(), State::Connect | State::Active) {
-                        let _ = stream.set_nodelay(true);
-                        let (r, w) = stream.into_split();
-                        reader = Some(r);
-                        writer = Some(w);
-                        outputs.extend(self.session.handle(now, Input::Connected));
-                    }
+                    outputs.extend(attach(stream, false, &mut self.session));
                 }
                 Some(packet) = bfd_packet(self.bfd.as_mut()) => {
                     let now = Instant::now().into_std();
@@ -493,10 +500,14 @@ async fn connect(config: &PeerConfig) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
-async fn read_some(reader: Option<&mut OwnedReadHalf>, buf: &mut [u8]) -> std::io::Result<usize> {
-    match reader {
-        Some(r) => r.read(buf).await,
-        None => std::future::pending().await,
+/// Closes connection `id`: shuts its writing side down and stops its reader.
+async fn close(
+    writers: &mut HashMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)>,
+    id: ConnId,
+) {
+    if let Some((mut w, reader)) = writers.remove(&id) {
+        let _ = w.shutdown().await;
+        reader.abort();
     }
 }
 

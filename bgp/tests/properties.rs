@@ -56,9 +56,9 @@ proptest! {
         let now = Instant::now();
         let mut s = session();
         s.handle(now, Input::Start);
-        s.handle(now, Input::Connected);
+        s.handle(now, Input::Connected { id: 1, outgoing: true });
         for chunk in &chunks {
-            s.handle(now, Input::Received(chunk));
+            s.handle(now, Input::Received(1, chunk));
         }
         let mut framer = Framer::default();
         for chunk in &chunks {

@@ -524,3 +524,43 @@ fn the_speaker_takes_its_sessions_and_announcements_from_the_policy() {
         .expect("the IPv4 prefix");
     assert_eq!(v4["med"], 10, "the policy's MED: {show}");
 }
+
+#[test]
+fn two_of_our_speakers_connecting_at_once_settle_on_one_session() {
+    if !privileged("two_of_our_speakers_connecting_at_once_settle_on_one_session") {
+        return;
+    }
+    // Both active, both started together: their connections collide (RFC 4271 6.8) and the
+    // identifiers pick one.
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let upstream_args = [
+        "--local-as",
+        "65000",
+        "--peer-as",
+        "65001",
+        "--router-id",
+        "10.0.0.1",
+        "--local-addr",
+        "10.0.1.1",
+        "--peer",
+        "10.0.1.2",
+    ];
+    let mut upstream = Speaker(
+        SpeakerProc::start(&lab.up, Path::new(SECONDSITE), &upstream_args).expect("starts"),
+    );
+    let mut site = Speaker::start(&lab.site_a, 1, &[]);
+    site.established(Duration::from_secs(20));
+    upstream.established(Duration::from_secs(20));
+    // One session, stable: both still Established a moment later, the routes received.
+    std::thread::sleep(Duration::from_millis(500));
+    let up = upstream.show();
+    assert_eq!(up["peers"][0]["state"], "established", "{up}");
+    let received: Vec<&str> = up["peers"][0]["adj_rib_in"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .filter_map(|r| r["prefix"].as_str())
+        .collect();
+    assert!(received.contains(&V4) && received.contains(&V6), "{up}");
+    assert_eq!(site.show()["peers"][0]["state"], "established");
+}

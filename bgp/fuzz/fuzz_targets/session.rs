@@ -17,8 +17,8 @@ fuzz_target!(|data: &[u8]| {
         connect_retry: Duration::from_secs(1),
     });
     s.handle(now, Input::Start);
-    s.handle(now, Input::Connected);
+    s.handle(now, Input::Connected { id: 1, outgoing: true });
     for chunk in data.chunks(97) {
-        s.handle(now, Input::Received(chunk));
+        s.handle(now, Input::Received(1, chunk));
     }
 });
