@@ -564,3 +564,45 @@ fn two_of_our_speakers_connecting_at_once_settle_on_one_session() {
     assert!(received.contains(&V4) && received.contains(&V6), "{up}");
     assert_eq!(site.show()["peers"][0]["state"], "established");
 }
+
+#[test]
+fn the_adj_rib_in_shows_whether_the_other_sites_announcement_is_visible_upstream() {
+    if !privileged("the_adj_rib_in_shows_whether_the_other_sites_announcement_is_visible_upstream")
+    {
+        return;
+    }
+    // The failover witness: site A asks what the upstream sends it, site B's routes included.
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let _bird = Bird::start_with(&lab.up, dir.path(), &["EXPORT"]).expect("starts BIRD");
+    let mut watcher = Speaker::start(&lab.site_a, 1, &[]);
+    watcher.send(&format!("withdraw {V4}"));
+    watcher.send(&format!("withdraw {V6}"));
+    watcher.established(Duration::from_secs(20));
+    let mut other = Speaker::start(&lab.site_b, 2, &["--prepend", "2"]);
+    other.established(Duration::from_secs(20));
+    let seen = |watcher: &mut Speaker| -> Option<Value> {
+        let show = watcher.show();
+        show["peers"][0]["adj_rib_in"]
+            .as_array()?
+            .iter()
+            .find(|r| r["prefix"] == V4)
+            .cloned()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || seen(&mut watcher).is_some()).is_some(),
+        "site B's announcement never showed in site A's Adj-RIB-In"
+    );
+    let route = seen(&mut watcher).expect("seen");
+    assert_eq!(
+        route["as_path"],
+        serde_json::json!([65000, 65001, 65001, 65001]),
+        "through the upstream, with B's prepends: {route}"
+    );
+    // Site B withdraws: it is gone from A's view too.
+    other.send(&format!("withdraw {V4}"));
+    assert!(
+        wait_until(Duration::from_secs(10), || seen(&mut watcher).is_none()).is_some(),
+        "the withdrawal reached site A's Adj-RIB-In"
+    );
+}

@@ -117,12 +117,15 @@ impl Bird {
     }
 
     /// With features switched on in the config: `BFD` (100 ms x 3 toward both sites, tied to
-    /// the BGP sessions), `GTSM` (`ttl security`), `MD5` (`password`, [`Bird::MD5_PASSWORD`]).
+    /// the BGP sessions), `GTSM` (`ttl security`), `MD5` (`password`, [`Bird::MD5_PASSWORD`]),
+    /// `EXPORT` (the upstream exports its routes to the sites, the other site's included).
     pub fn start_with(ns: &Netns, dir: &Path, features: &[&str]) -> io::Result<Bird> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("bird.conf");
         let mut text = Self::CONFIG.to_owned();
-        for marker in ["BFD", "GTSM", "MD5"] {
+        let export = features.contains(&"EXPORT");
+        text = switch_lines(&text, "#NOEXPORT", !export);
+        for marker in ["BFD", "GTSM", "MD5", "EXPORT"] {
             text = switch_lines(&text, &format!("#{marker}"), features.contains(&marker));
         }
         std::fs::write(&config, text)?;
