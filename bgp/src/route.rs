@@ -19,6 +19,37 @@ pub struct Announcement {
     pub communities: Vec<u32>,
 }
 
+impl Announcement {
+    /// Checks what the wire needs: a unicast prefix (host bits cleared) and, for IPv4, an IPv4
+    /// next hop (IPv6 prefixes take either: an IPv4 one travels v4-mapped).
+    pub fn new(
+        prefix: IpNet,
+        next_hop: IpAddr,
+        prepend: u8,
+        med: Option<u32>,
+        communities: Vec<u32>,
+    ) -> Result<Announcement, String> {
+        let prefix = prefix.trunc();
+        let multicast = match prefix {
+            IpNet::V4(n) => n.network().is_multicast(),
+            IpNet::V6(n) => n.network().is_multicast(),
+        };
+        if multicast {
+            return Err(format!("{prefix} is a multicast prefix"));
+        }
+        if prefix.addr().is_ipv4() && !next_hop.is_ipv4() {
+            return Err(format!("{prefix} needs an IPv4 next hop, not {next_hop}"));
+        }
+        Ok(Announcement {
+            prefix,
+            next_hop,
+            prepend,
+            med,
+            communities,
+        })
+    }
+}
+
 /// A route a peer announced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Route {

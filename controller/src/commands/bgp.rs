@@ -35,14 +35,6 @@ struct Attributes {
 
 impl Attributes {
     fn announcement(&self, prefix: IpNet) -> anyhow::Result<Announcement> {
-        let prefix = prefix.trunc();
-        let multicast = match prefix {
-            IpNet::V4(n) => n.network().is_multicast(),
-            IpNet::V6(n) => n.network().is_multicast(),
-        };
-        if multicast {
-            bail!("{prefix} is a multicast prefix");
-        }
         let next_hop = match prefix {
             IpNet::V4(_) => self
                 .next_hop4
@@ -51,13 +43,14 @@ impl Attributes {
                 .next_hop6
                 .with_context(|| format!("{prefix} needs --next-hop6"))?,
         };
-        Ok(Announcement {
+        Announcement::new(
             prefix,
             next_hop,
-            prepend: self.prepend,
-            med: self.med,
-            communities: self.communities.clone(),
-        })
+            self.prepend,
+            self.med,
+            self.communities.clone(),
+        )
+        .map_err(anyhow::Error::msg)
     }
 }
 
@@ -201,13 +194,11 @@ fn from_policy(policy: &Policy, site_name: &str, file: &Path) -> anyhow::Result<
             let next_hop = uplink(matches!(net, IpNet::V4(_))).with_context(|| {
                 format!("site {site_name} has no uplink address of {net}'s family")
             })?;
-            announcements.push(Announcement {
-                prefix: net.trunc(),
-                next_hop,
-                prepend: a.prepend,
-                med: a.med,
-                communities: a.communities.iter().map(|c| c.0).collect(),
-            });
+            let communities = a.communities.iter().map(|c| c.0).collect();
+            announcements.push(
+                Announcement::new(net, next_hop, a.prepend, a.med, communities)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
+            );
         }
     }
     // `announce PREFIX` on stdin: the policy's attributes for that prefix if it has some.
