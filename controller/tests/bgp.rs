@@ -606,3 +606,27 @@ fn the_adj_rib_in_shows_whether_the_other_sites_announcement_is_visible_upstream
         "the withdrawal reached site A's Adj-RIB-In"
     );
 }
+
+#[test]
+fn sigterm_sends_cease_to_the_upstream_and_exits_zero() {
+    if !privileged("sigterm_sends_cease_to_the_upstream_and_exits_zero") {
+        return;
+    }
+    let lab = UpstreamLab::new().expect("builds the lab");
+    let dir = tmp();
+    let bird = Bird::start(&lab.up, dir.path()).expect("starts BIRD");
+    let mut speaker = Speaker::start(&lab.site_a, 1, &[]);
+    speaker.established(Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(10), || routes_present(&lab, "1")).is_some());
+    signal(speaker.pid(), "-TERM");
+    let status = wait_until(Duration::from_secs(5), || speaker.0.exited().is_some())
+        .and_then(|_| speaker.0.exited())
+        .expect("the speaker exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    let protocol = bird.birdc(&["show", "protocols", "all", "siteA"]);
+    assert!(
+        protocol.contains("Administrative shutdown"),
+        "BIRD saw a Cease (Administrative Shutdown): {protocol}"
+    );
+    assert!(routes_gone(&lab), "the routes left with the session");
+}

@@ -377,6 +377,11 @@ impl SpeakerProc {
         self.proc.id()
     }
 
+    /// Its exit status, once it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.try_wait()
+    }
+
     pub fn send(&mut self, line: &str) -> io::Result<()> {
         use std::io::Write;
         writeln!(self.stdin, "{line}")

@@ -75,7 +75,10 @@ pub fn speak(args: BgpSpeakArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(peers, announcements, attributes))
+    let result = runtime.block_on(run(peers, announcements, attributes));
+    // The stdin reader blocks on a thread of its own: do not wait for it.
+    runtime.shutdown_background();
+    result
 }
 
 type Setup = (Vec<PeerConfig>, Vec<Announcement>, Attributes);
