@@ -33,8 +33,13 @@ use crate::memory::{GuestMem, MemoryError, PageSet, SLOT};
 const MANUAL_PROTECT_ENABLE: u64 = 1;
 /// Every this many harvests, every page is re-protected: a page must prove itself hot again.
 pub const AGE_EPOCHS: u64 = 32;
-/// Hot pages at most, by default (an 8 MiB copy per epoch at worst).
+/// Hot pages at most, to start with; [`DirtyLog::fit_pause`] moves the limit between
+/// [`MIN_HOT_PAGES`] and [`MAX_HOT_PAGES`] so that captures stay within their pause budget.
 pub const DEFAULT_MAX_HOT_PAGES: usize = 2048;
+pub const MIN_HOT_PAGES: usize = 256;
+pub const MAX_HOT_PAGES: usize = 16384;
+/// The capture time the hot-page limit aims under: every hot page is copied in the pause.
+pub const PAUSE_BUDGET_US: u64 = 3000;
 
 vmm_sys_util::ioctl_iowr_nr!(
     KVM_CLEAR_DIRTY_LOG,
@@ -79,6 +84,25 @@ impl DirtyLog {
     /// Pages left writable after the last harvest.
     pub fn hot_pages(&self) -> usize {
         self.hot_now
+    }
+
+    /// The most pages that may be left writable now.
+    pub fn max_hot(&self) -> usize {
+        self.max_hot
+    }
+
+    /// Fits the hot-page limit to the pause: a capture over [`PAUSE_BUDGET_US`] shrinks it by a
+    /// quarter, one well under it (half) grows it by 256 pages. Hot pages spare the guest write
+    /// faults and cost the pause a copy each; this keeps as many as the pause can afford.
+    pub fn fit_pause(&mut self, capture_us: u64) {
+        if !self.manual {
+            return;
+        }
+        if capture_us > PAUSE_BUDGET_US {
+            self.max_hot = (self.max_hot * 3 / 4).max(MIN_HOT_PAGES);
+        } else if capture_us < PAUSE_BUDGET_US / 2 {
+            self.max_hot = (self.max_hot + 256).min(MAX_HOT_PAGES);
+        }
     }
 
     /// The pages written since the last harvest (and the hot pages), by the guest or by the
@@ -171,6 +195,39 @@ impl AsRawFd for RawVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hot_limit_follows_the_pause_budget() {
+        let mut log = DirtyLog {
+            manual: true,
+            max_hot: DEFAULT_MAX_HOT_PAGES,
+            harvests: 0,
+            previous: Vec::new(),
+            hot_now: 0,
+        };
+        for _ in 0..100 {
+            log.fit_pause(PAUSE_BUDGET_US * 2);
+        }
+        assert_eq!(
+            log.max_hot(),
+            MIN_HOT_PAGES,
+            "long pauses: down to the floor"
+        );
+        log.fit_pause(PAUSE_BUDGET_US * 3 / 4);
+        assert_eq!(
+            log.max_hot(),
+            MIN_HOT_PAGES,
+            "within budget but not far under: hold"
+        );
+        for _ in 0..200 {
+            log.fit_pause(PAUSE_BUDGET_US / 10);
+        }
+        assert_eq!(
+            log.max_hot(),
+            MAX_HOT_PAGES,
+            "short pauses: up to the ceiling"
+        );
+    }
 
     #[test]
     fn lowest_bits_keeps_the_budget() {

@@ -622,12 +622,14 @@ impl Vm {
             guest_ns: self.clock.now_ns(),
             layers: Vec::new(),
         };
+        let capture_us = started.elapsed().as_micros() as u64;
+        self.dirty.fit_pause(capture_us);
         Ok(Capture {
             mem_size: self.mem_size,
             pages,
             data,
             state: Box::new(snap),
-            capture_us: started.elapsed().as_micros() as u64,
+            capture_us,
             stopped_at: started,
             resumed_at: started,
         })
