@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The secondsite demo: check and explain the reference policy, then move a live VM between
-# processes without dropping its client's TCP connection. Needs root and /dev/kvm; everything
-# runs in network namespaces this script creates and removes.
+# The secondsite demo: check and explain the reference policy, move a live VM between processes
+# without dropping its client's TCP connection, then move the service's prefix from one site to
+# the other with BGP at a real upstream router (BIRD). Needs root and /dev/kvm; everything runs
+# in network namespaces this script creates and removes (KEEP=1 keeps its work directory, with
+# the logs of the VMM, BIRD and the speakers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -17,13 +19,19 @@ echo "== secondsite policy explain examples/two-sites.yaml"
 "$bin" policy explain examples/two-sites.yaml
 
 site=ssdemo-site-$$ client=ssdemo-client-$$ work=$(mktemp -d)
+up=ssdemo-up-$$ site_a=ssdemo-a-$$ site_b=ssdemo-b-$$
 cleanup() {
-    exec 3>&- 2>/dev/null || true
-    for ns in "$site" "$client"; do
+    exec 3>&- 4>&- 5>&- 2>/dev/null || true
+    # The speakers first, with SIGTERM: each sends its peer a Cease and exits.
+    for ns in "$site_a" "$site_b"; do
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -CONT "$pid"; kill -TERM "$pid"; done
+    done 2>/dev/null || true
+    sleep 0.5
+    for ns in "$site" "$client" "$up" "$site_a" "$site_b"; do
         for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
         ip netns del "$ns" 2>/dev/null || true
     done
-    rm -rf "$work"
+    [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
 trap cleanup EXIT
 
@@ -75,3 +83,42 @@ echo "== the same client connection carries on"
 printf 'INCR visits\r\n' >&3; sleep 0.3; echo "client: INCR visits -> $(tail -n1 "$work/out")"
 printf 'GET greeting\r\n' >&3; sleep 0.3; echo "client: GET greeting -> $(tail -n1 "$work/out")"
 "$bin" vm status --control "$work/vm.sock"
+
+echo "== BGP: an upstream router (BIRD, AS 65000) and two sites (AS 65001), as in the policy"
+for ns in "$up" "$site_a" "$site_b"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+n=1
+for s in "$site_a" "$site_b"; do
+    ip link add "up-site$n" netns "$up" type veth peer name eth0 netns "$s"
+    ip -n "$up" addr add "10.0.$n.1/24" dev "up-site$n"; ip -n "$up" link set "up-site$n" up
+    ip -n "$s" addr add "10.0.$n.2/24" dev eth0; ip -n "$s" link set eth0 up
+    n=$((n + 1))
+done
+sed -e 's/^#NOEXPORT//' -e 's/^#BFD//' -e 's/siteA/site1/; s/siteB/site2/' lab/configs/bird-upstream.conf \
+    | grep -v '^#' | grep -v 'fd00:1::' >"$work/bird.conf"
+ip netns exec "$up" bird -f -c "$work/bird.conf" -s "$work/bird.ctl" -P "$work/bird.pid" \
+    2>"$work/bird.log" &
+speak() { # site number, extra options; commands on fd 4 or 5
+    ip netns exec "$1" "$bin" bgp speak --local-as 65001 --peer-as 65000 --router-id "10.0.$2.2" \
+        --local-addr "10.0.$2.2" --peer "10.0.$2.1" --announce 203.0.113.0/24 --bfd 100:3 "${@:3}" \
+        >>"$work/bgp-$2.log" 2>&1
+}
+mkfifo "$work/bgp-a" "$work/bgp-b"
+speak "$site_b" 2 --prepend 2 <"$work/bgp-b" & exec 5>"$work/bgp-b"
+speak "$site_a" 1 <"$work/bgp-a" & exec 4>"$work/bgp-a"
+route() { ip -n "$up" route show 203.0.113.0/24; }
+for _ in $(seq 100); do route | grep -q 10.0.1.2 && break; sleep 0.1; done
+echo "upstream FIB, both sites announcing (site B prepends twice): $(route)"
+echo "== site A withdraws (as its failover controller will when site A is lost)"
+echo "withdraw 203.0.113.0/24" >&4
+for _ in $(seq 100); do route | grep -q 10.0.2.2 && break; sleep 0.01; done
+echo "upstream FIB: $(route)"
+echo "== site A's speaker is frozen (SIGSTOP) after announcing again: BFD takes it out in ~0.3 s"
+echo "announce 203.0.113.0/24" >&4
+for _ in $(seq 100); do route | grep -q 10.0.1.2 && break; sleep 0.1; done
+echo "upstream FIB: $(route)"
+for _ in $(seq 100); do grep -q '"event":"bfd".*"to":"up"' "$work/bgp-1.log" && break; sleep 0.1; done
+kill -STOP $(ip netns pids "$site_a")
+start=$(date +%s%N)
+for _ in $(seq 300); do route | grep -q 10.0.2.2 && break; sleep 0.01; done
+echo "upstream FIB after $(( ($(date +%s%N) - start) / 1000000 )) ms: $(route)"
+kill -CONT $(ip netns pids "$site_a")

@@ -87,7 +87,10 @@ pub struct PeerStatus {
 pub struct Speaker {
     peers: Vec<(mpsc::UnboundedSender<Command>, Arc<Mutex<PeerStatus>>)>,
     announced: Arc<Mutex<Vec<Announcement>>>,
+    /// One per peer: they end after their Cease.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The TCP and BFD listeners: they never end by themselves.
+    listeners: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Speaker {
@@ -108,6 +111,7 @@ impl Speaker {
             peers: Vec::new(),
             announced: Arc::new(Mutex::new(announcements.clone())),
             tasks: Vec::new(),
+            listeners: Vec::new(),
         };
         let mut listen_on = Vec::new();
         for peer in peers {
@@ -166,19 +170,16 @@ impl Speaker {
         }
         if !bfd_routes.is_empty() {
             let socket = UdpSocket::bind(SocketAddr::new(bind, bfd::CONTROL_PORT)).await?;
-            speaker.tasks.insert(
-                0,
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 512];
-                    while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-                        if let Some(tx) = bfd_routes.get(&canonical(from.ip())) {
-                            let _ = tx.send(buf[..n].to_vec());
-                        }
+            speaker.listeners.push(tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                    if let Some(tx) = bfd_routes.get(&canonical(from.ip())) {
+                        let _ = tx.send(buf[..n].to_vec());
                     }
-                }),
-            );
+                }
+            }));
         }
-        speaker.tasks.push(tokio::spawn(async move {
+        speaker.listeners.push(tokio::spawn(async move {
             while let Ok((stream, from)) = listener.accept().await {
                 let from = canonical(from.ip());
                 match routes.get(&from) {
@@ -229,19 +230,20 @@ impl Speaker {
     /// Sends Cease to every established peer and waits (up to a second) for the sessions to end.
     pub async fn stop(self) {
         self.command(Command::Stop);
-        for task in self.tasks {
-            if task.is_finished() {
-                continue;
-            }
-            // Peer tasks end after their Cease; the listeners never do.
-            let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_millis(500), task)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
+        for listener in &self.listeners {
+            listener.abort();
         }
+        // Each peer task ends once its Cease is written; a peer that does not take it in half
+        // a second (a full send buffer) is dropped.
+        let all = futures_join(self.tasks);
+        let _ = tokio::time::timeout(Duration::from_millis(500), all).await;
+    }
+}
+
+/// Waits for every task (aborting none: dropping the handles leaves them to the runtime's end).
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
     }
 }
 
