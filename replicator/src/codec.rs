@@ -158,8 +158,9 @@ impl Encoder {
         body.extend_from_slice(&0u32.to_le_bytes());
         for &(index, page) in pages {
             let key = (vm, index);
-            let previous = self.versions.get(&key);
-            if previous.is_some_and(|p| **p == *page) {
+            // One lookup: the version last sent is compared, XORed against, then replaced.
+            let previous = self.versions.get_mut(&key);
+            if previous.as_ref().is_some_and(|p| ***p == *page) {
                 stats.unchanged += 1;
                 continue;
             }
@@ -175,6 +176,7 @@ impl Encoder {
                     body.extend_from_slice(&hash.to_le_bytes());
                     stats.refs += 1;
                 } else if let Some(old) = previous
+                    .as_ref()
                     .map(|p| xor_runs(p, page))
                     .filter(|r| r.len() <= XOR_LIMIT)
                 {
@@ -188,7 +190,7 @@ impl Encoder {
                 }
                 self.backup_holds.put(hash, ());
             }
-            match self.versions.get_mut(&key) {
+            match previous {
                 Some(v) => v.copy_from_slice(page),
                 None => put_page(&mut self.versions, key, page),
             }
@@ -260,15 +262,27 @@ fn zstd_compress(body: &[u8], level: i32) -> Option<Vec<u8>> {
 }
 
 /// The non-zero runs of `old XOR new`: `u16 count`, then `u16 offset, u16 len, bytes` each.
-/// Runs closer than 8 bytes are merged (a run header costs 4).
+/// Runs closer than 8 bytes are merged (a run header costs 4). The XOR and the search for
+/// runs go a machine word at a time: a page written in a few places is mostly zero words.
 fn xor_runs(old: &Page, new: &Page) -> Vec<u8> {
     let mut xor = [0u8; PAGE];
-    for (x, (a, b)) in xor.iter_mut().zip(old.iter().zip(new)) {
-        *x = a ^ b;
+    for ((x, a), b) in xor
+        .chunks_exact_mut(8)
+        .zip(old.chunks_exact(8))
+        .zip(new.chunks_exact(8))
+    {
+        let a = u64::from_ne_bytes(a.try_into().expect("8 bytes"));
+        let b = u64::from_ne_bytes(b.try_into().expect("8 bytes"));
+        x.copy_from_slice(&(a ^ b).to_ne_bytes());
     }
+    let zero_word = |i: usize| xor[i..i + 8] == [0u8; 8];
     let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut i = 0;
     while i < PAGE {
+        if i % 8 == 0 && zero_word(i) {
+            i += 8;
+            continue;
+        }
         if xor[i] == 0 {
             i += 1;
             continue;
