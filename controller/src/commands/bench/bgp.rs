@@ -19,14 +19,16 @@ use secondsite_bgp::route::Announcement;
 use secondsite_lab::{Bird, Frr, Proc, SpeakerProc, UpstreamLab, wait_until};
 use serde_json::{Value, json};
 
-use super::{percentile, round};
+use super::{Scratch, percentile, round, scratch_dir};
 
 const V4: &str = "203.0.113.0/24";
 
 pub fn bgp(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
     let trials = if quick { 5 } else { 20 };
     let exe = std::env::current_exe()?;
-    let scratch = tempdir()?;
+    // Removed when the benchmark ends, however it ends.
+    let scratch = Scratch(scratch_dir()?);
+    let scratch = &scratch.0;
     let mut withdraw = Vec::new();
     for router in ["bird", "frr"] {
         withdraw.push(measure_withdraw(
@@ -38,7 +40,6 @@ pub fn bgp(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
     }
     let codec = measure_codec(if quick { 20_000 } else { 200_000 });
     let memory = measure_memory(&exe, &scratch.join("memory"))?;
-    let _ = std::fs::remove_dir_all(&scratch);
     let report = json!({
         "withdraw_to_fib_ms": withdraw,
         "update_encode_decode_per_s": codec,
@@ -57,12 +58,6 @@ pub fn bgp(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
         println!("speaker with two sessions: {memory} MiB resident");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn tempdir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("secondsite-bench-bgp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 /// The upstream router of a run, kept alive (and stopped when dropped).
