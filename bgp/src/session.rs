@@ -799,11 +799,12 @@ mod tests {
     /// carrying each one's output to the other end of the same connection, until quiet; returns
     /// the connections (X, Y) each end closed.
     fn collide(a: &mut Session, b: &mut Session, now: Instant) -> (Vec<ConnId>, Vec<ConnId>) {
-        // a: X is id 1 (outgoing), Y is id 2; b: Y is id 1 (outgoing), X is id 2.
+        // a: X is id 1 (outgoing), Y is id 2; b: Y is id 1 (outgoing), X is id 2. Bytes sent on
+        // id 1 at one end arrive on id 2 at the other, and the other way round.
         let peer_id = |id: ConnId| if id == 1 { 2 } else { 1 };
-        let mut to_a: Vec<(ConnId, Option<Vec<u8>>)> = Vec::new();
-        let mut to_b: Vec<(ConnId, Option<Vec<u8>>)> = Vec::new();
-        let mut closed = (Vec::new(), Vec::new());
+        let ends = [a, b];
+        let mut queues: [Vec<(ConnId, Option<Vec<u8>>)>; 2] = [Vec::new(), Vec::new()];
+        let mut closed: [Vec<ConnId>; 2] = [Vec::new(), Vec::new()];
         let route = |out: Vec<Output>,
                      to: &mut Vec<(ConnId, Option<Vec<u8>>)>,
                      closed: &mut Vec<ConnId>| {
@@ -818,73 +819,28 @@ mod tests {
                 }
             }
         };
-        route(
-            a.handle(
-                now,
-                Input::Connected {
-                    id: 1,
-                    outgoing: true,
-                },
-            ),
-            &mut to_b,
-            &mut closed.0,
-        );
-        route(
-            b.handle(
-                now,
-                Input::Connected {
-                    id: 1,
-                    outgoing: true,
-                },
-            ),
-            &mut to_a,
-            &mut closed.1,
-        );
-        route(
-            a.handle(
-                now,
-                Input::Connected {
-                    id: 2,
-                    outgoing: false,
-                },
-            ),
-            &mut to_b,
-            &mut closed.0,
-        );
-        route(
-            b.handle(
-                now,
-                Input::Connected {
-                    id: 2,
-                    outgoing: false,
-                },
-            ),
-            &mut to_a,
-            &mut closed.1,
-        );
-        while !to_a.is_empty() || !to_b.is_empty() {
-            for (id, data) in std::mem::take(&mut to_a) {
-                if closed.0.contains(&id) {
-                    continue;
-                }
-                let out = match data {
-                    Some(bytes) => a.handle(now, Input::Received(id, &bytes)),
-                    None => a.handle(now, Input::Closed(id)),
-                };
-                route(out, &mut to_b, &mut closed.0);
-            }
-            for (id, data) in std::mem::take(&mut to_b) {
-                if closed.1.contains(&id) {
-                    continue;
-                }
-                let out = match data {
-                    Some(bytes) => b.handle(now, Input::Received(id, &bytes)),
-                    None => b.handle(now, Input::Closed(id)),
-                };
-                route(out, &mut to_a, &mut closed.1);
+        for (id, outgoing) in [(1, true), (2, false)] {
+            for side in 0..2 {
+                let out = ends[side].handle(now, Input::Connected { id, outgoing });
+                route(out, &mut queues[1 - side], &mut closed[side]);
             }
         }
-        closed
+        while queues.iter().any(|q| !q.is_empty()) {
+            for side in 0..2 {
+                for (id, data) in std::mem::take(&mut queues[side]) {
+                    if closed[side].contains(&id) {
+                        continue;
+                    }
+                    let out = match data {
+                        Some(bytes) => ends[side].handle(now, Input::Received(id, &bytes)),
+                        None => ends[side].handle(now, Input::Closed(id)),
+                    };
+                    route(out, &mut queues[1 - side], &mut closed[side]);
+                }
+            }
+        }
+        let [a_closed, b_closed] = closed;
+        (a_closed, b_closed)
     }
 
     #[test]

@@ -3,13 +3,12 @@
 //! ```text
 //!  commands ──> Speaker ──per peer──> peer task: Session + TCP stream + timers ──> events
 //!                  ▲                         ▲ accepted connections by peer address
-//!              show: status snapshots    listener on port 179 (for passive peers, and peers
+//!        show: asks each task        listener on port 179 (for passive peers, and peers
 //!                                        that connect to us first)
 //! ```
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -17,7 +16,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use std::os::fd::AsFd;
@@ -82,11 +81,24 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
 }
 
+/// What `show` prints: every peer, and what we announce (the same to every peer).
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeakerStatus {
+    pub peers: Vec<PeerStatus>,
+    pub announced: Vec<Announcement>,
+}
+
+/// What a peer task is asked: a command, or its status (read from its session when asked).
+#[derive(Debug)]
+enum Request {
+    Command(Command),
+    Status(oneshot::Sender<(PeerStatus, Vec<Announcement>)>),
+}
+
 /// A running speaker.
 #[derive(Debug)]
 pub struct Speaker {
-    peers: Vec<(mpsc::UnboundedSender<Command>, Arc<Mutex<PeerStatus>>)>,
-    announced: Arc<Mutex<Vec<Announcement>>>,
+    peers: Vec<mpsc::UnboundedSender<Request>>,
     /// One per peer: they end after their Cease.
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The TCP and BFD listeners: they never end by themselves.
@@ -109,7 +121,6 @@ impl Speaker {
         let mut bfd_routes: HashMap<IpAddr, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
         let mut speaker = Speaker {
             peers: Vec::new(),
-            announced: Arc::new(Mutex::new(announcements.clone())),
             tasks: Vec::new(),
             listeners: Vec::new(),
         };
@@ -134,21 +145,11 @@ impl Speaker {
                 }
                 None => None,
             };
-            let status = Arc::new(Mutex::new(PeerStatus {
-                peer: peer.address,
-                state: State::Idle,
-                hold_time: None,
-                bfd: None,
-                adj_rib_in: Vec::new(),
-                counters: Counters::default(),
-                last_error: None,
-            }));
             listen_on.push(peer.local_address);
             let task = PeerTask {
                 bfd,
                 session: Session::new(peer.session.clone()),
                 config: peer,
-                status: status.clone(),
                 events: events.clone(),
             };
             speaker.tasks.push(tokio::spawn(task.run(
@@ -156,7 +157,7 @@ impl Speaker {
                 rx,
                 incoming_rx,
             )));
-            speaker.peers.push((tx, status));
+            speaker.peers.push(tx);
         }
         // One listener (all addresses, or the one local address all peers share): a peer that
         // connects first, and passive sessions, come in through it.
@@ -197,34 +198,27 @@ impl Speaker {
     }
 
     pub fn command(&self, command: Command) {
-        if let Command::Announce(a) = &command {
-            let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
-            announced.retain(|x| x.prefix != a.prefix);
-            announced.push(a.clone());
-        }
-        if let Command::Withdraw(p) = &command {
-            self.announced
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|x| x.prefix != *p);
-        }
-        for (tx, _) in &self.peers {
-            let _ = tx.send(command.clone());
+        for tx in &self.peers {
+            let _ = tx.send(Request::Command(command.clone()));
         }
     }
 
-    pub fn status(&self) -> Vec<PeerStatus> {
-        self.peers
-            .iter()
-            .map(|(_, s)| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
-            .collect()
-    }
-
-    pub fn announced(&self) -> Vec<Announcement> {
-        self.announced
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// Every peer's status, read from its session now.
+    pub async fn status(&self) -> SpeakerStatus {
+        let mut status = SpeakerStatus {
+            peers: Vec::with_capacity(self.peers.len()),
+            announced: Vec::new(),
+        };
+        for tx in &self.peers {
+            let (reply, answer) = oneshot::channel();
+            if tx.send(Request::Status(reply)).is_ok()
+                && let Ok((peer, announced)) = answer.await
+            {
+                status.peers.push(peer);
+                status.announced = announced;
+            }
+        }
+        status
     }
 
     /// Sends Cease to every established peer and waits (up to a second) for the sessions to end.
@@ -259,7 +253,6 @@ struct PeerTask {
     config: PeerConfig,
     session: Session,
     bfd: Option<BfdLink>,
-    status: Arc<Mutex<PeerStatus>>,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -308,7 +301,7 @@ impl PeerTask {
     async fn run(
         mut self,
         announcements: Vec<Announcement>,
-        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut commands: mpsc::UnboundedReceiver<Request>,
         mut incoming: mpsc::UnboundedReceiver<TcpStream>,
     ) {
         let (connected_tx, mut connected) = mpsc::unbounded_channel::<std::io::Result<TcpStream>>();
@@ -357,7 +350,6 @@ impl PeerTask {
             if !outputs.is_empty() {
                 continue;
             }
-            self.publish();
             if stopping {
                 return;
             }
@@ -395,12 +387,15 @@ impl PeerTask {
                 session.handle(Instant::now().into_std(), Input::Connected { id, outgoing })
             };
             tokio::select! {
-                command = commands.recv() => {
+                request = commands.recv() => {
                     let now = Instant::now().into_std();
-                    match command {
-                        Some(Command::Announce(a)) => outputs.extend(self.session.handle(now, Input::Announce(a))),
-                        Some(Command::Withdraw(p)) => outputs.extend(self.session.handle(now, Input::Withdraw(p))),
-                        Some(Command::Stop) | None => {
+                    match request {
+                        Some(Request::Status(reply)) => {
+                            let _ = reply.send((self.status(), self.session.announcements().to_vec()));
+                        }
+                        Some(Request::Command(Command::Announce(a))) => outputs.extend(self.session.handle(now, Input::Announce(a))),
+                        Some(Request::Command(Command::Withdraw(p))) => outputs.extend(self.session.handle(now, Input::Withdraw(p))),
+                        Some(Request::Command(Command::Stop)) | None => {
                             outputs.extend(self.session.handle(now, Input::Stop));
                             stopping = true;
                         }
@@ -466,14 +461,16 @@ impl PeerTask {
         }
     }
 
-    fn publish(&self) {
-        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        s.state = self.session.state();
-        s.hold_time = self.session.hold_time();
-        s.bfd = self.bfd.as_ref().map(|b| b.session.state());
-        s.adj_rib_in = self.session.rib_in().routes().cloned().collect();
-        s.counters = self.session.counters().clone();
-        s.last_error = self.session.last_error().map(str::to_owned);
+    fn status(&self) -> PeerStatus {
+        PeerStatus {
+            peer: self.config.address,
+            state: self.session.state(),
+            hold_time: self.session.hold_time(),
+            bfd: self.bfd.as_ref().map(|b| b.session.state()),
+            adj_rib_in: self.session.rib_in().routes().cloned().collect(),
+            counters: self.session.counters().clone(),
+            last_error: self.session.last_error().map(str::to_owned),
+        }
     }
 }
 

@@ -10,8 +10,8 @@ use secondsite_lab::{
 use serde_json::Value;
 
 const SECONDSITE: &str = env!("CARGO_BIN_EXE_secondsite");
-const V4: &str = "203.0.113.0/24";
-const V6: &str = "2001:db8:113::/48";
+const V4: &str = UpstreamLab::PREFIX_V4;
+const V6: &str = UpstreamLab::PREFIX_V6;
 
 /// `secondsite bgp speak` in a lab namespace, failing the test when what it waits for does
 /// not come.
@@ -20,30 +20,12 @@ struct Speaker(SpeakerProc);
 impl Speaker {
     /// Site `n` (1 or 2) of the lab, peering with the upstream at 10.0.n.1.
     fn start(ns: &Netns, n: u8, extra: &[&str]) -> Speaker {
-        let (me, peer, nh6) = (
-            format!("10.0.{n}.2"),
-            format!("10.0.{n}.1"),
-            format!("fd00:{n}::2"),
-        );
-        let mut args = vec![
-            "--local-as",
-            "65001",
-            "--peer-as",
-            "65000",
-            "--router-id",
-            &me,
-            "--local-addr",
-            &me,
-            "--peer",
-            &peer,
-            "--announce",
-            V4,
-            "--announce",
-            V6,
-            "--next-hop6",
-            &nh6,
-        ];
-        args.extend(extra);
+        let me = format!("10.0.{n}.2");
+        let peer = format!("10.0.{n}.1");
+        let mut args = UpstreamLab::site_speaker_args(n);
+        args.extend(["--local-addr", &me, "--peer", &peer].map(str::to_owned));
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Speaker(SpeakerProc::start(ns, Path::new(SECONDSITE), &args).expect("starts the speaker"))
     }
 

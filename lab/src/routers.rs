@@ -76,6 +76,32 @@ impl UpstreamLab {
         Ok(UpstreamLab { up, site_a, site_b })
     }
 
+    /// The prefixes the sites announce (the policy example's).
+    pub const PREFIX_V4: &'static str = "203.0.113.0/24";
+    pub const PREFIX_V6: &'static str = "2001:db8:113::/48";
+
+    /// `secondsite bgp speak` options of site `n` (1 or 2): AS 65001 toward the upstream's AS
+    /// 65000, router id 10.0.n.2, announcing both prefixes (IPv6 next hop fd00:n::2). Peers and
+    /// the source address are the caller's to add.
+    pub fn site_speaker_args(n: u8) -> Vec<String> {
+        [
+            "--local-as",
+            "65001",
+            "--peer-as",
+            "65000",
+            "--router-id",
+            &format!("10.0.{n}.2"),
+            "--announce",
+            Self::PREFIX_V4,
+            "--announce",
+            Self::PREFIX_V6,
+            "--next-hop6",
+            &format!("fd00:{n}::2"),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
     /// The upstream's kernel routes for `prefix` (`ip -n up route show PREFIX`), one per line.
     pub fn upstream_fib(&self, prefix: &str) -> String {
         let family = if prefix.contains(':') { "-6" } else { "-4" };

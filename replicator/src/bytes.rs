@@ -67,6 +67,19 @@ impl<'a, E, F: Fn(usize) -> E> Fields<'a, E, F> {
     }
 }
 
+/// `len` pseudo-random bytes from an xorshift state (the parsers' never-panic tests).
+#[cfg(test)]
+pub(crate) fn noise(state: &mut u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            *state as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -810,14 +810,7 @@ mod tests {
         let mut dec = Decoder::new(CodecConfig::default());
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         for len in 0..2000usize {
-            let bytes: Vec<u8> = (0..len % 300)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as u8
-                })
-                .collect();
+            let bytes = crate::bytes::noise(&mut state, len % 300);
             let _ = dec.apply(&bytes, &mut replica);
         }
     }

@@ -310,6 +310,7 @@ fn ship_epochs(
     let mut next = Instant::now();
     let mut waiting_since: Option<Instant> = None;
     let mut throttle = ThrottleState::default();
+    let handles: Vec<&VmHandle> = members.iter().map(|m| &*m.handle).collect();
     loop {
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -338,7 +339,6 @@ fn ship_epochs(
             continue;
         }
         waiting_since = None;
-        let handles: Vec<&VmHandle> = members.iter().map(|m| &*m.handle).collect();
         let started = Instant::now();
         let captures = checkpoint_group(&handles, full).map_err(|e| e.to_string())?;
         let pause = started.elapsed().as_micros() as u64;

@@ -556,14 +556,7 @@ mod tests {
         let mut state = 0x2545_f491_4f6c_dd1du64;
         for round in 0..5000 {
             let mut rx = Link::default();
-            let mut bytes: Vec<u8> = (0..(round % 80))
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as u8
-                })
-                .collect();
+            let mut bytes = crate::bytes::noise(&mut state, round % 80);
             if round % 2 == 0 && bytes.len() >= 4 {
                 bytes[..4].copy_from_slice(&MAGIC);
             }

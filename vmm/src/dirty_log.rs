@@ -53,7 +53,7 @@ pub struct DirtyLog {
     manual: bool,
     max_hot: usize,
     harvests: u64,
-    /// The KVM bits of the previous harvest.
+    /// The KVM bits of the previous harvest (set by `harvest` after each re-protection).
     previous: Vec<u64>,
     hot_now: usize,
 }
@@ -113,10 +113,11 @@ impl DirtyLog {
             let bits = vm
                 .get_dirty_log(SLOT, region.len() as usize)
                 .map_err(MemoryError::DirtyLog)?;
+            set.union_with(&bits);
             if self.manual {
                 self.reprotect_all_but_hot(vm, &bits)?;
+                self.previous = bits;
             }
-            set.union_with(&bits);
             // The region's own bitmap (`MmapRegion::bitmap`), not the trait's slice view of it.
             let vmm_writes: &AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
             set.union_with(&vmm_writes.get_and_reset());
@@ -143,7 +144,6 @@ impl DirtyLog {
             hot += keep.count_ones() as usize;
             clear.push(word & !keep);
         }
-        self.previous = bits.to_vec();
         self.hot_now = hot;
         clear_dirty_log(vm, &mut clear)
     }

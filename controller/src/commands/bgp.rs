@@ -236,7 +236,7 @@ async fn run(
                 println!("{line}");
             }
             line = stdin.next_line(), if stdin_open => match line {
-                Ok(Some(line)) => handle_line(&speaker, &attributes, &configured, line.trim()),
+                Ok(Some(line)) => handle_line(&speaker, &attributes, &configured, line.trim()).await,
                 Ok(None) | Err(_) => stdin_open = false,
             },
             _ = term.recv() => break,
@@ -247,7 +247,7 @@ async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-fn handle_line(
+async fn handle_line(
     speaker: &Speaker,
     attributes: &Attributes,
     configured: &[Announcement],
@@ -256,7 +256,7 @@ fn handle_line(
     let mut words = line.split_whitespace();
     let reply = match (words.next(), words.next(), words.next()) {
         (None, _, _) => return,
-        (Some("show"), None, _) => show(speaker),
+        (Some("show"), None, _) => show(speaker).await,
         (Some(verb @ ("announce" | "withdraw")), Some(prefix), None) => {
             match prefix.parse::<IpNet>() {
                 Err(_) => error(format!("{prefix:?} is not a prefix")),
@@ -291,9 +291,10 @@ fn error(message: String) -> serde_json::Value {
     serde_json::json!({ "error": message })
 }
 
-fn show(speaker: &Speaker) -> serde_json::Value {
-    let announced: Vec<serde_json::Value> = speaker
-        .announced()
+async fn show(speaker: &Speaker) -> serde_json::Value {
+    let status = speaker.status().await;
+    let announced: Vec<serde_json::Value> = status
+        .announced
         .iter()
         .map(|a| {
             serde_json::json!({
@@ -306,7 +307,7 @@ fn show(speaker: &Speaker) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
-        "peers": speaker.status(),
+        "peers": status.peers,
         "announced": announced,
     })
 }

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use super::{Scratch, percentile, round, scratch_dir};
 
-const V4: &str = "203.0.113.0/24";
+const V4: &str = UpstreamLab::PREFIX_V4;
 
 pub fn bgp(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
     let trials = if quick { 5 } else { 20 };
@@ -85,26 +85,14 @@ fn speaker(
     peers: &[&str],
     local: Option<&str>,
 ) -> anyhow::Result<SpeakerProc> {
-    let mut args = vec![
-        "--local-as",
-        "65001",
-        "--peer-as",
-        "65000",
-        "--router-id",
-        "10.0.1.2",
-        "--announce",
-        V4,
-        "--announce",
-        "2001:db8:113::/48",
-        "--next-hop6",
-        "fd00:1::2",
-    ];
+    let mut args = UpstreamLab::site_speaker_args(1);
     for p in peers {
-        args.extend(["--peer", p]);
+        args.extend(["--peer", p].map(str::to_owned));
     }
     if let Some(local) = local {
-        args.extend(["--local-addr", local]);
+        args.extend(["--local-addr", local].map(str::to_owned));
     }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let speaker = SpeakerProc::start(&lab.site_a, exe, &args)?;
     let mut established = 0;
     while established < peers.len() {
