@@ -123,7 +123,29 @@ pub enum ReplicateCommand {
         retain: usize,
         #[command(flatten)]
         tls: TlsArgs,
+        /// Scheduling of the link threads: normal (a backup host of its own), or background
+        /// (SCHED_IDLE while epochs keep pace: a site whose own guests come first).
+        #[arg(long, value_enum, default_value = "normal")]
+        priority: ReplicationPriority,
     },
+}
+
+/// How replication threads are scheduled against the guests on the same host.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ReplicationPriority {
+    /// SCHED_IDLE: only the CPU the guests leave; raised to normal while epochs run late.
+    Background,
+    /// SCHED_OTHER: an equal share with the guests.
+    Normal,
+}
+
+impl From<ReplicationPriority> for secondsite_replicator::sched::Priority {
+    fn from(p: ReplicationPriority) -> Self {
+        match p {
+            ReplicationPriority::Background => Self::Background,
+            ReplicationPriority::Normal => Self::Normal,
+        }
+    }
 }
 
 /// Mutual TLS for the replication link: all three, or none (plain TCP).
@@ -192,6 +214,10 @@ pub enum BenchCommand {
         /// Shorter measurements (for CI smoke runs).
         #[arg(long)]
         quick: bool,
+        /// Only the SET throughput comparison (unprotected, checkpointed, protected), not the
+        /// per-workload table.
+        #[arg(long)]
+        throughput_only: bool,
     },
     /// The BGP speaker against BIRD and FRR in a namespace lab: time from a `withdraw` to the
     /// upstream's FIB change (20 trials each), UPDATE encode+decode rate, memory with two
@@ -302,6 +328,10 @@ pub struct GroupRunArgs {
     /// zstd level of checkpoint batches (0: off).
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
+    /// Scheduling of the sender thread (encode and send): background (SCHED_IDLE while epochs
+    /// ship on time, so the guests and their clients come first) or normal.
+    #[arg(long, value_enum, default_value = "background")]
+    pub replication_priority: ReplicationPriority,
     /// Mutual TLS (default: the primary site's `replication.tls` from the policy).
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -372,6 +402,10 @@ pub struct VmRunArgs {
     /// zstd level of checkpoint batches (0: off).
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
+    /// Scheduling of the sender thread (encode and send): background (SCHED_IDLE while epochs
+    /// ship on time, so the guest and its clients come first) or normal.
+    #[arg(long, value_enum, default_value = "background")]
+    pub replication_priority: ReplicationPriority,
     /// Replication bandwidth budget: when epochs outrun it, the guest is slowed (held for part
     /// of each epoch). Default: no budget, never slowed.
     #[arg(long)]

@@ -7,6 +7,11 @@
 //! acknowledged. A connection that breaks mid-epoch leaves the replica and the store at the
 //! previous epoch; a bad frame or batch gets a `Nack` and the connection is closed, so the
 //! primary reconnects and resynchronises from a full epoch.
+//!
+//! With `priority: Background` (for a site whose own guests must come first) each link's
+//! thread runs as `SCHED_IDLE`, raised to normal scheduling while epochs take longer than
+//! [`LATE_EPOCH`] from their first frame to their acknowledgement or the next epoch's frames
+//! are already waiting when one is acknowledged.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -18,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use crate::codec::{
     ChangeList, CodecConfig, Decoder, PAGE, Page, Replica, VecReplica, unpack_state,
 };
+use crate::sched::{Escalation, Priority};
 use crate::store::{EpochRecord, Store, StoreError, VmEpoch};
 use crate::tls::Channel;
 use crate::wire::{self, Link, Message, WireError};
@@ -34,7 +40,13 @@ pub struct ReceiverConfig {
     pub codec: CodecConfig,
     /// Mutual TLS: only primaries with a certificate from the CA are accepted.
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// How the link threads are scheduled against the site's own guests.
+    pub priority: Priority,
 }
+
+/// An epoch that takes longer than this from its first frame to its acknowledgement raises a
+/// background link thread to normal scheduling.
+pub const LATE_EPOCH: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -113,6 +125,9 @@ struct Session<'a> {
     replicas: HashMap<u32, VecReplica>,
     stores: HashMap<String, Store>,
     pending: Option<Pending>,
+    escalation: Escalation,
+    /// When the epoch being received began (its `EpochBegin` was read).
+    epoch_began: std::time::Instant,
 }
 
 /// The replica as the epoch being received would leave it.
@@ -150,6 +165,8 @@ impl<'a> Session<'a> {
             replicas: HashMap::new(),
             stores: HashMap::new(),
             pending: None,
+            escalation: Escalation::start(config.priority, LATE_EPOCH),
+            epoch_began: std::time::Instant::now(),
         }
     }
 
@@ -171,8 +188,23 @@ impl<'a> Session<'a> {
                     return Err(e.into());
                 }
             };
+            if matches!(message, Message::EpochBegin { .. }) {
+                self.epoch_began = std::time::Instant::now();
+            }
             match self.handle(message, log) {
-                Ok(Some(reply)) => stream.write_all(&self.link.emit(&reply))?,
+                Ok(Some(reply)) => {
+                    stream.write_all(&self.link.emit(&reply))?;
+                    if matches!(reply, Message::Ack { .. }) {
+                        // A starved thread reads each epoch late but applies it in no time:
+                        // frames already queued behind the one acknowledged say it is behind.
+                        let took = if self.link.pending_bytes() > 0 {
+                            LATE_EPOCH * 2
+                        } else {
+                            self.epoch_began.elapsed()
+                        };
+                        self.escalation.epoch_done(took);
+                    }
+                }
                 Ok(None) => {}
                 Err(BackupError::Refused(reason)) => {
                     REFUSED.fetch_add(1, Ordering::Relaxed);

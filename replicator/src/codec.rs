@@ -506,6 +506,18 @@ impl ChangeList {
         self.push(index, KIND_FULL, page);
     }
 
+    /// Page `index` is XORed with `delta` at `offset` (what an XOR record says; tests use it
+    /// to build changes that must apply exactly once).
+    #[cfg(test)]
+    pub(crate) fn push_xor(&mut self, index: u64, offset: u16, delta: &[u8]) {
+        let mut payload = Vec::with_capacity(6 + delta.len());
+        payload.extend_from_slice(&1u16.to_le_bytes());
+        payload.extend_from_slice(&offset.to_le_bytes());
+        payload.extend_from_slice(&(delta.len() as u16).to_le_bytes());
+        payload.extend_from_slice(delta);
+        self.push(index, KIND_XOR, &payload);
+    }
+
     fn push(&mut self, index: u64, kind: u8, payload: &[u8]) {
         self.bytes.extend_from_slice(&(index as u32).to_le_bytes());
         self.bytes.push(kind);

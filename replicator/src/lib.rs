@@ -13,15 +13,17 @@
 //! (skip unchanged, zero, dedup reference, XOR delta, full; zstd per batch), [`wire`] (the
 //! versioned, checksummed, sequenced protocol), [`backup`] (the receiver: stage, apply, store,
 //! acknowledge), [`store`] (base images + epoch log, recovery, retention), [`restore`] (a stored
-//! checkpoint back into a VMM snapshot).
+//! checkpoint back into a VMM snapshot), [`sched`] (replication threads yield the CPU to the
+//! guests: `SCHED_IDLE` while they keep pace; the crate's only unsafe code).
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod backup;
 mod bytes;
 pub mod codec;
 pub mod primary;
 pub mod restore;
+pub mod sched;
 pub mod store;
 pub mod tls;
 pub mod wire;

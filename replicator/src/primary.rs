@@ -11,6 +11,11 @@
 //! unacknowledged before the sender waits. Losing the backup does not stop the guest: the
 //! sender marks the VM unprotected, stops capturing, reconnects every second, and on success
 //! resynchronises with a full epoch.
+//!
+//! The capture runs on the VM's own thread; encoding and sending run on the sender thread,
+//! which by default is background work (`sched::Priority::Background`: `SCHED_IDLE`, raised to
+//! normal scheduling while epochs ship late), so that replication takes the CPU the guests and
+//! their clients leave rather than theirs.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -23,11 +28,12 @@ use std::time::{Duration, Instant};
 use secondsite_vmm::{Command, VmHandle, checkpoint_group};
 
 use crate::codec::{BatchStats, CodecConfig, Encoder, Page, pack_state};
+use crate::sched::{Escalation, Priority};
 use crate::tls::Channel;
 use crate::wire::{Link, MIN_VERSION, Message, VERSION};
 
 /// Epochs that may be in flight (captured and sent, not yet acknowledged).
-const WINDOW: u64 = 2;
+const WINDOW: u64 = 16;
 /// Pages per `Pages` frame.
 const PAGES_PER_BATCH: usize = 2048;
 /// Pause samples kept for percentiles.
@@ -44,6 +50,8 @@ pub struct SenderConfig {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Slow the guest when its epochs outrun this budget; `None`: never.
     pub throttle: Option<Throttle>,
+    /// How the sender thread is scheduled against the guests.
+    pub priority: Priority,
 }
 
 /// What the sender is doing, for status and benchmarks.
@@ -69,6 +77,15 @@ pub struct ReplicationStatus {
     /// The share of each epoch the guest is held now, and the time it was held in all.
     pub throttle_percent: u8,
     pub throttled_us: u64,
+    /// The sender thread runs in the background (`SCHED_IDLE`) now; times it was raised to
+    /// normal scheduling because an epoch shipped late (later than two epoch intervals after
+    /// it was due).
+    pub background: bool,
+    pub escalations: u64,
+    /// Epochs that started late because `WINDOW` epochs were still unacknowledged (the
+    /// backup is behind), and the time the sender waited for it in all.
+    pub window_waits: u64,
+    pub window_wait_us: u64,
 }
 
 /// "Epoch `epoch` of `group` is committed at the backup" (durably if `durable`).
@@ -173,8 +190,11 @@ impl Drop for Replication {
 
 fn sender_loop(members: &[Member], config: &SenderConfig, shared: &Arc<Shared>) {
     let mut encoder = Encoder::new(config.codec);
+    let interval = Duration::from_millis(config.epoch_ms.max(1));
+    let mut escalation = Escalation::start(config.priority, interval * 2);
+    shared.update(|s| s.background = escalation.in_background());
     while !shared.stop.load(Ordering::Relaxed) {
-        match run_link(members, config, shared, &mut encoder) {
+        match run_link(members, config, shared, &mut encoder, &mut escalation) {
             Ok(()) => return,
             Err(e) => {
                 shared.update(|s| {
@@ -194,6 +214,7 @@ fn run_link(
     config: &SenderConfig,
     shared: &Arc<Shared>,
     encoder: &mut Encoder,
+    escalation: &mut Escalation,
 ) -> Result<(), String> {
     let tcp = TcpStream::connect_timeout(&config.peer, Duration::from_secs(1))
         .map_err(|e| format!("connect {}: {e}", config.peer))?;
@@ -239,7 +260,9 @@ fn run_link(
         out,
         inbound,
     };
-    let result = ship_epochs(members, config, shared, encoder, &mut io, last_epoch);
+    let result = ship_epochs(
+        members, config, shared, encoder, escalation, &mut io, last_epoch,
+    );
     let _ = io.channel.tcp().shutdown(std::net::Shutdown::Both);
     result
 }
@@ -302,6 +325,7 @@ fn ship_epochs(
     config: &SenderConfig,
     shared: &Shared,
     encoder: &mut Encoder,
+    escalation: &mut Escalation,
     io: &mut LinkIo,
     mut epoch: u64,
 ) -> Result<(), String> {
@@ -323,6 +347,7 @@ fn ship_epochs(
             }
             io.poll_acks(shared, next - now)?;
         }
+        let due = next;
         next += interval;
         let committed = shared
             .status
@@ -331,14 +356,19 @@ fn ship_epochs(
             .committed;
         if epoch >= committed + WINDOW {
             // The backup is behind: let the guest run on and capture once it catches up.
-            let since = *waiting_since.get_or_insert_with(Instant::now);
+            let since = *waiting_since.get_or_insert_with(|| {
+                shared.update(|s| s.window_waits += 1);
+                Instant::now()
+            });
             if since.elapsed() > Duration::from_secs(10) {
                 return Err("no acknowledgement for 10 s".into());
             }
             next = Instant::now() + Duration::from_millis(1);
             continue;
         }
-        waiting_since = None;
+        if let Some(since) = waiting_since.take() {
+            shared.update(|s| s.window_wait_us += since.elapsed().as_micros() as u64);
+        }
         let started = Instant::now();
         let captures = checkpoint_group(&handles, full).map_err(|e| e.to_string())?;
         let pause = started.elapsed().as_micros() as u64;
@@ -383,7 +413,12 @@ fn ship_epochs(
         io.channel
             .write_all(&frames)
             .map_err(|e| format!("send: {e}"))?;
+        // Due to shipped: how late a background sender ran (the capture itself is the VM
+        // thread's and runs at the guest's priority).
+        escalation.epoch_done(due.elapsed());
         shared.update(|s| {
+            s.background = escalation.in_background();
+            s.escalations = escalation.escalations;
             s.epoch = epoch;
             if s.pauses_us.len() == PAUSE_SAMPLES {
                 s.pauses_us.remove(0);

@@ -6,13 +6,17 @@
 //! STORE/vm-N.meta           mem size, folded epoch
 //! STORE/epochs.log          records: header (magic "SSEP", version, epoch, lengths, CRC32s)
 //!                           + zstd(payload: per VM its changes and its vCPU/device state)
+//! STORE/vm-N.fold           a fold in progress: page images + sealing trailer (see `fold`)
+//! STORE/lock, fold.lock     writer/readers, and fold/readers (flock)
 //! ```
 //! `append` writes one record and, for `ack: disk`, fsyncs before returning: an epoch is
 //! acknowledged only once it is complete (and durable). `open` scans the log and cuts it after
 //! the last record whose checksums hold, so a torn or corrupt tail (a crash mid-write) falls
 //! back to the epoch before. At least the last `retain` epochs stay in the log for time travel;
-//! once [`FOLD_EVERY`] more have gathered, the older ones are folded into the base images (in place, then the log is rewritten: a crash between
-//! the two leaves records that are simply folded again).
+//! once [`FOLD_EVERY`] more have gathered, the older ones are folded into the base images on a
+//! thread of their own (see [`fold`]: journaled, so a crash never leaves half a fold in a base),
+//! and once that is done the log is rewritten without them. Appends, and so acknowledgements,
+//! do not wait for a fold.
 //!
 //! A VM's changes are a [`ChangeList`]: what the primary sent (zero pages, full pages, XOR
 //! runs against the previous version), with dedup references resolved. So the log grows by
@@ -26,7 +30,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::bytes::Fields;
-use crate::codec::{ChangeList, PAGE, Page, Replica};
+use crate::codec::ChangeList;
+
+mod fold;
+use fold::{FilePages, FoldPlan};
 
 const RECORD_MAGIC: &[u8; 4] = b"SSEP";
 /// 2: a VM's part holds a change list (1 held full pages).
@@ -109,7 +116,76 @@ pub struct Store {
     /// it shared for as long as they are open, so a reader never sees half an epoch or a log
     /// being compacted under it.
     lock: File,
+    /// `STORE/fold.lock`: a fold holds it exclusively while it changes the bases and their
+    /// metas; readers hold it shared while open, the writer while it reads a base.
+    fold_lock: File,
     read_only: bool,
+    /// The fold running in the background, if any.
+    folding: Option<Folding>,
+}
+
+/// A fold on its own thread, through epoch `through`.
+#[derive(Debug)]
+struct Folding {
+    through: u64,
+    thread: std::thread::JoinHandle<Result<(), StoreError>>,
+}
+
+/// `STORE/vm-N.meta`: VM `vm`'s memory size and the epoch its base holds.
+fn read_meta(dir: &Path, vm: u32) -> Result<(u64, u64), StoreError> {
+    let path = dir.join(format!("vm-{vm}.meta"));
+    let text = fs::read_to_string(&path).map_err(io_at(&path))?;
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(size)), Some(Ok(epoch))) => Ok((size, epoch)),
+        _ => Err(StoreError::Corrupt(format!(
+            "{}: unreadable",
+            path.display()
+        ))),
+    }
+}
+
+/// Replaces VM `vm`'s meta atomically (write, sync, rename).
+fn write_meta(dir: &Path, vm: u32, mem_size: u64, epoch: u64) -> Result<(), StoreError> {
+    let path = dir.join(format!("vm-{vm}.meta"));
+    let tmp = dir.join(format!(".vm-{vm}.meta.tmp"));
+    fs::write(&tmp, format!("{mem_size} {epoch}\n")).map_err(io_at(&tmp))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_at(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_at(&path))
+}
+
+/// The writer's shared hold on `fold.lock` while it reads a base (a reader holds it for as
+/// long as it is open, so takes nothing more).
+struct SharedFold<'a>(Option<&'a File>);
+
+impl<'a> SharedFold<'a> {
+    fn take(lock: &'a File, dir: &Path, read_only: bool) -> Result<Self, StoreError> {
+        if read_only {
+            return Ok(SharedFold(None));
+        }
+        lock.lock_shared().map_err(io_at(dir))?;
+        Ok(SharedFold(Some(lock)))
+    }
+}
+
+impl Drop for SharedFold<'_> {
+    fn drop(&mut self) {
+        if let Some(lock) = self.0 {
+            let _ = lock.unlock();
+        }
+    }
+}
+
+impl Drop for Store {
+    /// A fold in the background finishes (a writer that stops mid-fold would leave it to the
+    /// next open's recovery, which is also safe, but slower to open).
+    fn drop(&mut self) {
+        if !self.read_only {
+            let _ = self.wait_folded();
+        }
+    }
 }
 
 /// Holds a store's lock exclusively until dropped.
@@ -129,7 +205,12 @@ impl Drop for Exclusive<'_> {
 }
 
 fn lock_file(dir: &Path) -> Result<File, StoreError> {
-    let path = dir.join("lock");
+    open_lock(dir, "lock")
+}
+
+/// Opens (creating it if needed) the lock file `name` of a store.
+fn open_lock(dir: &Path, name: &str) -> Result<File, StoreError> {
+    let path = dir.join(name);
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -151,7 +232,9 @@ impl Store {
         }
         let lock = lock_file(dir)?;
         lock.lock_shared().map_err(io_at(dir))?;
-        let (mut store, _) = Store::scan(dir, usize::MAX, lock, true)?;
+        let fold_lock = fold::fold_lock(dir)?;
+        fold_lock.lock_shared().map_err(io_at(dir))?;
+        let (mut store, _) = Store::scan(dir, usize::MAX, lock, fold_lock, true)?;
         store.read_only = true;
         Ok(store)
     }
@@ -161,7 +244,8 @@ impl Store {
         fs::create_dir_all(dir).map_err(io_at(dir))?;
         let lock = lock_file(dir)?;
         lock.lock().map_err(io_at(dir))?;
-        let result = Store::scan(dir, retain, lock, false);
+        let fold_lock = fold::fold_lock(dir)?;
+        let result = Store::scan(dir, retain, lock, fold_lock, false);
         if let Ok((store, _)) = &result {
             let _ = store.lock.unlock();
         }
@@ -172,6 +256,7 @@ impl Store {
         dir: &Path,
         retain: usize,
         lock: File,
+        fold_lock: File,
         read_only: bool,
     ) -> Result<(Store, Recovery), StoreError> {
         let log_path = dir.join(LOG);
@@ -216,20 +301,28 @@ impl Store {
                 .and_then(|n| n.strip_suffix(".meta"))
                 .and_then(|n| n.parse::<u32>().ok())
             {
-                let text = fs::read_to_string(entry.path()).map_err(io_at(&entry.path()))?;
-                let mut fields = text.split_whitespace().map(str::parse::<u64>);
-                match (fields.next(), fields.next()) {
-                    (Some(Ok(size)), Some(Ok(epoch))) => {
-                        folded.insert(vm, (size, epoch));
-                    }
-                    _ => {
-                        return Err(StoreError::Corrupt(format!(
-                            "{}: unreadable",
-                            entry.path().display()
-                        )));
-                    }
+                folded.insert(vm, read_meta(dir, vm)?);
+            }
+        }
+        let vms: Vec<(u32, u64)> = folded.iter().map(|(vm, (size, _))| (*vm, *size)).collect();
+        if read_only {
+            if fold::interrupted(dir, &vms) {
+                return Err(StoreError::Corrupt(format!(
+                    "{}: a fold was interrupted; open the store for writing (start the receiver on it) to finish it",
+                    dir.display()
+                )));
+            }
+        } else {
+            for (vm, through) in fold::recover(dir, &vms)? {
+                if let Some(entry) = folded.get_mut(&vm) {
+                    entry.1 = through;
                 }
             }
+        }
+        // Records the bases already hold (a crash after a fold, before the log was rewritten)
+        // are not epochs to restore, nor to fold again.
+        if let Some(through) = folded.values().map(|(_, epoch)| *epoch).min() {
+            index.retain(|epoch, _| *epoch > through);
         }
         let recovery = Recovery {
             epochs: index.len(),
@@ -244,7 +337,9 @@ impl Store {
                 index,
                 folded,
                 lock,
+                fold_lock,
                 read_only,
+                folding: None,
             },
             recovery,
         ))
@@ -293,14 +388,68 @@ impl Store {
             },
         );
         self.log_len += bytes.len() as u64;
-        if self.index.len() >= self.retain + self.retain.max(FOLD_EVERY) {
-            self.compact_locked()?;
+        self.finish_fold(false)?;
+        let due = self.index.len() >= self.retain + self.retain.max(FOLD_EVERY);
+        if self.folding.is_none()
+            && due
+            && let Some(plan) = self.fold_plan()
+        {
+            let through = plan.through;
+            let thread = std::thread::Builder::new()
+                .name("store-fold".into())
+                .spawn(move || fold::run(&plan))
+                .map_err(io_at(&self.dir))?;
+            self.folding = Some(Folding { through, thread });
         }
         Ok(())
     }
 
+    /// Waits for the fold in the background, if any, and drops what it folded from the log.
+    pub fn wait_folded(&mut self) -> Result<(), StoreError> {
+        if self.folding.is_none() {
+            return Ok(());
+        }
+        let lock = self.lock.try_clone().map_err(io_at(&self.dir))?;
+        let _exclusive = Exclusive::take(&lock, &self.dir)?;
+        self.finish_fold(true)
+    }
+
+    /// Once the background fold is done (or, with `wait`, after waiting for it), rewrites the
+    /// log without the records it folded. The caller holds the lock.
+    fn finish_fold(&mut self, wait: bool) -> Result<(), StoreError> {
+        match &self.folding {
+            Some(f) if wait || f.thread.is_finished() => {}
+            _ => return Ok(()),
+        }
+        let Folding { through, thread } = self.folding.take().expect("checked");
+        thread
+            .join()
+            .map_err(|_| StoreError::Corrupt("the fold thread panicked".into()))??;
+        self.drop_folded(through)
+    }
+
+    /// What a fold now would do: all but the last `retain` epochs.
+    fn fold_plan(&self) -> Option<FoldPlan> {
+        let records: Vec<(u64, Entry)> = self
+            .index
+            .iter()
+            .map(|(e, entry)| (*e, *entry))
+            .take(self.index.len().saturating_sub(self.retain))
+            .collect();
+        Some(FoldPlan {
+            dir: self.dir.clone(),
+            through: records.last()?.0,
+            records,
+            vms: self
+                .folded
+                .iter()
+                .map(|(vm, (size, _))| (*vm, *size))
+                .collect(),
+        })
+    }
+
     fn base_path(&self, vm: u32) -> PathBuf {
-        self.dir.join(format!("vm-{vm}.base"))
+        fold::base_path(&self.dir, vm)
     }
 
     fn ensure_base(&mut self, vm: u32, mem_size: u64) -> Result<(), StoreError> {
@@ -314,21 +463,11 @@ impl Store {
                 let file = File::create(&path).map_err(io_at(&path))?;
                 file.set_len(mem_size).map_err(io_at(&path))?;
                 file.sync_all().map_err(io_at(&path))?;
-                self.write_meta(vm, mem_size, 0)?;
+                write_meta(&self.dir, vm, mem_size, 0)?;
                 self.folded.insert(vm, (mem_size, 0));
                 Ok(())
             }
         }
-    }
-
-    fn write_meta(&self, vm: u32, mem_size: u64, epoch: u64) -> Result<(), StoreError> {
-        let path = self.dir.join(format!("vm-{vm}.meta"));
-        let tmp = self.dir.join(format!(".vm-{vm}.meta.tmp"));
-        fs::write(&tmp, format!("{mem_size} {epoch}\n")).map_err(io_at(&tmp))?;
-        File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io_at(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_at(&path))
     }
 
     fn record(&self, epoch: u64) -> Result<EpochRecord, StoreError> {
@@ -349,63 +488,29 @@ impl Store {
         }
     }
 
-    /// Folds all but the last `retain` epochs into the base images and rewrites the log.
+    /// Folds all but the last `retain` epochs into the base images and rewrites the log, now
+    /// (after the fold in the background, if one runs).
     pub fn compact(&mut self) -> Result<(), StoreError> {
         if self.read_only {
             return Err(StoreError::Corrupt("the store was opened read-only".into()));
         }
         let lock = self.lock.try_clone().map_err(io_at(&self.dir))?;
         let _exclusive = Exclusive::take(&lock, &self.dir)?;
-        self.compact_locked()
+        self.finish_fold(true)?;
+        match self.fold_plan() {
+            Some(plan) => {
+                fold::run(&plan)?;
+                self.drop_folded(plan.through)
+            }
+            None => Ok(()),
+        }
     }
 
-    fn compact_locked(&mut self) -> Result<(), StoreError> {
-        let fold: Vec<u64> = self
-            .index
-            .keys()
-            .copied()
-            .take(self.index.len().saturating_sub(self.retain))
-            .collect();
-        let Some(&through) = fold.last() else {
-            return Ok(());
-        };
-        // Oldest first (XOR records apply onto the version before them), through a bounded
-        // cache of pages so a page changed by several folded epochs is written once.
-        let mut bases: BTreeMap<u32, (File, PathBuf)> = BTreeMap::new();
-        let mut pages: BTreeMap<u32, FilePages> = BTreeMap::new();
-        for &epoch in &fold {
-            let record = self.record(epoch)?;
-            for vm in &record.vms {
-                if let std::collections::btree_map::Entry::Vacant(e) = bases.entry(vm.vm) {
-                    let path = self.base_path(vm.vm);
-                    let file = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(&path)
-                        .map_err(io_at(&path))?;
-                    e.insert((file, path));
-                }
-                let (file, path) = &bases[&vm.vm];
-                pages
-                    .entry(vm.vm)
-                    .or_insert_with(|| FilePages::new(vm.mem_size))
-                    .apply(&vm.changes, file, path, epoch)?;
-            }
-        }
-        for (vm, (file, path)) in &bases {
-            if let Some(p) = pages.get_mut(vm) {
-                p.flush(file, path)?;
-            }
-            file.sync_all().map_err(io_at(path))?;
-        }
-        let vms: Vec<(u32, u64)> = self
-            .folded
-            .iter()
-            .map(|(vm, (size, _))| (*vm, *size))
-            .collect();
-        for (vm, size) in vms {
-            self.write_meta(vm, size, through)?;
-            self.folded.insert(vm, (size, through));
+    /// The bases and metas hold every epoch up to `through`: forget those records and rewrite
+    /// the log without them. The caller holds the lock.
+    fn drop_folded(&mut self, through: u64) -> Result<(), StoreError> {
+        for (vm, entry) in self.folded.iter_mut() {
+            *entry = read_meta(&self.dir, *vm)?;
         }
         // Rewrite the log with the retained records only.
         let path = self.dir.join(LOG);
@@ -449,15 +554,18 @@ impl Store {
         epoch: u64,
         out: &Path,
     ) -> Result<(u64, Vec<u8>), StoreError> {
-        let (mem_size, folded) = *self
-            .folded
-            .get(&vm)
-            .ok_or_else(|| StoreError::Corrupt(format!("no VM {vm} in the store")))?;
+        if !self.folded.contains_key(&vm) {
+            return Err(StoreError::Corrupt(format!("no VM {vm} in the store")));
+        }
+        // The base and its meta as a fold left them (one may have finished in the background).
+        let shared = SharedFold::take(&self.fold_lock, &self.dir, self.read_only)?;
+        let (mem_size, folded) = read_meta(&self.dir, vm)?;
         if !self.index.contains_key(&epoch) || folded >= epoch {
             return Err(StoreError::NoEpoch(epoch, self.describe()));
         }
         let base = self.base_path(vm);
         fs::copy(&base, out).map_err(io_at(&base))?;
+        drop(shared);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -531,98 +639,6 @@ fn encode_record(record: &EpochRecord) -> Result<Vec<u8>, StoreError> {
     out.extend_from_slice(&stored);
     Ok(out)
 }
-
-/// A VM's memory in a file (a base image, or a restore's copy of one), changed record by
-/// record through a cache of the pages touched, written back when the cache passes
-/// `FLUSH_BYTES` and at the end.
-struct FilePages {
-    pages: u64,
-    cache: BTreeMap<u64, Box<Page>>,
-}
-
-const FLUSH_BYTES: usize = 64 << 20;
-
-impl FilePages {
-    fn new(mem_size: u64) -> Self {
-        FilePages {
-            pages: mem_size / PAGE as u64,
-            cache: BTreeMap::new(),
-        }
-    }
-
-    fn apply(
-        &mut self,
-        changes: &ChangeList,
-        file: &File,
-        path: &Path,
-        epoch: u64,
-    ) -> Result<(), StoreError> {
-        let corrupt = |e: crate::codec::CodecError| {
-            StoreError::Corrupt(format!("epoch {epoch} in {}: {e}", path.display()))
-        };
-        for index in changes.indices().map_err(corrupt)? {
-            if index < self.pages && !self.cache.contains_key(&index) {
-                let mut page = Box::new([0u8; PAGE]);
-                file.read_exact_at(&mut page[..], index * PAGE as u64)
-                    .map_err(io_at(path))?;
-                self.cache.insert(index, page);
-            }
-        }
-        changes.apply(self).map_err(corrupt)?;
-        if self.cache.len() * PAGE > FLUSH_BYTES {
-            self.flush(file, path)?;
-        }
-        Ok(())
-    }
-
-    /// Writes the cached pages back, each run of consecutive pages with one write.
-    fn flush(&mut self, file: &File, path: &Path) -> Result<(), StoreError> {
-        let mut run: Vec<u8> = Vec::new();
-        let mut run_start = 0;
-        let mut next = None;
-        for (index, page) in std::mem::take(&mut self.cache) {
-            if next != Some(index) && !run.is_empty() {
-                file.write_all_at(&run, run_start * PAGE as u64)
-                    .map_err(io_at(path))?;
-                run.clear();
-            }
-            if run.is_empty() {
-                run_start = index;
-            }
-            run.extend_from_slice(&page[..]);
-            next = Some(index + 1);
-            if run.len() >= 1 << 20 {
-                file.write_all_at(&run, run_start * PAGE as u64)
-                    .map_err(io_at(path))?;
-                run.clear();
-                next = None;
-            }
-        }
-        if !run.is_empty() {
-            file.write_all_at(&run, run_start * PAGE as u64)
-                .map_err(io_at(path))?;
-        }
-        Ok(())
-    }
-}
-
-/// `apply` loads every page a change list names before applying it, so the pages asked for
-/// are in the cache; an index outside the memory is refused by the applier before it asks.
-impl Replica for FilePages {
-    fn pages(&self) -> u64 {
-        self.pages
-    }
-    fn page(&self, index: u64) -> &Page {
-        self.cache.get(&index).map_or(&ZERO, |p| p)
-    }
-    fn page_mut(&mut self, index: u64) -> &mut Page {
-        self.cache
-            .entry(index)
-            .or_insert_with(|| Box::new([0u8; PAGE]))
-    }
-}
-
-static ZERO: Page = [0; PAGE];
 
 /// A record's header fields.
 struct Header {
@@ -708,6 +724,7 @@ fn decode_record(epoch: u64, raw: &[u8]) -> Result<EpochRecord, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::{PAGE, Page};
 
     fn page(fill: u8) -> Box<Page> {
         Box::new([fill; PAGE])
@@ -750,7 +767,13 @@ mod tests {
                 )
                 .expect("appends");
         }
-        // A fold kept the last `retain` epochs; the ones after it wait for the next fold.
+        // A fold (in the background) kept the last `retain` epochs; the ones after it wait
+        // for the next fold.
+        store.wait_folded().expect("folds");
+        assert!(
+            !dir.path().join("vm-0.fold").exists(),
+            "a finished fold leaves no journal"
+        );
         let epochs = store.epochs();
         assert!(
             epochs.len() < 2 + FOLD_EVERY && epochs.contains(&last) && epochs.contains(&(last - 1)),
@@ -787,6 +810,120 @@ mod tests {
         assert_eq!(store.epochs(), epochs);
         assert_eq!(memory_at(&store, last, dir.path()).0, mem);
         assert_eq!(store.verify().expect("verifies"), epochs.len());
+    }
+
+    /// The store's memory for VM 0 at every epoch it holds.
+    fn all_memories(store: &Store, dir: &Path) -> Vec<(u64, Vec<u8>)> {
+        store
+            .epochs()
+            .into_iter()
+            .map(|e| (e, memory_at(store, e, dir).0))
+            .collect()
+    }
+
+    /// Writes `last` epochs of XOR changes (each flips bits of pages 0..4 of the epoch before),
+    /// so a record applied twice onto a base shows.
+    fn filled_store(dir: &Path, last: u64) -> Store {
+        let (mut store, _) = Store::open(dir, 4).expect("opens");
+        for epoch in 1..=last {
+            let mut r = record(epoch, &[(15, 100 + epoch as u8)]);
+            r.vms[0]
+                .changes
+                .push_xor(epoch % 4, (epoch % 7) as u16, &[epoch as u8, 0x5a]);
+            store.append(&r, true).expect("appends");
+            store.wait_folded().expect("folds");
+        }
+        store
+    }
+
+    #[test]
+    fn a_crash_during_a_fold_never_leaves_half_of_it_in_a_base() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = filled_store(dir.path(), 20);
+        let before = all_memories(&store, dir.path());
+        let plan = store.fold_plan().expect("something to fold");
+        // Crash after the journal was sealed, before the base changed: the next open
+        // replays the journal and moves the meta; records already folded are not applied
+        // again.
+        fold::write_journals(&plan).expect("journals");
+        std::mem::forget(store.folding.take());
+        drop(store);
+        let (store, _) = Store::open(dir.path(), 4).expect("recovers");
+        assert!(!dir.path().join("vm-0.fold").exists());
+        let after = all_memories(&store, dir.path());
+        assert_eq!(after, before[before.len() - after.len()..].to_vec());
+        assert!(
+            after.len() <= 4,
+            "the folded epochs are gone: {}",
+            after.len()
+        );
+        drop(store);
+
+        // Crash while the journal was written (no trailer): the base was never touched, the
+        // journal is dropped and the records are still there to fold.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = filled_store(dir.path(), 20);
+        let before = all_memories(&store, dir.path());
+        let plan = store.fold_plan().expect("something to fold");
+        let journal = fold::write_journals(&plan).expect("journals")[&0].clone();
+        let len = fs::metadata(&journal).expect("journal").len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&journal)
+            .and_then(|f| f.set_len(len - 3))
+            .expect("tears the trailer");
+        drop(store);
+        assert!(
+            Store::open_read_only(dir.path()).is_ok(),
+            "an unsealed journal never touched the base: readers may read"
+        );
+        let (mut store, _) = Store::open(dir.path(), 4).expect("recovers");
+        assert!(!journal.exists());
+        assert_eq!(all_memories(&store, dir.path()), before);
+        store.compact().expect("folds again");
+        let after = all_memories(&store, dir.path());
+        assert_eq!(after, before[before.len() - after.len()..].to_vec());
+
+        // A reader does not trust a base whose fold was sealed but not finished.
+        drop(store);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = filled_store(dir.path(), 20);
+        let plan = store.fold_plan().expect("something to fold");
+        fold::write_journals(&plan).expect("journals");
+        drop(store);
+        assert!(matches!(
+            Store::open_read_only(dir.path()),
+            Err(StoreError::Corrupt(why)) if why.contains("fold was interrupted")
+        ));
+    }
+
+    #[test]
+    fn appends_go_on_while_a_fold_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = Store::open(dir.path(), 2).expect("opens");
+        let mut last = 0;
+        // Append until a fold starts, then a few more while it may still run.
+        while store.folding.is_none() {
+            last += 1;
+            store
+                .append(&record(last, &[(last % 16, last as u8)]), false)
+                .expect("appends");
+        }
+        for _ in 0..3 {
+            last += 1;
+            store
+                .append(&record(last, &[(last % 16, last as u8)]), false)
+                .expect("appends while folding");
+        }
+        store.wait_folded().expect("folds");
+        let epochs = store.epochs();
+        assert_eq!(*epochs.last().expect("epochs"), last);
+        assert!(epochs.len() < last as usize, "some were folded: {epochs:?}");
+        let mem = memory_at(&store, last, dir.path()).0;
+        for p in 0..16u64 {
+            let newest = (1..=last).filter(|e| e % 16 == p).max().expect("written");
+            assert_eq!(mem[p as usize * PAGE], newest as u8, "page {p}");
+        }
     }
 
     #[test]

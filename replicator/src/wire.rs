@@ -337,6 +337,11 @@ impl Link {
         frame
     }
 
+    /// Bytes received and not yet taken as messages (what is queued behind the last one).
+    pub fn pending_bytes(&self) -> usize {
+        self.inbox.len()
+    }
+
     /// Adds received bytes.
     pub fn receive(&mut self, bytes: &[u8]) {
         self.inbox.extend_from_slice(bytes);

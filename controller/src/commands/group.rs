@@ -196,6 +196,7 @@ fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
             bandwidth_mbit: checkpoint.bandwidth_mbit,
             max_share: f64::from(checkpoint.throttle.max_slowdown_percent) / 100.0,
         }),
+        priority: args.replication_priority.into(),
     };
     serve_until_done(served, Some(replication))
 }

@@ -20,9 +20,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(command) => vm::run(command),
         Command::Group(command) => group::run(command),
         Command::Bench(BenchCommand::Vm { json, quick }) => bench::vm(json, quick),
-        Command::Bench(BenchCommand::Replication { json, quick }) => {
-            bench::replication(json, quick)
-        }
+        Command::Bench(BenchCommand::Replication {
+            json,
+            quick,
+            throughput_only,
+        }) => bench::replication(json, quick, throughput_only),
         Command::Bench(BenchCommand::Bgp { json, quick }) => bench::bgp(json, quick),
         Command::Replicate(command) => replicate::receive(command),
         Command::Store(command) => replicate::store(command),

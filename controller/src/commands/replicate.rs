@@ -17,6 +17,7 @@ pub fn receive(command: ReplicateCommand) -> anyhow::Result<ExitCode> {
         ack,
         retain,
         tls,
+        priority,
     } = command;
     let tls = match tls.files() {
         Some(files) => Some(secondsite_replicator::tls::server_config(&files).context("TLS")?),
@@ -34,6 +35,7 @@ pub fn receive(command: ReplicateCommand) -> anyhow::Result<ExitCode> {
         retain,
         codec: CodecConfig::default(),
         tls,
+        priority: priority.into(),
     };
     backup::serve(
         listener,

@@ -128,6 +128,7 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
             zstd_level: args.zstd_level,
             ..CodecConfig::default()
         },
+        priority: args.replication_priority.into(),
     });
     serve_until_done(
         vec![Served {
@@ -203,6 +204,8 @@ fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
         "bytes_sent": status.bytes_sent,
         "throttle_percent": status.throttle_percent,
         "throttled_ms": status.throttled_us / 1000,
+        "sender_background": status.background,
+        "sender_escalations": status.escalations,
     })
 }
 

@@ -4,7 +4,9 @@
 //! is its own) in a private network namespace. For an idle guest, a SET-heavy one
 //! (redis-benchmark) and a memscan one, at 1 Hz and at 40 Hz epochs: the bytes sent against the
 //! dirty pages they carry, Mbit/s, and the pause of each epoch. Then redis-benchmark SET
-//! throughput with replication at 25 ms epochs against the same without.
+//! throughput with replication at 25 ms epochs against the same without, against the guest
+//! checkpointed with nothing shipped, and with sender and receiver in the background
+//! (`SCHED_IDLE`), each protected run with the epochs per second it achieved.
 
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use secondsite_replicator::codec::CodecConfig;
 use secondsite_replicator::primary::{Member, Replication, ReplicationStatus, SenderConfig};
+use secondsite_replicator::sched::Priority;
 use serde_json::{Value, json};
 
 use super::{
@@ -21,7 +24,14 @@ use super::{
     wait_serving,
 };
 
+/// The receiver of the workloads and of the headline throughput run: normal priority, so
+/// replication competes with the guest and its client as an equal on this machine's cores and
+/// holds the 25 ms epochs.
 const RECEIVER: &str = "127.0.0.1:7900";
+/// A second receiver in the background (`--priority background`), for the run with the
+/// sender in the background too: replication takes only the CPU guest and client leave, and
+/// epochs stretch when there is too little of it (the run reports the epochs it achieved).
+const RECEIVER_BACKGROUND: &str = "127.0.0.1:7901";
 /// The guest measured (a smaller one for `--quick` smoke runs, which may be debug builds).
 fn guest_mib(quick: bool) -> u64 {
     if quick { 128 } else { 256 }
@@ -29,6 +39,41 @@ fn guest_mib(quick: bool) -> u64 {
 
 /// The receiver child process, killed on drop.
 struct Receiver(Child);
+
+impl Receiver {
+    /// Starts `secondsite replicate receive` on `listen` and waits until it accepts.
+    fn start(store: &std::path::Path, listen: &str, priority: &str) -> anyhow::Result<Receiver> {
+        let receiver = Receiver(
+            Command::new(std::env::current_exe()?)
+                .args([
+                    "replicate",
+                    "receive",
+                    "--listen",
+                    listen,
+                    "--ack",
+                    "memory",
+                    "--priority",
+                    priority,
+                    "--store",
+                ])
+                .arg(store)
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let started = Instant::now();
+        while TcpStream::connect(listen).is_err() {
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("the receiver on {listen} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(receiver)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
 
 impl Drop for Receiver {
     fn drop(&mut self) {
@@ -53,8 +98,10 @@ fn sender(
     handle: &Arc<secondsite_vmm::VmHandle>,
     group: &str,
     epoch_ms: u64,
+    receiver: &str,
+    priority: Priority,
 ) -> anyhow::Result<Replication> {
-    let peer: SocketAddr = RECEIVER.parse()?;
+    let peer: SocketAddr = receiver.parse()?;
     let replication = Replication::start(
         vec![Member {
             vm: 0,
@@ -68,6 +115,7 @@ fn sender(
             codec: CodecConfig::default(),
             tls: None,
             throttle: None,
+            priority,
         },
     );
     // The first epoch of the link is the full synchronisation; measure from after it is
@@ -156,6 +204,8 @@ fn measure(
         handle,
         &format!("{}-{hz}hz", workload.replace('_', "-")),
         1000 / hz,
+        RECEIVER,
+        Priority::Normal,
     )?;
     let before = replication.status();
     let started = Instant::now();
@@ -290,6 +340,40 @@ impl CpuUse {
     }
 }
 
+/// SET throughput under replication at 25 ms epochs to `receiver_addr`, with the CPU shares of
+/// the parts, the epochs shipped per second (the sender kept pace if near 40), and how often a
+/// background sender had to be raised to normal scheduling.
+fn protected_run(
+    handle: &Arc<secondsite_vmm::VmHandle>,
+    requests: usize,
+    receiver_addr: &str,
+    priority: Priority,
+    receiver: &Receiver,
+) -> anyhow::Result<Value> {
+    let group = match priority {
+        Priority::Background => "throughput-background",
+        Priority::Normal => "throughput",
+    };
+    let replication = sender(handle, group, 25, receiver_addr, priority)?;
+    let before = replication.status();
+    let started = Instant::now();
+    let (rps, cpu) = set_throughput_with_cpu(requests, receiver.pid())?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = replication.status();
+    drop(replication);
+    Ok(json!({
+        "rps": round(rps),
+        "sender_priority": format!("{priority:?}").to_lowercase(),
+        "cpu": cpu,
+        "epochs_per_s": round((after.epoch - before.epoch) as f64 / elapsed),
+        "committed_per_s": round((after.committed - before.committed) as f64 / elapsed),
+        "sender_escalations": after.escalations - before.escalations,
+        "window_waits": after.window_waits - before.window_waits,
+        "window_wait_ms": (after.window_wait_us - before.window_wait_us) / 1000,
+        "resyncs": after.resyncs - before.resyncs,
+    }))
+}
+
 /// SET throughput and the CPU shares of the parts while it ran.
 fn set_throughput_with_cpu(requests: usize, receiver_pid: u32) -> anyhow::Result<(f64, Value)> {
     let before = CpuUse::now(receiver_pid);
@@ -324,54 +408,54 @@ fn set_throughput(requests: usize) -> anyhow::Result<f64> {
         .context("no SET result")
 }
 
-pub fn replication(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
+pub fn replication(
+    json_output: bool,
+    quick: bool,
+    throughput_only: bool,
+) -> anyhow::Result<ExitCode> {
     if let Some(code) = in_private_netns()? {
         return Ok(code);
     }
     let scratch = Scratch(scratch_dir()?);
-    let receiver = Receiver(
-        Command::new(std::env::current_exe()?)
-            .args([
-                "replicate",
-                "receive",
-                "--listen",
-                RECEIVER,
-                "--ack",
-                "memory",
-                "--store",
-            ])
-            .arg(scratch.0.join("store"))
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let started = Instant::now();
-    while TcpStream::connect(RECEIVER).is_err() {
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("the receiver did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let receiver = Receiver::start(&scratch.0.join("store"), RECEIVER, "normal")?;
+    let receiver_background = Receiver::start(
+        &scratch.0.join("store-background"),
+        RECEIVER_BACKGROUND,
+        "background",
+    )?;
     let handle = Arc::new(boot(guest_mib(quick))?);
     wait_serving(Duration::from_secs(30))?;
     let seconds = if quick { 2 } else { 10 };
     let mut rows = Vec::new();
-    for workload in ["idle", "set_heavy", "memscan_64mib_s"] {
+    let workloads: &[&str] = if throughput_only {
+        &[]
+    } else {
+        &["idle", "set_heavy", "memscan_64mib_s"]
+    };
+    for workload in workloads {
         for hz in [1, 40] {
             rows.push(measure(&handle, workload, hz, seconds)?);
         }
     }
     let requests = if quick { 50_000 } else { 300_000 };
-    let (unprotected, unprotected_cpu) = set_throughput_with_cpu(requests, receiver.0.id())?;
+    let (unprotected, unprotected_cpu) = set_throughput_with_cpu(requests, receiver.pid())?;
     // What protection costs the protected server itself (pauses, dirty tracking, copies),
     // without a sender and a receiver competing with guest and client for this machine's cores:
     // the guest is checkpointed every 25 ms and the captures are dropped.
     let capturing = CaptureOnly::start(handle.clone(), Duration::from_millis(25));
-    let (capture_only, capture_only_cpu) = set_throughput_with_cpu(requests, receiver.0.id())?;
+    let (capture_only, capture_only_cpu) = set_throughput_with_cpu(requests, receiver.pid())?;
     drop(capturing);
-    let replication = sender(&handle, "throughput", 25)?;
-    let (protected, protected_cpu) = set_throughput_with_cpu(requests, receiver.0.id())?;
-    let status = replication.status();
-    drop(replication);
+    // Protected at 25 ms epochs: sender and receiver at normal priority on the guest's cores.
+    let protected = protected_run(&handle, requests, RECEIVER, Priority::Normal, &receiver)?;
+    // Sender and receiver in the background: they take what guest and client leave.
+    let background = protected_run(
+        &handle,
+        requests,
+        RECEIVER_BACKGROUND,
+        Priority::Background,
+        &receiver_background,
+    )?;
+    let ratio = |v: &Value| round(v["rps"].as_f64().unwrap_or(0.0) / unprotected);
     let report = json!({
         "guest_mib": guest_mib(quick),
         "ack": "memory",
@@ -379,22 +463,24 @@ pub fn replication(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
         "set_throughput": {
             "requests": requests,
             "unprotected_rps": round(unprotected),
-            "protected_25ms_rps": round(protected),
-            "protected_over_unprotected": round(protected / unprotected),
+            "protected_25ms_rps": protected["rps"],
+            "protected_over_unprotected": ratio(&protected),
+            "protected": protected,
+            "background_priority_over_unprotected": ratio(&background),
+            "background_priority": background,
             "capture_only_25ms_rps": round(capture_only),
             "capture_only_over_unprotected": round(capture_only / unprotected),
             "cpu_capture_only": capture_only_cpu,
             "cpu_unprotected": unprotected_cpu,
-            "cpu_protected": protected_cpu,
-            "resyncs": status.resyncs,
         },
         "peak_memory_mib": {
-            "receiver": round(peak_rss_mib(&receiver.0.id().to_string())),
+            "receiver": round(peak_rss_mib(&receiver.pid().to_string())),
             "sender_process_including_guest": round(peak_rss_mib("self")),
             "sender_page_cache_limit": CodecConfig::default().version_cache_bytes >> 20,
         },
     });
     drop(receiver);
+    drop(receiver_background);
     if json_output {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -443,22 +529,49 @@ fn print_report(r: &Value) {
         "SET throughput: {} ops/s unprotected, {} ops/s with 25 ms epochs: ratio {}",
         t["unprotected_rps"], t["protected_25ms_rps"], t["protected_over_unprotected"]
     );
+    let run = |v: &Value| {
+        format!(
+            "{} epochs/s shipped, {} committed/s, {} escalations, waited {} times for the backup ({} ms)",
+            v["epochs_per_s"],
+            v["committed_per_s"],
+            v["sender_escalations"],
+            v["window_waits"],
+            v["window_wait_ms"]
+        )
+    };
+    println!("  ({})", run(&t["protected"]));
+    println!(
+        "  sender and receiver in the background (SCHED_IDLE): {} ops/s, ratio {} ({})",
+        t["background_priority"]["rps"],
+        t["background_priority_over_unprotected"],
+        run(&t["background_priority"])
+    );
     println!(
         "  checkpointed every 25 ms with no sender or receiver on this machine: {} ops/s, ratio {}",
         t["capture_only_25ms_rps"], t["capture_only_over_unprotected"]
     );
-    let cpu = |k: &str| {
-        let c = &t[k];
+    let cpu = |c: &Value| {
         format!(
             "guest vCPU {}%, client {}%, sender {}%, receiver {}%",
             c["vcpu_percent"], c["client_percent"], c["sender_percent"], c["receiver_percent"]
         )
     };
     println!(
-        "  CPU (of one core) unprotected: {}",
-        cpu("cpu_unprotected")
+        "  CPU (of one core) unprotected:        {}",
+        cpu(&t["cpu_unprotected"])
     );
-    println!("  CPU (of one core) protected:   {}", cpu("cpu_protected"));
+    println!(
+        "  CPU (of one core) checkpointed only:  {}",
+        cpu(&t["cpu_capture_only"])
+    );
+    println!(
+        "  CPU (of one core) protected:          {}",
+        cpu(&t["protected"]["cpu"])
+    );
+    println!(
+        "  CPU (of one core) in the background:  {}",
+        cpu(&t["background_priority"]["cpu"])
+    );
     let m = &r["peak_memory_mib"];
     println!(
         "peak memory: receiver {} MiB; sender process {} MiB including the guest (page-version cache limit {} MiB)",

@@ -1,0 +1,210 @@
+//! Which CPU replication may take from the guests it protects.
+//!
+//! Encoding and sending an epoch (primary) and applying it (backup) are background work: on a
+//! loaded host they should use the CPU the guests leave, not preempt a guest's vCPU or its
+//! clients. `Priority::Background` runs the thread as `SCHED_IDLE` (sched(7): it runs only when
+//! a CPU would otherwise idle). So that a host with no idle CPU cannot starve protection,
+//! [`Escalation`] moves the thread to `SCHED_OTHER` once an epoch takes far longer than it
+//! should, and back once epochs keep pace again. Leaving `SCHED_IDLE` needs `CAP_SYS_NICE`
+//! (the site daemon runs as root); without it the thread stays in the background and the
+//! failure is counted.
+//!
+//! The only unsafe code of this crate: one `sched_setscheduler(2)` call on the calling thread.
+#![allow(unsafe_code)]
+
+use std::time::Duration;
+
+/// How a replication thread is scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    /// `SCHED_IDLE` while replication keeps pace, `SCHED_OTHER` while it falls behind.
+    #[default]
+    Background,
+    /// Always `SCHED_OTHER`, competing with the guests as an equal.
+    Normal,
+}
+
+/// Sets the calling thread's scheduling policy: `SCHED_IDLE` when `background`, else
+/// `SCHED_OTHER`.
+pub fn set_current_thread(background: bool) -> std::io::Result<()> {
+    let policy = if background {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names the calling thread; `param` is a valid `sched_param` that outlives
+    // the call, which only reads it.
+    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Epochs in a row that must keep pace before an escalated thread returns to the background.
+const CALM_EPOCHS: u32 = 8;
+
+/// Raises a background thread to normal scheduling while its epochs take longer than
+/// `late_after`, and lowers it again after [`CALM_EPOCHS`] epochs within half of it.
+#[derive(Debug)]
+pub struct Escalation {
+    priority: Priority,
+    late_after: Duration,
+    escalated: bool,
+    calm: u32,
+    /// Times the thread was raised to normal scheduling.
+    pub escalations: u64,
+    /// Policy changes the kernel refused (no `CAP_SYS_NICE`).
+    pub refused: u64,
+}
+
+impl Escalation {
+    /// Applies `priority` to the calling thread.
+    pub fn start(priority: Priority, late_after: Duration) -> Escalation {
+        let mut e = Escalation {
+            priority,
+            late_after,
+            escalated: false,
+            calm: 0,
+            escalations: 0,
+            refused: 0,
+        };
+        e.apply(priority == Priority::Background);
+        e
+    }
+
+    /// The thread is in the background now.
+    pub fn in_background(&self) -> bool {
+        self.priority == Priority::Background && !self.escalated
+    }
+
+    /// Reports how long the last epoch's work took from its start (capture, or first frame) to
+    /// its end (sent, or acknowledged), and changes the thread's policy if that calls for it.
+    pub fn epoch_done(&mut self, took: Duration) {
+        if self.priority == Priority::Normal {
+            return;
+        }
+        if let Some(background) = self.decide(took) {
+            self.apply(background);
+        }
+    }
+
+    /// The policy change `took` calls for, if any: `Some(false)` to escalate, `Some(true)` to
+    /// return to the background.
+    fn decide(&mut self, took: Duration) -> Option<bool> {
+        if !self.escalated {
+            if took > self.late_after {
+                self.escalated = true;
+                self.calm = 0;
+                self.escalations += 1;
+                return Some(false);
+            }
+            return None;
+        }
+        if took * 2 <= self.late_after {
+            self.calm += 1;
+            if self.calm >= CALM_EPOCHS {
+                self.escalated = false;
+                return Some(true);
+            }
+        } else {
+            self.calm = 0;
+        }
+        None
+    }
+
+    fn apply(&mut self, background: bool) {
+        if set_current_thread(background).is_err() {
+            self.refused += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy_of_this_thread() -> u32 {
+        // Field 41 of /proc/thread-self/stat (after the parenthesised name) is the policy.
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+        let after = &stat[stat.rfind(')').expect("name") + 2..];
+        after
+            .split(' ')
+            .nth(38)
+            .expect("policy")
+            .parse()
+            .expect("number")
+    }
+
+    #[test]
+    fn a_background_thread_runs_sched_idle() {
+        std::thread::spawn(|| {
+            let e = Escalation::start(Priority::Background, Duration::from_millis(50));
+            assert_eq!(policy_of_this_thread(), libc::SCHED_IDLE as u32);
+            assert!(e.in_background());
+            assert_eq!(e.refused, 0);
+        })
+        .join()
+        .expect("thread");
+    }
+
+    #[test]
+    fn a_normal_thread_is_never_moved() {
+        std::thread::spawn(|| {
+            let mut e = Escalation::start(Priority::Normal, Duration::from_millis(50));
+            e.epoch_done(Duration::from_secs(5));
+            assert_eq!(policy_of_this_thread(), libc::SCHED_OTHER as u32);
+            assert_eq!(e.escalations, 0);
+        })
+        .join()
+        .expect("thread");
+    }
+
+    #[test]
+    fn a_late_epoch_escalates_and_calm_epochs_return_to_the_background() {
+        let mut e = Escalation {
+            priority: Priority::Background,
+            late_after: Duration::from_millis(50),
+            escalated: false,
+            calm: 0,
+            escalations: 0,
+            refused: 0,
+        };
+        assert_eq!(e.decide(Duration::from_millis(10)), None, "on time");
+        assert_eq!(e.decide(Duration::from_millis(51)), Some(false), "late");
+        assert_eq!(e.escalations, 1);
+        for _ in 0..CALM_EPOCHS - 1 {
+            assert_eq!(e.decide(Duration::from_millis(5)), None);
+        }
+        assert_eq!(
+            e.decide(Duration::from_millis(30)),
+            None,
+            "over half the limit: not calm, the count starts again"
+        );
+        for _ in 0..CALM_EPOCHS - 1 {
+            assert_eq!(e.decide(Duration::from_millis(5)), None);
+        }
+        assert_eq!(e.decide(Duration::from_millis(5)), Some(true));
+        assert!(e.in_background());
+    }
+
+    #[test]
+    fn escalation_leaves_sched_idle_when_permitted() {
+        std::thread::spawn(|| {
+            let mut e = Escalation::start(Priority::Background, Duration::from_millis(1));
+            e.epoch_done(Duration::from_millis(100));
+            let expected = if e.refused == 0 {
+                libc::SCHED_OTHER
+            } else {
+                // Without CAP_SYS_NICE the kernel keeps the thread where it is.
+                libc::SCHED_IDLE
+            };
+            assert_eq!(policy_of_this_thread(), expected as u32);
+            assert!(!e.in_background());
+        })
+        .join()
+        .expect("thread");
+    }
+}
