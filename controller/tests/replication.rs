@@ -540,3 +540,90 @@ fn one_receiver_serves_several_primaries_with_one_link_per_group() {
         assert_store_verifies(&store.join(group));
     }
 }
+
+/// The scheduling policy of the threads of process `pid` named `comm` (from /proc: field 41 of
+/// a task's stat; 0 is SCHED_OTHER, 5 SCHED_IDLE).
+fn thread_policies(pid: u32, comm: &str) -> Vec<u32> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if head.split_once('(').map(|(_, name)| name) == Some(comm) {
+            let policy: Option<u32> = rest.split_whitespace().nth(38).and_then(|p| p.parse().ok());
+            policies.extend(policy);
+        }
+    }
+    policies
+}
+
+#[test]
+fn replication_threads_run_in_the_background_while_epochs_keep_pace() {
+    if !privileged("replication_threads_run_in_the_background_while_epochs_keep_pace") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let receiver = receiver_with(
+        &site.site,
+        &store,
+        &dir.path().join("receiver.log"),
+        &["--priority", "background"],
+    );
+    // The sender's priority is background by default.
+    let vm = replicating_vm(&site, dir.path());
+    // The first, full epoch may have been late (and raised the threads); once eight epochs in
+    // a row keep pace they are back in the background.
+    let r = wait_for(&vm.control, "the sender in the background", |r| {
+        r["sender_background"] == true && r["committed"].as_u64() > Some(40)
+    });
+    assert_eq!(
+        thread_policies(vm.proc.id(), "replication"),
+        vec![5],
+        "the sender thread runs SCHED_IDLE: {r}"
+    );
+    let started = Instant::now();
+    while thread_policies(receiver.id(), "primary-link") != vec![5] {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the receiver's link thread runs SCHED_IDLE: {:?}",
+            thread_policies(receiver.id(), "primary-link")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Background or not, every epoch is still shipped and acknowledged.
+    let before = replication(&vm.control)["committed"]
+        .as_u64()
+        .expect("committed");
+    wait_for(&vm.control, "more epochs", |r| {
+        r["committed"].as_u64() > Some(before + 20)
+    });
+
+    // At normal priority the sender competes as an equal.
+    drop(vm);
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let to = format!("127.0.0.1:{PORT}");
+    let vm = start_with(
+        &site,
+        dir2.path(),
+        "64M",
+        &[
+            "--replicate-to",
+            &to,
+            "--group",
+            "web",
+            "--replication-priority",
+            "normal",
+        ],
+    );
+    let r = wait_for(&vm.control, "protection", |r| {
+        r["protected"] == true && r["committed"].as_u64() > Some(0)
+    });
+    assert_eq!(r["sender_background"], false);
+    assert_eq!(thread_policies(vm.proc.id(), "replication"), vec![0]);
+}

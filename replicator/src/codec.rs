@@ -547,12 +547,26 @@ impl ChangeList {
 
     /// The pages the list changes, in its order.
     pub fn indices(&self) -> Result<Vec<u64>, CodecError> {
+        self.indices_where(|_| true)
+    }
+
+    /// The pages whose previous version applying the list looks at: all but those a `FULL`
+    /// record replaces whole (zero pages count, so a caller can tell a page that stays zero).
+    pub fn indices_read(&self) -> Result<Vec<u64>, CodecError> {
+        self.indices_where(|kind| kind != KIND_FULL)
+    }
+
+    fn indices_where(&self, keep: impl Fn(u8) -> bool) -> Result<Vec<u64>, CodecError> {
         let mut r = reader(&self.bytes);
         let count = r.u32()?;
         let mut indices = Vec::with_capacity(count.min(1 << 16) as usize);
         for _ in 0..count {
-            indices.push(u64::from(r.u32()?));
-            match r.u8()? {
+            let index = u64::from(r.u32()?);
+            let kind = r.u8()?;
+            if keep(kind) {
+                indices.push(index);
+            }
+            match kind {
                 KIND_ZERO => {}
                 KIND_FULL => {
                     r.take(PAGE)?;

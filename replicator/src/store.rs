@@ -898,6 +898,31 @@ mod tests {
     }
 
     #[test]
+    fn a_fold_writes_a_page_that_became_zero_and_skips_one_that_stayed_zero() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = Store::open(dir.path(), 1).expect("opens");
+        let mut epoch = 0;
+        let mut append = |store: &mut Store, writes: &[(u64, u8)]| {
+            epoch += 1;
+            store
+                .append(&record(epoch, writes), false)
+                .expect("appends");
+            store.compact().expect("folds");
+            epoch
+        };
+        append(&mut store, &[(3, 7), (4, 0), (5, 9)]);
+        append(&mut store, &[(3, 0), (5, 0), (5, 1)]);
+        let last = append(&mut store, &[(6, 0)]);
+        let mem = memory_at(&store, last, dir.path()).0;
+        assert_eq!(mem[3 * PAGE], 0, "written back to zero");
+        assert_eq!(mem[4 * PAGE], 0);
+        assert_eq!(mem[5 * PAGE], 1);
+        let base = fs::read(dir.path().join("vm-0.base")).expect("base");
+        assert_eq!(base[3 * PAGE], 0, "the base holds the zero");
+        assert_eq!(base[5 * PAGE], 1);
+    }
+
+    #[test]
     fn appends_go_on_while_a_fold_runs() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut store, _) = Store::open(dir.path(), 2).expect("opens");

@@ -600,19 +600,8 @@ impl Vm {
         } else {
             dirty.iter().collect()
         };
-        let t1 = started.elapsed().as_micros();
         let mut data = self.staging.take(pages.len() * PAGE_SIZE as usize);
-        let t2 = started.elapsed().as_micros();
-        memory::copy_pages(&self.mem, &pages, data.as_mut_slice())?;
-        let t3 = started.elapsed().as_micros();
-        if std::env::var("SS_TRACE").is_ok() {
-            eprintln!(
-                "TRACE pages {} harvest {t1} take {} copy {}",
-                pages.len(),
-                t2 - t1,
-                t3 - t2
-            );
-        }
+        memory::copy_pages_parallel(&self.mem, &pages, data.as_mut_slice())?;
         let snap = VmSnapshot {
             vm_id: self.vm_id,
             save_seq: 0,

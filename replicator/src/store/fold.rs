@@ -14,7 +14,7 @@
 //! before the seal leaves the base as it was (the journal is dropped, the records fold again)
 //! and a crash after it is finished by replaying the journal (`recover`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -88,6 +88,9 @@ pub(super) fn write_journals(plan: &FoldPlan) -> Result<BTreeMap<u32, PathBuf>, 
             if let std::collections::btree_map::Entry::Vacant(e) = folds.entry(part.vm) {
                 let path = base_path(&plan.dir, part.vm);
                 let base = File::open(&path).map_err(io_at(&path))?;
+                // Pages are read one at a time, at random: readahead would only fill the page
+                // cache (and, over the holes of a new base, zero it) for nothing.
+                let _ = rustix::fs::fadvise(&base, 0, None, rustix::fs::Advice::Random);
                 let journal = Spill::create(&journal_path(&plan.dir, part.vm))?;
                 e.insert((
                     base,
@@ -124,9 +127,23 @@ fn replay(dir: &Path, vm: u32, journal: &Path) -> Result<(), StoreError> {
         let bytes = &mut chunk[..(n * ENTRY_LEN) as usize];
         file.read_exact_at(bytes, done * ENTRY_LEN)
             .map_err(io_at(journal))?;
+        // Entries are in page order within each spill: consecutive pages go in one write.
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start = 0;
         for entry in bytes.chunks_exact(ENTRY_LEN as usize) {
             let index = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
-            base.write_all_at(&entry[8..], index * PAGE as u64)
+            if !run.is_empty() && index != run_start + (run.len() / PAGE) as u64 {
+                base.write_all_at(&run, run_start * PAGE as u64)
+                    .map_err(io_at(&base_path))?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_start = index;
+            }
+            run.extend_from_slice(&entry[8..]);
+        }
+        if !run.is_empty() {
+            base.write_all_at(&run, run_start * PAGE as u64)
                 .map_err(io_at(&base_path))?;
         }
         done += n;
@@ -274,6 +291,9 @@ impl Spill {
 pub(super) struct FilePages {
     pages: u64,
     cache: BTreeMap<u64, Box<Page>>,
+    /// Cached pages that were zero where they were read from: still zero, they need no write
+    /// (most of a guest's memory is zero, and so is most of a first, full epoch).
+    loaded_zero: BTreeSet<u64>,
     spill: Option<Spill>,
 }
 
@@ -282,6 +302,7 @@ impl FilePages {
         FilePages {
             pages: mem_size / PAGE as u64,
             cache: BTreeMap::new(),
+            loaded_zero: BTreeSet::new(),
             spill: None,
         }
     }
@@ -301,7 +322,7 @@ impl FilePages {
         let corrupt = |e: crate::codec::CodecError| {
             StoreError::Corrupt(format!("epoch {epoch} in {}: {e}", path.display()))
         };
-        for index in changes.indices().map_err(corrupt)? {
+        for index in changes.indices_read().map_err(corrupt)? {
             if index < self.pages && !self.cache.contains_key(&index) {
                 let mut page = Box::new([0u8; PAGE]);
                 let spilled = match &self.spill {
@@ -311,6 +332,9 @@ impl FilePages {
                 if !spilled {
                     file.read_exact_at(&mut page[..], index * PAGE as u64)
                         .map_err(io_at(path))?;
+                }
+                if *page == ZERO {
+                    self.loaded_zero.insert(index);
                 }
                 self.cache.insert(index, page);
             }
@@ -325,7 +349,12 @@ impl FilePages {
     /// Writes the cached pages back, each run of consecutive pages with one write (or appends
     /// them to the journal).
     pub(super) fn flush(&mut self, file: &File, path: &Path) -> Result<(), StoreError> {
-        let cache = std::mem::take(&mut self.cache);
+        let mut cache = std::mem::take(&mut self.cache);
+        for index in std::mem::take(&mut self.loaded_zero) {
+            if cache.get(&index).is_some_and(|p| **p == ZERO) {
+                cache.remove(&index);
+            }
+        }
         if let Some(spill) = &mut self.spill {
             return spill.append(&cache);
         }
