@@ -101,7 +101,7 @@ pub fn register(vm: &VmFd, mem: &GuestMem) -> Result<(), MemoryError> {
 
 /// Copies guest pages `pages` (page numbers) into `out`, page `pages[i]` at `i * PAGE_SIZE`,
 /// with plain memcpy from the mapping. Only for a stopped guest: the caller (the VM thread,
-/// between exits, or a helper it waits for) guarantees nothing writes guest memory meanwhile,
+/// between exits) guarantees nothing writes guest memory meanwhile,
 /// since the devices run on that same thread.
 pub fn copy_pages(mem: &GuestMem, pages: &[u64], out: &mut [u8]) -> Result<(), MemoryError> {
     let page = PAGE_SIZE as usize;
@@ -134,34 +134,6 @@ pub fn copy_pages(mem: &GuestMem, pages: &[u64], out: &mut [u8]) -> Result<(), M
         }
     }
     Ok(())
-}
-
-/// Below this many pages a capture copies on one thread (a helper thread costs more to start
-/// than it saves).
-const PARALLEL_COPY_MIN_PAGES: usize = 512;
-
-/// [`copy_pages`] on two threads: the VM thread and a helper each copy half. The copy runs
-/// while the vCPU is stopped, when the guest's clients wait for it and the host's other cores
-/// have least to do, so the pause halves for the price of a thread start.
-pub fn copy_pages_parallel(
-    mem: &GuestMem,
-    pages: &[u64],
-    out: &mut [u8],
-) -> Result<(), MemoryError> {
-    if pages.len() < PARALLEL_COPY_MIN_PAGES {
-        return copy_pages(mem, pages, out);
-    }
-    let half = pages.len() / 2;
-    let (pages_a, pages_b) = pages.split_at(half);
-    let (out_a, out_b) = out.split_at_mut(half * PAGE_SIZE as usize);
-    std::thread::scope(|scope| {
-        let helper = scope.spawn(|| copy_pages(mem, pages_b, out_b));
-        let mine = copy_pages(mem, pages_a, out_a);
-        let theirs = helper
-            .join()
-            .unwrap_or_else(|_| Err(MemoryError::Map("the copy helper panicked".into())));
-        mine.and(theirs)
-    })
 }
 
 /// A set of guest pages, one bit each (bit `i` of word `i / 64` is page `i`).

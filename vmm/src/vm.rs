@@ -601,7 +601,7 @@ impl Vm {
             dirty.iter().collect()
         };
         let mut data = self.staging.take(pages.len() * PAGE_SIZE as usize);
-        memory::copy_pages_parallel(&self.mem, &pages, data.as_mut_slice())?;
+        memory::copy_pages(&self.mem, &pages, data.as_mut_slice())?;
         let snap = VmSnapshot {
             vm_id: self.vm_id,
             save_seq: 0,

@@ -31,7 +31,7 @@ const ENTRY_LEN: u64 = 8 + PAGE as u64;
 /// The trailer that seals a journal: magic, fold-through epoch, entries, CRC32 of the entries.
 const TRAILER_LEN: u64 = 4 + 8 + 8 + 4;
 /// Pages a fold keeps in memory before spilling them to its journal.
-const FLUSH_BYTES: usize = 64 << 20;
+const FLUSH_BYTES: usize = 16 << 20;
 
 pub(super) fn journal_path(dir: &Path, vm: u32) -> PathBuf {
     dir.join(format!("vm-{vm}.fold"))
