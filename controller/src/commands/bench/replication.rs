@@ -289,6 +289,9 @@ struct CpuUse {
     sender: f64,
     receiver: f64,
     client: f64,
+    /// The machine's idle CPU seconds and context switches (/proc/stat).
+    idle: f64,
+    context_switches: f64,
 }
 
 impl CpuUse {
@@ -325,6 +328,20 @@ impl CpuUse {
         if let Some((_, v)) = fields("/proc/self/stat") {
             cpu.client = (v[13] + v[14]) / ticks;
         }
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        for line in stat.lines() {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                // cpu  user nice system idle ...
+                Some("cpu") => {
+                    cpu.idle = words.nth(3).map_or(0.0, |w| w.parse().unwrap_or(0.0)) / ticks
+                }
+                Some("ctxt") => {
+                    cpu.context_switches = words.next().map_or(0.0, |w| w.parse().unwrap_or(0.0))
+                }
+                _ => {}
+            }
+        }
         cpu
     }
 
@@ -336,6 +353,8 @@ impl CpuUse {
             "sender_percent": share(self.sender, earlier.sender),
             "receiver_percent": share(self.receiver, earlier.receiver),
             "client_percent": share(self.client, earlier.client),
+            "machine_idle_percent": share(self.idle, earlier.idle),
+            "context_switches_per_s": round((self.context_switches - earlier.context_switches) / seconds),
         })
     }
 }
@@ -552,8 +571,13 @@ fn print_report(r: &Value) {
     );
     let cpu = |c: &Value| {
         format!(
-            "guest vCPU {}%, client {}%, sender {}%, receiver {}%",
-            c["vcpu_percent"], c["client_percent"], c["sender_percent"], c["receiver_percent"]
+            "guest vCPU {}%, client {}%, sender {}%, receiver {}%, idle {}%; {} context switches/s",
+            c["vcpu_percent"],
+            c["client_percent"],
+            c["sender_percent"],
+            c["receiver_percent"],
+            c["machine_idle_percent"],
+            c["context_switches_per_s"]
         )
     };
     println!(
