@@ -13,7 +13,7 @@
 //! acknowledged only once it is complete (and durable). `open` scans the log and cuts it after
 //! the last record whose checksums hold, so a torn or corrupt tail (a crash mid-write) falls
 //! back to the epoch before. At least the last `retain` epochs stay in the log for time travel;
-//! once [`FOLD_EVERY`] more have gathered, the older ones are folded into the base images on a
+//! once [`FOLD_EVERY`] more (or [`FOLD_LOG_BYTES`] of log) have gathered, the older ones are folded into the base images on a
 //! thread of their own (see [`fold`]: journaled, so a crash never leaves half a fold in a base),
 //! and once that is done the log is rewritten without them. Appends, and so acknowledgements,
 //! do not wait for a fold.
@@ -42,10 +42,14 @@ const STORED_RAW: u16 = 0;
 const STORED_ZSTD: u16 = 1;
 const HEADER_LEN: usize = 40;
 const LOG: &str = "epochs.log";
-/// Epochs gathered beyond `retain` before a fold: folding is per page touched, and the pages a
-/// guest writes repeat from epoch to epoch, so folding many epochs at once writes each of
-/// them once (64 epochs is 1.6 s at 40 Hz, and a few MB of log).
-pub const FOLD_EVERY: usize = 64;
+/// Epochs gathered beyond `retain` before a fold: folding is per page touched (read, journaled,
+/// written), and the pages a guest writes repeat from epoch to epoch, so folding many epochs at
+/// once writes each of them once. 256 epochs is 6.4 s at 40 Hz; under redis-benchmark SET load
+/// that is about 10 MB of log, which a restore replays in tens of milliseconds.
+pub const FOLD_EVERY: usize = 256;
+/// A fold also starts once the log holds this much, so that a guest whose epochs are large
+/// does not grow the log (and the replay of a restore) without bound.
+pub const FOLD_LOG_BYTES: u64 = 128 << 20;
 /// A record never decompresses to more than this.
 const MAX_RECORD_RAW: u64 = 8 << 30;
 
@@ -122,6 +126,8 @@ pub struct Store {
     read_only: bool,
     /// The fold running in the background, if any.
     folding: Option<Folding>,
+    /// A fold starts once the log holds this much ([`FOLD_LOG_BYTES`]; tests lower it).
+    fold_log_bytes: u64,
 }
 
 /// A fold on its own thread, through epoch `through`.
@@ -340,6 +346,7 @@ impl Store {
                 fold_lock,
                 read_only,
                 folding: None,
+                fold_log_bytes: FOLD_LOG_BYTES,
             },
             recovery,
         ))
@@ -389,7 +396,8 @@ impl Store {
         );
         self.log_len += bytes.len() as u64;
         self.finish_fold(false)?;
-        let due = self.index.len() >= self.retain + self.retain.max(FOLD_EVERY);
+        let due = self.index.len() >= self.retain + self.retain.max(FOLD_EVERY)
+            || (self.log_len >= self.fold_log_bytes && self.index.len() > self.retain);
         if self.folding.is_none()
             && due
             && let Some(plan) = self.fold_plan()
@@ -762,7 +770,10 @@ mod tests {
         for epoch in 1..=last {
             store
                 .append(
-                    &record(epoch, &[(epoch % 4, epoch as u8), (15, 100 + epoch as u8)]),
+                    &record(
+                        epoch,
+                        &[(epoch % 4, epoch as u8), (15, (100 + epoch) as u8)],
+                    ),
                     true,
                 )
                 .expect("appends");
@@ -781,7 +792,7 @@ mod tests {
         );
         let (mem, state) = memory_at(&store, last, dir.path());
         assert_eq!(state, format!("state {last}").into_bytes());
-        assert_eq!(mem[15 * PAGE], 100 + last as u8);
+        assert_eq!(mem[15 * PAGE], (100 + last) as u8);
         for p in 0..4u64 {
             // Page p was written by every epoch e with e % 4 == p: the newest version wins.
             let newest = (1..=last).filter(|e| e % 4 == p).max().expect("written");
@@ -792,10 +803,10 @@ mod tests {
         let oldest = epochs[0];
         assert!(oldest > 2, "some epochs were folded: {epochs:?}");
         let (mem_oldest, _) = memory_at(&store, oldest, dir.path());
-        assert_eq!(mem_oldest[15 * PAGE], 100 + oldest as u8);
+        assert_eq!(mem_oldest[15 * PAGE], (100 + oldest) as u8);
         // Time travel: the epoch before differs only where the last one wrote.
         let (before, _) = memory_at(&store, last - 1, dir.path());
-        assert_eq!(before[15 * PAGE], 100 + (last - 1) as u8);
+        assert_eq!(before[15 * PAGE], (100 + last - 1) as u8);
         let p = (last % 4) as usize;
         assert_eq!(before[p * PAGE], (last - 4) as u8);
         assert_eq!(before[(p + 1) % 4 * PAGE], mem[(p + 1) % 4 * PAGE]);
@@ -826,7 +837,7 @@ mod tests {
     fn filled_store(dir: &Path, last: u64) -> Store {
         let (mut store, _) = Store::open(dir, 4).expect("opens");
         for epoch in 1..=last {
-            let mut r = record(epoch, &[(15, 100 + epoch as u8)]);
+            let mut r = record(epoch, &[(15, (100 + epoch) as u8)]);
             r.vms[0]
                 .changes
                 .push_xor(epoch % 4, (epoch % 7) as u16, &[epoch as u8, 0x5a]);
@@ -920,6 +931,31 @@ mod tests {
         let base = fs::read(dir.path().join("vm-0.base")).expect("base");
         assert_eq!(base[3 * PAGE], 0, "the base holds the zero");
         assert_eq!(base[5 * PAGE], 1);
+    }
+
+    #[test]
+    fn a_log_grown_past_its_byte_bound_is_folded_before_the_epoch_count_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = Store::open(dir.path(), 2).expect("opens");
+        store.fold_log_bytes = 64 << 10;
+        for epoch in 1..=40u64 {
+            // Full pages of noise: records that do not compress.
+            let mut r = record(epoch, &[]);
+            let mut state = epoch * 7919 + 1;
+            for p in 0..4 {
+                let mut page = Box::new([0u8; PAGE]);
+                page.copy_from_slice(&crate::bytes::noise(&mut state, PAGE));
+                r.vms[0].changes.push_full(p, &page);
+            }
+            store.append(&r, false).expect("appends");
+            store.wait_folded().expect("folds");
+        }
+        assert!(
+            store.epochs().len() < 10,
+            "folded long before {FOLD_EVERY} epochs: {:?}",
+            store.epochs()
+        );
+        assert!(store.log_bytes() < 2 * (64 << 10) + 4 * 16 * PAGE as u64);
     }
 
     #[test]
