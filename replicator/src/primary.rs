@@ -66,8 +66,8 @@ pub struct ReplicationStatus {
     pub links: u64,
     pub resyncs: u64,
     pub last_error: Option<String>,
-    /// Pause of each recent epoch as the caller of `checkpoint` saw it (kick, capture, reply),
-    /// in microseconds.
+    /// Pause of each recent epoch, from the checkpoint request to the last VM of the group
+    /// running again (kick, capture, barrier), in microseconds.
     pub pauses_us: Vec<u64>,
     /// The capture part of each recent pause: the VM thread copying pages and state.
     pub captures_us: Vec<u64>,
@@ -371,7 +371,14 @@ fn ship_epochs(
         }
         let started = Instant::now();
         let captures = checkpoint_group(&handles, full).map_err(|e| e.to_string())?;
-        let pause = started.elapsed().as_micros() as u64;
+        // From the request to the last VM running again: the kick, the capture and the
+        // barrier, not this thread's own wait to be scheduled once the guests run on.
+        let pause = captures
+            .iter()
+            .map(|c| c.resumed_at.saturating_duration_since(started))
+            .max()
+            .unwrap_or_default()
+            .as_micros() as u64;
         full = false;
         epoch += 1;
         let out = &mut io.out;
