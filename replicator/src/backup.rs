@@ -255,6 +255,7 @@ impl<'a> Session<'a> {
                 }
                 self.group = Some(group.clone());
                 self.link.set_version(version);
+                self.decoder.set_version(version);
                 let last_epoch = self.store(&group)?.latest().unwrap_or(0);
                 log(&format!(
                     "primary site {site} (group {group}) speaks protocol {version}; last epoch {last_epoch}"

@@ -113,6 +113,38 @@ pub enum CodecError {
     Trailing(usize),
 }
 
+/// Which pages become content a `REF` may name, as the link's protocol version says; both
+/// ends must agree, since each keeps its own copy of the dedup cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DedupScope {
+    /// Protocol 1: every non-zero page sent, and a changed page is looked up before it is
+    /// XORed.
+    EveryPage,
+    /// Protocol 2: only pages sent whole (`FULL`, or `REF` itself). A page with an XOR base is
+    /// sent as XOR without hashing it: the XOR is small anyway, and neither end hashes or
+    /// (the backup) copies the page into its cache, which was most of their work under load.
+    WholePages,
+}
+
+impl DedupScope {
+    /// The scope a link speaking protocol `version` uses.
+    pub fn for_version(version: u16) -> DedupScope {
+        if version >= 2 {
+            DedupScope::WholePages
+        } else {
+            DedupScope::EveryPage
+        }
+    }
+
+    /// A record of `kind` makes its page content the dedup cache holds.
+    fn learns(self, kind: u8) -> bool {
+        match self {
+            DedupScope::EveryPage => kind != KIND_ZERO,
+            DedupScope::WholePages => kind == KIND_FULL || kind == KIND_REF,
+        }
+    }
+}
+
 fn dedup_cache<V>(pages: usize) -> LruCache<PageHash, V> {
     LruCache::new(NonZeroUsize::new(pages.max(1)).expect("at least one entry"))
 }
@@ -121,6 +153,7 @@ fn dedup_cache<V>(pages: usize) -> LruCache<PageHash, V> {
 #[derive(Debug)]
 pub struct Encoder {
     config: CodecConfig,
+    scope: DedupScope,
     versions: LruCache<(u32, u64), Box<Page>>,
     /// Hashes of the contents the backup's dedup cache holds, in the same LRU order.
     backup_holds: LruCache<PageHash, ()>,
@@ -132,14 +165,17 @@ impl Encoder {
             NonZeroUsize::new((config.version_cache_bytes / PAGE).max(1)).expect("non-zero");
         Encoder {
             config,
+            scope: DedupScope::for_version(crate::wire::VERSION),
             versions: LruCache::new(versions),
             backup_holds: dedup_cache(config.dedup_pages),
         }
     }
 
-    /// Forgets everything the backup held (a new receiver, or a resync).
-    pub fn reset(&mut self) {
+    /// Forgets everything the backup held (a new receiver, or a resync), and speaks protocol
+    /// `version` from now on.
+    pub fn reset(&mut self, version: u16) {
         *self = Encoder::new(self.config);
+        self.scope = DedupScope::for_version(version);
     }
 
     /// Bytes the caches hold now.
@@ -166,22 +202,29 @@ impl Encoder {
             }
             records += 1;
             body.extend_from_slice(&(index as u32).to_le_bytes());
+            let xor = || {
+                previous
+                    .as_ref()
+                    .map(|p| xor_runs(p, page))
+                    .filter(|r| r.len() <= XOR_LIMIT)
+            };
             if *page == ZERO_PAGE {
                 body.push(KIND_ZERO);
                 stats.zero += 1;
+            } else if let Some(runs) = (self.scope == DedupScope::WholePages).then(xor).flatten() {
+                body.push(KIND_XOR);
+                body.extend_from_slice(&runs);
+                stats.xor += 1;
             } else {
                 let hash = xxh3_128(page);
                 if self.backup_holds.get(&hash).is_some() {
                     body.push(KIND_REF);
                     body.extend_from_slice(&hash.to_le_bytes());
                     stats.refs += 1;
-                } else if let Some(old) = previous
-                    .as_ref()
-                    .map(|p| xor_runs(p, page))
-                    .filter(|r| r.len() <= XOR_LIMIT)
+                } else if let Some(runs) = (self.scope == DedupScope::EveryPage).then(xor).flatten()
                 {
                     body.push(KIND_XOR);
-                    body.extend_from_slice(&old);
+                    body.extend_from_slice(&runs);
                     stats.xor += 1;
                 } else {
                     body.push(KIND_FULL);
@@ -321,6 +364,7 @@ pub trait Replica {
 /// The backup's side of a link.
 #[derive(Debug)]
 pub struct Decoder {
+    scope: DedupScope,
     contents: LruCache<PageHash, Box<Page>>,
 }
 
@@ -356,8 +400,15 @@ fn batch_body(batch: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, CodecError> {
 impl Decoder {
     pub fn new(config: CodecConfig) -> Self {
         Decoder {
+            scope: DedupScope::for_version(crate::wire::VERSION),
             contents: dedup_cache(config.dedup_pages),
         }
+    }
+
+    /// Keeps the dedup cache as a link speaking protocol `version` does (set at the
+    /// handshake, before the first batch).
+    pub fn set_version(&mut self, version: u16) {
+        self.scope = DedupScope::for_version(version);
     }
 
     /// Applies a batch to `replica`; returns the page numbers written. A batch that fails any
@@ -394,7 +445,13 @@ impl Decoder {
         let body = batch_body(batch)?;
         let mut undo: Vec<(u64, Box<Page>)> = Vec::new();
         let undo_log = keep_undo.then_some(&mut undo);
-        let result = apply_records(&body, replica, undo_log, Some(&mut self.contents), changes);
+        let result = apply_records(
+            &body,
+            replica,
+            undo_log,
+            Some((&mut self.contents, self.scope)),
+            changes,
+        );
         if result.is_err() {
             for (index, old) in undo.into_iter().rev() {
                 *replica.page_mut(index) = *old;
@@ -412,7 +469,7 @@ fn apply_records(
     body: &[u8],
     replica: &mut dyn Replica,
     mut undo: Option<&mut Vec<(u64, Box<Page>)>>,
-    mut contents: Option<&mut LruCache<PageHash, Box<Page>>>,
+    mut contents: Option<(&mut LruCache<PageHash, Box<Page>>, DedupScope)>,
     mut changes: Option<&mut ChangeList>,
 ) -> Result<Vec<u64>, CodecError> {
     let mut r = reader(body);
@@ -449,8 +506,9 @@ fn apply_records(
             KIND_REF => {
                 let hash = r.u128()?;
                 let known = contents
-                    .as_deref_mut()
+                    .as_ref()
                     .ok_or(CodecError::Kind(KIND_REF))?
+                    .0
                     .peek(&hash)
                     .ok_or(CodecError::UnknownRef(hash))?;
                 page.copy_from_slice(&known[..]);
@@ -464,9 +522,9 @@ fn apply_records(
                 _ => changes.push(index, kind, &body[payload_at..r.at]),
             }
         }
-        // Mirror the sender: every non-zero page sent becomes content a REF may name.
-        if kind != KIND_ZERO
-            && let Some(contents) = contents.as_deref_mut()
+        // Mirror the sender: the pages its protocol says become content a REF may name.
+        if let Some((contents, scope)) = contents.as_mut()
+            && scope.learns(kind)
         {
             let hash = xxh3_128(page);
             if contents.get(&hash).is_none() {
@@ -670,6 +728,35 @@ mod tests {
             (1, 1, 2, 0)
         );
         assert!(second.encoded_bytes < 200, "{second:?}");
+    }
+
+    #[test]
+    fn each_protocol_version_keeps_both_ends_of_the_dedup_cache_in_step() {
+        let config = CodecConfig::default();
+        for version in [1, 2] {
+            let (mut enc, mut dec) = (Encoder::new(config), Decoder::new(config));
+            enc.reset(version);
+            dec.set_version(version);
+            let mut memory = vec![page_with(1), page_with(2), [0; PAGE]];
+            let mut replica = VecReplica(vec![[0; PAGE]; 3]);
+            sync(&mut enc, &mut dec, 0, &memory, &mut replica);
+            // Page 0 changes a little (XOR); then page 2 takes page 0's new content.
+            memory[0][10] ^= 1;
+            let second = sync(&mut enc, &mut dec, 0, &memory, &mut replica);
+            assert_eq!(second.xor, 1);
+            memory[2] = memory[0];
+            let third = sync(&mut enc, &mut dec, 0, &memory, &mut replica);
+            match version {
+                // Protocol 1 learned the XORed page's content: a reference.
+                1 => assert_eq!((third.refs, third.full), (1, 0), "{third:?}"),
+                // Protocol 2 learns only pages sent whole: page 2 goes whole, and from then
+                // on its content can be named.
+                _ => assert_eq!((third.refs, third.full), (0, 1), "{third:?}"),
+            }
+            memory[1] = memory[0];
+            let fourth = sync(&mut enc, &mut dec, 0, &memory, &mut replica);
+            assert_eq!(fourth.refs, 1, "protocol {version}: {fourth:?}");
+        }
     }
 
     #[test]

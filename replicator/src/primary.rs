@@ -243,7 +243,7 @@ fn run_link(
         other => return Err(format!("expected HelloAck, got {other:?}")),
     };
     out.set_version(version);
-    encoder.reset();
+    encoder.reset(version);
     shared.update(|s| {
         // Every link after the first starts with a full resynchronisation.
         if s.links > 0 {

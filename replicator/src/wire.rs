@@ -22,9 +22,10 @@ use crc32fast::Hasher;
 use crate::bytes::Fields;
 
 pub const MAGIC: [u8; 4] = *b"SSRP";
-/// The protocol version this build speaks best; it also accepts `VERSION - 1` (once there is
-/// one: version 1 is the first).
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks best; it also accepts `VERSION - 1`. Version 2
+/// changed which pages both ends' dedup caches learn (`codec::DedupScope`); frames are the
+/// same.
+pub const VERSION: u16 = 2;
 pub const MIN_VERSION: u16 = if VERSION > 1 { VERSION - 1 } else { 1 };
 pub const HEADER_LEN: usize = 24;
 /// Largest payload: a codec batch plus headroom.
@@ -470,7 +471,10 @@ mod tests {
 
     #[test]
     fn a_known_frame_has_a_fixed_encoding() {
-        let bytes = Link::default().emit(&Message::HelloAck {
+        // Frames are the same in versions 1 and 2 but for the version field.
+        let mut link = Link::default();
+        link.set_version(1);
+        let bytes = link.emit(&Message::HelloAck {
             version: 1,
             last_epoch: 3,
         });
