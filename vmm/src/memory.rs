@@ -120,7 +120,7 @@ pub fn copy_pages(mem: &GuestMem, pages: &[u64], out: &mut [u8]) -> Result<(), M
         )));
     }
     let base = region.as_ptr();
-    let streaming = cfg!(target_arch = "x86_64") && out.as_ptr() as usize % 16 == 0;
+    let streaming = cfg!(target_arch = "x86_64") && (out.as_ptr() as usize).is_multiple_of(16);
     for (i, &p) in pages.iter().enumerate() {
         // SAFETY: `p < limit`, so the source lies inside the region's mapping, which lives as
         // long as `mem`; `out` holds `pages.len()` pages (asserted); the two never overlap
