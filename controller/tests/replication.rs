@@ -587,6 +587,11 @@ fn replication_threads_run_in_the_background_while_epochs_keep_pace() {
         vec![5],
         "the sender thread runs SCHED_IDLE: {r}"
     );
+    assert_eq!(
+        thread_policies(vm.proc.id(), "epoch-clock"),
+        vec![0],
+        "the epoch clock keeps the guests' priority, so epochs keep their interval"
+    );
     let started = Instant::now();
     while thread_policies(receiver.id(), "primary-link") != vec![5] {
         assert!(

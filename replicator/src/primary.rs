@@ -1,31 +1,33 @@
 //! The primary's sender: every epoch, capture a group's VMs, encode their changes, ship them.
 //!
 //! ```text
-//!  sender thread: every epoch_ms ── checkpoint_group (every VM of the group stopped at one
-//!        │                           barrier, only to copy) ──> encode ──> frames ──> TLS/TCP
+//!  epoch clock (guest priority): every epoch_ms ── checkpoint_group (every VM of the group
+//!        │                        stopped at one barrier, only to copy) ──> queue
+//!  sender (background):  queue ──> encode ──> frames ──> TLS/TCP
 //!        └── between epochs: Ack frames ──> status.committed, commit events to subscribers
 //! ```
 //! One sender serves one group: each epoch carries every VM's part under one epoch number,
 //! and the backup acknowledges the epoch only once all parts are stored. The guests run on
-//! while an epoch is encoded and in flight; at most `WINDOW` epochs may be
-//! unacknowledged before the sender waits. Losing the backup does not stop the guest: the
-//! sender marks the VM unprotected, stops capturing, reconnects every second, and on success
-//! resynchronises with a full epoch.
+//! while an epoch is encoded and in flight; at most `WINDOW` epochs may be captured and not
+//! yet acknowledged before the clock skips a tick (the next capture covers it). Losing the
+//! backup does not stop the guest: the sender marks the VM unprotected, stops capturing,
+//! reconnects every second, and on success resynchronises with a full epoch.
 //!
-//! The capture runs on the VM's own thread; encoding and sending run on the sender thread,
-//! which by default is background work (`sched::Priority::Background`: `SCHED_IDLE`, raised to
+//! The capture runs on the VM's own thread, asked by the epoch clock, which runs at the
+//! guests' priority so epochs keep their interval. Encoding and sending run on the sender
+//! thread, by default background work (`sched::Priority::Background`: `SCHED_IDLE`, raised to
 //! normal scheduling while epochs ship late), so that replication takes the CPU the guests and
-//! their clients leave rather than theirs.
+//! their clients leave rather than theirs; captures wait in the queue meanwhile.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use secondsite_vmm::{Command, VmHandle, checkpoint_group};
+use secondsite_vmm::{Capture, Command, VmHandle, checkpoint_group};
 
 use crate::codec::{BatchStats, CodecConfig, Encoder, Page, pack_state};
 use crate::sched::{Escalation, Priority};
@@ -261,7 +263,15 @@ fn run_link(
         inbound,
     };
     let result = ship_epochs(
-        members, config, shared, encoder, escalation, &mut io, last_epoch,
+        Shipping {
+            members,
+            config,
+            shared,
+            encoder,
+            escalation,
+            io: &mut io,
+        },
+        last_epoch,
     );
     let _ = io.channel.tcp().shutdown(std::net::Shutdown::Both);
     result
@@ -320,48 +330,60 @@ impl LinkIo {
     }
 }
 
-fn ship_epochs(
+/// One epoch's captures, as the epoch clock took them.
+struct Captured {
+    captures: Vec<Capture>,
+    /// When the clock asked for them, and the pause they cost (from the request to the last
+    /// VM running again: the kick, the capture and the barrier).
+    requested: Instant,
+    pause_us: u64,
+}
+
+/// The epoch clock of one link: every interval it has the group's VMs capture (on their own
+/// threads) and queues the captures for the sender. It runs at the guests' priority, so the
+/// epochs keep their interval while a background sender lags; it skips a tick only while
+/// `WINDOW` epochs are captured and not yet acknowledged (the sender or the backup is behind),
+/// which the next capture then covers. The first capture of a link is full.
+fn epoch_clock(
     members: &[Member],
     config: &SenderConfig,
     shared: &Shared,
-    encoder: &mut Encoder,
-    escalation: &mut Escalation,
-    io: &mut LinkIo,
     mut epoch: u64,
-) -> Result<(), String> {
+    link_done: &AtomicBool,
+    queue: SyncSender<Result<Captured, String>>,
+) {
+    // Spawned by a sender that may run in the background: the clock must not.
+    let _ = crate::sched::set_current_thread(false);
     let interval = Duration::from_millis(config.epoch_ms.max(1));
+    let handles: Vec<&VmHandle> = members.iter().map(|m| &*m.handle).collect();
     let mut full = true;
     let mut next = Instant::now();
     let mut waiting_since: Option<Instant> = None;
-    let mut throttle = ThrottleState::default();
-    let handles: Vec<&VmHandle> = members.iter().map(|m| &*m.handle).collect();
-    loop {
-        if shared.stop.load(Ordering::Relaxed) {
-            return Ok(());
+    while !link_done.load(Ordering::Relaxed) && !shared.stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(50)));
+            continue;
         }
-        // Until the next epoch is due, listen for acknowledgements.
-        loop {
-            let now = Instant::now();
-            if now >= next {
-                break;
-            }
-            io.poll_acks(shared, next - now)?;
-        }
-        let due = next;
-        next += interval;
+        // A clock that overslept by more than an interval starts afresh rather than catching up.
+        next = if next + interval < now {
+            now + interval
+        } else {
+            next + interval
+        };
         let committed = shared
             .status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .committed;
         if epoch >= committed + WINDOW {
-            // The backup is behind: let the guest run on and capture once it catches up.
             let since = *waiting_since.get_or_insert_with(|| {
                 shared.update(|s| s.window_waits += 1);
                 Instant::now()
             });
             if since.elapsed() > Duration::from_secs(10) {
-                return Err("no acknowledgement for 10 s".into());
+                let _ = queue.send(Err("no acknowledgement for 10 s".into()));
+                return;
             }
             next = Instant::now() + Duration::from_millis(1);
             continue;
@@ -369,17 +391,100 @@ fn ship_epochs(
         if let Some(since) = waiting_since.take() {
             shared.update(|s| s.window_wait_us += since.elapsed().as_micros() as u64);
         }
-        let started = Instant::now();
-        let captures = checkpoint_group(&handles, full).map_err(|e| e.to_string())?;
-        // From the request to the last VM running again: the kick, the capture and the
-        // barrier, not this thread's own wait to be scheduled once the guests run on.
-        let pause = captures
-            .iter()
-            .map(|c| c.resumed_at.saturating_duration_since(started))
-            .max()
-            .unwrap_or_default()
-            .as_micros() as u64;
+        let requested = Instant::now();
+        let captured = checkpoint_group(&handles, full)
+            .map_err(|e| e.to_string())
+            .map(|captures| Captured {
+                pause_us: captures
+                    .iter()
+                    .map(|c| c.resumed_at.saturating_duration_since(requested))
+                    .max()
+                    .unwrap_or_default()
+                    .as_micros() as u64,
+                captures,
+                requested,
+            });
         full = false;
+        epoch += 1;
+        let failed = captured.is_err();
+        if queue.send(captured).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// What shipping one link's epochs works with.
+struct Shipping<'a> {
+    members: &'a [Member],
+    config: &'a SenderConfig,
+    shared: &'a Shared,
+    encoder: &'a mut Encoder,
+    escalation: &'a mut Escalation,
+    io: &'a mut LinkIo,
+}
+
+/// Ships one link's epochs, numbered from `epoch + 1`: the epoch clock captures on its own
+/// thread, this thread encodes and sends what it queued, and reads acknowledgements in between.
+fn ship_epochs(s: Shipping<'_>, epoch: u64) -> Result<(), String> {
+    let (members, config, shared) = (s.members, s.config, s.shared);
+    let link_done = AtomicBool::new(false);
+    let (queue, captures) = mpsc::sync_channel(WINDOW as usize);
+    std::thread::scope(|scope| {
+        let clock = std::thread::Builder::new()
+            .name("epoch-clock".into())
+            .spawn_scoped(scope, || {
+                epoch_clock(members, config, shared, epoch, &link_done, queue)
+            })
+            .map_err(|e| format!("cannot start the epoch clock: {e}"))?;
+        let result = ship_captures(s, epoch, &captures);
+        link_done.store(true, Ordering::Relaxed);
+        // A clock blocked on a full queue sees it closed.
+        drop(captures);
+        let _ = clock.join();
+        result
+    })
+}
+
+fn ship_captures(
+    s: Shipping<'_>,
+    mut epoch: u64,
+    queue: &Receiver<Result<Captured, String>>,
+) -> Result<(), String> {
+    let Shipping {
+        members,
+        config,
+        shared,
+        encoder,
+        escalation,
+        io,
+    } = s;
+    let interval = Duration::from_millis(config.epoch_ms.max(1));
+    // How long to read acknowledgements before looking at the queue again.
+    let poll = (interval / 4).clamp(Duration::from_millis(1), Duration::from_millis(10));
+    let mut throttle = ThrottleState::default();
+    loop {
+        if shared.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let Captured {
+            captures,
+            requested,
+            pause_us: pause,
+        } = loop {
+            match queue.try_recv() {
+                Ok(captured) => break captured?,
+                Err(mpsc::TryRecvError::Empty) => io.poll_acks(shared, poll)?,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    if shared.stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    return Err("the epoch clock stopped".into());
+                }
+            }
+            if shared.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+        };
         epoch += 1;
         let out = &mut io.out;
         let mut frames = out.emit(&Message::EpochBegin {
@@ -420,9 +525,9 @@ fn ship_epochs(
         io.channel
             .write_all(&frames)
             .map_err(|e| format!("send: {e}"))?;
-        // Due to shipped: how late a background sender ran (the capture itself is the VM
+        // Captured to shipped: how far a background sender lags (the capture itself is the VM
         // thread's and runs at the guest's priority).
-        escalation.epoch_done(due.elapsed());
+        escalation.epoch_done(requested.elapsed());
         shared.update(|s| {
             s.background = escalation.in_background();
             s.escalations = escalation.escalations;
