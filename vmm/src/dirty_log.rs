@@ -39,7 +39,7 @@ pub const DEFAULT_MAX_HOT_PAGES: usize = 2048;
 pub const MIN_HOT_PAGES: usize = 256;
 pub const MAX_HOT_PAGES: usize = 16384;
 /// The capture time the hot-page limit aims under: every hot page is copied in the pause.
-pub const PAUSE_BUDGET_US: u64 = 3000;
+pub const PAUSE_BUDGET_US: u64 = 2000;
 
 vmm_sys_util::ioctl_iowr_nr!(
     KVM_CLEAR_DIRTY_LOG,
