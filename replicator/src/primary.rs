@@ -72,8 +72,8 @@ pub struct ReplicationStatus {
     pub links: u64,
     pub resyncs: u64,
     pub last_error: Option<String>,
-    /// Pause of each recent epoch, from the checkpoint request to the last VM of the group
-    /// running again (kick, capture, barrier), in microseconds.
+    /// Pause of each recent epoch: from a vCPU stopping for its capture to the last VM of the
+    /// group running again (capture, barrier), in microseconds.
     pub pauses_us: Vec<u64>,
     /// The capture part of each recent pause: the VM thread copying pages and state.
     pub captures_us: Vec<u64>,
@@ -338,8 +338,7 @@ impl LinkIo {
 /// One epoch's captures, as the epoch clock took them.
 struct Captured {
     captures: Vec<Capture>,
-    /// When the clock asked for them, and the pause they cost (from the request to the last
-    /// VM running again: the kick, the capture and the barrier).
+    /// When the clock asked for them, and the pause they cost the guests.
     requested: Instant,
     pause_us: u64,
 }
@@ -402,9 +401,11 @@ fn epoch_clock(
         let captured = checkpoint_group(&handles, full)
             .map_err(|e| e.to_string())
             .map(|captures| Captured {
+                // The guests' pause: from a vCPU stopping for its capture to the last one
+                // running again (after the group's barrier).
                 pause_us: captures
                     .iter()
-                    .map(|c| c.resumed_at.saturating_duration_since(requested))
+                    .map(|c| c.resumed_at.saturating_duration_since(c.stopped_at))
                     .max()
                     .unwrap_or_default()
                     .as_micros() as u64,
