@@ -3,8 +3,9 @@
 //! Continuous checkpoint replication from the primary site to the backup.
 //!
 //! ```text
-//!  primary: VM thread ── epoch capture (dirty pages + vCPU/device state) ──> codec::Encoder
-//!           (paused only for the capture)                                      │ batches
+//!  primary: epoch clock ─> VM thread: capture (dirty pages + vCPU/device state) ─> queue
+//!           (paused only for the capture)          sender (background) ─> codec::Encoder
+//!                                                                              │ batches
 //!                                                                              ▼
 //!  backup:  codec::Decoder ──> replica in memory ──> store (base + epoch log, fsync) ──> ack
 //! ```
