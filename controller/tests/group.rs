@@ -132,9 +132,9 @@ fn a_group_replicates_at_one_barrier_and_restores_consistently_at_one_epoch() {
         ))
         .stdin(Stdio::null());
     let _writer = Proc::spawn(&mut writer, "writer").expect("starts the writer");
-    let epoch = support::replication(&alpha)["epoch"]
+    let epoch = support::replication(&alpha)["captured"]
         .as_u64()
-        .expect("epoch");
+        .expect("captured");
     wait_for(&alpha, "40 epochs under writes", |r| {
         r["committed"].as_u64() > Some(epoch + 40)
     });

@@ -65,7 +65,11 @@ pub struct SenderConfig {
 pub struct ReplicationStatus {
     /// Connected and every epoch is being shipped.
     pub protected: bool,
+    /// The newest epoch shipped.
     pub epoch: u64,
+    /// The newest epoch captured (it may wait in the queue for the sender): anything the guest
+    /// did before now is in every epoch after this one.
+    pub captured: u64,
     /// The newest epoch the backup acknowledged.
     pub committed: u64,
     /// Links established, and how many of them resynchronised after a lost one.
@@ -259,6 +263,7 @@ fn run_link(
         s.links += 1;
         s.protected = true;
         s.epoch = last_epoch;
+        s.captured = last_epoch;
         s.committed = last_epoch;
         s.last_error = None;
     });
@@ -414,6 +419,9 @@ fn epoch_clock(
             });
         full = false;
         epoch += 1;
+        if captured.is_ok() {
+            shared.update(|s| s.captured = epoch);
+        }
         let failed = captured.is_err();
         queued.fetch_add(1, Ordering::AcqRel);
         if queue.send(captured).is_err() || failed {

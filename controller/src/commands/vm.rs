@@ -195,6 +195,7 @@ fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
     serde_json::json!({
         "protected": status.protected,
         "epoch": status.epoch,
+        "captured": status.captured,
         "committed": status.committed,
         "resyncs": status.resyncs,
         "last_error": status.last_error,
