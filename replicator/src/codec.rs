@@ -604,7 +604,8 @@ impl ChangeList {
     }
 
     /// The pages the list changes, in its order.
-    pub fn indices(&self) -> Result<Vec<u64>, CodecError> {
+    #[cfg(test)]
+    pub(crate) fn indices(&self) -> Result<Vec<u64>, CodecError> {
         self.indices_where(|_| true)
     }
 

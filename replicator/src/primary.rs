@@ -21,7 +21,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -36,10 +36,10 @@ use crate::wire::{Link, MIN_VERSION, Message, VERSION};
 
 /// Epochs that may be in flight (captured and sent, not yet acknowledged).
 const WINDOW: u64 = 16;
-/// Captures that may wait for the sender. Each holds its dirty pages in staging buffers, and a
-/// capture that finds no kept buffer page-faults a fresh one inside the pause: a clock that
-/// queued more than a few while a background sender lagged saw 30 ms pauses.
-const QUEUE_DEPTH: usize = 3;
+/// Captures that may be taken and not yet shipped. Each holds its dirty pages in staging
+/// buffers, and a capture that finds no kept buffer page-faults a fresh one inside the pause: a
+/// clock that queued more than a few while a background sender lagged saw 30 ms pauses.
+const QUEUE_DEPTH: u64 = 3;
 /// Pages per `Pages` frame.
 const PAGES_PER_BATCH: usize = 2048;
 /// Pause samples kept for percentiles.
@@ -93,8 +93,8 @@ pub struct ReplicationStatus {
     pub background: bool,
     pub escalations: u64,
     /// Epochs that started late because `WINDOW` epochs were still unacknowledged or
-    /// `QUEUE_DEPTH` captures still waited for the sender (the backup or the sender is
-    /// behind), and the time the clock waited for them in all.
+    /// `QUEUE_DEPTH` captures were not yet shipped (the backup or the sender is behind), and
+    /// the time the clock waited for them in all.
     pub window_waits: u64,
     pub window_wait_us: u64,
 }
@@ -351,16 +351,15 @@ struct Captured {
 /// The epoch clock of one link: every interval it has the group's VMs capture (on their own
 /// threads) and queues the captures for the sender. It runs at the guests' priority, so the
 /// epochs keep their interval while a background sender lags; it skips a tick only while
-/// `WINDOW` epochs are captured and not yet acknowledged, or `QUEUE_DEPTH` captures wait for
-/// the sender (the backup or the sender is behind); the next capture then covers the skipped
-/// tick. The first capture of a link is full.
+/// `WINDOW` epochs are captured and not yet acknowledged, or `QUEUE_DEPTH` not yet shipped
+/// (the backup or the sender is behind); the next capture then covers the skipped tick. The
+/// first capture of a link is full.
 fn epoch_clock(
     members: &[Member],
     config: &SenderConfig,
     shared: &Shared,
     mut epoch: u64,
     link_done: &AtomicBool,
-    queued: &AtomicUsize,
     queue: SyncSender<Result<Captured, String>>,
 ) {
     // Spawned by a sender that may run in the background: the clock must not.
@@ -382,12 +381,12 @@ fn epoch_clock(
         } else {
             next + interval
         };
-        let committed = shared
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .committed;
-        if epoch >= committed + WINDOW || queued.load(Ordering::Acquire) >= QUEUE_DEPTH {
+        let (shipped, committed) = {
+            let status = shared.status.lock().unwrap_or_else(|e| e.into_inner());
+            (status.epoch, status.committed)
+        };
+        // Not yet shipped: in the queue, or being encoded (so the queue never fills).
+        if epoch >= committed + WINDOW || epoch >= shipped + QUEUE_DEPTH {
             let since = *waiting_since.get_or_insert_with(|| {
                 shared.update(|s| s.window_waits += 1);
                 Instant::now()
@@ -423,7 +422,6 @@ fn epoch_clock(
             shared.update(|s| s.captured = epoch);
         }
         let failed = captured.is_err();
-        queued.fetch_add(1, Ordering::AcqRel);
         if queue.send(captured).is_err() || failed {
             return;
         }
@@ -445,16 +443,15 @@ struct Shipping<'a> {
 fn ship_epochs(s: Shipping<'_>, epoch: u64) -> Result<(), String> {
     let (members, config, shared) = (s.members, s.config, s.shared);
     let link_done = AtomicBool::new(false);
-    let queued = AtomicUsize::new(0);
-    let (queue, captures) = mpsc::sync_channel(QUEUE_DEPTH);
+    let (queue, captures) = mpsc::sync_channel(QUEUE_DEPTH as usize);
     std::thread::scope(|scope| {
         let clock = std::thread::Builder::new()
             .name("epoch-clock".into())
             .spawn_scoped(scope, || {
-                epoch_clock(members, config, shared, epoch, &link_done, &queued, queue)
+                epoch_clock(members, config, shared, epoch, &link_done, queue)
             })
             .map_err(|e| format!("cannot start the epoch clock: {e}"))?;
-        let result = ship_captures(s, epoch, &captures, &queued);
+        let result = ship_captures(s, epoch, &captures);
         link_done.store(true, Ordering::Relaxed);
         // A clock blocked on a full queue sees it closed.
         drop(captures);
@@ -467,7 +464,6 @@ fn ship_captures(
     s: Shipping<'_>,
     mut epoch: u64,
     queue: &Receiver<Result<Captured, String>>,
-    queued: &AtomicUsize,
 ) -> Result<(), String> {
     let Shipping {
         members,
@@ -491,10 +487,7 @@ fn ship_captures(
             pause_us: pause,
         } = loop {
             match queue.try_recv() {
-                Ok(captured) => {
-                    queued.fetch_sub(1, Ordering::AcqRel);
-                    break captured?;
-                }
+                Ok(captured) => break captured?,
                 Err(mpsc::TryRecvError::Empty) => io.poll_acks(shared, poll)?,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     if shared.stop.load(Ordering::Relaxed) {

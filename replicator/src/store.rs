@@ -876,7 +876,7 @@ mod tests {
         let store = filled_store(dir.path(), 20);
         let before = all_memories(&store, dir.path());
         let plan = store.fold_plan().expect("something to fold");
-        let journal = fold::write_journals(&plan).expect("journals")[&0].clone();
+        let journal = fold::write_journals(&plan).expect("journals")[&0].0.clone();
         let len = fs::metadata(&journal).expect("journal").len();
         fs::OpenOptions::new()
             .write(true)
@@ -895,17 +895,32 @@ mod tests {
         let after = all_memories(&store, dir.path());
         assert_eq!(after, before[before.len() - after.len()..].to_vec());
 
-        // A reader does not trust a base whose fold was sealed but not finished.
+        // A sealed journal whose copy has not begun (a live fold waiting for readers to let
+        // go of the fold lock) leaves the base as it was: readers may read. Once its copy has
+        // begun and the writer dies (the pages copied, the meta not moved), a reader does not
+        // trust the base, and the next writer finishes the fold without applying anything
+        // twice.
         drop(store);
         let dir = tempfile::tempdir().expect("tempdir");
         let store = filled_store(dir.path(), 20);
+        let before = all_memories(&store, dir.path());
         let plan = store.fold_plan().expect("something to fold");
-        fold::write_journals(&plan).expect("journals");
+        let (journal, entries) = fold::write_journals(&plan).expect("journals")[&0].clone();
         drop(store);
+        let reader = Store::open_read_only(dir.path()).expect("a sealed journal alone");
+        assert_eq!(all_memories(&reader, dir.path()), before);
+        drop(reader);
+        let copying = fold::copying_path(dir.path(), 0);
+        fs::rename(&journal, &copying).expect("renames");
+        fold::replay(dir.path(), 0, &copying, entries).expect("copies");
         assert!(matches!(
             Store::open_read_only(dir.path()),
             Err(StoreError::Corrupt(why)) if why.contains("fold was interrupted")
         ));
+        let (store, _) = Store::open(dir.path(), 4).expect("recovers");
+        assert!(!copying.exists());
+        let after = all_memories(&store, dir.path());
+        assert_eq!(after, before[before.len() - after.len()..].to_vec());
     }
 
     #[test]

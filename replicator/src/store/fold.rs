@@ -3,8 +3,8 @@
 //! ```text
 //!  fold thread:  records <= T (read from the log) ──apply──> pages cache ──spill──> vm-N.fold
 //!                (bases untouched)                                      seal: trailer + fsync
-//!                ── fold.lock exclusive ──> copy vm-N.fold into vm-N.base, fsync,
-//!                                           vm-N.meta = T, remove vm-N.fold
+//!                ── fold.lock exclusive ──> rename vm-N.fold to vm-N.folding, copy it into
+//!                                           vm-N.base, fsync, vm-N.meta = T, remove it
 //!  store thread: appends go on meanwhile; once the fold is done, the log is rewritten
 //!                without the records <= T
 //! ```
@@ -12,7 +12,9 @@
 //! corrupts a page: a base must never hold half a fold. The journal holds the folded pages as
 //! full images (idempotent); the base changes only after the journal is sealed, so a crash
 //! before the seal leaves the base as it was (the journal is dropped, the records fold again)
-//! and a crash after it is finished by replaying the journal (`recover`).
+//! and a crash after it is finished by replaying the journal (`recover`). A journal is renamed
+//! `vm-N.folding` before its first write to the base: only that name tells a reader the base
+//! may hold half a fold (a sealed `vm-N.fold` is a fold that has not touched the base yet).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -37,6 +39,11 @@ pub(super) fn journal_path(dir: &Path, vm: u32) -> PathBuf {
     dir.join(format!("vm-{vm}.fold"))
 }
 
+/// A sealed journal whose copy into the base has begun.
+pub(super) fn copying_path(dir: &Path, vm: u32) -> PathBuf {
+    dir.join(format!("vm-{vm}.folding"))
+}
+
 pub(super) fn base_path(dir: &Path, vm: u32) -> PathBuf {
     dir.join(format!("vm-{vm}.base"))
 }
@@ -58,17 +65,25 @@ pub(super) struct FoldPlan {
 /// Runs a fold to the end: journals, then bases and metas.
 pub(super) fn run(plan: &FoldPlan) -> Result<(), StoreError> {
     let journals = write_journals(plan)?;
-    let lock = fold_lock(&plan.dir)?;
-    lock.lock().map_err(io_at(&plan.dir))?;
+    let dir = &plan.dir;
+    let lock = fold_lock(dir)?;
+    lock.lock().map_err(io_at(dir))?;
     let result = (|| {
-        for (vm, path) in &journals {
-            replay(&plan.dir, *vm, path)?;
+        for (&vm, (path, _)) in &journals {
+            fs::rename(path, copying_path(dir, vm)).map_err(io_at(path))?;
+        }
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_at(dir))?;
+        for (&vm, &(_, entries)) in &journals {
+            replay(dir, vm, &copying_path(dir, vm), entries)?;
         }
         for &(vm, size) in &plan.vms {
-            write_meta(&plan.dir, vm, size, plan.through)?;
+            write_meta(dir, vm, size, plan.through)?;
         }
-        for path in journals.values() {
-            fs::remove_file(path).map_err(io_at(path))?;
+        for &vm in journals.keys() {
+            let path = copying_path(dir, vm);
+            fs::remove_file(&path).map_err(io_at(&path))?;
         }
         Ok(())
     })();
@@ -77,8 +92,9 @@ pub(super) fn run(plan: &FoldPlan) -> Result<(), StoreError> {
 }
 
 /// Applies the plan's records to pages read from the bases and writes the result to sealed
-/// journals, one per VM the records touch. The bases are only read.
-pub(super) fn write_journals(plan: &FoldPlan) -> Result<BTreeMap<u32, PathBuf>, StoreError> {
+/// journals, one per VM the records touch (each with its number of entries). The bases are
+/// only read.
+pub(super) fn write_journals(plan: &FoldPlan) -> Result<BTreeMap<u32, (PathBuf, u64)>, StoreError> {
     let log_path = plan.dir.join(LOG);
     let log = File::open(&log_path).map_err(io_at(&log_path))?;
     let mut folds: BTreeMap<u32, (File, PathBuf, FilePages)> = BTreeMap::new();
@@ -106,20 +122,21 @@ pub(super) fn write_journals(plan: &FoldPlan) -> Result<BTreeMap<u32, PathBuf>, 
     for (vm, (base, path, mut pages)) in folds {
         pages.flush(&base, &path)?;
         let spill = pages.spill.take().expect("a fold spills");
-        journals.insert(vm, spill.seal(plan.through)?);
+        let entries = spill.entries;
+        journals.insert(vm, (spill.seal(plan.through)?, entries));
     }
     Ok(journals)
 }
 
-/// Copies a sealed journal's pages into VM `vm`'s base, in order, and syncs the base.
-fn replay(dir: &Path, vm: u32, journal: &Path) -> Result<(), StoreError> {
+/// Copies the `entries` pages of a sealed journal into VM `vm`'s base, in order, and syncs the
+/// base.
+pub(super) fn replay(dir: &Path, vm: u32, journal: &Path, entries: u64) -> Result<(), StoreError> {
     let base_path = base_path(dir, vm);
     let base = OpenOptions::new()
         .write(true)
         .open(&base_path)
         .map_err(io_at(&base_path))?;
     let file = File::open(journal).map_err(io_at(journal))?;
-    let (_, entries) = read_trailer(&file, journal)?;
     let mut chunk = vec![0u8; (256 * ENTRY_LEN) as usize];
     let mut done = 0u64;
     while done < entries {
@@ -128,27 +145,45 @@ fn replay(dir: &Path, vm: u32, journal: &Path) -> Result<(), StoreError> {
         file.read_exact_at(bytes, done * ENTRY_LEN)
             .map_err(io_at(journal))?;
         // Entries are in page order within each spill: consecutive pages go in one write.
-        let mut run: Vec<u8> = Vec::new();
-        let mut run_start = 0;
-        for entry in bytes.chunks_exact(ENTRY_LEN as usize) {
-            let index = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
-            if !run.is_empty() && index != run_start + (run.len() / PAGE) as u64 {
-                base.write_all_at(&run, run_start * PAGE as u64)
-                    .map_err(io_at(&base_path))?;
-                run.clear();
-            }
-            if run.is_empty() {
-                run_start = index;
-            }
-            run.extend_from_slice(&entry[8..]);
-        }
-        if !run.is_empty() {
-            base.write_all_at(&run, run_start * PAGE as u64)
-                .map_err(io_at(&base_path))?;
-        }
+        write_in_runs(
+            &base,
+            &base_path,
+            bytes.chunks_exact(ENTRY_LEN as usize).map(|entry| {
+                let index = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
+                (index, &entry[8..])
+            }),
+        )?;
         done += n;
     }
     base.sync_all().map_err(io_at(&base_path))
+}
+
+/// Writes pages `(index, one page of bytes)` into `file`, each run of consecutive pages (up to
+/// 1 MiB) with one write.
+fn write_in_runs<'a>(
+    file: &File,
+    path: &Path,
+    pages: impl IntoIterator<Item = (u64, &'a [u8])>,
+) -> Result<(), StoreError> {
+    let mut run: Vec<u8> = Vec::new();
+    let mut run_start = 0;
+    for (index, page) in pages {
+        let next = run_start + (run.len() / PAGE) as u64;
+        if !run.is_empty() && (index != next || run.len() >= 1 << 20) {
+            file.write_all_at(&run, run_start * PAGE as u64)
+                .map_err(io_at(path))?;
+            run.clear();
+        }
+        if run.is_empty() {
+            run_start = index;
+        }
+        run.extend_from_slice(page);
+    }
+    if !run.is_empty() {
+        file.write_all_at(&run, run_start * PAGE as u64)
+            .map_err(io_at(path))?;
+    }
+    Ok(())
 }
 
 /// Checks a journal's trailer: the epoch it folds through and its number of entries.
@@ -189,29 +224,27 @@ fn read_trailer(file: &File, path: &Path) -> Result<(u64, u64), StoreError> {
 pub(super) fn recover(dir: &Path, vms: &[(u32, u64)]) -> Result<Vec<(u32, u64)>, StoreError> {
     let mut finished = Vec::new();
     for &(vm, size) in vms {
-        let path = journal_path(dir, vm);
-        if !path.exists() {
-            continue;
+        for path in [copying_path(dir, vm), journal_path(dir, vm)] {
+            if !path.exists() {
+                continue;
+            }
+            let file = File::open(&path).map_err(io_at(&path))?;
+            if let Ok((through, entries)) = read_trailer(&file, &path) {
+                replay(dir, vm, &path, entries)?;
+                write_meta(dir, vm, size, through)?;
+                finished.push((vm, through));
+            }
+            fs::remove_file(&path).map_err(io_at(&path))?;
         }
-        let file = File::open(&path).map_err(io_at(&path))?;
-        if let Ok((through, _)) = read_trailer(&file, &path) {
-            replay(dir, vm, &path)?;
-            write_meta(dir, vm, size, through)?;
-            finished.push((vm, through));
-        }
-        fs::remove_file(&path).map_err(io_at(&path))?;
     }
     Ok(finished)
 }
 
-/// True if a sealed journal is present: its writer may have died while copying it into the
-/// base, so a reader must not trust the base until a writer has recovered it. (An unsealed
-/// journal never touched the base.)
+/// True if a fold's copy into a base began and did not finish (its writer died): a reader must
+/// not trust that base until a writer has recovered it. (A reader holds `fold.lock` shared, so
+/// no live fold is copying while it looks.)
 pub(super) fn interrupted(dir: &Path, vms: &[(u32, u64)]) -> bool {
-    vms.iter().any(|&(vm, _)| {
-        let path = journal_path(dir, vm);
-        File::open(&path).is_ok_and(|f| read_trailer(&f, &path).is_ok())
-    })
+    vms.iter().any(|&(vm, _)| copying_path(dir, vm).exists())
 }
 
 /// A journal being written: entries appended, the newest image of each page found by index.
@@ -358,32 +391,11 @@ impl FilePages {
         if let Some(spill) = &mut self.spill {
             return spill.append(&cache);
         }
-        let mut run: Vec<u8> = Vec::new();
-        let mut run_start = 0;
-        let mut next = None;
-        for (index, page) in cache {
-            if next != Some(index) && !run.is_empty() {
-                file.write_all_at(&run, run_start * PAGE as u64)
-                    .map_err(io_at(path))?;
-                run.clear();
-            }
-            if run.is_empty() {
-                run_start = index;
-            }
-            run.extend_from_slice(&page[..]);
-            next = Some(index + 1);
-            if run.len() >= 1 << 20 {
-                file.write_all_at(&run, run_start * PAGE as u64)
-                    .map_err(io_at(path))?;
-                run.clear();
-                next = None;
-            }
-        }
-        if !run.is_empty() {
-            file.write_all_at(&run, run_start * PAGE as u64)
-                .map_err(io_at(path))?;
-        }
-        Ok(())
+        write_in_runs(
+            file,
+            path,
+            cache.iter().map(|(index, page)| (*index, &page[..])),
+        )
     }
 }
 

@@ -29,37 +29,44 @@ use super::{
 /// holds the 25 ms epochs.
 const RECEIVER: &str = "127.0.0.1:7900";
 /// A second receiver in the background (`--priority background`), for the run with the
-/// sender in the background too: replication takes only the CPU guest and client leave, and
-/// epochs stretch when there is too little of it (the run reports the epochs it achieved).
+/// sender in the background too: replication takes only the CPU guest and client leave (the
+/// epoch clock keeps the interval unless captures pile up; the run reports the epochs it
+/// achieved).
 const RECEIVER_BACKGROUND: &str = "127.0.0.1:7901";
 /// The guest measured (a smaller one for `--quick` smoke runs, which may be debug builds).
 fn guest_mib(quick: bool) -> u64 {
     if quick { 128 } else { 256 }
 }
 
-/// The receiver child process, killed on drop.
-struct Receiver(Child);
+/// The receiver child process and the address it listens on; killed on drop.
+struct Receiver {
+    child: Child,
+    listen: &'static str,
+}
 
 impl Receiver {
     /// Starts `secondsite replicate receive` on `listen` and waits until it accepts.
-    fn start(store: &std::path::Path, listen: &str, priority: &str) -> anyhow::Result<Receiver> {
-        let receiver = Receiver(
-            Command::new(std::env::current_exe()?)
-                .args([
-                    "replicate",
-                    "receive",
-                    "--listen",
-                    listen,
-                    "--ack",
-                    "memory",
-                    "--priority",
-                    priority,
-                    "--store",
-                ])
-                .arg(store)
-                .stderr(Stdio::null())
-                .spawn()?,
-        );
+    fn start(
+        store: &std::path::Path,
+        listen: &'static str,
+        priority: &str,
+    ) -> anyhow::Result<Receiver> {
+        let child = Command::new(std::env::current_exe()?)
+            .args([
+                "replicate",
+                "receive",
+                "--listen",
+                listen,
+                "--ack",
+                "memory",
+                "--priority",
+                priority,
+                "--store",
+            ])
+            .arg(store)
+            .stderr(Stdio::null())
+            .spawn()?;
+        let receiver = Receiver { child, listen };
         let started = Instant::now();
         while TcpStream::connect(listen).is_err() {
             if started.elapsed() > Duration::from_secs(10) {
@@ -71,14 +78,14 @@ impl Receiver {
     }
 
     fn pid(&self) -> u32 {
-        self.0.id()
+        self.child.id()
     }
 }
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -361,13 +368,12 @@ impl CpuUse {
     }
 }
 
-/// SET throughput under replication at 25 ms epochs to `receiver_addr`, with the CPU shares of
+/// SET throughput under replication at 25 ms epochs to `receiver`, with the CPU shares of
 /// the parts, the epochs shipped per second (the sender kept pace if near 40), and how often a
 /// background sender had to be raised to normal scheduling.
 fn protected_run(
     handle: &Arc<secondsite_vmm::VmHandle>,
     requests: usize,
-    receiver_addr: &str,
     priority: Priority,
     receiver: &Receiver,
 ) -> anyhow::Result<Value> {
@@ -375,7 +381,7 @@ fn protected_run(
         Priority::Background => "throughput-background",
         Priority::Normal => "throughput",
     };
-    let replication = sender(handle, group, 25, receiver_addr, priority)?;
+    let replication = sender(handle, group, 25, receiver.listen, priority)?;
     let before = replication.status();
     let started = Instant::now();
     let (rps, cpu) = set_throughput_with_cpu(requests, receiver.pid())?;
@@ -467,12 +473,11 @@ pub fn replication(
     let (capture_only, capture_only_cpu) = set_throughput_with_cpu(requests, receiver.pid())?;
     drop(capturing);
     // Protected at 25 ms epochs: sender and receiver at normal priority on the guest's cores.
-    let protected = protected_run(&handle, requests, RECEIVER, Priority::Normal, &receiver)?;
+    let protected = protected_run(&handle, requests, Priority::Normal, &receiver)?;
     // Sender and receiver in the background: they take what guest and client leave.
     let background = protected_run(
         &handle,
         requests,
-        RECEIVER_BACKGROUND,
         Priority::Background,
         &receiver_background,
     )?;
