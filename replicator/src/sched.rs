@@ -9,7 +9,10 @@
 //! (the site daemon runs as root); without it the thread stays in the background and the
 //! failure is counted.
 //!
-//! The only unsafe code of this crate: one `sched_setscheduler(2)` call on the calling thread.
+//! The store's folds are background work too (see `store`): always `SCHED_IDLE`, raised by
+//! the writer when the log outgrows twice its bound while a fold runs.
+//!
+//! The only unsafe code of this crate: `sched_setscheduler(2)` and `gettid(2)`.
 #![allow(unsafe_code)]
 
 use std::time::Duration;
@@ -27,15 +30,27 @@ pub enum Priority {
 /// Sets the calling thread's scheduling policy: `SCHED_IDLE` when `background`, else
 /// `SCHED_OTHER`.
 pub fn set_current_thread(background: bool) -> std::io::Result<()> {
+    set_thread(0, background)
+}
+
+/// The calling thread's id, for [`set_thread`] from another thread.
+pub fn current_thread_id() -> i32 {
+    // SAFETY: gettid(2) takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Sets thread `tid`'s scheduling policy (0: the calling thread), as
+/// [`set_current_thread`] does.
+pub fn set_thread(tid: i32, background: bool) -> std::io::Result<()> {
     let policy = if background {
         libc::SCHED_IDLE
     } else {
         libc::SCHED_OTHER
     };
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 names the calling thread; `param` is a valid `sched_param` that outlives
-    // the call, which only reads it.
-    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    // SAFETY: `tid` is a thread id (0: the calling thread) and `param` a valid `sched_param`
+    // that outlives the call, which only reads it.
+    let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
     if rc == 0 {
         Ok(())
     } else {
@@ -123,12 +138,16 @@ impl Escalation {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn policy_of_this_thread() -> u32 {
-        // Field 41 of /proc/thread-self/stat (after the parenthesised name) is the policy.
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+        policy_of(current_thread_id())
+    }
+
+    /// Thread `tid`'s scheduling policy: field 41 of its stat (after the parenthesised name).
+    pub(crate) fn policy_of(tid: i32) -> u32 {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).expect("stat");
         let after = &stat[stat.rfind(')').expect("name") + 2..];
         after
             .split(' ')

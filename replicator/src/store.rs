@@ -28,6 +28,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use crate::bytes::Fields;
 use crate::codec::ChangeList;
@@ -128,6 +130,9 @@ pub struct Store {
     folding: Option<Folding>,
     /// A fold starts once the log holds this much ([`FOLD_LOG_BYTES`]; tests lower it).
     fold_log_bytes: u64,
+    /// Folds raised from `SCHED_IDLE` to normal scheduling because the log outgrew twice
+    /// its bound while they ran.
+    fold_escalations: u64,
 }
 
 /// A fold on its own thread, through epoch `through`.
@@ -135,6 +140,44 @@ pub struct Store {
 struct Folding {
     through: u64,
     thread: std::thread::JoinHandle<Result<(), StoreError>>,
+    priority: Arc<FoldPriority>,
+}
+
+/// How the writer raises a fold thread that runs in the background.
+#[derive(Debug, Default)]
+struct FoldPriority {
+    /// The fold thread's id, published before it leaves normal scheduling (0 before).
+    tid: AtomicI32,
+    /// The writer wants the fold at normal scheduling.
+    urgent: AtomicBool,
+}
+
+impl FoldPriority {
+    /// On the fold thread: into the background, unless the writer already wants it raised.
+    /// With [`FoldPriority::raise`], whichever order the two run in, a raised fold ends at
+    /// normal scheduling (the atomics are sequentially consistent).
+    fn enter_background(&self) {
+        self.tid
+            .store(crate::sched::current_thread_id(), Ordering::SeqCst);
+        let _ = crate::sched::set_current_thread(true);
+        if self.urgent.load(Ordering::SeqCst) {
+            let _ = crate::sched::set_current_thread(false);
+        }
+    }
+
+    /// On the writer: raises the fold to normal scheduling; true the first time.
+    fn raise(&self) -> bool {
+        if self.urgent.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        match self.tid.load(Ordering::SeqCst) {
+            0 => {}
+            tid => {
+                let _ = crate::sched::set_thread(tid, false);
+            }
+        }
+        true
+    }
 }
 
 /// `STORE/vm-N.meta`: VM `vm`'s memory size and the epoch its base holds.
@@ -347,6 +390,7 @@ impl Store {
                 read_only,
                 folding: None,
                 fold_log_bytes: FOLD_LOG_BYTES,
+                fold_escalations: 0,
             },
             recovery,
         ))
@@ -398,18 +442,43 @@ impl Store {
         self.finish_fold(false)?;
         let due = self.index.len() >= self.retain + self.retain.max(FOLD_EVERY)
             || (self.log_len >= self.fold_log_bytes && self.index.len() > self.retain);
+        let overdue = self.index.len() >= self.retain + 2 * self.retain.max(FOLD_EVERY)
+            || (self.log_len >= 2 * self.fold_log_bytes);
+        if let Some(folding) = &self.folding
+            && overdue
+            && folding.priority.raise()
+        {
+            self.fold_escalations += 1;
+        }
         if self.folding.is_none()
             && due
             && let Some(plan) = self.fold_plan()
         {
             let through = plan.through;
+            let priority = Arc::new(FoldPriority::default());
+            let fold_priority = priority.clone();
             let thread = std::thread::Builder::new()
                 .name("store-fold".into())
-                .spawn(move || fold::run(&plan))
+                .spawn(move || {
+                    // Folding is housekeeping, never on the acknowledgement's path: it takes
+                    // the CPU the guests and the link leave (the writer raises it if the log
+                    // outgrows twice its bound meanwhile, or when it waits for the fold).
+                    fold_priority.enter_background();
+                    fold::run(&plan)
+                })
                 .map_err(io_at(&self.dir))?;
-            self.folding = Some(Folding { through, thread });
+            self.folding = Some(Folding {
+                through,
+                thread,
+                priority,
+            });
         }
         Ok(())
+    }
+
+    /// Folds raised to normal scheduling since the store was opened.
+    pub fn fold_escalations(&self) -> u64 {
+        self.fold_escalations
     }
 
     /// Waits for the fold in the background, if any, and drops what it folded from the log.
@@ -429,7 +498,14 @@ impl Store {
             Some(f) if wait || f.thread.is_finished() => {}
             _ => return Ok(()),
         }
-        let Folding { through, thread } = self.folding.take().expect("checked");
+        let Folding {
+            through,
+            thread,
+            priority,
+        } = self.folding.take().expect("checked");
+        if wait {
+            priority.raise();
+        }
         thread
             .join()
             .map_err(|_| StoreError::Corrupt("the fold thread panicked".into()))??;
@@ -1000,6 +1076,84 @@ mod tests {
             let newest = (1..=last).filter(|e| e % 16 == p).max().expect("written");
             assert_eq!(mem[p as usize * PAGE], newest as u8, "page {p}");
         }
+    }
+
+    #[test]
+    fn a_fold_runs_in_the_background_until_the_log_outgrows_twice_its_bound() {
+        use crate::sched::tests::policy_of;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = Store::open(dir.path(), 2).expect("opens");
+        store.fold_log_bytes = 64 << 10;
+        // Holding the fold lock keeps the fold from finishing: it journals, then waits here.
+        let held = fold::fold_lock(dir.path()).expect("fold lock");
+        held.lock().expect("locks");
+        let mut last = 0;
+        let mut append = |store: &mut Store| {
+            last += 1;
+            let fill = last as u8;
+            let writes: Vec<(u64, u8)> = (0..8).map(|p| ((last * 8 + p) % 16, fill)).collect();
+            store
+                .append(&record(last, &writes), false)
+                .expect("appends");
+        };
+        while store.folding.is_none() {
+            append(&mut store);
+        }
+        let priority = store.folding.as_ref().expect("folding").priority.clone();
+        let started = std::time::Instant::now();
+        while priority.tid.load(Ordering::SeqCst) == 0 {
+            assert!(
+                started.elapsed().as_secs() < 10,
+                "the fold thread never started"
+            );
+            std::thread::yield_now();
+        }
+        let tid = priority.tid.load(Ordering::SeqCst);
+        assert_eq!(
+            policy_of(tid),
+            libc::SCHED_IDLE as u32,
+            "a fold is background work"
+        );
+        assert_eq!(store.fold_escalations(), 0);
+        // The log grows past twice its bound while the fold cannot finish: it is raised.
+        while store.log_bytes() < 2 * store.fold_log_bytes {
+            append(&mut store);
+        }
+        append(&mut store);
+        assert_eq!(store.fold_escalations(), 1, "raised once");
+        let expected = if crate::sched::set_current_thread(false).is_ok() {
+            libc::SCHED_OTHER
+        } else {
+            libc::SCHED_IDLE // without CAP_SYS_NICE the kernel keeps it where it is
+        };
+        assert_eq!(policy_of(tid), expected as u32);
+        held.unlock().expect("unlocks");
+        store.wait_folded().expect("folds");
+        assert_eq!(store.fold_escalations(), 1);
+        let mem = memory_at(&store, last, dir.path()).0;
+        for p in 0..16u64 {
+            let newest = (1..=last)
+                .filter(|e| (0..8).any(|i| (e * 8 + i) % 16 == p))
+                .max()
+                .expect("written");
+            assert_eq!(mem[p as usize * PAGE], newest as u8, "page {p}");
+        }
+    }
+
+    #[test]
+    fn a_fold_raised_before_it_enters_the_background_stays_raised() {
+        use crate::sched::tests::policy_of;
+        let priority = Arc::new(FoldPriority::default());
+        assert!(priority.raise(), "the first raise counts");
+        assert!(!priority.raise(), "once");
+        let on_thread = priority.clone();
+        let policy = std::thread::spawn(move || {
+            on_thread.enter_background();
+            policy_of(crate::sched::current_thread_id())
+        })
+        .join()
+        .expect("thread");
+        assert_ne!(policy, libc::SCHED_IDLE as u32);
     }
 
     #[test]
