@@ -12,7 +12,8 @@
 //!
 //! then compresses the whole batch with zstd. XOR needs the old version only at the sender:
 //! the backup applies it to its replica page, which holds exactly that version. The sender's
-//! version cache is a bounded LRU, like Xen's 32 MiB or QEMU XBZRLE's 64 MiB caches.
+//! version cache is bounded, like Xen's 32 MiB or QEMU XBZRLE's 64 MiB caches, and indexed by
+//! page number with CLOCK eviction (`codec/versions.rs`): one lookup is two array reads.
 //!
 //! Dedup: both ends keep an LRU of recently applied page contents keyed by XXH3-128, updated by
 //! the same operations in the same order (the sender holds only the hashes), so the sender
@@ -24,6 +25,9 @@ use lru::LruCache;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::bytes::Fields;
+
+mod versions;
+use versions::VersionCache;
 
 pub const PAGE: usize = 4096;
 pub type Page = [u8; PAGE];
@@ -154,19 +158,17 @@ fn dedup_cache<V>(pages: usize) -> LruCache<PageHash, V> {
 pub struct Encoder {
     config: CodecConfig,
     scope: DedupScope,
-    versions: LruCache<(u32, u64), Box<Page>>,
+    versions: VersionCache,
     /// Hashes of the contents the backup's dedup cache holds, in the same LRU order.
     backup_holds: LruCache<PageHash, ()>,
 }
 
 impl Encoder {
     pub fn new(config: CodecConfig) -> Self {
-        let versions =
-            NonZeroUsize::new((config.version_cache_bytes / PAGE).max(1)).expect("non-zero");
         Encoder {
             config,
             scope: DedupScope::for_version(crate::wire::VERSION),
-            versions: LruCache::new(versions),
+            versions: VersionCache::new(config.version_cache_bytes / PAGE),
             backup_holds: dedup_cache(config.dedup_pages),
         }
     }
@@ -180,7 +182,7 @@ impl Encoder {
 
     /// Bytes the caches hold now.
     pub fn cached_bytes(&self) -> usize {
-        self.versions.len() * PAGE + self.backup_holds.len() * 32
+        self.versions.len() * PAGE + self.versions.table_bytes() + self.backup_holds.len() * 32
     }
 
     /// Encodes dirty pages `(page number, contents)` of VM `vm` into one compressed batch.
@@ -193,25 +195,26 @@ impl Encoder {
         let mut records = 0u32;
         body.extend_from_slice(&0u32.to_le_bytes());
         for &(index, page) in pages {
-            let key = (vm, index);
-            // One lookup: the version last sent is compared, XORed against, then replaced.
-            let previous = self.versions.get_mut(&key);
-            if previous.as_ref().is_some_and(|p| ***p == *page) {
-                stats.unchanged += 1;
-                continue;
-            }
+            // One lookup and one pass over the two versions: unchanged, or the runs that
+            // changed; then the cached version is replaced.
+            let mut previous = self.versions.get_mut(vm, index);
+            let runs = match previous.as_deref() {
+                Some(old) => match xor_runs(old, page) {
+                    Some(runs) => Some(runs),
+                    None => {
+                        stats.unchanged += 1;
+                        continue;
+                    }
+                },
+                None => None,
+            };
             records += 1;
             body.extend_from_slice(&(index as u32).to_le_bytes());
-            let xor = || {
-                previous
-                    .as_ref()
-                    .map(|p| xor_runs(p, page))
-                    .filter(|r| r.len() <= XOR_LIMIT)
-            };
+            let mut xor = runs.filter(|r| r.len() <= XOR_LIMIT);
             if *page == ZERO_PAGE {
                 body.push(KIND_ZERO);
                 stats.zero += 1;
-            } else if let Some(runs) = (self.scope == DedupScope::WholePages).then(xor).flatten() {
+            } else if let Some(runs) = xor.take_if(|_| self.scope == DedupScope::WholePages) {
                 body.push(KIND_XOR);
                 body.extend_from_slice(&runs);
                 stats.xor += 1;
@@ -221,8 +224,7 @@ impl Encoder {
                     body.push(KIND_REF);
                     body.extend_from_slice(&hash.to_le_bytes());
                     stats.refs += 1;
-                } else if let Some(runs) = (self.scope == DedupScope::EveryPage).then(xor).flatten()
-                {
+                } else if let Some(runs) = xor.take_if(|_| self.scope == DedupScope::EveryPage) {
                     body.push(KIND_XOR);
                     body.extend_from_slice(&runs);
                     stats.xor += 1;
@@ -233,9 +235,9 @@ impl Encoder {
                 }
                 self.backup_holds.put(hash, ());
             }
-            match previous {
+            match previous.take() {
                 Some(v) => v.copy_from_slice(page),
-                None => put_page(&mut self.versions, key, page),
+                None => self.versions.insert(vm, index, page),
             }
         }
         body[..4].copy_from_slice(&records.to_le_bytes());
@@ -304,26 +306,49 @@ fn zstd_compress(body: &[u8], level: i32) -> Option<Vec<u8>> {
         .flatten()
 }
 
-/// The non-zero runs of `old XOR new`: `u16 count`, then `u16 offset, u16 len, bytes` each.
-/// Runs closer than 8 bytes are merged (a run header costs 4). The XOR and the search for
-/// runs go a machine word at a time: a page written in a few places is mostly zero words.
-fn xor_runs(old: &Page, new: &Page) -> Vec<u8> {
+/// The non-zero runs of `old XOR new`: `u16 count`, then `u16 offset, u16 len, bytes` each;
+/// `None` when the two are equal. Runs closer than 8 bytes are merged (a run header costs 4).
+/// One pass over both pages, 64 bytes at a time: the XOR of a block is kept only when it is
+/// not all zero, so an unchanged page costs a compare, and a page written in a few places a
+/// compare and a look at the few blocks that changed.
+fn xor_runs(old: &Page, new: &Page) -> Option<Vec<u8>> {
+    const BLOCK: usize = 64;
     let mut xor = [0u8; PAGE];
-    for ((x, a), b) in xor
-        .chunks_exact_mut(8)
-        .zip(old.chunks_exact(8))
-        .zip(new.chunks_exact(8))
+    // Bit b: block b differs.
+    let mut changed = 0u64;
+    for (b, ((x, a), n)) in xor
+        .chunks_exact_mut(BLOCK)
+        .zip(old.chunks_exact(BLOCK))
+        .zip(new.chunks_exact(BLOCK))
+        .enumerate()
     {
-        let a = u64::from_ne_bytes(a.try_into().expect("8 bytes"));
-        let b = u64::from_ne_bytes(b.try_into().expect("8 bytes"));
-        x.copy_from_slice(&(a ^ b).to_ne_bytes());
+        let mut any = 0u64;
+        let mut words = [0u64; BLOCK / 8];
+        for (w, (a, n)) in words
+            .iter_mut()
+            .zip(a.chunks_exact(8).zip(n.chunks_exact(8)))
+        {
+            *w = u64::from_ne_bytes(a.try_into().expect("8 bytes"))
+                ^ u64::from_ne_bytes(n.try_into().expect("8 bytes"));
+            any |= *w;
+        }
+        if any != 0 {
+            changed |= 1 << b;
+            for (x, w) in x.chunks_exact_mut(8).zip(words) {
+                x.copy_from_slice(&w.to_ne_bytes());
+            }
+        }
     }
-    let zero_word = |i: usize| xor[i..i + 8] == [0u8; 8];
+    if changed == 0 {
+        return None;
+    }
+    // Blocks that did not change are left zero in `xor`: the runs are found in the changed
+    // blocks, and a run may run on into the next block by fewer than 8 zero bytes.
     let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut i = 0;
     while i < PAGE {
-        if i % 8 == 0 && zero_word(i) {
-            i += 8;
+        if changed >> (i / BLOCK) & 1 == 0 {
+            i = (i / BLOCK + 1) * BLOCK;
             continue;
         }
         if xor[i] == 0 {
@@ -351,7 +376,7 @@ fn xor_runs(old: &Page, new: &Page) -> Vec<u8> {
         out.extend_from_slice(&((end - start) as u16).to_le_bytes());
         out.extend_from_slice(&xor[start..end]);
     }
-    out
+    Some(out)
 }
 
 /// Where decoded pages go: the backup's replica of one VM's memory.
@@ -711,6 +736,79 @@ mod tests {
         stats
     }
 
+    /// Applies `xor_runs` output to `old`, checking every run is within the page.
+    fn apply_runs(old: &Page, runs: &[u8]) -> Page {
+        let mut page = *old;
+        let mut r = Fields::new(runs, CodecError::Truncated);
+        for _ in 0..r.u16().expect("count") {
+            let offset = usize::from(r.u16().expect("offset"));
+            let len = usize::from(r.u16().expect("len"));
+            assert!(len > 0 && offset + len <= PAGE, "run {offset}+{len}");
+            for (p, x) in page[offset..offset + len]
+                .iter_mut()
+                .zip(r.take(len).expect("bytes"))
+            {
+                *p ^= x;
+            }
+        }
+        assert_eq!(r.remaining(), 0, "nothing after the runs");
+        page
+    }
+
+    #[test]
+    fn xor_runs_are_none_for_equal_pages_and_rebuild_any_change() {
+        let old = page_with(9);
+        assert_eq!(xor_runs(&old, &old), None);
+        // Changes at block edges, at the page's ends, runs merged over fewer than 8 equal
+        // bytes (also across a block edge), and a page changed everywhere.
+        let cases: &[&[usize]] = &[
+            &[0],
+            &[PAGE - 1],
+            &[63],
+            &[64],
+            &[62, 66],
+            &[60, 68],
+            &[60, 69],
+            &[100, 101, 102, 4000],
+            &[127, 128, 129, 191, 192],
+        ];
+        for changes in cases {
+            let mut new = old;
+            for &i in *changes {
+                new[i] ^= 0x5a;
+            }
+            let runs = xor_runs(&old, &new).expect("changed");
+            assert_eq!(apply_runs(&old, &runs), new, "changes at {changes:?}");
+        }
+        let merged = xor_runs(&old, &{
+            let mut n = old;
+            n[60] ^= 1;
+            n[67] ^= 1;
+            n
+        })
+        .expect("changed");
+        assert_eq!(
+            u16::from_le_bytes([merged[0], merged[1]]),
+            1,
+            "one run: 6 equal bytes between"
+        );
+        let split = xor_runs(&old, &{
+            let mut n = old;
+            n[60] ^= 1;
+            n[69] ^= 1;
+            n
+        })
+        .expect("changed");
+        assert_eq!(
+            u16::from_le_bytes([split[0], split[1]]),
+            2,
+            "two runs: 8 equal bytes between"
+        );
+        let everywhere = page_with(10);
+        let runs = xor_runs(&old, &everywhere).expect("changed");
+        assert_eq!(apply_runs(&old, &runs), everywhere);
+    }
+
     #[test]
     fn each_record_kind_reproduces_the_page() {
         let config = CodecConfig::default();
@@ -796,7 +894,8 @@ mod tests {
             }
             sync(&mut enc, &mut dec, 0, &memory, &mut replica);
         }
-        assert!(enc.cached_bytes() <= 2 * PAGE + 2 * 32);
+        // Two page versions, a 4-byte table entry per page of the VM, two dedup hashes.
+        assert!(enc.cached_bytes() <= 2 * PAGE + 16 * 4 + 2 * 32);
     }
 
     #[test]
