@@ -780,30 +780,16 @@ mod tests {
             let runs = xor_runs(&old, &new).expect("changed");
             assert_eq!(apply_runs(&old, &runs), new, "changes at {changes:?}");
         }
-        let merged = xor_runs(&old, &{
+        // Bytes 60 and 67 have 6 equal bytes between them (one run), 60 and 69 have 8 (two).
+        let runs_between = |a: usize, b: usize| {
             let mut n = old;
-            n[60] ^= 1;
-            n[67] ^= 1;
-            n
-        })
-        .expect("changed");
-        assert_eq!(
-            u16::from_le_bytes([merged[0], merged[1]]),
-            1,
-            "one run: 6 equal bytes between"
-        );
-        let split = xor_runs(&old, &{
-            let mut n = old;
-            n[60] ^= 1;
-            n[69] ^= 1;
-            n
-        })
-        .expect("changed");
-        assert_eq!(
-            u16::from_le_bytes([split[0], split[1]]),
-            2,
-            "two runs: 8 equal bytes between"
-        );
+            n[a] ^= 1;
+            n[b] ^= 1;
+            let runs = xor_runs(&old, &n).expect("changed");
+            u16::from_le_bytes([runs[0], runs[1]])
+        };
+        assert_eq!(runs_between(60, 67), 1);
+        assert_eq!(runs_between(60, 69), 2);
         let everywhere = page_with(10);
         let runs = xor_runs(&old, &everywhere).expect("changed");
         assert_eq!(apply_runs(&old, &runs), everywhere);
