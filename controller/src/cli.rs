@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use secondsite_vmm::affinity::CpuList;
 
 /// secondsite: disaster recovery for whole servers, by continuous VM checkpoints and BGP.
 #[derive(Debug, Parser)]
@@ -127,6 +128,10 @@ pub enum ReplicateCommand {
         /// (SCHED_IDLE while epochs keep pace: a site whose own guests come first).
         #[arg(long, value_enum, default_value = "normal")]
         priority: ReplicationPriority,
+        /// CPUs the receiver's threads run on, as `taskset -c` writes them (`0-3,6`)
+        /// (default: all it may use).
+        #[arg(long, value_name = "LIST")]
+        cpus: Option<CpuList>,
     },
 }
 
@@ -218,6 +223,11 @@ pub enum BenchCommand {
         /// per-workload table.
         #[arg(long)]
         throughput_only: bool,
+        /// Let the guest's vCPU, the client, sender and receiver share every CPU. By default
+        /// the vCPU gets the last CPU to itself and all else runs on the others, as a host
+        /// gives vCPUs cores of their own (`vm run --vcpu-cpus`).
+        #[arg(long)]
+        shared_cpus: bool,
     },
     /// The BGP speaker against BIRD and FRR in a namespace lab: time from a `withdraw` to the
     /// upstream's FIB change (20 trials each), UPDATE encode+decode rate, memory with two
@@ -281,6 +291,8 @@ pub enum VmCommand {
         /// File the guest console is appended to (default: standard error).
         #[arg(long)]
         console: Option<PathBuf>,
+        #[command(flatten)]
+        placement: PlacementArgs,
     },
 }
 
@@ -316,6 +328,8 @@ pub struct GroupVmsArgs {
     /// address is in).
     #[arg(long)]
     pub gw: Option<std::net::Ipv4Addr>,
+    #[command(flatten)]
+    pub placement: PlacementArgs,
 }
 
 #[derive(Debug, Args)]
@@ -347,6 +361,20 @@ pub struct GroupRestoreArgs {
     /// The epoch to restore every VM at (default: the newest).
     #[arg(long)]
     pub epoch: Option<u64>,
+}
+
+/// Which CPUs the VMs' vCPU threads and this process's other threads run on, written as
+/// `taskset -c` writes them (`0-3,6`).
+#[derive(Debug, Args, Default)]
+pub struct PlacementArgs {
+    /// CPUs for the vCPU threads. Unless --cpus says otherwise, the process's other threads
+    /// (control, epoch clock, replication) then keep off them, as a host gives vCPUs cores of
+    /// their own (libvirt's vcpupin and emulatorpin).
+    #[arg(long, value_name = "LIST")]
+    pub vcpu_cpus: Option<CpuList>,
+    /// CPUs for the process's other threads (default: all it may use but the vCPUs').
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<CpuList>,
 }
 
 #[derive(Debug, Args)]
@@ -415,6 +443,8 @@ pub struct VmRunArgs {
     pub max_throttle_percent: u8,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub placement: PlacementArgs,
 }
 
 /// `64M`, `512M`, `1G`, `65536K` or plain bytes.

@@ -53,13 +53,15 @@ fn assert_store_verifies(group_store: &Path) {
 }
 
 fn replicating_vm(site: &VmSite, dir: &Path) -> support::Vm {
+    replicating_vm_with(site, dir, &[])
+}
+
+/// A VM replicating group `web` at 25 ms epochs, with more `vm run` arguments, once protected.
+fn replicating_vm_with(site: &VmSite, dir: &Path, extra: &[&str]) -> support::Vm {
     let to = format!("127.0.0.1:{PORT}");
-    let vm = start_with(
-        site,
-        dir,
-        "64M",
-        &["--replicate-to", &to, "--group", "web", "--epoch-ms", "25"],
-    );
+    let mut args = vec!["--replicate-to", &to, "--group", "web", "--epoch-ms", "25"];
+    args.extend_from_slice(extra);
+    let vm = start_with(site, dir, "64M", &args);
     wait_for(&vm.control, "protection", |r| {
         r["protected"] == true && r["committed"].as_u64() > Some(0)
     });
@@ -548,21 +550,26 @@ fn one_receiver_serves_several_primaries_with_one_link_per_group() {
 /// The scheduling policy of the threads of process `pid` named `comm` (from /proc: field 41 of
 /// a task's stat; 0 is SCHED_OTHER, 5 SCHED_IDLE).
 fn thread_policies(pid: u32, comm: &str) -> Vec<u32> {
-    let mut policies = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+    threads_named(pid, comm)
+        .iter()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(38)?.parse().ok()
+        })
+        .collect()
+}
+
+/// The /proc task directories of process `pid`'s threads named `comm`.
+fn threads_named(pid: u32, comm: &str) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
         .expect("tasks")
         .flatten()
-    {
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        if head.split_once('(').map(|(_, name)| name) == Some(comm) {
-            let policy: Option<u32> = rest.split_whitespace().nth(38).and_then(|p| p.parse().ok());
-            policies.extend(policy);
-        }
-    }
-    policies
+        .map(|task| task.path())
+        .filter(|task| {
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|name| name.trim_end() == comm)
+        })
+        .collect()
 }
 
 #[test]
@@ -616,23 +623,78 @@ fn replication_threads_run_in_the_background_while_epochs_keep_pace() {
     // At normal priority the sender competes as an equal.
     drop(vm);
     let dir2 = tempfile::tempdir().expect("tempdir");
-    let to = format!("127.0.0.1:{PORT}");
-    let vm = start_with(
-        &site,
-        dir2.path(),
-        "64M",
-        &[
-            "--replicate-to",
-            &to,
-            "--group",
-            "web",
-            "--replication-priority",
-            "normal",
-        ],
-    );
-    let r = wait_for(&vm.control, "protection", |r| {
-        r["protected"] == true && r["committed"].as_u64() > Some(0)
-    });
+    let vm = replicating_vm_with(&site, dir2.path(), &["--replication-priority", "normal"]);
+    let r = replication(&vm.control);
     assert_eq!(r["sender_background"], false);
     assert_eq!(thread_policies(vm.proc.id(), "replication"), vec![0]);
+}
+
+/// The CPUs each thread named `comm` of process `pid` may run on, as the kernel writes them.
+fn thread_cpus(pid: u32, comm: &str) -> Vec<String> {
+    threads_named(pid, comm)
+        .iter()
+        .filter_map(|task| {
+            let status = std::fs::read_to_string(task.join("status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn the_vcpu_and_the_replication_threads_run_on_the_cpus_they_are_given() {
+    if !privileged("the_vcpu_and_the_replication_threads_run_on_the_cpus_they_are_given") {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let last = (cpus - 1).to_string();
+    // The others: every CPU but the vCPU's (all of them on a one-CPU machine).
+    let others = match cpus {
+        1 | 2 => "0".to_owned(),
+        _ => format!("0-{}", cpus - 2),
+    };
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let receiver = receiver_with(
+        &site.site,
+        &dir.path().join("store"),
+        &dir.path().join("receiver.log"),
+        &["--cpus", "0"],
+    );
+    let vm = replicating_vm_with(&site, dir.path(), &["--vcpu-cpus", &last]);
+    assert_eq!(thread_cpus(vm.proc.id(), "vcpu0"), vec![last.clone()]);
+    if cpus > 1 {
+        for comm in ["replication", "epoch-clock"] {
+            assert_eq!(
+                thread_cpus(vm.proc.id(), comm),
+                vec![others.clone()],
+                "{comm} keeps off the vCPU's CPU"
+            );
+        }
+    }
+    assert_eq!(
+        thread_cpus(receiver.id(), "primary-link"),
+        vec!["0".to_owned()],
+        "the receiver's link runs where --cpus put the receiver"
+    );
+    // The guest serves, pinned or not.
+    assert_eq!(redis(&site, &["set", "pinned", "yes"]), "OK");
+    drop(vm);
+
+    // A CPU the machine does not have: a clear error, no VM.
+    let out = site
+        .site
+        .command(SECONDSITE)
+        .args(["vm", "run", "--mem", "64M", "--tap", &site.tap, "--ip"])
+        .arg(VmSite::GUEST_CIDR)
+        .args(["--control"])
+        .arg(dir.path().join("bad.sock"))
+        .args(["--vcpu-cpus", "1000"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("1000"), "names the CPU: {stderr}");
 }

@@ -21,6 +21,7 @@
 //! [`boot::cpl3`] builds its page tables and GDT. A Linux guest would be another
 //! [`boot::BootProtocol`]; the devices and snapshots do not change.
 
+pub mod affinity;
 pub mod barrier;
 pub mod boot;
 pub mod clock;

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::affinity::CpuList;
 use crate::barrier::CaptureBarrier;
 use crate::boot::cpl3::Cpl3Elf;
 use crate::boot::{BootError, BootProtocol};
@@ -76,6 +77,8 @@ pub enum VmError {
     Checkpoint(String),
     #[error("cannot register the kick signal: {0}")]
     Signal(String),
+    #[error("cannot place the vCPU thread on {0}")]
+    Placement(String),
 }
 
 /// What the VM is doing.
@@ -396,15 +399,42 @@ impl Vm {
 
     /// Runs the VM on its own thread; the handle sends it commands.
     pub fn spawn(self) -> Result<VmHandle, VmError> {
+        self.spawn_on(None)
+    }
+
+    /// Runs the VM on its own thread, restricted to `vcpu_cpus` when given (see
+    /// [`crate::affinity`]); fails if the thread cannot be placed there.
+    pub fn spawn_on(self, vcpu_cpus: Option<&CpuList>) -> Result<VmHandle, VmError> {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| VmError::Signal(e.to_string()))?;
         let kick = self.kick.clone();
         let finished = self.finished.clone();
         let (tx, rx) = mpsc::channel();
+        let (placed_tx, placed) = mpsc::sync_channel(1);
+        let vcpu_cpus = vcpu_cpus.cloned();
         let thread = std::thread::Builder::new()
             .name("vcpu0".into())
-            .spawn(move || self.run_loop(rx))
+            .spawn(move || {
+                if let Some(cpus) = &vcpu_cpus
+                    && let Err(e) = cpus.pin_current_thread()
+                {
+                    let _ = placed_tx.send(Err(format!("CPUs {cpus}: {e}")));
+                    return RunState::Crashed {
+                        reason: "the vCPU could not be placed".into(),
+                    };
+                }
+                let _ = placed_tx.send(Ok(()));
+                self.run_loop(rx)
+            })
             .map_err(|e| VmError::Signal(e.to_string()))?;
+        match placed.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(VmError::Placement(e));
+            }
+            Err(_) => return Err(VmError::Gone),
+        }
         Ok(VmHandle {
             commands: tx,
             kick,

@@ -24,7 +24,7 @@ use secondsite_vmm::{Tap, Vm, VmConfig};
 
 use super::EXIT_INVALID_INPUT;
 use super::policy::print_diagnostics;
-use super::vm::{Served, restore_from_store, serve_until_done};
+use super::vm::{Served, place, restore_from_store, serve_until_done};
 use crate::cli::{GroupCommand, GroupRestoreArgs, GroupRunArgs, GroupVmsArgs};
 
 /// Linux limits interface names to 15 bytes.
@@ -152,6 +152,7 @@ fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
         Err(exit) => return Ok(exit),
     };
     let plan = plan(&args.vms, &policy)?;
+    let vcpu_cpus = place(&args.vms.placement)?;
     let mut served = Vec::with_capacity(plan.vms.len());
     for vm in &plan.vms {
         let image = match &vm.image {
@@ -198,7 +199,7 @@ fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
         }),
         priority: args.replication_priority.into(),
     };
-    serve_until_done(served, Some(replication))
+    serve_until_done(served, Some(replication), vcpu_cpus.as_ref())
 }
 
 fn restore_group(args: GroupRestoreArgs) -> anyhow::Result<ExitCode> {
@@ -207,6 +208,7 @@ fn restore_group(args: GroupRestoreArgs) -> anyhow::Result<ExitCode> {
         Err(exit) => return Ok(exit),
     };
     let plan = plan(&args.vms, &policy)?;
+    let vcpu_cpus = place(&args.vms.placement)?;
     let store_dir = group_store(&args.from_store, plan.group.name.as_str());
     // One epoch for the whole group, chosen once.
     let epoch = match args.epoch {
@@ -237,5 +239,5 @@ fn restore_group(args: GroupRestoreArgs) -> anyhow::Result<ExitCode> {
         plan.group.name,
         served.len()
     );
-    serve_until_done(served, None)
+    serve_until_done(served, None, vcpu_cpus.as_ref())
 }

@@ -18,7 +18,14 @@ pub fn receive(command: ReplicateCommand) -> anyhow::Result<ExitCode> {
         retain,
         tls,
         priority,
+        cpus,
     } = command;
+    if let Some(cpus) = &cpus {
+        // The link, store and fold threads are started later and inherit it.
+        cpus.pin_current_thread()
+            .with_context(|| format!("cannot run on CPUs {cpus}"))?;
+        eprintln!("secondsite: receiver threads on CPUs {cpus}");
+    }
     let tls = match tls.files() {
         Some(files) => Some(secondsite_replicator::tls::server_config(&files).context("TLS")?),
         None => None,

@@ -12,9 +12,10 @@ use secondsite_replicator::primary::{
     Member, Replication, ReplicationStatus, SenderConfig, Throttle,
 };
 use secondsite_replicator::restore;
+use secondsite_vmm::affinity::CpuList;
 use secondsite_vmm::{Command, Reply, RunState, Tap, Vm, VmConfig, VmHandle, control};
 
-use crate::cli::{ControlArgs, VmCommand, VmRunArgs};
+use crate::cli::{ControlArgs, PlacementArgs, VmCommand, VmRunArgs};
 
 pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
     match command {
@@ -27,7 +28,9 @@ pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
             tap,
             control,
             console,
+            placement,
         } => {
+            let vcpu_cpus = place(&placement)?;
             let vm = match (from, from_store) {
                 (Some(dir), _) => {
                     let port = Tap::open(&tap).with_context(|| format!("tap {tap}"))?;
@@ -48,6 +51,7 @@ pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
                     control: control.control,
                 }],
                 None,
+                vcpu_cpus.as_ref(),
             )
         }
         VmCommand::Pause(c) => client(&c, Command::Pause),
@@ -81,7 +85,37 @@ fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// Places this process's threads as `placement` says (the threads it starts from now on
+/// inherit it), and returns the CPUs its VM threads are to move to.
+pub fn place(placement: &PlacementArgs) -> anyhow::Result<Option<CpuList>> {
+    let others = match (&placement.cpus, &placement.vcpu_cpus) {
+        (Some(cpus), _) => Some(cpus.clone()),
+        (None, Some(vcpus)) => {
+            let rest = CpuList::of_current_thread()
+                .context("cannot read this process's CPUs")?
+                .without(vcpus);
+            // With no CPU left over, the other threads share the vCPUs' (unpinned).
+            (!rest.cpus().is_empty()).then_some(rest)
+        }
+        (None, None) => None,
+    };
+    if let Some(cpus) = &others {
+        cpus.pin_current_thread()
+            .with_context(|| format!("cannot run on CPUs {cpus}"))?;
+    }
+    if others.is_some() || placement.vcpu_cpus.is_some() {
+        let show = |c: &Option<CpuList>| c.as_ref().map_or("any".into(), |c| c.to_string());
+        eprintln!(
+            "secondsite: vCPU threads on CPUs {}, other threads on CPUs {}",
+            show(&placement.vcpu_cpus),
+            show(&others)
+        );
+    }
+    Ok(placement.vcpu_cpus.clone())
+}
+
 fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
+    let vcpu_cpus = place(&args.placement)?;
     let (ip, prefix) = args
         .ip
         .split_once('/')
@@ -137,6 +171,7 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
             control: args.control.control,
         }],
         replication,
+        vcpu_cpus.as_ref(),
     )
 }
 
@@ -222,13 +257,14 @@ pub struct Served {
 pub fn serve_until_done(
     vms: Vec<Served>,
     replication: Option<SenderConfig>,
+    vcpu_cpus: Option<&CpuList>,
 ) -> anyhow::Result<ExitCode> {
     let mut running = Vec::with_capacity(vms.len());
     for served in vms {
         running.push((
             Member {
                 vm: served.index,
-                handle: Arc::new(served.vm.spawn()?),
+                handle: Arc::new(served.vm.spawn_on(vcpu_cpus)?),
             },
             served.control,
         ));

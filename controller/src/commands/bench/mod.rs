@@ -11,6 +11,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use secondsite_vmm::affinity::CpuList;
 use secondsite_vmm::{Reply, Tap, Vm, VmConfig, VmHandle};
 use serde_json::{Value, json};
 
@@ -135,13 +136,18 @@ fn config(mem_mib: u64) -> VmConfig {
 }
 
 fn boot(mem_mib: u64) -> anyhow::Result<VmHandle> {
+    boot_on(mem_mib, None)
+}
+
+/// Boots the bench guest with its vCPU thread on `vcpu_cpus` (default: wherever).
+fn boot_on(mem_mib: u64, vcpu_cpus: Option<&CpuList>) -> anyhow::Result<VmHandle> {
     let vm = Vm::boot(
         &config(mem_mib),
         secondsite_vmm::GUEST_IMAGE,
         Box::new(Tap::open(TAP)?),
         Some(&scratch_dir()?.join("console.log")),
     )?;
-    Ok(vm.spawn()?)
+    Ok(vm.spawn_on(vcpu_cpus)?)
 }
 
 fn guest_addr() -> SocketAddr {

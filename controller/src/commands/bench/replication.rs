@@ -17,10 +17,11 @@ use anyhow::{Context, bail};
 use secondsite_replicator::codec::CodecConfig;
 use secondsite_replicator::primary::{Member, Replication, ReplicationStatus, SenderConfig};
 use secondsite_replicator::sched::Priority;
+use secondsite_vmm::affinity::CpuList;
 use serde_json::{Value, json};
 
 use super::{
-    Scratch, boot, in_private_netns, parse_benchmark, percentile, resp, round, scratch_dir,
+    Scratch, boot_on, in_private_netns, parse_benchmark, percentile, resp, round, scratch_dir,
     wait_serving,
 };
 
@@ -251,6 +252,26 @@ fn measure(
     }))
 }
 
+/// Unless `shared`, gives the guest's vCPU the last CPU this process may use and moves this
+/// thread (so the receivers and clients it starts, and the sender) to the others, as a host
+/// places vCPUs on cores of their own. Returns (vCPU's, others') CPUs; `None` if shared or
+/// with a single CPU.
+fn place(shared: bool) -> anyhow::Result<Option<(CpuList, CpuList)>> {
+    let allowed = CpuList::of_current_thread().context("cannot read this process's CPUs")?;
+    let Some(&last) = allowed.cpus().last() else {
+        return Ok(None);
+    };
+    let vcpu: CpuList = last.to_string().parse().map_err(anyhow::Error::msg)?;
+    let others = allowed.without(&vcpu);
+    if shared || others.cpus().is_empty() {
+        return Ok(None);
+    }
+    others
+        .pin_current_thread()
+        .context("cannot pin the bench")?;
+    Ok(Some((vcpu, others)))
+}
+
 /// Checkpoints a VM every `interval` and drops the captures, until dropped.
 struct CaptureOnly {
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -295,6 +316,8 @@ impl Drop for CaptureOnly {
 #[derive(Debug, Clone, Copy, Default)]
 struct CpuUse {
     vcpu: f64,
+    /// Seconds the vCPU thread was runnable but waiting for a CPU (its schedstat).
+    vcpu_waiting: f64,
     sender: f64,
     receiver: f64,
     client: f64,
@@ -324,7 +347,15 @@ impl CpuUse {
                 let path = task.path().join("stat");
                 if let Some((comm, v)) = fields(&path.to_string_lossy()) {
                     match comm.as_str() {
-                        "vcpu0" => cpu.vcpu += own(&v),
+                        "vcpu0" => {
+                            cpu.vcpu += own(&v);
+                            // schedstat: time on a CPU, time waiting on a runqueue (ns), slices.
+                            cpu.vcpu_waiting +=
+                                std::fs::read_to_string(task.path().join("schedstat"))
+                                    .ok()
+                                    .and_then(|t| t.split_whitespace().nth(1)?.parse::<f64>().ok())
+                                    .map_or(0.0, |ns| ns / 1e9);
+                        }
                         "replication" => cpu.sender += own(&v),
                         _ => {}
                     }
@@ -359,6 +390,7 @@ impl CpuUse {
         let share = |a: f64, b: f64| round((a - b) / seconds * 100.0);
         json!({
             "vcpu_percent": share(self.vcpu, earlier.vcpu),
+            "vcpu_runqueue_wait_percent": share(self.vcpu_waiting, earlier.vcpu_waiting),
             "sender_percent": share(self.sender, earlier.sender),
             "receiver_percent": share(self.receiver, earlier.receiver),
             "client_percent": share(self.client, earlier.client),
@@ -439,10 +471,13 @@ pub fn replication(
     json_output: bool,
     quick: bool,
     throughput_only: bool,
+    shared_cpus: bool,
 ) -> anyhow::Result<ExitCode> {
     if let Some(code) = in_private_netns()? {
         return Ok(code);
     }
+    // Before anything starts: the receivers and clients inherit this thread's CPUs.
+    let placement = place(shared_cpus)?;
     let scratch = Scratch(scratch_dir()?);
     let receiver = Receiver::start(&scratch.0.join("store"), RECEIVER, "normal")?;
     let receiver_background = Receiver::start(
@@ -450,7 +485,10 @@ pub fn replication(
         RECEIVER_BACKGROUND,
         "background",
     )?;
-    let handle = Arc::new(boot(guest_mib(quick))?);
+    let handle = Arc::new(boot_on(
+        guest_mib(quick),
+        placement.as_ref().map(|(vcpu, _)| vcpu),
+    )?);
     wait_serving(Duration::from_secs(30))?;
     let seconds = if quick { 2 } else { 10 };
     let mut rows = Vec::new();
@@ -484,6 +522,10 @@ pub fn replication(
     let ratio = |v: &Value| round(v["rps"].as_f64().unwrap_or(0.0) / unprotected);
     let report = json!({
         "guest_mib": guest_mib(quick),
+        "cpus": match &placement {
+            Some((vcpu, others)) => json!({"vcpu": vcpu.to_string(), "others": others.to_string()}),
+            None => json!("shared"),
+        },
         "ack": "memory",
         "workloads": rows,
         "set_throughput": {
@@ -516,8 +558,16 @@ pub fn replication(
 }
 
 fn print_report(r: &Value) {
+    let cpus = match &r["cpus"] {
+        Value::String(s) => s.clone(),
+        c => format!(
+            "vCPU on CPU {}, everything else on CPU {}",
+            c["vcpu"].as_str().unwrap_or("?"),
+            c["others"].as_str().unwrap_or("?")
+        ),
+    };
     println!(
-        "replication of a {} MiB guest (ack: {}):",
+        "replication of a {} MiB guest (ack: {}; CPUs: {cpus}):",
         r["guest_mib"],
         r["ack"].as_str().unwrap_or("?")
     );
@@ -578,8 +628,9 @@ fn print_report(r: &Value) {
     );
     let cpu = |c: &Value| {
         format!(
-            "guest vCPU {}%, client {}%, sender {}%, receiver {}%, idle {}%; {} context switches/s",
+            "guest vCPU {}% (waiting for a CPU {}%), client {}%, sender {}%, receiver {}%, idle {}%; {} context switches/s",
             c["vcpu_percent"],
+            c["vcpu_runqueue_wait_percent"],
             c["client_percent"],
             c["sender_percent"],
             c["receiver_percent"],
