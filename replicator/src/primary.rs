@@ -202,7 +202,9 @@ impl Drop for Replication {
 fn sender_loop(members: &[Member], config: &SenderConfig, shared: &Arc<Shared>) {
     let mut encoder = Encoder::new(config.codec);
     let interval = Duration::from_millis(config.epoch_ms.max(1));
-    let mut escalation = Escalation::start(config.priority, interval * 2);
+    // Late: shipped more than QUEUE_DEPTH intervals after its capture was asked for, i.e. a
+    // sender that kept up the queue would already have made the clock wait.
+    let mut escalation = Escalation::start(config.priority, interval * QUEUE_DEPTH as u32);
     shared.update(|s| s.background = escalation.in_background());
     while !shared.stop.load(Ordering::Relaxed) {
         match run_link(members, config, shared, &mut encoder, &mut escalation) {
