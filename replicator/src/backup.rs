@@ -329,12 +329,22 @@ impl<'a> Session<'a> {
                 let Some(base) = self.replicas.get(&vm) else {
                     return refuse(format!("pages for VM {vm} before its state"));
                 };
-                let writes = pending.writes.entry(vm).or_default();
                 let changes = pending.changes.entry(vm).or_default();
-                let mut overlay = Overlay { base, writes };
-                self.decoder
-                    .apply_staged_recording(&batch, &mut overlay, changes)
-                    .map_err(|e| BackupError::Refused(e.to_string()))?;
+                let checked = if self.decoder.checks_without_pages() {
+                    // Protocol 2: checked and recorded now, applied to the replica in one pass
+                    // at the epoch's end (no page is copied aside meanwhile).
+                    self.decoder
+                        .check_recording(&batch, base.pages(), changes)
+                        .map(|_| ())
+                } else {
+                    // Protocol 1 hashes the pages XOR records produce: they are staged.
+                    let writes = pending.writes.entry(vm).or_default();
+                    let mut overlay = Overlay { base, writes };
+                    self.decoder
+                        .apply_staged_recording(&batch, &mut overlay, changes)
+                        .map(|_| ())
+                };
+                checked.map_err(|e| BackupError::Refused(e.to_string()))?;
                 Ok(None)
             }
             Message::EpochEnd {
@@ -358,7 +368,7 @@ impl<'a> Session<'a> {
                         pending.vms
                     ));
                 }
-                let written: u64 = pending.writes.values().map(|w| w.len() as u64).sum();
+                let written: u64 = pending.changes.values().map(|c| c.len() as u64).sum();
                 if written > pages {
                     return refuse(format!(
                         "epoch {epoch} wrote {written} pages, the primary says {pages}"
@@ -403,13 +413,28 @@ impl<'a> Session<'a> {
         for vm in vms {
             let (mem_size, state) = states.remove(&vm).expect("listed");
             let replica = self.replicas.get_mut(&vm).expect("created with its state");
-            for (index, data) in writes.remove(&vm).unwrap_or_default() {
-                *replica.page_mut(index) = *data;
+            let vm_changes = changes.remove(&vm).unwrap_or_default();
+            match writes.remove(&vm) {
+                Some(staged) => {
+                    for (index, data) in staged {
+                        *replica.page_mut(index) = *data;
+                    }
+                }
+                None => {
+                    if let Err(e) = vm_changes.apply(replica) {
+                        // Checked when it arrived, so this is a bug; the replica may be half
+                        // updated: forget it, and the link (the primary resynchronises).
+                        self.replicas.remove(&vm);
+                        return Err(BackupError::Refused(format!(
+                            "epoch {epoch} of VM {vm} failed to apply: {e}"
+                        )));
+                    }
+                }
             }
             record.vms.push(VmEpoch {
                 vm,
                 mem_size,
-                changes: changes.remove(&vm).unwrap_or_default(),
+                changes: vm_changes,
                 state,
             });
         }

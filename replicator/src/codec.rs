@@ -460,6 +460,36 @@ impl Decoder {
         self.apply_journaled(batch, staging, false, Some(changes))
     }
 
+    /// Whether [`Decoder::check_recording`] can stand in for staging pages: only if the dedup
+    /// cache learns whole pages alone (protocol 2), whose content is in their records.
+    pub fn checks_without_pages(&self) -> bool {
+        self.scope == DedupScope::WholePages
+    }
+
+    /// Checks a batch for a replica of `pages` pages and appends its records to `changes`
+    /// (references replaced by the pages they named), writing no page: the caller applies
+    /// `changes` to the replica once the whole epoch has arrived. Every check
+    /// [`Decoder::apply`] makes is made, so applying `changes` cannot fail. On error the dedup
+    /// cache is emptied.
+    pub fn check_recording(
+        &mut self,
+        batch: &[u8],
+        pages: u64,
+        changes: &mut ChangeList,
+    ) -> Result<usize, CodecError> {
+        let body = batch_body(batch)?;
+        let result = apply_records(
+            &body,
+            Target::CheckOnly { pages },
+            Some((&mut self.contents, self.scope)),
+            Some(changes),
+        );
+        if result.is_err() {
+            self.contents.clear();
+        }
+        result.map(|written| written.len())
+    }
+
     fn apply_journaled(
         &mut self,
         batch: &[u8],
@@ -472,8 +502,10 @@ impl Decoder {
         let undo_log = keep_undo.then_some(&mut undo);
         let result = apply_records(
             &body,
-            replica,
-            undo_log,
+            Target::Pages {
+                replica: &mut *replica,
+                undo: undo_log,
+            },
             Some((&mut self.contents, self.scope)),
             changes,
         );
@@ -487,34 +519,71 @@ impl Decoder {
     }
 }
 
+/// Where [`apply_records`] writes pages: a replica (and, with `undo`, the previous pages kept
+/// to undo a failed batch), or nowhere: the records are only checked and recorded, for a
+/// replica the caller updates once the whole epoch has arrived ([`ChangeList::apply`]).
+enum Target<'a> {
+    Pages {
+        replica: &'a mut dyn Replica,
+        undo: Option<&'a mut Vec<(u64, Box<Page>)>>,
+    },
+    CheckOnly {
+        pages: u64,
+    },
+}
+
 /// Applies the page records of a batch body (or of a stored [`ChangeList`], which has no
-/// references: `contents` is `None`) to `replica`, page by page in place. `undo` collects the
-/// previous pages; `changes` collects the records as the store keeps them.
+/// references: `contents` is `None`) to `target`, page by page in place; `changes` collects
+/// the records as the store keeps them. Checking alone needs a scope whose dedup cache learns
+/// only whole pages (protocol 2): an XOR result is never hashed, so never needed.
 fn apply_records(
     body: &[u8],
-    replica: &mut dyn Replica,
-    mut undo: Option<&mut Vec<(u64, Box<Page>)>>,
+    mut target: Target<'_>,
     mut contents: Option<(&mut LruCache<PageHash, Box<Page>>, DedupScope)>,
     mut changes: Option<&mut ChangeList>,
 ) -> Result<Vec<u64>, CodecError> {
+    if let (Target::CheckOnly { .. }, Some((_, DedupScope::EveryPage))) = (&target, &contents) {
+        return Err(CodecError::Kind(KIND_XOR));
+    }
+    let pages = match &target {
+        Target::Pages { replica, .. } => replica.pages(),
+        Target::CheckOnly { pages } => *pages,
+    };
     let mut r = reader(body);
     let count = r.u32()?;
     let mut written = Vec::with_capacity(count.min(1 << 16) as usize);
     for _ in 0..count {
         let index = u64::from(r.u32()?);
-        if index >= replica.pages() {
+        if index >= pages {
             return Err(CodecError::PageOutOfRange(index));
         }
         let kind = r.u8()?;
-        if let Some(undo) = undo.as_deref_mut() {
-            undo.push((index, Box::new(*replica.page(index))));
-        }
         // Decoded in place: a page left half-written by an error is undone or discarded.
-        let page = replica.page_mut(index);
+        let mut page = match &mut target {
+            Target::Pages { replica, undo } => {
+                if let Some(undo) = undo.as_deref_mut() {
+                    undo.push((index, Box::new(*replica.page(index))));
+                }
+                Some(replica.page_mut(index))
+            }
+            Target::CheckOnly { .. } => None,
+        };
         let payload_at = r.at;
+        // The content a whole-page record gives the page (FULL's bytes, REF's hash).
+        let mut learned: Option<PageHash> = None;
         match kind {
-            KIND_ZERO => page.fill(0),
-            KIND_FULL => page.copy_from_slice(r.take(PAGE)?),
+            KIND_ZERO => {
+                if let Some(page) = page.as_deref_mut() {
+                    page.fill(0);
+                }
+            }
+            KIND_FULL => {
+                let data = r.take(PAGE)?;
+                match page.as_deref_mut() {
+                    Some(page) => page.copy_from_slice(data),
+                    None => learned = Some(xxh3_128(data)),
+                }
+            }
             KIND_XOR => {
                 for _ in 0..r.u16()? {
                     let offset = usize::from(r.u16()?);
@@ -523,8 +592,10 @@ fn apply_records(
                     if offset + len > PAGE {
                         return Err(CodecError::BadRun { offset, len });
                     }
-                    for (p, x) in page[offset..offset + len].iter_mut().zip(data) {
-                        *p ^= x;
+                    if let Some(page) = page.as_deref_mut() {
+                        for (p, x) in page[offset..offset + len].iter_mut().zip(data) {
+                            *p ^= x;
+                        }
                     }
                 }
             }
@@ -536,24 +607,40 @@ fn apply_records(
                     .0
                     .peek(&hash)
                     .ok_or(CodecError::UnknownRef(hash))?;
-                page.copy_from_slice(&known[..]);
+                if let Some(page) = page.as_deref_mut() {
+                    page.copy_from_slice(&known[..]);
+                }
+                // A reference is kept as the page it named.
+                if let Some(changes) = changes.as_deref_mut() {
+                    changes.push(index, KIND_FULL, &known[..]);
+                }
+                learned = Some(hash);
             }
             other => return Err(CodecError::Kind(other)),
         }
-        if let Some(changes) = changes.as_deref_mut() {
-            match kind {
-                // A reference is kept as the page it named.
-                KIND_REF => changes.push(index, KIND_FULL, page),
-                _ => changes.push(index, kind, &body[payload_at..r.at]),
-            }
+        if kind != KIND_REF
+            && let Some(changes) = changes.as_deref_mut()
+        {
+            changes.push(index, kind, &body[payload_at..r.at]);
         }
         // Mirror the sender: the pages its protocol says become content a REF may name.
         if let Some((contents, scope)) = contents.as_mut()
             && scope.learns(kind)
         {
-            let hash = xxh3_128(page);
+            let hash = match (&page, learned) {
+                (Some(page), _) => xxh3_128(&page[..]),
+                (None, Some(hash)) => hash,
+                (None, None) => unreachable!("checked above: only whole pages are learned"),
+            };
             if contents.get(&hash).is_none() {
-                put_page(contents, hash, page);
+                let content: &Page = match &page {
+                    Some(page) => page,
+                    None if kind == KIND_FULL => body[payload_at..r.at]
+                        .try_into()
+                        .expect("a FULL record holds a page"),
+                    None => unreachable!("a REF's content is in the cache already"),
+                };
+                put_page(contents, hash, content);
             }
         }
         written.push(index);
@@ -671,7 +758,15 @@ impl ChangeList {
     /// Applies the changes onto `memory` (which must hold the previous epoch); returns the
     /// pages written.
     pub fn apply(&self, memory: &mut dyn Replica) -> Result<Vec<u64>, CodecError> {
-        apply_records(&self.bytes, memory, None, None, None)
+        apply_records(
+            &self.bytes,
+            Target::Pages {
+                replica: memory,
+                undo: None,
+            },
+            None,
+            None,
+        )
     }
 }
 
@@ -882,6 +977,56 @@ mod tests {
         }
         // Two page versions, a 4-byte table entry per page of the VM, two dedup hashes.
         assert!(enc.cached_bytes() <= 2 * PAGE + 16 * 4 + 2 * 32);
+    }
+
+    #[test]
+    fn checked_records_applied_at_the_end_equal_pages_applied_as_they_come() {
+        let config = CodecConfig::default();
+        let mut enc = Encoder::new(config);
+        // Two decoders in step: one applies each batch, one only checks and records.
+        let (mut applying, mut checking) = (Decoder::new(config), Decoder::new(config));
+        assert!(checking.checks_without_pages(), "protocol 2");
+        let mut memory: Vec<Page> = (0..32).map(page_with).collect();
+        let mut applied = VecReplica(vec![[0; PAGE]; 32]);
+        let mut replica = applied.clone();
+        for round in 0..12u8 {
+            for (i, p) in memory.iter_mut().enumerate() {
+                match (i + round as usize) % 6 {
+                    0 => p[(i * 97 + round as usize) % PAGE] ^= round | 1, // XOR
+                    1 => *p = page_with(round % 3),                        // REF or FULL
+                    2 if round % 4 == 0 => *p = [0; PAGE],                 // ZERO
+                    _ => {}
+                }
+            }
+            let dirty: Vec<(u64, &Page)> = memory
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u64, p))
+                .collect();
+            let mut changes = ChangeList::default();
+            let before = replica.clone();
+            for chunk in dirty.chunks(7) {
+                let (batch, _) = enc.encode(0, chunk);
+                applying.apply(&batch, &mut applied).expect("applies");
+                checking
+                    .check_recording(&batch, 32, &mut changes)
+                    .expect("checks");
+            }
+            assert_eq!(replica, before, "checking writes no page");
+            changes.apply(&mut replica).expect("applies");
+            assert_eq!(replica.0, memory, "round {round}");
+            assert_eq!(applied.0, memory, "round {round}");
+        }
+        // A page past the end, or a reference never sent: refused, and the cache emptied.
+        let (batch, _) = enc.encode(0, &[(40, &memory[0])]);
+        assert_eq!(
+            checking.check_recording(&batch, 32, &mut ChangeList::default()),
+            Err(CodecError::PageOutOfRange(40))
+        );
+        // Protocol 1 learns XOR results, which only a page can give.
+        let mut v1 = Decoder::new(config);
+        v1.set_version(1);
+        assert!(!v1.checks_without_pages());
     }
 
     #[test]
