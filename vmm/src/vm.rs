@@ -775,6 +775,12 @@ impl Vm {
                 std::ptr::null(),
             )
         };
+        if fds[1].revents & libc::POLLIN != 0 {
+            // Woken by a kick: the run loop looks for the request next. A kick that arrived
+            // after its request was taken (a re-kick, or one racing the loop) must not stay
+            // readable, or every WAIT until the next request would return at once.
+            self.kick.clear();
+        }
         self.net.deliver_rx(&self.mem);
     }
 }
