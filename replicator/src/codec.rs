@@ -569,8 +569,7 @@ fn apply_records(
             Target::CheckOnly { .. } => None,
         };
         let payload_at = r.at;
-        // The content a whole-page record gives the page (FULL's bytes, REF's hash).
-        let mut learned: Option<PageHash> = None;
+        let mut ref_hash: Option<PageHash> = None;
         match kind {
             KIND_ZERO => {
                 if let Some(page) = page.as_deref_mut() {
@@ -579,9 +578,8 @@ fn apply_records(
             }
             KIND_FULL => {
                 let data = r.take(PAGE)?;
-                match page.as_deref_mut() {
-                    Some(page) => page.copy_from_slice(data),
-                    None => learned = Some(xxh3_128(data)),
+                if let Some(page) = page.as_deref_mut() {
+                    page.copy_from_slice(data);
                 }
             }
             KIND_XOR => {
@@ -614,7 +612,7 @@ fn apply_records(
                 if let Some(changes) = changes.as_deref_mut() {
                     changes.push(index, KIND_FULL, &known[..]);
                 }
-                learned = Some(hash);
+                ref_hash = Some(hash);
             }
             other => return Err(CodecError::Kind(other)),
         }
@@ -627,19 +625,18 @@ fn apply_records(
         if let Some((contents, scope)) = contents.as_mut()
             && scope.learns(kind)
         {
-            let hash = match (&page, learned) {
-                (Some(page), _) => xxh3_128(&page[..]),
-                (None, Some(hash)) => hash,
-                (None, None) => unreachable!("checked above: only whole pages are learned"),
+            // A REF's content is cached under its hash already, a FULL's is its payload, an
+            // XOR's (protocol 1 only, never checked alone) is the page it produced.
+            let content: Option<&Page> = match (ref_hash, &page) {
+                (Some(_), _) => None,
+                (None, _) if kind == KIND_FULL => body[payload_at..r.at].try_into().ok(),
+                (None, page) => page.as_deref(),
             };
-            if contents.get(&hash).is_none() {
-                let content: &Page = match &page {
-                    Some(page) => page,
-                    None if kind == KIND_FULL => body[payload_at..r.at]
-                        .try_into()
-                        .expect("a FULL record holds a page"),
-                    None => unreachable!("a REF's content is in the cache already"),
-                };
+            let hash = ref_hash.or(content.map(|c| xxh3_128(c)));
+            if let Some(hash) = hash
+                && contents.get(&hash).is_none()
+                && let Some(content) = content
+            {
                 put_page(contents, hash, content);
             }
         }

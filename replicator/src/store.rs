@@ -440,10 +440,7 @@ impl Store {
         );
         self.log_len += bytes.len() as u64;
         self.finish_fold(false)?;
-        let due = self.index.len() >= self.retain + self.retain.max(FOLD_EVERY)
-            || (self.log_len >= self.fold_log_bytes && self.index.len() > self.retain);
-        let overdue = self.index.len() >= self.retain + 2 * self.retain.max(FOLD_EVERY)
-            || (self.log_len >= 2 * self.fold_log_bytes);
+        let (due, overdue) = (self.log_past(1), self.log_past(2));
         if let Some(folding) = &self.folding
             && overdue
             && folding.priority.raise()
@@ -474,6 +471,14 @@ impl Store {
             });
         }
         Ok(())
+    }
+
+    /// The log holds `times` the epochs (beyond `retain`) or bytes that call for a fold: 1, a
+    /// fold is due; 2, one running is late.
+    fn log_past(&self, times: usize) -> bool {
+        self.index.len() > self.retain
+            && (self.index.len() >= self.retain + times * self.retain.max(FOLD_EVERY)
+                || self.log_len >= times as u64 * self.fold_log_bytes)
     }
 
     /// Folds raised to normal scheduling since the store was opened.

@@ -42,6 +42,11 @@ impl CpuList {
         Ok(CpuList(cpus))
     }
 
+    /// One CPU.
+    pub fn single(cpu: usize) -> CpuList {
+        CpuList(vec![cpu])
+    }
+
     pub fn cpus(&self) -> &[usize] {
         &self.0
     }
@@ -142,7 +147,7 @@ mod tests {
     fn a_pinned_thread_runs_only_where_it_was_pinned_and_its_children_inherit_it() {
         std::thread::spawn(|| {
             let allowed = CpuList::of_current_thread().expect("affinity");
-            let last = CpuList(vec![*allowed.cpus().last().expect("a CPU")]);
+            let last = CpuList::single(*allowed.cpus().last().expect("a CPU"));
             last.pin_current_thread().expect("pins");
             assert_eq!(CpuList::of_current_thread().expect("affinity"), last);
             let child = std::thread::spawn(|| CpuList::of_current_thread().expect("affinity"))
@@ -150,7 +155,7 @@ mod tests {
                 .expect("thread");
             assert_eq!(child, last, "a thread inherits its creator's CPUs");
             assert!(
-                CpuList(vec![CpuSet::MAX_CPU - 1])
+                CpuList::single(CpuSet::MAX_CPU - 1)
                     .pin_current_thread()
                     .is_err(),
                 "a CPU the machine does not have"

@@ -20,6 +20,8 @@ use secondsite_replicator::sched::Priority;
 use secondsite_vmm::affinity::CpuList;
 use serde_json::{Value, json};
 
+use crate::cli::PlacementArgs;
+
 use super::{
     Scratch, boot_on, in_private_netns, parse_benchmark, percentile, resp, round, scratch_dir,
     wait_serving,
@@ -261,22 +263,20 @@ fn measure(
 }
 
 /// Unless `shared`, gives the guest's vCPU the last CPU this process may use and moves this
-/// thread (so the receivers and clients it starts, and the sender) to the others, as a host
-/// places vCPUs on cores of their own. Returns (vCPU's, others') CPUs; `None` if shared or
-/// with a single CPU.
+/// thread (so the receivers and clients it starts, and the sender) to the others, as `vm run
+/// --vcpu-cpus` does. Returns (vCPU's, others') CPUs; `None` if shared or with a single CPU.
 fn place(shared: bool) -> anyhow::Result<Option<(CpuList, CpuList)>> {
     let allowed = CpuList::of_current_thread().context("cannot read this process's CPUs")?;
-    let Some(&last) = allowed.cpus().last() else {
+    // At least two CPUs: one for the vCPU, the rest for all else.
+    let (false, &[_, .., last]) = (shared, allowed.cpus()) else {
         return Ok(None);
     };
-    let vcpu: CpuList = last.to_string().parse().map_err(anyhow::Error::msg)?;
-    let others = allowed.without(&vcpu);
-    if shared || others.cpus().is_empty() {
-        return Ok(None);
-    }
-    others
-        .pin_current_thread()
-        .context("cannot pin the bench")?;
+    let vcpu = super::super::vm::place(&PlacementArgs {
+        vcpu_cpus: Some(CpuList::single(last)),
+        cpus: None,
+    })?
+    .context("a vCPU placement")?;
+    let others = CpuList::of_current_thread().context("cannot read the bench's CPUs")?;
     Ok(Some((vcpu, others)))
 }
 
