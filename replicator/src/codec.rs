@@ -154,13 +154,29 @@ fn dedup_cache<V>(pages: usize) -> LruCache<PageHash, V> {
 }
 
 /// The primary's side of a link.
-#[derive(Debug)]
 pub struct Encoder {
     config: CodecConfig,
     scope: DedupScope,
     versions: VersionCache,
     /// Hashes of the contents the backup's dedup cache holds, in the same LRU order.
     backup_holds: LruCache<PageHash, ()>,
+    /// Kept from batch to batch: the records before compression, the compressed bytes, and
+    /// zstd's context. Fresh buffers of megabytes every epoch cost the sender more in page
+    /// faults (zeroing new memory) than the encoding itself.
+    body: Vec<u8>,
+    compressed: Vec<u8>,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    xor_scratch: Box<Page>,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("config", &self.config)
+            .field("scope", &self.scope)
+            .field("cached_bytes", &self.cached_bytes())
+            .finish()
+    }
 }
 
 impl Encoder {
@@ -170,6 +186,12 @@ impl Encoder {
             scope: DedupScope::for_version(crate::wire::VERSION),
             versions: VersionCache::new(config.version_cache_bytes / PAGE),
             backup_holds: dedup_cache(config.dedup_pages),
+            body: Vec::new(),
+            compressed: Vec::new(),
+            xor_scratch: Box::new([0; PAGE]),
+            compressor: (config.zstd_level > 0)
+                .then(|| zstd::bulk::Compressor::new(config.zstd_level).ok())
+                .flatten(),
         }
     }
 
@@ -180,7 +202,7 @@ impl Encoder {
         self.scope = DedupScope::for_version(version);
     }
 
-    /// Bytes the caches hold now.
+    /// Bytes the caches hold now (the scratch buffers beside them hold about two batches).
     pub fn cached_bytes(&self) -> usize {
         self.versions.len() * PAGE + self.versions.table_bytes() + self.backup_holds.len() * 32
     }
@@ -191,7 +213,8 @@ impl Encoder {
             pages: pages.len() as u64,
             ..Default::default()
         };
-        let mut body = Vec::with_capacity(4 + pages.len() * 64);
+        let mut body = std::mem::take(&mut self.body);
+        body.clear();
         let mut records = 0u32;
         body.extend_from_slice(&0u32.to_le_bytes());
         for &(index, page) in pages {
@@ -199,7 +222,7 @@ impl Encoder {
             // changed; then the cached version is replaced.
             let mut previous = self.versions.get_mut(vm, index);
             let runs = match previous.as_deref() {
-                Some(old) => match xor_runs(old, page) {
+                Some(old) => match xor_runs(old, page, &mut self.xor_scratch) {
                     Some(runs) => Some(runs),
                     None => {
                         stats.unchanged += 1;
@@ -242,22 +265,38 @@ impl Encoder {
         }
         body[..4].copy_from_slice(&records.to_le_bytes());
         stats.raw_bytes = body.len() as u64;
-        let mut out = Vec::with_capacity(body.len() / 2 + 16);
-        match zstd_compress(&body, self.config.zstd_level) {
+        let out = match self.compress(&body) {
             Some(compressed) if compressed.len() < body.len() => {
-                out.push(COMPRESSION_ZSTD);
-                out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-                out.extend_from_slice(&compressed);
+                framed(COMPRESSION_ZSTD, body.len(), compressed)
             }
-            _ => {
-                out.push(COMPRESSION_NONE);
-                out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-                out.extend_from_slice(&body);
-            }
-        }
+            _ => framed(COMPRESSION_NONE, body.len(), &body),
+        };
+        self.body = body;
         stats.encoded_bytes = out.len() as u64;
         (out, stats)
     }
+
+    /// `body` compressed with the kept context into the kept buffer, or `None` (level 0, or
+    /// zstd failed: the batch goes uncompressed).
+    fn compress(&mut self, body: &[u8]) -> Option<&[u8]> {
+        let compressor = self.compressor.as_mut()?;
+        self.compressed.clear();
+        self.compressed
+            .reserve(zstd::zstd_safe::compress_bound(body.len()));
+        let n = compressor
+            .compress_to_buffer(body, &mut self.compressed)
+            .ok()?;
+        Some(&self.compressed[..n])
+    }
+}
+
+/// A batch on the wire: compression, the body's length before compression, the bytes.
+fn framed(compression: u8, raw_len: usize, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + bytes.len());
+    out.push(compression);
+    out.extend_from_slice(&(raw_len as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+    out
 }
 
 /// The largest vCPU/device state accepted (it is a few tens of KiB).
@@ -300,20 +339,14 @@ pub fn unpack_state(packed: &[u8]) -> Result<Vec<u8>, CodecError> {
     Ok(state)
 }
 
-fn zstd_compress(body: &[u8], level: i32) -> Option<Vec<u8>> {
-    (level > 0)
-        .then(|| zstd::bulk::compress(body, level).ok())
-        .flatten()
-}
-
 /// The non-zero runs of `old XOR new`: `u16 count`, then `u16 offset, u16 len, bytes` each;
 /// `None` when the two are equal. Runs closer than 8 bytes are merged (a run header costs 4).
 /// One pass over both pages, 64 bytes at a time: the XOR of a block is kept only when it is
 /// not all zero, so an unchanged page costs a compare, and a page written in a few places a
-/// compare and a look at the few blocks that changed.
-fn xor_runs(old: &Page, new: &Page) -> Option<Vec<u8>> {
+/// compare and a look at the few blocks that changed. `xor` is scratch space: only the blocks
+/// that changed are written and read (zeroing a page for every call cost more than the rest).
+fn xor_runs(old: &Page, new: &Page, xor: &mut Page) -> Option<Vec<u8>> {
     const BLOCK: usize = 64;
-    let mut xor = [0u8; PAGE];
     // Bit b: block b differs.
     let mut changed = 0u64;
     for (b, ((x, a), n)) in xor
@@ -342,8 +375,16 @@ fn xor_runs(old: &Page, new: &Page) -> Option<Vec<u8>> {
     if changed == 0 {
         return None;
     }
-    // Blocks that did not change are left zero in `xor`: the runs are found in the changed
-    // blocks, and a run may run on into the next block by fewer than 8 zero bytes.
+    // Blocks that did not change hold stale bytes in `xor` and read as zero here: the runs are
+    // found in the changed blocks, and a run may run on into the next block by fewer than 8
+    // zero bytes (so a run's bytes all lie in changed blocks: an unchanged one is 64 zeros).
+    let byte = |i: usize| {
+        if changed >> (i / BLOCK) & 1 == 1 {
+            xor[i]
+        } else {
+            0
+        }
+    };
     let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut i = 0;
     while i < PAGE {
@@ -359,7 +400,7 @@ fn xor_runs(old: &Page, new: &Page) -> Option<Vec<u8>> {
         let mut end = i;
         let mut zeros = 0;
         while i < PAGE && zeros < 8 {
-            if xor[i] == 0 {
+            if byte(i) == 0 {
                 zeros += 1;
             } else {
                 zeros = 0;
@@ -847,10 +888,15 @@ mod tests {
         page
     }
 
+    /// `xor_runs` with scratch space full of stale non-zero bytes, as an encoder's is.
+    fn xor_of(old: &Page, new: &Page) -> Option<Vec<u8>> {
+        xor_runs(old, new, &mut [0xa5; PAGE])
+    }
+
     #[test]
     fn xor_runs_are_none_for_equal_pages_and_rebuild_any_change() {
         let old = page_with(9);
-        assert_eq!(xor_runs(&old, &old), None);
+        assert_eq!(xor_of(&old, &old), None);
         // Changes at block edges, at the page's ends, runs merged over fewer than 8 equal
         // bytes (also across a block edge), and a page changed everywhere.
         let cases: &[&[usize]] = &[
@@ -869,7 +915,7 @@ mod tests {
             for &i in *changes {
                 new[i] ^= 0x5a;
             }
-            let runs = xor_runs(&old, &new).expect("changed");
+            let runs = xor_of(&old, &new).expect("changed");
             assert_eq!(apply_runs(&old, &runs), new, "changes at {changes:?}");
         }
         // Bytes 60 and 67 have 6 equal bytes between them (one run), 60 and 69 have 8 (two).
@@ -877,13 +923,13 @@ mod tests {
             let mut n = old;
             n[a] ^= 1;
             n[b] ^= 1;
-            let runs = xor_runs(&old, &n).expect("changed");
+            let runs = xor_of(&old, &n).expect("changed");
             u16::from_le_bytes([runs[0], runs[1]])
         };
         assert_eq!(runs_between(60, 67), 1);
         assert_eq!(runs_between(60, 69), 2);
         let everywhere = page_with(10);
-        let runs = xor_runs(&old, &everywhere).expect("changed");
+        let runs = xor_of(&old, &everywhere).expect("changed");
         assert_eq!(apply_runs(&old, &runs), everywhere);
     }
 

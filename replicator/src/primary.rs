@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use secondsite_vmm::{Capture, Command, VmHandle, checkpoint_group};
 
 use crate::codec::{BatchStats, CodecConfig, Encoder, Page, pack_state};
-use crate::sched::{Escalation, Priority};
+use crate::sched::{EarlyRaise, Escalation, Priority};
 use crate::tls::Channel;
 use crate::wire::{Link, MIN_VERSION, Message, VERSION};
 
@@ -40,8 +40,12 @@ const WINDOW: u64 = 16;
 /// buffers, and a capture that finds no kept buffer page-faults a fresh one inside the pause: a
 /// clock that queued more than a few while a background sender lagged saw 30 ms pauses.
 const QUEUE_DEPTH: u64 = 3;
+/// Captures unshipped at a tick at which the clock raises a background sender (see `sched`).
+const RAISE_AT: u64 = 2;
 /// Pages per `Pages` frame.
 const PAGES_PER_BATCH: usize = 2048;
+/// The epoch buffer the sender keeps between epochs, at most (a full epoch's is let go).
+const FRAMES_KEPT_BYTES: usize = 16 << 20;
 /// Pause samples kept for percentiles.
 const PAUSE_SAMPLES: usize = 4096;
 
@@ -88,14 +92,19 @@ pub struct ReplicationStatus {
     pub throttle_percent: u8,
     pub throttled_us: u64,
     /// The sender thread runs in the background (`SCHED_IDLE`) now; times it was raised to
-    /// normal scheduling because an epoch shipped late (later than two epoch intervals after
-    /// it was due).
+    /// normal scheduling because it fell behind (an epoch shipped later than `QUEUE_DEPTH`
+    /// intervals after its capture was asked for, or the clock raised it early).
     pub background: bool,
     pub escalations: u64,
+    /// Of those, the raises by the epoch clock, which saw two captures waiting for the sender.
+    pub early_raises: u64,
     /// Epochs that started late because `WINDOW` epochs were still unacknowledged or
     /// `QUEUE_DEPTH` captures were not yet shipped (the backup or the sender is behind), and
     /// the time the clock waited for them in all.
     pub window_waits: u64,
+    /// Of those, the waits for acknowledgements (`WINDOW` unacknowledged: the backup is
+    /// behind); the rest waited for the sender.
+    pub ack_waits: u64,
     pub window_wait_us: u64,
 }
 
@@ -356,19 +365,37 @@ struct Captured {
 /// `WINDOW` epochs are captured and not yet acknowledged, or `QUEUE_DEPTH` not yet shipped
 /// (the backup or the sender is behind); the next capture then covers the skipped tick. The
 /// first capture of a link is full.
+/// What the epoch clock works with: the group, its configuration and status, and the sender
+/// to raise when it falls behind.
+struct Clock<'a> {
+    members: &'a [Member],
+    config: &'a SenderConfig,
+    shared: &'a Shared,
+    sender: &'a EarlyRaise,
+}
+
 fn epoch_clock(
-    members: &[Member],
-    config: &SenderConfig,
-    shared: &Shared,
+    clock: Clock<'_>,
     mut epoch: u64,
     link_done: &AtomicBool,
     queue: SyncSender<Result<Captured, String>>,
 ) {
+    let Clock {
+        members,
+        config,
+        shared,
+        sender,
+    } = clock;
     // Spawned by a sender that may run in the background: the clock must not.
     let _ = crate::sched::set_current_thread(false);
     let interval = Duration::from_millis(config.epoch_ms.max(1));
     let handles: Vec<&VmHandle> = members.iter().map(|m| &*m.handle).collect();
     let mut full = true;
+    // The first capture copies all of guest memory: its buffers are populated now, while the
+    // guests run, so that its pause is the copy alone.
+    for handle in &handles {
+        handle.prepare_full_capture();
+    }
     let mut next = Instant::now();
     let mut waiting_since: Option<Instant> = None;
     while !link_done.load(Ordering::Relaxed) && !shared.stop.load(Ordering::Relaxed) {
@@ -387,10 +414,19 @@ fn epoch_clock(
             let status = shared.status.lock().unwrap_or_else(|e| e.into_inner());
             (status.epoch, status.committed)
         };
+        // A background sender with two captures unshipped at a tick is an interval behind and
+        // may be starved: raised now, it catches up before the clock has to wait for it.
+        if epoch >= shipped + RAISE_AT && sender.raise() {
+            shared.update(|s| s.early_raises += 1);
+        }
         // Not yet shipped: in the queue, or being encoded (so the queue never fills).
         if epoch >= committed + WINDOW || epoch >= shipped + QUEUE_DEPTH {
+            let for_acks = epoch >= committed + WINDOW;
             let since = *waiting_since.get_or_insert_with(|| {
-                shared.update(|s| s.window_waits += 1);
+                shared.update(|s| {
+                    s.window_waits += 1;
+                    s.ack_waits += u64::from(for_acks);
+                });
                 Instant::now()
             });
             if since.elapsed() > Duration::from_secs(10) {
@@ -446,11 +482,18 @@ fn ship_epochs(s: Shipping<'_>, epoch: u64) -> Result<(), String> {
     let (members, config, shared) = (s.members, s.config, s.shared);
     let link_done = AtomicBool::new(false);
     let (queue, captures) = mpsc::sync_channel(QUEUE_DEPTH as usize);
+    let sender = s.escalation.early_raise();
     std::thread::scope(|scope| {
         let clock = std::thread::Builder::new()
             .name("epoch-clock".into())
             .spawn_scoped(scope, || {
-                epoch_clock(members, config, shared, epoch, &link_done, queue)
+                let clock = Clock {
+                    members,
+                    config,
+                    shared,
+                    sender: &sender,
+                };
+                epoch_clock(clock, epoch, &link_done, queue)
             })
             .map_err(|e| format!("cannot start the epoch clock: {e}"))?;
         let result = ship_captures(s, epoch, &captures);
@@ -479,6 +522,8 @@ fn ship_captures(
     // How long to read acknowledgements before looking at the queue again.
     let poll = (interval / 4).clamp(Duration::from_millis(1), Duration::from_millis(10));
     let mut throttle = ThrottleState::default();
+    // One epoch's frames, written in one call; kept between epochs (see `Encoder`'s buffers).
+    let mut frames = Vec::new();
     loop {
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -504,19 +549,26 @@ fn ship_captures(
         };
         epoch += 1;
         let out = &mut io.out;
-        let mut frames = out.emit(&Message::EpochBegin {
-            group: config.group.clone(),
-            epoch,
-            vms: members.len() as u32,
-        });
+        frames.clear();
+        out.emit_into(
+            &Message::EpochBegin {
+                group: config.group.clone(),
+                epoch,
+                vms: members.len() as u32,
+            },
+            &mut frames,
+        );
         let mut stats = BatchStats::default();
         let mut dirty_pages = 0;
         for (member, capture) in members.iter().zip(&captures) {
-            frames.extend(out.emit(&Message::VmState {
-                vm: member.vm,
-                mem_size: capture.mem_size,
-                state: pack_state(&capture.state_json().map_err(|e| e.to_string())?),
-            }));
+            out.emit_into(
+                &Message::VmState {
+                    vm: member.vm,
+                    mem_size: capture.mem_size,
+                    state: pack_state(&capture.state_json().map_err(|e| e.to_string())?),
+                },
+                &mut frames,
+            );
             let pages: Vec<(u64, &Page)> = capture
                 .pages
                 .iter()
@@ -526,22 +578,31 @@ fn ship_captures(
             for chunk in pages.chunks(PAGES_PER_BATCH) {
                 let (batch, s) = encoder.encode(member.vm, chunk);
                 stats.add(&s);
-                frames.extend(out.emit(&Message::Pages {
-                    vm: member.vm,
-                    batch,
-                }));
+                out.emit_into(
+                    &Message::Pages {
+                        vm: member.vm,
+                        batch,
+                    },
+                    &mut frames,
+                );
             }
             dirty_pages += pages.len() as u64;
         }
         let capture_us = captures.iter().map(|c| c.capture_us).max().unwrap_or(0);
-        frames.extend(out.emit(&Message::EpochEnd {
-            group: config.group.clone(),
-            epoch,
-            pages: dirty_pages,
-        }));
+        out.emit_into(
+            &Message::EpochEnd {
+                group: config.group.clone(),
+                epoch,
+                pages: dirty_pages,
+            },
+            &mut frames,
+        );
         io.channel
             .write_all(&frames)
             .map_err(|e| format!("send: {e}"))?;
+        if frames.capacity() > FRAMES_KEPT_BYTES {
+            frames = Vec::new(); // a full epoch's: not kept
+        }
         // Captured to shipped: how far a background sender lags (the capture itself is the VM
         // thread's and runs at the guest's priority).
         escalation.epoch_done(requested.elapsed());

@@ -9,12 +9,19 @@
 //! (the site daemon runs as root); without it the thread stays in the background and the
 //! failure is counted.
 //!
+//! A thread that falls behind cannot notice it while it is starved, so whoever waits for it can
+//! raise it early through its [`EarlyRaise`]: the primary's epoch clock (normal priority) does,
+//! once two captures wait for the sender, before the clock itself would have to wait. The
+//! thread returns to the background by its own calm rule.
+//!
 //! The store's folds are background work too (see `store`): always `SCHED_IDLE`, raised by
 //! the writer when the log outgrows twice its bound while a fold runs.
 //!
 //! The only unsafe code of this crate: `sched_setscheduler(2)` and `gettid(2)`.
 #![allow(unsafe_code)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 /// How a replication thread is scheduled.
@@ -58,6 +65,34 @@ pub fn set_thread(tid: i32, background: bool) -> std::io::Result<()> {
     }
 }
 
+impl Drop for Escalation {
+    fn drop(&mut self) {
+        // The thread's id may be given to another thread once this one ends.
+        self.early.tid.store(0, Ordering::SeqCst);
+    }
+}
+
+/// A handle for raising a background thread from another thread, before it knows it is late.
+#[derive(Debug, Default)]
+pub struct EarlyRaise {
+    /// The thread, once its [`Escalation`] put it in the background (0: nothing to raise).
+    tid: AtomicI32,
+    /// Raised and not yet taken up by the thread's [`Escalation`].
+    requested: AtomicBool,
+}
+
+impl EarlyRaise {
+    /// Moves the thread to normal scheduling now, unless it is not in the background or a
+    /// raise is already pending. True if this call raised it.
+    pub fn raise(&self) -> bool {
+        let tid = self.tid.load(Ordering::SeqCst);
+        if tid == 0 || self.requested.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        set_thread(tid, false).is_ok()
+    }
+}
+
 /// Epochs in a row that must keep pace before an escalated thread returns to the background.
 const CALM_EPOCHS: u32 = 8;
 
@@ -73,6 +108,7 @@ pub struct Escalation {
     pub escalations: u64,
     /// Policy changes the kernel refused (no `CAP_SYS_NICE`).
     pub refused: u64,
+    early: Arc<EarlyRaise>,
 }
 
 impl Escalation {
@@ -85,9 +121,18 @@ impl Escalation {
             calm: 0,
             escalations: 0,
             refused: 0,
+            early: Arc::default(),
         };
         e.apply(priority == Priority::Background);
+        if priority == Priority::Background {
+            e.early.tid.store(current_thread_id(), Ordering::SeqCst);
+        }
         e
+    }
+
+    /// What another thread uses to raise this one early.
+    pub fn early_raise(&self) -> Arc<EarlyRaise> {
+        self.early.clone()
     }
 
     /// The thread is in the background now.
@@ -101,7 +146,18 @@ impl Escalation {
         if self.priority == Priority::Normal {
             return;
         }
+        if !self.escalated && self.early.requested.load(Ordering::SeqCst) {
+            // Raised from outside: counted, and applied again in case the raise landed just
+            // before this thread last returned itself to the background.
+            self.escalated = true;
+            self.calm = 0;
+            self.escalations += 1;
+            self.apply(false);
+        }
         if let Some(background) = self.decide(took) {
+            if background {
+                self.early.requested.store(false, Ordering::SeqCst);
+            }
             self.apply(background);
         }
     }
@@ -190,6 +246,7 @@ pub(crate) mod tests {
             calm: 0,
             escalations: 0,
             refused: 0,
+            early: Arc::default(),
         };
         assert_eq!(e.decide(Duration::from_millis(10)), None, "on time");
         assert_eq!(e.decide(Duration::from_millis(51)), Some(false), "late");
@@ -207,6 +264,41 @@ pub(crate) mod tests {
         }
         assert_eq!(e.decide(Duration::from_millis(5)), Some(true));
         assert!(e.in_background());
+    }
+
+    #[test]
+    fn another_thread_raises_a_background_thread_early_and_calm_epochs_lower_it() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            let mut e = Escalation::start(Priority::Background, Duration::from_millis(50));
+            tx.send((current_thread_id(), e.early_raise()))
+                .expect("send");
+            wait.recv().expect("raised");
+            assert_eq!(policy_of_this_thread(), libc::SCHED_OTHER as u32);
+            e.epoch_done(Duration::from_millis(1));
+            assert!(!e.in_background(), "the raise is taken up");
+            assert_eq!(e.escalations, 1);
+            for _ in 0..CALM_EPOCHS {
+                e.epoch_done(Duration::from_millis(1));
+            }
+            assert!(e.in_background());
+            assert_eq!(policy_of_this_thread(), libc::SCHED_IDLE as u32);
+            assert!(
+                e.early_raise().raise(),
+                "back in the background: may be raised again"
+            );
+        });
+        let (tid, early) = rx.recv().expect("worker started");
+        assert_eq!(policy_of(tid), libc::SCHED_IDLE as u32);
+        assert!(early.raise(), "raised from this thread");
+        assert!(!early.raise(), "one raise at a time");
+        go.send(()).expect("go");
+        worker.join().expect("worker");
+        assert!(
+            !early.raise(),
+            "the thread is gone: its id is never raised again"
+        );
     }
 
     #[test]

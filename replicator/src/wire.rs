@@ -321,12 +321,21 @@ impl Link {
     /// The bytes of the next outgoing frame carrying `message`.
     pub fn emit(&mut self, message: &Message) -> Vec<u8> {
         let mut frame = Vec::with_capacity(HEADER_LEN + 64);
-        frame.extend_from_slice(&MAGIC);
-        frame.extend_from_slice(&self.version.to_le_bytes());
-        frame.extend_from_slice(&(message.command() as u16).to_le_bytes());
-        frame.extend_from_slice(&self.next_out.to_le_bytes());
-        frame.extend_from_slice(&[0u8; 8]); // length and CRC, filled below
-        message.emit_payload(&mut frame);
+        self.emit_into(message, &mut frame);
+        frame
+    }
+
+    /// [`Link::emit`], appending the frame to `out` (a sender reuses one buffer per epoch
+    /// rather than growing a new one for every frame).
+    pub fn emit_into(&mut self, message: &Message, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(message.command() as u16).to_le_bytes());
+        out.extend_from_slice(&self.next_out.to_le_bytes());
+        out.extend_from_slice(&[0u8; 8]); // length and CRC, filled below
+        message.emit_payload(out);
+        let frame = &mut out[start..];
         let len = (frame.len() - HEADER_LEN) as u32;
         frame[16..20].copy_from_slice(&len.to_le_bytes());
         let mut crc = Hasher::new();
@@ -335,7 +344,6 @@ impl Link {
         let crc = crc.finalize();
         frame[20..24].copy_from_slice(&crc.to_le_bytes());
         self.next_out += 1;
-        frame
     }
 
     /// Bytes received and not yet taken as messages (what is queued behind the last one).

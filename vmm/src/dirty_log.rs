@@ -39,11 +39,12 @@ pub const DEFAULT_MAX_HOT_PAGES: usize = 2048;
 pub const MIN_HOT_PAGES: usize = 256;
 pub const MAX_HOT_PAGES: usize = 16384;
 /// The capture time the hot-page limit aims under: every hot page is copied in the pause.
-/// 3 ms keeps the pause p99 under 5 ms at 40 Hz (with the vCPU on a core of its own) and buys
-/// fewer write faults than 2 ms did (a checkpointed-only SET guest: 0.65-0.69 -> 0.74-0.78 of
-/// its unprotected throughput, `bench replication`), since a write fault costs six to eight
-/// times a page's copy here.
-pub const PAUSE_BUDGET_US: u64 = 3000;
+/// 4 ms keeps the pause p99 under 5 ms at 40 Hz (with the vCPU on a core of its own, and
+/// captures that never map memory: `staging.rs`), and under SET load it halves the guest's
+/// write faults against 3 ms (KVM's `pf_fixed`: about 1,000 -> 300-600 per 1,000 requests),
+/// since a write fault costs six to eight times a page's copy here. Paired rounds of `bench
+/// replication` alternating the two: protected/unprotected median 0.66 at 3 ms, 0.74 at 4 ms.
+pub const PAUSE_BUDGET_US: u64 = 4000;
 
 vmm_sys_util::ioctl_iowr_nr!(
     KVM_CLEAR_DIRTY_LOG,

@@ -28,6 +28,7 @@ pub mod clock;
 pub mod control;
 pub mod devices;
 pub mod dirty_log;
+pub mod kvm_stats;
 pub mod memory;
 pub mod net_port;
 pub mod snapshot;

@@ -13,6 +13,7 @@
 //! A kick is an eventfd write (to end a WAIT sleep) plus a signal (to end KVM_RUN with EINTR);
 //! the handle repeats it until the VM thread answers, so no kick is ever lost.
 
+use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use crate::clock::{self, GuestClock};
 use crate::devices::hypercall::{self, Console};
 use crate::devices::net::{NetDevice, NetStats};
 use crate::dirty_log::{DEFAULT_MAX_HOT_PAGES, DirtyLog};
+use crate::kvm_stats::KvmCounters;
 use crate::memory::{self, GuestMem, MemoryError};
 use crate::net_port::NetPort;
 use crate::snapshot::{self, LayerKind, SnapshotError, VmSnapshot};
@@ -153,6 +155,10 @@ pub struct VmStatus {
     /// Pages the dirty log left writable at the last harvest (`None`: the kernel has no manual
     /// dirty-log protection, every page is re-protected).
     pub hot_pages: Option<usize>,
+    /// KVM's counters for this VM and its vCPU (`vcpu.pf_fast`, `vcpu.exits`, `vm.pages_4k`...),
+    /// empty if the kernel keeps none ([`crate::kvm_stats`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kvm: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +196,8 @@ pub struct Vm {
     staging: Arc<StagingPool>,
     /// Set once the VM can no longer run (guest exit or crash), for the handle to see.
     finished: Arc<std::sync::Mutex<Option<RunState>>>,
+    /// KVM's counters for the VM and the vCPU, shared with the handle.
+    counters: Option<Arc<KvmCounters>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -332,6 +340,7 @@ impl Vm {
             staging: StagingPool::new(DEFAULT_MAX_KEPT_BYTES),
             dirty: parts.dirty,
             finished: Arc::default(),
+            counters: KvmCounters::open(&parts.vm, &parts.vcpu).map(Arc::new),
             vcpu: parts.vcpu,
             vm: parts.vm,
             _kvm: parts.kvm,
@@ -409,6 +418,8 @@ impl Vm {
             .map_err(|e| VmError::Signal(e.to_string()))?;
         let kick = self.kick.clone();
         let finished = self.finished.clone();
+        let counters = self.counters.clone();
+        let staging = (self.staging.clone(), self.mem_size);
         let (tx, rx) = mpsc::channel();
         let (placed_tx, placed) = mpsc::sync_channel(1);
         let vcpu_cpus = vcpu_cpus.cloned();
@@ -439,6 +450,8 @@ impl Vm {
             commands: tx,
             kick,
             finished,
+            counters,
+            staging,
             thread: Some(thread),
         })
     }
@@ -561,6 +574,7 @@ impl Vm {
             bad_control_requests: crate::control::BAD_REQUESTS
                 .load(std::sync::atomic::Ordering::Relaxed),
             hot_pages: self.dirty.manual().then(|| self.dirty.hot_pages()),
+            kvm: self.counters.as_ref().map(|c| c.read()).unwrap_or_default(),
         }
     }
 
@@ -920,6 +934,9 @@ pub struct VmHandle {
     commands: Sender<Request>,
     kick: Arc<Kick>,
     finished: Arc<std::sync::Mutex<Option<RunState>>>,
+    counters: Option<Arc<KvmCounters>>,
+    /// The VM's capture buffers and the size of a full capture (all of guest memory).
+    staging: (Arc<StagingPool>, u64),
     thread: Option<JoinHandle<RunState>>,
 }
 
@@ -937,9 +954,24 @@ impl std::fmt::Debug for Request {
 }
 
 impl VmHandle {
+    /// KVM's counters for the VM and its vCPU now, read without stopping the vCPU (empty if
+    /// the kernel keeps none).
+    pub fn kvm_counters(&self) -> BTreeMap<String, u64> {
+        self.counters.as_ref().map(|c| c.read()).unwrap_or_default()
+    }
+
     /// Sends `command` and waits for the reply, kicking the VM thread until it answers.
     pub fn call(&self, command: Command) -> Result<Reply, VmError> {
         self.request(|reply| Request::Command { command, reply })
+    }
+
+    /// Populates the buffer of a full capture now, while the guest runs, so that the next full
+    /// checkpoint's pause is the copy alone ([`StagingPool::prepare`]). Takes a while (it
+    /// faults in all of guest memory's size); call it from the thread that will ask for the
+    /// checkpoint.
+    pub fn prepare_full_capture(&self) {
+        let (pool, mem_size) = &self.staging;
+        pool.prepare(*mem_size as usize);
     }
 
     /// Captures a checkpoint: stops the vCPU, copies the dirty pages (all pages if `full`) and
