@@ -588,16 +588,23 @@ fn replication_threads_run_in_the_background_while_epochs_keep_pace() {
     );
     // The sender's priority is background by default.
     let vm = replicating_vm(&site, dir.path());
-    // The first, full epoch may have been late (and raised the threads); once eight epochs in
-    // a row keep pace they are back in the background.
-    let r = wait_for(&vm.control, "the sender in the background", |r| {
-        r["sender_background"] == true && r["committed"].as_u64() > Some(40)
-    });
-    assert_eq!(
-        thread_policies(vm.proc.id(), "replication"),
-        vec![5],
-        "the sender thread runs SCHED_IDLE: {r}"
-    );
+    // The first, full epoch may have been late (and raised the threads), and on a busy machine
+    // the epoch clock raises a starved sender for a while; once eight epochs in a row keep pace
+    // it is back in the background.
+    let started = Instant::now();
+    loop {
+        let r = wait_for(&vm.control, "the sender in the background", |r| {
+            r["sender_background"] == true && r["committed"].as_u64() > Some(40)
+        });
+        if thread_policies(vm.proc.id(), "replication") == vec![5] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the sender thread runs SCHED_IDLE while it keeps pace: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         thread_policies(vm.proc.id(), "epoch-clock"),
         vec![0],

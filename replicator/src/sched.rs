@@ -65,13 +65,6 @@ pub fn set_thread(tid: i32, background: bool) -> std::io::Result<()> {
     }
 }
 
-impl Drop for Escalation {
-    fn drop(&mut self) {
-        // The thread's id may be given to another thread once this one ends.
-        self.early.tid.store(0, Ordering::SeqCst);
-    }
-}
-
 /// A handle for raising a background thread from another thread, before it knows it is late.
 #[derive(Debug, Default)]
 pub struct EarlyRaise {
@@ -190,6 +183,13 @@ impl Escalation {
         if set_current_thread(background).is_err() {
             self.refused += 1;
         }
+    }
+}
+
+impl Drop for Escalation {
+    fn drop(&mut self) {
+        // The thread's id may be given to another thread once this one ends.
+        self.early.tid.store(0, Ordering::SeqCst);
     }
 }
 

@@ -35,7 +35,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rustix::mm::{Advice, MapFlags, ProtFlags, madvise, mmap_anonymous, munmap};
+use rustix::mm::{
+    Advice, MapFlags, MprotectFlags, ProtFlags, madvise, mmap_anonymous, mprotect, munmap,
+};
 
 const PAGE: usize = 4096;
 
@@ -53,6 +55,11 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
+    /// `bytes` of address space, and a guard page after them. The kernel merges neighbouring
+    /// mappings of the same kind into one area; a capture buffer merged with guest memory
+    /// (both anonymous, `MAP_NORESERVE`) would share its locks and its accounting, so the
+    /// buffer is marked not to be dumped (a core dump need not hold copies of guest memory)
+    /// and ends in an inaccessible page, which no neighbour merges across.
     fn reserve(bytes: usize) -> Mapping {
         let reserved = bytes.max(PAGE).next_multiple_of(PAGE);
         // SAFETY: a new anonymous mapping at an address of the kernel's choosing aliases
@@ -60,20 +67,31 @@ impl Mapping {
         let ptr = unsafe {
             mmap_anonymous(
                 std::ptr::null_mut(),
-                reserved,
+                reserved + PAGE,
                 ProtFlags::READ | ProtFlags::WRITE,
                 MapFlags::PRIVATE | MapFlags::NORESERVE,
             )
         };
-        match ptr.ok().and_then(|p| NonNull::new(p.cast::<u8>())) {
-            Some(ptr) => Mapping {
-                ptr,
-                reserved,
-                populated: 0,
-            },
-            None => std::alloc::handle_alloc_error(
+        let Some(ptr) = ptr.ok().and_then(|p| NonNull::new(p.cast::<u8>())) else {
+            std::alloc::handle_alloc_error(
                 std::alloc::Layout::from_size_align(reserved, PAGE).expect("a page-sized layout"),
-            ),
+            )
+        };
+        // SAFETY: both calls change only our new mapping's attributes: its last page becomes
+        // inaccessible (nothing ever points there: slices stop at `reserved`), the rest is
+        // left out of core dumps.
+        unsafe {
+            let _ = mprotect(
+                ptr.as_ptr().add(reserved).cast(),
+                PAGE,
+                MprotectFlags::empty(),
+            );
+            let _ = madvise(ptr.as_ptr().cast(), reserved, Advice::LinuxDontDump);
+        }
+        Mapping {
+            ptr,
+            reserved,
+            populated: 0,
         }
     }
 
@@ -147,7 +165,7 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: the mapping is ours and nothing borrows it any more.
-        let _ = unsafe { munmap(self.ptr.as_ptr().cast(), self.reserved) };
+        let _ = unsafe { munmap(self.ptr.as_ptr().cast(), self.reserved + PAGE) };
     }
 }
 
