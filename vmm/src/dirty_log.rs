@@ -39,12 +39,12 @@ pub const DEFAULT_MAX_HOT_PAGES: usize = 2048;
 pub const MIN_HOT_PAGES: usize = 256;
 pub const MAX_HOT_PAGES: usize = 16384;
 /// The capture time the hot-page limit aims under: every hot page is copied in the pause.
-/// 4 ms keeps the pause p99 under 5 ms at 40 Hz (with the vCPU on a core of its own, and
-/// captures that never map memory: `staging.rs`), and under SET load it halves the guest's
-/// write faults against 3 ms (KVM's `pf_fixed`: about 1,000 -> 300-600 per 1,000 requests),
-/// since a write fault costs six to eight times a page's copy here. Paired rounds of `bench
-/// replication` alternating the two: protected/unprotected median 0.66 at 3 ms, 0.74 at 4 ms.
-pub const PAUSE_BUDGET_US: u64 = 4000;
+/// A write fault costs six to eight times a page's copy here, so more hot pages mean fewer
+/// faults (KVM's `pf_fixed` under SET load: about 1,000 per 1,000 requests at 3 ms, 400-550 at
+/// 4 ms) but longer pauses. `bench replication` with the vCPU on a core of its own and
+/// captures that never map memory (`staging.rs`): at 4 ms the 40 Hz pause p99 reached 5.3 ms in
+/// one of five runs; at 3.5 ms it stayed at 3.6-3.7 ms with no measurable loss of throughput.
+pub const PAUSE_BUDGET_US: u64 = 3500;
 
 vmm_sys_util::ioctl_iowr_nr!(
     KVM_CLEAR_DIRTY_LOG,
