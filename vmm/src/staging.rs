@@ -11,7 +11,7 @@
 //! copies it, and no capture maps or unmaps memory once the pool holds its buffers. That
 //! matters beyond the copy: a `mmap`, `munmap` or `mremap` in the pause waits for the process's
 //! mmap lock, which a background thread (the sender, `SCHED_IDLE`) may hold while it is
-//! preempted for milliseconds; growing a `Vec` in the pause once cost 10-50 ms that way.
+//! preempted for milliseconds; growing a `Vec` in the pause cost 10-140 ms that way.
 //! Captures grow as a guest's hot pages do, so the pool remembers the largest capture it
 //! served, and a buffer given back is populated to that plus a quarter there, on the thread
 //! that drops it (the sender's, outside the pause):
@@ -219,7 +219,7 @@ impl StagingPool {
 
     /// Populates a buffer for a capture of `len` bytes larger than the pool keeps (a full
     /// epoch), now, so that the capture only copies: faulting in all of a 256 MiB guest's
-    /// worth in the pause took 0.1-0.8 s here, the copy itself 30-50 ms. Call it outside the
+    /// worth in the pause took 0.1-0.8 s here, the copy alone 8-17 ms. Call it outside the
     /// pause, before the capture (the epoch clock does, before a link's first, full epoch).
     pub fn prepare(&self, len: usize) {
         if len <= self.max_kept_bytes {
