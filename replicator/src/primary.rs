@@ -30,15 +30,15 @@ use std::time::{Duration, Instant};
 use secondsite_vmm::{Capture, Command, VmHandle, checkpoint_group};
 
 use crate::codec::{BatchStats, CodecConfig, Encoder, Page, pack_state};
-use crate::sched::{EarlyRaise, Escalation, Priority};
+use crate::sched::{Escalation, Priority, Raisable};
 use crate::tls::Channel;
 use crate::wire::{Link, MIN_VERSION, Message, VERSION};
 
 /// Epochs that may be in flight (captured and sent, not yet acknowledged).
 const WINDOW: u64 = 16;
-/// Captures that may be taken and not yet shipped. Each holds its dirty pages in staging
-/// buffers, and a capture that finds no kept buffer page-faults a fresh one inside the pause: a
-/// clock that queued more than a few while a background sender lagged saw 30 ms pauses.
+/// Captures that may be taken and not yet shipped. Each holds its dirty pages in a staging
+/// buffer; the VM keeps `vmm::staging::RESERVED_BUFFERS` (one more than this), and a capture
+/// that finds none free maps a fresh one inside the pause.
 const QUEUE_DEPTH: u64 = 3;
 /// Captures unshipped at a tick at which the clock raises a background sender (see `sched`).
 const RAISE_AT: u64 = 2;
@@ -359,21 +359,22 @@ struct Captured {
     pause_us: u64,
 }
 
-/// The epoch clock of one link: every interval it has the group's VMs capture (on their own
-/// threads) and queues the captures for the sender. It runs at the guests' priority, so the
-/// epochs keep their interval while a background sender lags; it skips a tick only while
-/// `WINDOW` epochs are captured and not yet acknowledged, or `QUEUE_DEPTH` not yet shipped
-/// (the backup or the sender is behind); the next capture then covers the skipped tick. The
-/// first capture of a link is full.
 /// What the epoch clock works with: the group, its configuration and status, and the sender
 /// to raise when it falls behind.
 struct Clock<'a> {
     members: &'a [Member],
     config: &'a SenderConfig,
     shared: &'a Shared,
-    sender: &'a EarlyRaise,
+    /// `None` for a sender at normal priority.
+    sender: Option<&'a Raisable>,
 }
 
+/// The epoch clock of one link: every interval it has the group's VMs capture (on their own
+/// threads) and queues the captures for the sender. It runs at the guests' priority, so the
+/// epochs keep their interval while a background sender lags; it skips a tick only while
+/// `WINDOW` epochs are captured and not yet acknowledged, or `QUEUE_DEPTH` not yet shipped
+/// (the backup or the sender is behind); the next capture then covers the skipped tick. The
+/// first capture of a link is full.
 fn epoch_clock(
     clock: Clock<'_>,
     mut epoch: u64,
@@ -416,12 +417,15 @@ fn epoch_clock(
         };
         // A background sender with two captures unshipped at a tick is an interval behind and
         // may be starved: raised now, it catches up before the clock has to wait for it.
-        if epoch >= shipped + RAISE_AT && sender.raise() {
+        if epoch >= shipped + RAISE_AT
+            && let Some(sender) = sender
+            && sender.raise()
+        {
             shared.update(|s| s.early_raises += 1);
         }
         // Not yet shipped: in the queue, or being encoded (so the queue never fills).
-        if epoch >= committed + WINDOW || epoch >= shipped + QUEUE_DEPTH {
-            let for_acks = epoch >= committed + WINDOW;
+        let for_acks = epoch >= committed + WINDOW;
+        if for_acks || epoch >= shipped + QUEUE_DEPTH {
             let since = *waiting_since.get_or_insert_with(|| {
                 shared.update(|s| {
                     s.window_waits += 1;
@@ -491,7 +495,7 @@ fn ship_epochs(s: Shipping<'_>, epoch: u64) -> Result<(), String> {
                     members,
                     config,
                     shared,
-                    sender: &sender,
+                    sender: sender.as_deref(),
                 };
                 epoch_clock(clock, epoch, &link_done, queue)
             })

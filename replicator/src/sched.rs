@@ -10,12 +10,13 @@
 //! failure is counted.
 //!
 //! A thread that falls behind cannot notice it while it is starved, so whoever waits for it can
-//! raise it early through its [`EarlyRaise`]: the primary's epoch clock (normal priority) does,
+//! raise it early through its [`Raisable`]: the primary's epoch clock (normal priority) does,
 //! once two captures wait for the sender, before the clock itself would have to wait. The
 //! thread returns to the background by its own calm rule.
 //!
-//! The store's folds are background work too (see `store`): always `SCHED_IDLE`, raised by
-//! the writer when the log outgrows twice its bound while a fold runs.
+//! The store's folds are background work too (see `store`): always `SCHED_IDLE`, raised
+//! through the same [`Raisable`] by the writer when the log outgrows twice its bound while a
+//! fold runs.
 //!
 //! The only unsafe code of this crate: `sched_setscheduler(2)` and `gettid(2)`.
 #![allow(unsafe_code)]
@@ -65,24 +66,67 @@ pub fn set_thread(tid: i32, background: bool) -> std::io::Result<()> {
     }
 }
 
-/// A handle for raising a background thread from another thread, before it knows it is late.
+/// A thread in the background that other threads may raise to normal scheduling: the store's
+/// fold (raised by the writer when the log outgrows twice its bound, or when it waits for the
+/// fold) and the primary's sender (raised early by its epoch clock). A raise is never lost,
+/// whichever order the two threads run in: the thread publishes its id, moves to `SCHED_IDLE`
+/// and then looks for a raise; a raiser sets the flag and then moves a thread whose id it sees
+/// (the atomics are sequentially consistent).
 #[derive(Debug, Default)]
-pub struct EarlyRaise {
-    /// The thread, once its [`Escalation`] put it in the background (0: nothing to raise).
+pub struct Raisable {
+    /// The thread, once it entered the background (0 before, and after it left).
     tid: AtomicI32,
-    /// Raised and not yet taken up by the thread's [`Escalation`].
-    requested: AtomicBool,
+    /// Raised, and not yet lowered by the thread.
+    raised: AtomicBool,
 }
 
-impl EarlyRaise {
-    /// Moves the thread to normal scheduling now, unless it is not in the background or a
-    /// raise is already pending. True if this call raised it.
+impl Raisable {
+    /// On the thread: into the background, unless it has been raised.
+    pub fn enter_background(&self) -> std::io::Result<()> {
+        self.tid.store(current_thread_id(), Ordering::SeqCst);
+        set_current_thread(true)?;
+        if self.raised.load(Ordering::SeqCst) {
+            set_current_thread(false)?;
+        }
+        Ok(())
+    }
+
+    /// On the thread: takes a raise back and returns to the background (unless raised again
+    /// meanwhile).
+    pub fn lower(&self) -> std::io::Result<()> {
+        self.raised.store(false, Ordering::SeqCst);
+        self.enter_background()
+    }
+
+    /// Whether another thread raised it (and it has not lowered itself since).
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::SeqCst)
+    }
+
+    /// On the thread, when it stops being one to raise: its id may go to another thread.
+    pub fn leave(&self) {
+        self.tid.store(0, Ordering::SeqCst);
+    }
+
+    /// On another thread: moves the thread to normal scheduling now (or as it enters the
+    /// background). True if this call raised it, false if it was raised already.
     pub fn raise(&self) -> bool {
-        let tid = self.tid.load(Ordering::SeqCst);
-        if tid == 0 || self.requested.swap(true, Ordering::SeqCst) {
+        if self.raised.swap(true, Ordering::SeqCst) {
             return false;
         }
-        set_thread(tid, false).is_ok()
+        match self.tid.load(Ordering::SeqCst) {
+            0 => {}
+            tid => {
+                let _ = set_thread(tid, false);
+            }
+        }
+        true
+    }
+
+    /// The thread's id once it entered the background (0 before).
+    #[cfg(test)]
+    pub(crate) fn thread_id(&self) -> i32 {
+        self.tid.load(Ordering::SeqCst)
     }
 }
 
@@ -101,7 +145,8 @@ pub struct Escalation {
     pub escalations: u64,
     /// Policy changes the kernel refused (no `CAP_SYS_NICE`).
     pub refused: u64,
-    early: Arc<EarlyRaise>,
+    /// How other threads raise this one early (used in the background only).
+    raisable: Arc<Raisable>,
 }
 
 impl Escalation {
@@ -114,18 +159,22 @@ impl Escalation {
             calm: 0,
             escalations: 0,
             refused: 0,
-            early: Arc::default(),
+            raisable: Arc::default(),
         };
-        e.apply(priority == Priority::Background);
-        if priority == Priority::Background {
-            e.early.tid.store(current_thread_id(), Ordering::SeqCst);
+        let placed = match priority {
+            Priority::Background => e.raisable.enter_background(),
+            Priority::Normal => set_current_thread(false),
+        };
+        if placed.is_err() {
+            e.refused += 1;
         }
         e
     }
 
-    /// What another thread uses to raise this one early.
-    pub fn early_raise(&self) -> Arc<EarlyRaise> {
-        self.early.clone()
+    /// What another thread uses to raise this one early; `None` for a thread at normal
+    /// priority, which is never in the background.
+    pub fn early_raise(&self) -> Option<Arc<Raisable>> {
+        (self.priority == Priority::Background).then(|| self.raisable.clone())
     }
 
     /// The thread is in the background now.
@@ -139,19 +188,20 @@ impl Escalation {
         if self.priority == Priority::Normal {
             return;
         }
-        if !self.escalated && self.early.requested.load(Ordering::SeqCst) {
-            // Raised from outside: counted, and applied again in case the raise landed just
-            // before this thread last returned itself to the background.
+        if !self.escalated && self.raisable.is_raised() {
+            // Raised from outside (already at normal scheduling): counted, and lowered by the
+            // calm rule like an escalation of its own.
             self.escalated = true;
             self.calm = 0;
             self.escalations += 1;
-            self.apply(false);
         }
-        if let Some(background) = self.decide(took) {
-            if background {
-                self.early.requested.store(false, Ordering::SeqCst);
-            }
-            self.apply(background);
+        let changed = match self.decide(took) {
+            Some(true) => self.raisable.lower(),
+            Some(false) => set_current_thread(false),
+            None => Ok(()),
+        };
+        if changed.is_err() {
+            self.refused += 1;
         }
     }
 
@@ -178,18 +228,11 @@ impl Escalation {
         }
         None
     }
-
-    fn apply(&mut self, background: bool) {
-        if set_current_thread(background).is_err() {
-            self.refused += 1;
-        }
-    }
 }
 
 impl Drop for Escalation {
     fn drop(&mut self) {
-        // The thread's id may be given to another thread once this one ends.
-        self.early.tid.store(0, Ordering::SeqCst);
+        self.raisable.leave();
     }
 }
 
@@ -232,6 +275,7 @@ pub(crate) mod tests {
             e.epoch_done(Duration::from_secs(5));
             assert_eq!(policy_of_this_thread(), libc::SCHED_OTHER as u32);
             assert_eq!(e.escalations, 0);
+            assert!(e.early_raise().is_none(), "nothing to raise");
         })
         .join()
         .expect("thread");
@@ -246,7 +290,7 @@ pub(crate) mod tests {
             calm: 0,
             escalations: 0,
             refused: 0,
-            early: Arc::default(),
+            raisable: Arc::default(),
         };
         assert_eq!(e.decide(Duration::from_millis(10)), None, "on time");
         assert_eq!(e.decide(Duration::from_millis(51)), Some(false), "late");
@@ -272,7 +316,7 @@ pub(crate) mod tests {
         let (go, wait) = std::sync::mpsc::channel::<()>();
         let worker = std::thread::spawn(move || {
             let mut e = Escalation::start(Priority::Background, Duration::from_millis(50));
-            tx.send((current_thread_id(), e.early_raise()))
+            tx.send((current_thread_id(), e.early_raise().expect("background")))
                 .expect("send");
             wait.recv().expect("raised");
             assert_eq!(policy_of_this_thread(), libc::SCHED_OTHER as u32);
@@ -285,7 +329,7 @@ pub(crate) mod tests {
             assert!(e.in_background());
             assert_eq!(policy_of_this_thread(), libc::SCHED_IDLE as u32);
             assert!(
-                e.early_raise().raise(),
+                e.early_raise().expect("background").raise(),
                 "back in the background: may be raised again"
             );
         });
@@ -299,6 +343,21 @@ pub(crate) mod tests {
             !early.raise(),
             "the thread is gone: its id is never raised again"
         );
+    }
+
+    #[test]
+    fn a_thread_raised_before_it_enters_the_background_stays_raised() {
+        let raisable = Arc::new(Raisable::default());
+        assert!(raisable.raise(), "the first raise counts");
+        assert!(!raisable.raise(), "once");
+        let on_thread = raisable.clone();
+        let policy = std::thread::spawn(move || {
+            let _ = on_thread.enter_background();
+            policy_of(current_thread_id())
+        })
+        .join()
+        .expect("thread");
+        assert_ne!(policy, libc::SCHED_IDLE as u32);
     }
 
     #[test]

@@ -29,10 +29,10 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use crate::bytes::Fields;
 use crate::codec::ChangeList;
+use crate::sched::Raisable;
 
 mod fold;
 use fold::{FilePages, FoldPlan};
@@ -140,44 +140,8 @@ pub struct Store {
 struct Folding {
     through: u64,
     thread: std::thread::JoinHandle<Result<(), StoreError>>,
-    priority: Arc<FoldPriority>,
-}
-
-/// How the writer raises a fold thread that runs in the background.
-#[derive(Debug, Default)]
-struct FoldPriority {
-    /// The fold thread's id, published before it leaves normal scheduling (0 before).
-    tid: AtomicI32,
-    /// The writer wants the fold at normal scheduling.
-    urgent: AtomicBool,
-}
-
-impl FoldPriority {
-    /// On the fold thread: into the background, unless the writer already wants it raised.
-    /// With [`FoldPriority::raise`], whichever order the two run in, a raised fold ends at
-    /// normal scheduling (the atomics are sequentially consistent).
-    fn enter_background(&self) {
-        self.tid
-            .store(crate::sched::current_thread_id(), Ordering::SeqCst);
-        let _ = crate::sched::set_current_thread(true);
-        if self.urgent.load(Ordering::SeqCst) {
-            let _ = crate::sched::set_current_thread(false);
-        }
-    }
-
-    /// On the writer: raises the fold to normal scheduling; true the first time.
-    fn raise(&self) -> bool {
-        if self.urgent.swap(true, Ordering::SeqCst) {
-            return false;
-        }
-        match self.tid.load(Ordering::SeqCst) {
-            0 => {}
-            tid => {
-                let _ = crate::sched::set_thread(tid, false);
-            }
-        }
-        true
-    }
+    /// How the writer raises it while it runs in the background.
+    priority: Arc<Raisable>,
 }
 
 /// `STORE/vm-N.meta`: VM `vm`'s memory size and the epoch its base holds.
@@ -452,7 +416,7 @@ impl Store {
             && let Some(plan) = self.fold_plan()
         {
             let through = plan.through;
-            let priority = Arc::new(FoldPriority::default());
+            let priority = Arc::new(Raisable::default());
             let fold_priority = priority.clone();
             let thread = std::thread::Builder::new()
                 .name("store-fold".into())
@@ -460,7 +424,7 @@ impl Store {
                     // Folding is housekeeping, never on the acknowledgement's path: it takes
                     // the CPU the guests and the link leave (the writer raises it if the log
                     // outgrows twice its bound meanwhile, or when it waits for the fold).
-                    fold_priority.enter_background();
+                    let _ = fold_priority.enter_background();
                     fold::run(&plan)
                 })
                 .map_err(io_at(&self.dir))?;
@@ -1106,14 +1070,14 @@ mod tests {
         }
         let priority = store.folding.as_ref().expect("folding").priority.clone();
         let started = std::time::Instant::now();
-        while priority.tid.load(Ordering::SeqCst) == 0 {
+        while priority.thread_id() == 0 {
             assert!(
                 started.elapsed().as_secs() < 10,
                 "the fold thread never started"
             );
             std::thread::yield_now();
         }
-        let tid = priority.tid.load(Ordering::SeqCst);
+        let tid = priority.thread_id();
         assert_eq!(
             policy_of(tid),
             libc::SCHED_IDLE as u32,
@@ -1143,22 +1107,6 @@ mod tests {
                 .expect("written");
             assert_eq!(mem[p as usize * PAGE], newest as u8, "page {p}");
         }
-    }
-
-    #[test]
-    fn a_fold_raised_before_it_enters_the_background_stays_raised() {
-        use crate::sched::tests::policy_of;
-        let priority = Arc::new(FoldPriority::default());
-        assert!(priority.raise(), "the first raise counts");
-        assert!(!priority.raise(), "once");
-        let on_thread = priority.clone();
-        let policy = std::thread::spawn(move || {
-            on_thread.enter_background();
-            policy_of(crate::sched::current_thread_id())
-        })
-        .join()
-        .expect("thread");
-        assert_ne!(policy, libc::SCHED_IDLE as u32);
     }
 
     #[test]

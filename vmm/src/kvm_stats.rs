@@ -19,6 +19,10 @@ vmm_sys_util::ioctl_io_nr!(KVM_GET_STATS_FD, kvm_bindings::KVMIO, 0xce);
 /// Size of `struct kvm_stats_header` and of a descriptor without its name.
 const HEADER_SIZE: usize = 24;
 const DESCRIPTOR_SIZE: usize = 16;
+/// A descriptor's type (`flags & KVM_STATS_TYPE_MASK`) for a count of events since the object
+/// was made, as against the value of a gauge (`INSTANT`, `PEAK`).
+const TYPE_MASK: u32 = 0xf;
+const TYPE_CUMULATIVE: u32 = 0;
 
 /// One KVM object's counters: its stats fd, where its data block is, and the scalar counters in it.
 #[derive(Debug)]
@@ -26,9 +30,10 @@ struct StatsFile {
     file: File,
     data_offset: u64,
     data_len: usize,
-    /// Name prefix ("vm." or "vcpu."), then (name, u64 index into the data block).
+    /// Name prefix ("vm." or "vcpu."), then (name, u64 index into the data block, whether it
+    /// counts events).
     prefix: &'static str,
-    scalars: Vec<(String, usize)>,
+    scalars: Vec<(String, usize, bool)>,
 }
 
 impl StatsFile {
@@ -54,6 +59,7 @@ impl StatsFile {
         let mut scalars = Vec::new();
         let mut data_len = 0;
         for d in descriptors.chunks_exact(stride) {
+            let flags = u32::from_le_bytes(d[0..4].try_into().unwrap());
             let size = u16::from_le_bytes([d[6], d[7]]) as usize;
             let offset = u32::from_le_bytes(d[8..12].try_into().unwrap()) as usize;
             data_len = data_len.max(offset + size * 8);
@@ -65,6 +71,7 @@ impl StatsFile {
             scalars.push((
                 String::from_utf8_lossy(&name[..end]).into_owned(),
                 offset / 8,
+                flags & TYPE_MASK == TYPE_CUMULATIVE,
             ));
         }
         Some(StatsFile {
@@ -76,7 +83,7 @@ impl StatsFile {
         })
     }
 
-    fn read_into(&self, out: &mut BTreeMap<String, u64>) {
+    fn read_into(&self, out: &mut BTreeMap<String, u64>, events_only: bool) {
         let mut data = vec![0u8; self.data_len];
         if self
             .file
@@ -85,7 +92,7 @@ impl StatsFile {
         {
             return;
         }
-        for (name, index) in &self.scalars {
+        for (name, index, _) in self.scalars.iter().filter(|s| s.2 || !events_only) {
             let bytes = &data[index * 8..index * 8 + 8];
             out.insert(
                 format!("{}{name}", self.prefix),
@@ -113,9 +120,19 @@ impl KvmCounters {
 
     /// Every scalar counter now, named `vm.NAME` or `vcpu.NAME` (`vcpu.pf_fast`, `vm.pages_4k`).
     pub fn read(&self) -> BTreeMap<String, u64> {
+        self.read_where(false)
+    }
+
+    /// The counters of events only (`vcpu.exits`, `vcpu.pf_fixed`; not gauges such as
+    /// `vm.pages_4k`): what a difference of two readings makes sense of.
+    pub fn read_events(&self) -> BTreeMap<String, u64> {
+        self.read_where(true)
+    }
+
+    fn read_where(&self, events_only: bool) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
         for file in &self.files {
-            file.read_into(&mut out);
+            file.read_into(&mut out, events_only);
         }
         out
     }
@@ -137,9 +154,12 @@ mod tests {
             eprintln!("this kernel has no KVM binary statistics: skipped");
             return;
         };
+        let events = counters.read_events();
         let counters = counters.read();
         assert!(counters.contains_key("vcpu.exits"), "{counters:?}");
         assert!(counters.contains_key("vm.pages_4k"), "{counters:?}");
         assert_eq!(counters["vcpu.exits"], 0, "a vCPU that never ran");
+        assert!(events.contains_key("vcpu.pf_fixed"), "{events:?}");
+        assert!(!events.contains_key("vm.pages_4k"), "a gauge: {events:?}");
     }
 }

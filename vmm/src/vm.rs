@@ -419,7 +419,7 @@ impl Vm {
         let kick = self.kick.clone();
         let finished = self.finished.clone();
         let counters = self.counters.clone();
-        let staging = (self.staging.clone(), self.mem_size);
+        let (staging, mem_size) = (self.staging.clone(), self.mem_size);
         let (tx, rx) = mpsc::channel();
         let (placed_tx, placed) = mpsc::sync_channel(1);
         let vcpu_cpus = vcpu_cpus.cloned();
@@ -452,6 +452,7 @@ impl Vm {
             finished,
             counters,
             staging,
+            mem_size,
             thread: Some(thread),
         })
     }
@@ -935,8 +936,9 @@ pub struct VmHandle {
     kick: Arc<Kick>,
     finished: Arc<std::sync::Mutex<Option<RunState>>>,
     counters: Option<Arc<KvmCounters>>,
-    /// The VM's capture buffers and the size of a full capture (all of guest memory).
-    staging: (Arc<StagingPool>, u64),
+    /// The VM's capture buffers, and guest memory's size (a full capture's).
+    staging: Arc<StagingPool>,
+    mem_size: u64,
     thread: Option<JoinHandle<RunState>>,
 }
 
@@ -954,10 +956,14 @@ impl std::fmt::Debug for Request {
 }
 
 impl VmHandle {
-    /// KVM's counters for the VM and its vCPU now, read without stopping the vCPU (empty if
-    /// the kernel keeps none).
-    pub fn kvm_counters(&self) -> BTreeMap<String, u64> {
-        self.counters.as_ref().map(|c| c.read()).unwrap_or_default()
+    /// KVM's counts of events for the VM and its vCPU now (exits, page faults fixed...), read
+    /// without stopping the vCPU (empty if the kernel keeps none). `vm status` shows every
+    /// counter, gauges too.
+    pub fn kvm_events(&self) -> BTreeMap<String, u64> {
+        self.counters
+            .as_ref()
+            .map(|c| c.read_events())
+            .unwrap_or_default()
     }
 
     /// Sends `command` and waits for the reply, kicking the VM thread until it answers.
@@ -970,8 +976,7 @@ impl VmHandle {
     /// faults in all of guest memory's size); call it from the thread that will ask for the
     /// checkpoint.
     pub fn prepare_full_capture(&self) {
-        let (pool, mem_size) = &self.staging;
-        pool.prepare(*mem_size as usize);
+        self.staging.prepare(self.mem_size as usize);
     }
 
     /// Captures a checkpoint: stops the vCPU, copies the dirty pages (all pages if `full`) and

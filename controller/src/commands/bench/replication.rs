@@ -468,41 +468,6 @@ fn protected_run(
     }))
 }
 
-/// KVM's event counters the throughput runs report (`secondsite_vmm::kvm_stats`).
-const KVM_EVENTS: &[&str] = &[
-    "vcpu.pf_taken",
-    "vcpu.pf_fixed",
-    "vcpu.pf_emulate",
-    "vcpu.pf_spurious",
-    "vcpu.pf_fast",
-    "vcpu.pf_guest",
-    "vcpu.tlb_flush",
-    "vcpu.invlpg",
-    "vcpu.exits",
-    "vcpu.io_exits",
-    "vcpu.mmio_exits",
-    "vcpu.signal_exits",
-    "vcpu.halt_exits",
-    "vcpu.irq_exits",
-    "vcpu.host_state_reload",
-    "vcpu.fpu_reload",
-    "vcpu.insn_emulation",
-    "vcpu.hypercalls",
-    "vcpu.irq_injections",
-    "vcpu.req_event",
-    "vcpu.preemption_reported",
-    "vcpu.preemption_other",
-    "vm.remote_tlb_flush",
-    "vm.remote_tlb_flush_requests",
-    "vm.mmu_shadow_zapped",
-    "vm.mmu_pte_write",
-    "vm.mmu_pde_zapped",
-    "vm.mmu_flooded",
-    "vm.mmu_recycled",
-    "vm.mmu_cache_miss",
-    "vm.mmu_unsync",
-];
-
 /// SET throughput, the CPU shares of the parts while it ran, and what KVM counted for the
 /// guest per thousand requests (write faults, exits, TLB flushes: where a checkpointed guest's
 /// time goes).
@@ -512,7 +477,7 @@ fn set_throughput_with_cpu(
     receiver_pid: u32,
 ) -> anyhow::Result<(f64, Value)> {
     let before = CpuUse::now(receiver_pid);
-    let counters_before = handle.kvm_counters();
+    let counters_before = handle.kvm_events();
     let started = Instant::now();
     let rps = set_throughput(requests)?;
     let mut cpu = CpuUse::now(receiver_pid).since(&before, started.elapsed().as_secs_f64());
@@ -521,9 +486,8 @@ fn set_throughput_with_cpu(
         round(delta as f64 * 1000.0 / requests as f64)
     };
     cpu["kvm_per_1k_requests"] = handle
-        .kvm_counters()
+        .kvm_events()
         .into_iter()
-        .filter(|(name, _)| KVM_EVENTS.contains(&name.as_str()))
         .map(|(name, now)| {
             let v = per_1k(&name, now);
             (name, json!(v))
