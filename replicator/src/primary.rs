@@ -539,7 +539,11 @@ fn ship_captures(
         } = loop {
             match queue.try_recv() {
                 Ok(captured) => break captured?,
-                Err(mpsc::TryRecvError::Empty) => io.poll_acks(shared, poll)?,
+                Err(mpsc::TryRecvError::Empty) => {
+                    // Nothing left to ship: a sender the clock raised has caught up.
+                    escalation.caught_up();
+                    io.poll_acks(shared, poll)?
+                }
                 Err(mpsc::TryRecvError::Disconnected) => {
                     if shared.stop.load(Ordering::Relaxed) {
                         return Ok(());
@@ -580,6 +584,7 @@ fn ship_captures(
                 .map(|(i, p)| (*p, capture.page(i)))
                 .collect();
             for chunk in pages.chunks(PAGES_PER_BATCH) {
+                encoder.yield_to_others(escalation.gives_way());
                 let (batch, s) = encoder.encode(member.vm, chunk);
                 stats.add(&s);
                 out.emit_into(

@@ -147,6 +147,8 @@ pub struct Escalation {
     pub refused: u64,
     /// How other threads raise this one early (used in the background only).
     raisable: Arc<Raisable>,
+    /// Escalated because another thread raised it early (not because an epoch was late).
+    raised_early: bool,
 }
 
 impl Escalation {
@@ -160,6 +162,7 @@ impl Escalation {
             escalations: 0,
             refused: 0,
             raisable: Arc::default(),
+            raised_early: false,
         };
         let placed = match priority {
             Priority::Background => e.raisable.enter_background(),
@@ -182,6 +185,12 @@ impl Escalation {
         self.priority == Priority::Background && !self.escalated
     }
 
+    /// The thread is in the background and nobody raised it since its last epoch: it should
+    /// give way to others at every chance (a raised thread must catch up instead).
+    pub fn gives_way(&self) -> bool {
+        self.in_background() && !self.raisable.is_raised()
+    }
+
     /// Reports how long the last epoch's work took from its start (capture, or first frame) to
     /// its end (sent, or acknowledged), and changes the thread's policy if that calls for it.
     pub fn epoch_done(&mut self, took: Duration) {
@@ -192,6 +201,7 @@ impl Escalation {
             // Raised from outside (already at normal scheduling): counted, and lowered by the
             // calm rule like an escalation of its own.
             self.escalated = true;
+            self.raised_early = true;
             self.calm = 0;
             self.escalations += 1;
         }
@@ -202,6 +212,27 @@ impl Escalation {
         };
         if changed.is_err() {
             self.refused += 1;
+        }
+    }
+
+    /// Reports that the thread has nothing left to do: one raised early (it had work queued,
+    /// not late work) goes back to the background at once, rather than after
+    /// [`CALM_EPOCHS`] epochs on time, so that it competes with the guests only while it
+    /// is behind.
+    pub fn caught_up(&mut self) {
+        if !self.escalated && self.raisable.is_raised() {
+            // Raised since its last epoch, and idle already: the raise is taken up and undone.
+            self.escalations += 1;
+            self.raised_early = true;
+            self.escalated = true;
+        }
+        if self.escalated && self.raised_early {
+            self.escalated = false;
+            self.raised_early = false;
+            self.calm = 0;
+            if self.raisable.lower().is_err() {
+                self.refused += 1;
+            }
         }
     }
 
@@ -221,10 +252,13 @@ impl Escalation {
             self.calm += 1;
             if self.calm >= CALM_EPOCHS {
                 self.escalated = false;
+                self.raised_early = false;
                 return Some(true);
             }
         } else {
+            // Late while raised: an escalation of its own, lowered by the calm rule only.
             self.calm = 0;
+            self.raised_early &= took <= self.late_after;
         }
         None
     }
@@ -276,6 +310,7 @@ pub(crate) mod tests {
             assert_eq!(policy_of_this_thread(), libc::SCHED_OTHER as u32);
             assert_eq!(e.escalations, 0);
             assert!(e.early_raise().is_none(), "nothing to raise");
+            assert!(!e.gives_way(), "an equal never gives way");
         })
         .join()
         .expect("thread");
@@ -291,6 +326,7 @@ pub(crate) mod tests {
             escalations: 0,
             refused: 0,
             raisable: Arc::default(),
+            raised_early: false,
         };
         assert_eq!(e.decide(Duration::from_millis(10)), None, "on time");
         assert_eq!(e.decide(Duration::from_millis(51)), Some(false), "late");
@@ -316,10 +352,12 @@ pub(crate) mod tests {
         let (go, wait) = std::sync::mpsc::channel::<()>();
         let worker = std::thread::spawn(move || {
             let mut e = Escalation::start(Priority::Background, Duration::from_millis(50));
+            assert!(e.gives_way(), "in the background it gives way");
             tx.send((current_thread_id(), e.early_raise().expect("background")))
                 .expect("send");
             wait.recv().expect("raised");
             assert_eq!(policy_of_this_thread(), libc::SCHED_OTHER as u32);
+            assert!(!e.gives_way(), "a raised thread catches up instead");
             e.epoch_done(Duration::from_millis(1));
             assert!(!e.in_background(), "the raise is taken up");
             assert_eq!(e.escalations, 1);
@@ -327,6 +365,7 @@ pub(crate) mod tests {
                 e.epoch_done(Duration::from_millis(1));
             }
             assert!(e.in_background());
+            assert!(e.gives_way());
             assert_eq!(policy_of_this_thread(), libc::SCHED_IDLE as u32);
             assert!(
                 e.early_raise().expect("background").raise(),
@@ -343,6 +382,48 @@ pub(crate) mod tests {
             !early.raise(),
             "the thread is gone: its id is never raised again"
         );
+    }
+
+    #[test]
+    fn a_sender_raised_early_returns_to_the_background_once_caught_up_but_a_late_one_does_not() {
+        std::thread::spawn(|| {
+            let mut e = Escalation::start(Priority::Background, Duration::from_millis(50));
+            let early = e.early_raise().expect("background");
+            // Raised by the clock while it had captures queued; it ships one on time.
+            assert!(early.raise());
+            e.epoch_done(Duration::from_millis(1));
+            assert!(!e.in_background() && !e.gives_way());
+            assert_eq!(policy_of_this_thread(), libc::SCHED_OTHER as u32);
+            e.caught_up();
+            assert!(e.in_background(), "nothing queued: back at once");
+            assert_eq!(policy_of_this_thread(), libc::SCHED_IDLE as u32);
+            assert_eq!(e.escalations, 1);
+            // Raised while idle already: taken up and undone in one go.
+            assert!(early.raise());
+            e.caught_up();
+            assert!(e.in_background() && e.gives_way());
+            assert_eq!(policy_of_this_thread(), libc::SCHED_IDLE as u32);
+            assert_eq!(e.escalations, 2);
+            // Late: escalated by its own epochs, it stays up until calm, idle or not.
+            e.epoch_done(Duration::from_millis(80));
+            e.caught_up();
+            assert!(!e.in_background(), "a late thread waits for calm epochs");
+            assert_eq!(policy_of_this_thread(), libc::SCHED_OTHER as u32);
+            // Raised early, then late while raised: the calm rule decides too.
+            for _ in 0..CALM_EPOCHS {
+                e.epoch_done(Duration::from_millis(1));
+            }
+            assert!(e.in_background());
+            assert!(early.raise());
+            e.epoch_done(Duration::from_millis(80));
+            e.caught_up();
+            assert!(
+                !e.in_background(),
+                "late while raised: no longer an early raise"
+            );
+        })
+        .join()
+        .expect("the thread's checks pass");
     }
 
     #[test]

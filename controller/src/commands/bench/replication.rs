@@ -83,6 +83,36 @@ impl Receiver {
     fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Waits until the receiver is idle (under 2% of a core over half a second), at most
+    /// [`QUIET_TIMEOUT`]; returns how long it waited. A link's end makes the store finish its
+    /// fold at normal priority (`Store`'s drop), a second of CPU or more: a run measured
+    /// meanwhile, an unprotected one above all, would share its cores with it.
+    fn wait_quiet(&self) -> Duration {
+        let started = Instant::now();
+        let window = Duration::from_millis(500);
+        let mut before = process_cpu_seconds(self.pid()).unwrap_or(0.0);
+        while started.elapsed() < QUIET_TIMEOUT {
+            std::thread::sleep(window);
+            let now = process_cpu_seconds(self.pid()).unwrap_or(0.0);
+            if now - before <= 0.02 * window.as_secs_f64() {
+                break;
+            }
+            before = now;
+        }
+        started.elapsed().saturating_sub(window)
+    }
+}
+
+/// The longest a run waits for the receivers to go idle before it starts anyway.
+const QUIET_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Waits until every receiver is idle (see [`Receiver::wait_quiet`]); the milliseconds waited.
+fn settle(receivers: &[&Receiver]) -> u64 {
+    receivers
+        .iter()
+        .map(|r| r.wait_quiet().as_millis() as u64)
+        .sum()
 }
 
 impl Drop for Receiver {
@@ -351,26 +381,36 @@ struct CpuUse {
     context_switches: f64,
 }
 
+/// Clock ticks a second in /proc's CPU times (USER_HZ).
+const TICKS: f64 = 100.0;
+
+/// A task's name and the numbers after it in a /proc `stat` file: state is [0], utime [11],
+/// stime [12], cutime [13], cstime [14].
+fn stat_fields(path: &str) -> Option<(String, Vec<f64>)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (head, rest) = text.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_owned();
+    let numbers = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    Some((comm, numbers))
+}
+
+/// CPU seconds a process (all its threads) has used.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let (_, v) = stat_fields(&format!("/proc/{pid}/stat"))?;
+    Some((v.get(11)? + v.get(12)?) / TICKS)
+}
+
 impl CpuUse {
     fn now(receiver_pid: u32) -> CpuUse {
-        let ticks = 100.0; // USER_HZ
-        // Fields after the `(comm)`: state is [0], utime [11], stime [12], cutime [13], cstime [14].
-        let fields = |path: &str| -> Option<(String, Vec<f64>)> {
-            let text = std::fs::read_to_string(path).ok()?;
-            let (head, rest) = text.rsplit_once(')')?;
-            let comm = head.split_once('(')?.1.to_owned();
-            let numbers = rest
-                .split_whitespace()
-                .map(|f| f.parse().unwrap_or(0.0))
-                .collect();
-            Some((comm, numbers))
-        };
-        let own = |v: &[f64]| (v[11] + v[12]) / ticks;
+        let own = |v: &[f64]| (v[11] + v[12]) / TICKS;
         let mut cpu = CpuUse::default();
         if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
             for task in tasks.flatten() {
                 let path = task.path().join("stat");
-                if let Some((comm, v)) = fields(&path.to_string_lossy()) {
+                if let Some((comm, v)) = stat_fields(&path.to_string_lossy()) {
                     match comm.as_str() {
                         "vcpu0" => {
                             cpu.vcpu += own(&v);
@@ -387,11 +427,9 @@ impl CpuUse {
                 }
             }
         }
-        if let Some((_, v)) = fields(&format!("/proc/{receiver_pid}/stat")) {
-            cpu.receiver = own(&v);
-        }
-        if let Some((_, v)) = fields("/proc/self/stat") {
-            cpu.client = (v[13] + v[14]) / ticks;
+        cpu.receiver = process_cpu_seconds(receiver_pid).unwrap_or(0.0);
+        if let Some((_, v)) = stat_fields("/proc/self/stat") {
+            cpu.client = (v[13] + v[14]) / TICKS;
         }
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         for line in stat.lines() {
@@ -400,8 +438,8 @@ impl CpuUse {
                 // cpu  user nice system idle ...
                 Some("cpu") => {
                     let fields: Vec<f64> = words.map(|w| w.parse().unwrap_or(0.0)).collect();
-                    cpu.idle = fields.get(3).copied().unwrap_or(0.0) / ticks;
-                    cpu.steal = fields.get(7).copied().unwrap_or(0.0) / ticks;
+                    cpu.idle = fields.get(3).copied().unwrap_or(0.0) / TICKS;
+                    cpu.steal = fields.get(7).copied().unwrap_or(0.0) / TICKS;
                 }
                 Some("ctxt") => {
                     cpu.context_switches = words.next().map_or(0.0, |w| w.parse().unwrap_or(0.0))
@@ -554,6 +592,7 @@ pub fn replication(
     };
     for workload in workloads {
         for hz in [1, 40] {
+            settle(&[&receiver, &receiver_background]);
             rows.push(measure(&handle, workload, hz, seconds)?);
         }
     }
@@ -563,9 +602,13 @@ pub fn replication(
     // a shared machine cancels in each round's ratio; the median round is the figure.
     let rounds = if quick { 1 } else { 5 };
     let mut paired = Vec::with_capacity(rounds);
+    // Every run starts with both receivers idle (a store finishes its fold after a link ends).
+    let receivers = [&receiver, &receiver_background];
     for round_number in 0..rounds {
+        let settled_ms = settle(&receivers);
         let (unprotected, unprotected_cpu) =
             set_throughput_with_cpu(&handle, requests, receiver_background.pid())?;
+        let settled_ms = settled_ms + settle(&receivers);
         let protected = protected_run(
             &handle,
             requests,
@@ -580,6 +623,7 @@ pub fn replication(
             "ratio": round(protected_rps / unprotected),
             "protected": protected,
             "cpu_unprotected": unprotected_cpu,
+            "receivers_settle_ms": settled_ms,
         }));
     }
     let median_of = |key: &str| {
@@ -591,6 +635,7 @@ pub fn replication(
     // What protection costs the protected server itself (pauses, dirty tracking, copies),
     // without a sender and a receiver competing with guest and client for this machine's cores:
     // the guest is checkpointed every 25 ms and the captures are dropped.
+    settle(&receivers);
     let (unprotected, _) = set_throughput_with_cpu(&handle, requests, receiver.pid())?;
     let capturing = CaptureOnly::start(handle.clone(), Duration::from_millis(25));
     let (capture_only, capture_only_cpu) =
@@ -603,7 +648,9 @@ pub fn replication(
         "cpu": capture_only_cpu,
     });
     // Sender and receiver at normal priority: they compete with the client as equals.
+    settle(&receivers);
     let (unprotected, _) = set_throughput_with_cpu(&handle, requests, receiver.pid())?;
+    settle(&receivers);
     let mut normal = protected_run(&handle, requests, Priority::Normal, &receiver, "throughput")?;
     let normal_ratio = round(normal["rps"].as_f64().unwrap_or(0.0) / unprotected);
     normal["unprotected_rps"] = json!(round(unprotected));
@@ -764,4 +811,23 @@ fn print_report(r: &Value) {
         "peak memory: receiver {} MiB; sender process {} MiB including the guest (page-version cache limit {} MiB)",
         m["receiver"], m["sender_process_including_guest"], m["sender_page_cache_limit"]
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_cpu_time_grows_while_it_computes() {
+        let pid = std::process::id();
+        let before = process_cpu_seconds(pid).expect("our own stat");
+        let started = Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < Duration::from_millis(150) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let after = process_cpu_seconds(pid).expect("our own stat");
+        assert!(after - before >= 0.05, "{before} -> {after}");
+        assert_eq!(process_cpu_seconds(u32::MAX), None, "no such process");
+    }
 }
