@@ -167,13 +167,7 @@ pub struct Encoder {
     compressed: Vec<u8>,
     compressor: Option<zstd::bulk::Compressor<'static>>,
     xor_scratch: Box<Page>,
-    /// Give the CPU up every [`YIELD_EVERY`] pages (a sender in the background: see
-    /// [`Encoder::yield_to_others`]).
-    yield_often: bool,
 }
-
-/// Pages encoded between two yields of a background sender: about 10 us of work.
-pub const YIELD_EVERY: usize = 16;
 
 impl std::fmt::Debug for Encoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -195,7 +189,6 @@ impl Encoder {
             body: Vec::new(),
             compressed: Vec::new(),
             xor_scratch: Box::new([0; PAGE]),
-            yield_often: false,
             compressor: (config.zstd_level > 0)
                 .then(|| zstd::bulk::Compressor::new(config.zstd_level).ok())
                 .flatten(),
@@ -207,17 +200,6 @@ impl Encoder {
     pub fn reset(&mut self, version: u16) {
         *self = Encoder::new(self.config);
         self.scope = DedupScope::for_version(version);
-    }
-
-    /// With `on`, encoding yields the CPU every [`YIELD_EVERY`] pages (`sched_yield`), for a
-    /// thread in the background (`SCHED_IDLE`) that shares its core with a guest's clients. A
-    /// client woken there from the guest's core is queued at once, but the background thread
-    /// it should preempt runs on until an inter-processor interrupt arrives: the SET client
-    /// waited 117 us on average behind the sender that way, 5% of its time (`perf sched
-    /// timehist`). A yield hands it the CPU within a few microseconds; with nothing else to
-    /// run, it returns at once.
-    pub fn yield_to_others(&mut self, on: bool) {
-        self.yield_often = on;
     }
 
     /// Bytes the caches hold now (the scratch buffers beside them hold about two batches).
@@ -236,9 +218,8 @@ impl Encoder {
         let mut records = 0u32;
         body.extend_from_slice(&0u32.to_le_bytes());
         for (n, &(index, page)) in pages.iter().enumerate() {
-            if self.yield_often && n % YIELD_EVERY == YIELD_EVERY - 1 {
-                std::thread::yield_now();
-            }
+            // A sender in the background yields to the guest's clients now and then.
+            crate::sched::give_way_point(n);
             // One lookup and one pass over the two versions: unchanged, or the runs that
             // changed; then the cached version is replaced.
             let mut previous = self.versions.get_mut(vm, index);
@@ -614,7 +595,9 @@ fn apply_records(
     let mut r = reader(body);
     let count = r.u32()?;
     let mut written = Vec::with_capacity(count.min(1 << 16) as usize);
-    for _ in 0..count {
+    for n in 0..count as usize {
+        // A receiver in the background yields to the guests' clients now and then.
+        crate::sched::give_way_point(n);
         let index = u64::from(r.u32()?);
         if index >= pages {
             return Err(CodecError::PageOutOfRange(index));
@@ -1095,22 +1078,28 @@ mod tests {
 
     #[test]
     fn a_background_encoder_that_yields_sends_the_same_bytes() {
+        use crate::sched::{Escalation, Priority, YIELD_EVERY, gives_way_here};
         let memory: Vec<Page> = (0..3 * YIELD_EVERY as u8).map(page_with).collect();
-        let dirty: Vec<(u64, &Page)> = memory
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i as u64, p))
-            .collect();
-        let mut plain = Encoder::new(CodecConfig::default());
-        let mut yielding = Encoder::new(CodecConfig::default());
-        yielding.yield_to_others(true);
-        for _ in 0..2 {
-            assert_eq!(
-                plain.encode(0, &dirty),
-                yielding.encode(0, &dirty),
-                "yielding is scheduling only"
-            );
-        }
+        let encode_twice = |memory: Vec<Page>| {
+            let dirty: Vec<(u64, &Page)> = memory
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u64, p))
+                .collect();
+            let mut enc = Encoder::new(CodecConfig::default());
+            [enc.encode(0, &dirty), enc.encode(0, &dirty)]
+        };
+        let plain = encode_twice(memory.clone());
+        let yielding = std::thread::spawn(move || {
+            let _background =
+                Escalation::start(Priority::Background, std::time::Duration::from_secs(1));
+            assert!(gives_way_here());
+            encode_twice(memory)
+        })
+        .join()
+        .expect("encodes");
+        assert!(!gives_way_here(), "this thread is not in the background");
+        assert_eq!(plain, yielding, "yielding is scheduling only");
     }
 
     #[test]

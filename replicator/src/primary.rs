@@ -584,7 +584,6 @@ fn ship_captures(
                 .map(|(i, p)| (*p, capture.page(i)))
                 .collect();
             for chunk in pages.chunks(PAGES_PER_BATCH) {
-                encoder.yield_to_others(escalation.gives_way());
                 let (batch, s) = encoder.encode(member.vm, chunk);
                 stats.add(&s);
                 out.emit_into(
