@@ -230,8 +230,8 @@ impl Escalation {
             return;
         }
         if !self.escalated && self.raisable.is_raised() {
-            // Raised from outside (already at normal scheduling): counted, and lowered by the
-            // calm rule like an escalation of its own.
+            // Raised from outside (already at normal scheduling): counted, and lowered as soon
+            // as it has caught up ([`Escalation::caught_up`]), or else by the calm rule.
             self.escalated = true;
             self.raised_early = true;
             self.calm = 0;
