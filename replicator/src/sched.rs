@@ -164,7 +164,9 @@ impl Raisable {
 const CALM_EPOCHS: u32 = 8;
 
 /// Raises a background thread to normal scheduling while its epochs take longer than
-/// `late_after`, and lowers it again after [`CALM_EPOCHS`] epochs within half of it.
+/// `late_after`, and lowers it again after [`CALM_EPOCHS`] epochs within half of it; a thread
+/// raised early from outside is lowered as soon as it has caught up
+/// ([`Escalation::caught_up`]).
 #[derive(Debug)]
 pub struct Escalation {
     priority: Priority,
@@ -259,13 +261,14 @@ impl Escalation {
             self.raised_early = true;
             self.escalated = true;
         }
-        if self.escalated && self.raised_early {
-            self.escalated = false;
-            self.raised_early = false;
-            self.calm = 0;
-            if self.raisable.lower().is_err() {
-                self.refused += 1;
-            }
+        if !(self.escalated && self.raised_early) {
+            return; // nothing changes (called at every poll while the sender waits)
+        }
+        self.escalated = false;
+        self.raised_early = false;
+        self.calm = 0;
+        if self.raisable.lower().is_err() {
+            self.refused += 1;
         }
         self.mark_giving_way();
     }

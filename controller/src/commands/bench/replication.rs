@@ -397,15 +397,18 @@ fn stat_fields(path: &str) -> Option<(String, Vec<f64>)> {
     Some((comm, numbers))
 }
 
+/// CPU seconds (user and system) in a `stat` file's numbers ([`stat_fields`]).
+fn cpu_seconds(v: &[f64]) -> f64 {
+    (v.get(11).unwrap_or(&0.0) + v.get(12).unwrap_or(&0.0)) / TICKS
+}
+
 /// CPU seconds a process (all its threads) has used.
 fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    let (_, v) = stat_fields(&format!("/proc/{pid}/stat"))?;
-    Some((v.get(11)? + v.get(12)?) / TICKS)
+    stat_fields(&format!("/proc/{pid}/stat")).map(|(_, v)| cpu_seconds(&v))
 }
 
 impl CpuUse {
     fn now(receiver_pid: u32) -> CpuUse {
-        let own = |v: &[f64]| (v[11] + v[12]) / TICKS;
         let mut cpu = CpuUse::default();
         if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
             for task in tasks.flatten() {
@@ -413,7 +416,7 @@ impl CpuUse {
                 if let Some((comm, v)) = stat_fields(&path.to_string_lossy()) {
                     match comm.as_str() {
                         "vcpu0" => {
-                            cpu.vcpu += own(&v);
+                            cpu.vcpu += cpu_seconds(&v);
                             // schedstat: time on a CPU, time waiting on a runqueue (ns), slices.
                             cpu.vcpu_waiting +=
                                 std::fs::read_to_string(task.path().join("schedstat"))
@@ -421,7 +424,7 @@ impl CpuUse {
                                     .and_then(|t| t.split_whitespace().nth(1)?.parse::<f64>().ok())
                                     .map_or(0.0, |ns| ns / 1e9);
                         }
-                        "replication" => cpu.sender += own(&v),
+                        "replication" => cpu.sender += cpu_seconds(&v),
                         _ => {}
                     }
                 }
@@ -590,9 +593,11 @@ pub fn replication(
     } else {
         &["idle", "set_heavy", "memscan_64mib_s"]
     };
+    // Every run starts with both receivers idle (a store finishes its fold after a link ends).
+    let receivers = [&receiver, &receiver_background];
     for workload in workloads {
         for hz in [1, 40] {
-            settle(&[&receiver, &receiver_background]);
+            settle(&receivers);
             rows.push(measure(&handle, workload, hz, seconds)?);
         }
     }
@@ -602,8 +607,6 @@ pub fn replication(
     // a shared machine cancels in each round's ratio; the median round is the figure.
     let rounds = if quick { 1 } else { 5 };
     let mut paired = Vec::with_capacity(rounds);
-    // Every run starts with both receivers idle (a store finishes its fold after a link ends).
-    let receivers = [&receiver, &receiver_background];
     for round_number in 0..rounds {
         let settled_ms = settle(&receivers);
         let (unprotected, unprotected_cpu) =
