@@ -4,8 +4,13 @@
 //!  epoch clock (guest priority): every epoch_ms ── checkpoint_group (every VM of the group
 //!        │                        stopped at one barrier, only to copy) ──> queue
 //!  sender (background):  queue ──> encode ──> frames ──> TLS/TCP
-//!        └── between epochs: Ack frames ──> status.committed, commit events to subscribers
+//!        └── before each epoch and while idle: Ack frames ──> status.committed,
+//!            events to subscribers: Committed(epoch), Unprotected(reason), Resynced(epoch)
 //! ```
+//! Epochs are numbered by the clock, and the number travels with the capture (the VMs' network
+//! ports seal their output under it), so the sender, the backup and the gateway speak of one
+//! count. It never goes back: a new link numbers on from the newest epoch the backup holds or
+//! the newest the clock captured, whichever is later.
 //! One sender serves one group: each epoch carries every VM's part under one epoch number,
 //! and the backup acknowledges the epoch only once all parts are stored. The guests run on
 //! while an epoch is encoded and in flight; at most `WINDOW` epochs may be captured and not
@@ -23,7 +28,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -108,24 +113,37 @@ pub struct ReplicationStatus {
     pub window_wait_us: u64,
 }
 
-/// "Epoch `epoch` of `group` is committed at the backup" (durably if `durable`).
+/// What the sender tells its subscribers, as it happens.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Commit {
-    pub group: String,
-    pub epoch: u64,
-    pub durable: bool,
+pub enum Event {
+    /// The backup acknowledged every epoch up to `epoch` (durably if `durable`).
+    Committed { epoch: u64, durable: bool },
+    /// The link to the backup is lost: epochs are no longer shipped (the sender reconnects).
+    Unprotected { reason: String },
+    /// A new link's first epoch, a full one, is committed: the backup holds the group again.
+    Resynced { epoch: u64 },
 }
 
 #[derive(Debug, Default)]
 struct Shared {
     status: Mutex<ReplicationStatus>,
-    subscribers: Mutex<Vec<Sender<Commit>>>,
+    /// Notified at every status change (`wait_committed` sleeps on it).
+    changed: Condvar,
+    subscribers: Mutex<Vec<Sender<Event>>>,
     stop: AtomicBool,
 }
 
 impl Shared {
     fn update(&self, f: impl FnOnce(&mut ReplicationStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changed.notify_all();
+    }
+
+    fn tell(&self, event: Event) {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|tx| tx.send(event.clone()).is_ok());
     }
 }
 
@@ -167,8 +185,8 @@ impl Replication {
             .clone()
     }
 
-    /// Commit events from now on.
-    pub fn subscribe(&self) -> Receiver<Commit> {
+    /// Events from now on.
+    pub fn subscribe(&self) -> Receiver<Event> {
         let (tx, rx) = mpsc::channel();
         self.shared
             .subscribers
@@ -178,16 +196,16 @@ impl Replication {
         rx
     }
 
-    /// Waits until `epoch` (or a later one) is committed, up to `timeout`.
+    /// Waits until `epoch` (or a later one) is committed, up to `timeout`; wakes as the
+    /// acknowledgement is read.
     pub fn wait_committed(&self, epoch: u64, timeout: Duration) -> bool {
-        let started = Instant::now();
-        while started.elapsed() < timeout {
-            if self.status().committed >= epoch {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        false
+        let status = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        let (status, _) = self
+            .shared
+            .changed
+            .wait_timeout_while(status, timeout, |s| s.committed < epoch)
+            .unwrap_or_else(|e| e.into_inner());
+        status.committed >= epoch
     }
 }
 
@@ -219,10 +237,15 @@ fn sender_loop(members: &[Member], config: &SenderConfig, shared: &Arc<Shared>) 
         match run_link(members, config, shared, &mut encoder, &mut escalation) {
             Ok(()) => return,
             Err(e) => {
+                let mut was_protected = false;
                 shared.update(|s| {
+                    was_protected = s.protected;
                     s.protected = false;
-                    s.last_error = Some(e);
+                    s.last_error = Some(e.clone());
                 });
+                if was_protected {
+                    shared.tell(Event::Unprotected { reason: e });
+                }
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
@@ -266,15 +289,20 @@ fn run_link(
     };
     out.set_version(version);
     encoder.reset(version);
+    // Numbers never go back: after the backup's newest epoch or the clock's newest capture.
+    let mut first_epoch = 0;
+    let mut resync = false;
     shared.update(|s| {
         // Every link after the first starts with a full resynchronisation.
         if s.links > 0 {
             s.resyncs += 1;
+            resync = true;
         }
         s.links += 1;
         s.protected = true;
-        s.epoch = last_epoch;
-        s.captured = last_epoch;
+        first_epoch = last_epoch.max(s.captured);
+        s.epoch = first_epoch;
+        s.captured = first_epoch;
         s.committed = last_epoch;
         s.last_error = None;
     });
@@ -282,6 +310,8 @@ fn run_link(
         channel,
         out,
         inbound,
+        // The link's first epoch is full: its acknowledgement is the resynchronisation.
+        resync_at: resync.then_some(first_epoch + 1),
     };
     let result = ship_epochs(
         Shipping {
@@ -292,7 +322,7 @@ fn run_link(
             escalation,
             io: &mut io,
         },
-        last_epoch,
+        first_epoch,
     );
     let _ = io.channel.tcp().shutdown(std::net::Shutdown::Both);
     result
@@ -303,43 +333,60 @@ struct LinkIo {
     channel: Channel,
     out: Link,
     inbound: Link,
+    /// The epoch whose acknowledgement completes a resynchronisation, until it comes.
+    resync_at: Option<u64>,
 }
 
 impl LinkIo {
+    /// Reads the acknowledgements that have arrived, without waiting.
+    fn read_acks(&mut self, shared: &Shared) -> Result<(), String> {
+        self.channel
+            .tcp()
+            .set_nonblocking(true)
+            .map_err(|e| e.to_string())?;
+        let result = self.poll_acks(shared, Duration::ZERO);
+        self.channel
+            .tcp()
+            .set_nonblocking(false)
+            .map_err(|e| e.to_string())?;
+        result
+    }
+
     /// Reads acknowledgements for up to `wait`, updating the status and telling subscribers.
     fn poll_acks(&mut self, shared: &Shared, wait: Duration) -> Result<(), String> {
         let tcp = self.channel.tcp();
         tcp.set_read_timeout(Some(wait.max(Duration::from_micros(100))))
             .map_err(|e| e.to_string())?;
         let mut buf = [0u8; 4096];
-        match self.channel.read(&mut buf) {
-            Ok(0) => return Err("the backup closed the link".into()),
-            Ok(n) => self.inbound.receive(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(format!("receive: {e}")),
+        loop {
+            match self.channel.read(&mut buf) {
+                Ok(0) => return Err("the backup closed the link".into()),
+                // A full buffer: more may be waiting (TLS may hold it already decrypted).
+                Ok(n) if n == buf.len() => self.inbound.receive(&buf[..n]),
+                Ok(n) => {
+                    self.inbound.receive(&buf[..n]);
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => return Err(format!("receive: {e}")),
+            }
         }
         while let Some(message) = self.inbound.next_message().map_err(|e| e.to_string())? {
             match message {
-                Message::Ack {
-                    group,
-                    epoch,
-                    durable,
-                } => {
+                Message::Ack { epoch, durable, .. } => {
                     shared.update(|s| s.committed = s.committed.max(epoch));
-                    let commit = Commit {
-                        group,
-                        epoch,
-                        durable,
-                    };
-                    shared
-                        .subscribers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .retain(|tx| tx.send(commit.clone()).is_ok());
+                    shared.tell(Event::Committed { epoch, durable });
+                    if self.resync_at.is_some_and(|at| epoch >= at) {
+                        self.resync_at = None;
+                        shared.tell(Event::Resynced { epoch });
+                    }
                 }
                 Message::Nack { reason, .. } => {
                     return Err(format!("backup refused an epoch: {reason}"));
@@ -444,7 +491,7 @@ fn epoch_clock(
             shared.update(|s| s.window_wait_us += since.elapsed().as_micros() as u64);
         }
         let requested = Instant::now();
-        let captured = checkpoint_group(&handles, full)
+        let captured = checkpoint_group(&handles, full, epoch + 1)
             .map_err(|e| e.to_string())
             .map(|captures| Captured {
                 // The guests' pause: from a vCPU stopping for its capture to the last one
@@ -532,6 +579,8 @@ fn ship_captures(
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
+        // Acknowledgements first, also while captures wait: they release held output.
+        io.read_acks(shared)?;
         let Captured {
             captures,
             requested,
@@ -556,6 +605,12 @@ fn ship_captures(
             }
         };
         epoch += 1;
+        if let Some(other) = captures.iter().find(|c| c.epoch != epoch) {
+            return Err(format!(
+                "a capture for epoch {} arrived where epoch {epoch} was due",
+                other.epoch
+            ));
+        }
         let out = &mut io.out;
         frames.clear();
         out.emit_into(

@@ -11,6 +11,13 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMem;
 
+/// The host's wall clock, in nanoseconds since the Unix epoch (0 if it reads before 1970).
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 pub fn rdtsc() -> u64 {
     // SAFETY: rdtsc has no memory effects and is available on every x86-64 host.
     unsafe { core::arch::x86_64::_rdtsc() }

@@ -2,7 +2,7 @@
 //!
 //! A KVM micro-VM on the rust-vmm crates, made to be checkpointed: one vCPU (the loop is
 //! written per vCPU so more can be added), guest memory with dirty tracking, a virtio-mmio
-//! network device over a [`NetPort`] (a tap, or later the site gateway), a console, a
+//! network device over a [`NetPort`] (a tap, or the site gateway), a console, a
 //! paravirtual clock that continues across save and restore, and a wait hypercall that lets an
 //! idle guest sleep in the VMM.
 //!
@@ -36,9 +36,10 @@ pub mod staging;
 pub mod vcpu;
 pub mod vm;
 
-pub use net_port::{NetPort, Tap};
+pub use net_port::{NetPort, Received, Tap, Unplugged};
 pub use vm::{
-    Capture, Command, Reply, RunState, Vm, VmConfig, VmError, VmHandle, VmStatus, checkpoint_group,
+    Capture, Command, GuestTime, Reply, RunState, Vm, VmConfig, VmError, VmHandle, VmStatus,
+    checkpoint_group,
 };
 
 /// The project's test guest, built from `guest/` by this crate's build script.

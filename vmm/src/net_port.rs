@@ -1,20 +1,60 @@
-//! Where the VM's network device sends and receives Ethernet frames: a tap device here, the
-//! site gateway later. The device only needs these four verbs.
+//! Where the VM's network device sends and receives Ethernet frames: a tap device, or the
+//! site gateway (`secondsite-gateway`), which wraps one and holds output until the checkpoint
+//! that produced it is committed.
+//!
+//! Besides moving frames, a port hears where each epoch ends ([`NetPort::seal`], called on the
+//! VM thread while the vCPU is stopped for a checkpoint), may refuse output for a while
+//! ([`NetPort::can_send`]: the device then leaves the guest's frames in its TX queue, which is
+//! backpressure, not loss), and numbers the inbound frames it logs ([`Received::seq`]): the
+//! checkpoint records the number of the last one the device took (its RX cursor), so a replay
+//! after restore knows where to start.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
+/// A frame taken from a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The frame's length in the caller's buffer.
+    pub len: usize,
+    /// Its number in the inbound traffic log, if the port logs it (a frame from outside the
+    /// VM's group through the gateway); `None` for frames nobody logs.
+    pub seq: Option<u64>,
+}
+
+impl Received {
+    /// An unnumbered frame of `len` bytes.
+    pub fn unlogged(len: usize) -> Self {
+        Received { len, seq: None }
+    }
+}
+
 /// A frame-level network backend for the virtio-net device.
 pub trait NetPort: Send {
     /// Sends one Ethernet frame (no virtio header).
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Whether the port takes a frame now. A port that holds output says no while its buffer
+    /// is full; the device then stops taking frames from the guest's TX queue until it says
+    /// yes again (it polls [`NetPort::readable_fd`] readable then).
+    fn can_send(&self) -> bool {
+        true
+    }
     /// Receives one frame into `buf` without blocking; `Ok(None)` when none is waiting.
-    fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
-    /// A descriptor that polls readable when a frame is waiting.
+    fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>>;
+    /// A descriptor that polls readable when a frame is waiting (or the port can take output
+    /// again after refusing it).
     fn readable_fd(&self) -> BorrowedFd<'_>;
     /// A name for logs and status.
     fn name(&self) -> &str;
+    /// The checkpoint of `epoch` is being captured (the vCPU is stopped): the frames sent so
+    /// far belong to it, and `rx_cursor` is the number of the last logged frame the device
+    /// has taken (0 before any).
+    fn seal(&mut self, _epoch: u64, _rx_cursor: u64) {}
+    /// The port's counters for `vm status` (`None`: nothing beyond the device's own).
+    fn status(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -67,6 +107,15 @@ impl Tap {
             name: name.to_owned(),
         })
     }
+
+    /// A second handle on the same tap (a duplicated descriptor), for a thread that sends
+    /// while another receives: the gateway releases held output from its own thread.
+    pub fn try_clone(&self) -> io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
 }
 
 impl NetPort for Tap {
@@ -80,9 +129,9 @@ impl NetPort for Tap {
         }
     }
 
-    fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
         match self.file.read(buf) {
-            Ok(n) => Ok(Some(n)),
+            Ok(n) => Ok(Some(Received::unlogged(n))),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
         }
@@ -94,5 +143,42 @@ impl NetPort for Tap {
 
     fn name(&self) -> &str {
         &self.name
+    }
+}
+
+/// A NIC with no cable: sends go nowhere, nothing ever arrives. For guests that only compute
+/// (tests, benchmarks of checkpoints).
+#[derive(Debug)]
+pub struct Unplugged {
+    /// Never readable: nothing is ever written to the other end, which stays open.
+    never: io::PipeReader,
+    _other_end: io::PipeWriter,
+}
+
+impl Unplugged {
+    pub fn new() -> io::Result<Unplugged> {
+        let (never, other_end) = io::pipe()?;
+        Ok(Unplugged {
+            never,
+            _other_end: other_end,
+        })
+    }
+}
+
+impl NetPort for Unplugged {
+    fn send(&mut self, _frame: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn try_recv(&mut self, _buf: &mut [u8]) -> io::Result<Option<Received>> {
+        Ok(None)
+    }
+
+    fn readable_fd(&self) -> BorrowedFd<'_> {
+        self.never.as_fd()
+    }
+
+    fn name(&self) -> &str {
+        "unplugged"
     }
 }

@@ -45,6 +45,33 @@ use crate::snapshot::{self, LayerKind, SnapshotError, VmSnapshot};
 use crate::staging::{DEFAULT_MAX_KEPT_BYTES, StagingBuffer, StagingPool};
 use crate::vcpu::{self, VcpuError};
 
+/// Where a restored guest's clock starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestTime {
+    /// At the saved reading plus the wall-clock time since the save: the guest's time never
+    /// runs behind what its clients saw before a failover (TCP timestamps stay monotonic, so
+    /// PAWS keeps every segment), and its timers see the outage as time that passed.
+    Continuous,
+    /// At the saved reading, as if no time had passed (a forensic replay of an old checkpoint,
+    /// whose timers should not all fire at once).
+    Frozen,
+}
+
+impl GuestTime {
+    fn guest_ns_now(self, snap: &VmSnapshot) -> u64 {
+        match self {
+            GuestTime::Frozen => snap.guest_ns,
+            GuestTime::Continuous => {
+                let since_save = match snap.saved_at_unix_ns {
+                    0 => 0, // saved by a build that did not record it
+                    at => clock::unix_ns().saturating_sub(at),
+                };
+                snap.guest_ns.saturating_add(since_save)
+            }
+        }
+    }
+}
+
 /// How to build a new VM with the test guest.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -149,6 +176,11 @@ pub struct VmStatus {
     pub console_bytes: u64,
     pub tap: String,
     pub net: NetStats,
+    /// The number of the last logged inbound frame the guest has taken (see `net_port`).
+    pub rx_cursor: u64,
+    /// The port's own counters (the gateway's held output and log), if it keeps any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<serde_json::Value>,
     pub saves: u64,
     /// Control-socket lines that were not valid commands.
     pub bad_control_requests: u64,
@@ -348,12 +380,22 @@ impl Vm {
         })
     }
 
-    /// A VM rebuilt from the snapshot in `dir`. Every file is checked first; on any error
-    /// nothing has run. The restored VM starts paused if `paused`.
+    /// A VM rebuilt from the snapshot in `dir`, its clock continuous with the wall clock
+    /// ([`GuestTime::Continuous`]). Every file is checked first; on any error nothing has run.
     pub fn restore(
         dir: &Path,
         port: Box<dyn NetPort>,
         console: Option<&Path>,
+    ) -> Result<Vm, VmError> {
+        Vm::restore_at(dir, port, console, GuestTime::Continuous)
+    }
+
+    /// [`Vm::restore`], with the guest clock starting where `time` says.
+    pub fn restore_at(
+        dir: &Path,
+        port: Box<dyn NetPort>,
+        console: Option<&Path>,
+        time: GuestTime,
     ) -> Result<Vm, VmError> {
         let snap = snapshot::read_state(dir)?;
         memory::check_size(snap.mem_size)?;
@@ -397,7 +439,7 @@ impl Vm {
             parts,
             mem,
             net,
-            snap.guest_ns,
+            time.guest_ns_now(&snap),
             (snap.vm_id, snap.save_seq),
             console,
         )?;
@@ -483,10 +525,11 @@ impl Vm {
                     }
                     Request::Checkpoint {
                         full,
+                        epoch,
                         barrier,
                         reply,
                     } => {
-                        let mut result = self.capture(full).map_err(|e| e.to_string());
+                        let mut result = self.capture(full, epoch).map_err(|e| e.to_string());
                         if let Some(barrier) = barrier
                             && !barrier.arrive_and_wait(BARRIER_TIMEOUT)
                             && result.is_ok()
@@ -571,6 +614,8 @@ impl Vm {
             console_bytes: self.console.bytes,
             tap: self.net.port().name().to_owned(),
             net: self.net.stats,
+            rx_cursor: self.net.rx_cursor(),
+            port: self.net.port().status(),
             saves: self.save_seq,
             bad_control_requests: crate::control::BAD_REQUESTS
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -619,6 +664,7 @@ impl Vm {
             vcpu,
             net: self.net.save(),
             guest_ns,
+            saved_at_unix_ns: clock::unix_ns(),
             layers,
         };
         snapshot::write_state(dir, &snap)?;
@@ -637,7 +683,7 @@ impl Vm {
     /// Copies what a checkpoint needs while the vCPU is stopped (it is: this runs on the VM
     /// thread between exits). Nothing else happens here: encoding, even of the state, waits
     /// until the guest runs again.
-    fn capture(&mut self, full: bool) -> Result<Capture, VmError> {
+    fn capture(&mut self, full: bool, epoch: u64) -> Result<Capture, VmError> {
         let started = Instant::now();
         let dirty = self.dirty.harvest(&self.vm, &self.mem)?;
         let pages: Vec<u64> = if full {
@@ -647,6 +693,8 @@ impl Vm {
         };
         let mut data = self.staging.take(pages.len() * PAGE_SIZE as usize);
         memory::copy_pages(&self.mem, &pages, data.as_mut_slice())?;
+        // The epoch ends here for the network too: what the guest sent so far is its output.
+        self.net.seal(epoch);
         let snap = VmSnapshot {
             vm_id: self.vm_id,
             save_seq: 0,
@@ -654,11 +702,13 @@ impl Vm {
             vcpu: vcpu::save(&self.vcpu, &self.msr_indices)?,
             net: self.net.save(),
             guest_ns: self.clock.now_ns(),
+            saved_at_unix_ns: clock::unix_ns(),
             layers: Vec::new(),
         };
         let capture_us = started.elapsed().as_micros() as u64;
         self.dirty.fit_pause(capture_us);
         Ok(Capture {
+            epoch,
             mem_size: self.mem_size,
             pages,
             data,
@@ -822,6 +872,8 @@ enum Request {
     },
     Checkpoint {
         full: bool,
+        /// The epoch this checkpoint ends (the sender's count).
+        epoch: u64,
         /// With the other VMs of a group: wait here, stopped, until all have captured.
         barrier: Option<Arc<CaptureBarrier>>,
         reply: Sender<Result<Capture, String>>,
@@ -832,6 +884,8 @@ enum Request {
 /// the vCPU/device state, copied while the vCPU was stopped.
 #[derive(Debug)]
 pub struct Capture {
+    /// The epoch it ends, as the checkpoint's request numbered it.
+    pub epoch: u64,
     pub mem_size: u64,
     /// Page numbers, increasing; page `pages[i]` is `data[i * PAGE_SIZE..][..PAGE_SIZE]`.
     pub pages: Vec<u64>,
@@ -866,15 +920,20 @@ const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Captures one checkpoint of every VM in `vms` at one barrier (see [`CaptureBarrier`]): the
 /// VMs copy their pages in parallel, each stays stopped until all have copied, then all run
 /// on. Captures come back in the order of `vms`.
-pub fn checkpoint_group(vms: &[&VmHandle], full: bool) -> Result<Vec<Capture>, VmError> {
+pub fn checkpoint_group(
+    vms: &[&VmHandle],
+    full: bool,
+    epoch: u64,
+) -> Result<Vec<Capture>, VmError> {
     if let [vm] = vms {
-        return Ok(vec![vm.checkpoint(full)?]);
+        return Ok(vec![vm.checkpoint(full, epoch)?]);
     }
     let barrier = Arc::new(CaptureBarrier::new(vms.len()));
     let mut pending = Vec::with_capacity(vms.len());
     for vm in vms {
         let sent = vm.send(|reply| Request::Checkpoint {
             full,
+            epoch,
             barrier: Some(barrier.clone()),
             reply,
         });
@@ -946,9 +1005,14 @@ impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Request::Command { command, .. } => command.fmt(f),
-            Request::Checkpoint { full, barrier, .. } => write!(
+            Request::Checkpoint {
+                full,
+                epoch,
+                barrier,
+                ..
+            } => write!(
                 f,
-                "Checkpoint {{ full: {full}, group: {} }}",
+                "Checkpoint {{ epoch: {epoch}, full: {full}, group: {} }}",
                 barrier.is_some()
             ),
         }
@@ -979,11 +1043,13 @@ impl VmHandle {
         self.staging.prepare(self.mem_size as usize);
     }
 
-    /// Captures a checkpoint: stops the vCPU, copies the dirty pages (all pages if `full`) and
-    /// the state, and lets the guest run on before returning.
-    pub fn checkpoint(&self, full: bool) -> Result<Capture, VmError> {
+    /// Captures the checkpoint that ends `epoch`: stops the vCPU, copies the dirty pages (all
+    /// pages if `full`) and the state, seals the epoch's output at the network port, and lets
+    /// the guest run on before returning.
+    pub fn checkpoint(&self, full: bool, epoch: u64) -> Result<Capture, VmError> {
         self.request(|reply| Request::Checkpoint {
             full,
+            epoch,
             barrier: None,
             reply,
         })?

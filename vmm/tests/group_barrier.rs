@@ -1,33 +1,11 @@
 //! A group's VMs checkpointed at one barrier: every VM's capture moment comes before any of
 //! them runs again, so the group's checkpoint is one consistent cut. Real KVM (root).
 
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use secondsite_vmm::{Command, NetPort, Reply, RunState, Vm, VmConfig, VmHandle, checkpoint_group};
-
-/// A NIC with no cable: the guests here only compute (MEMSCAN dirties their memory).
-struct Unplugged {
-    /// Never readable: nothing is ever written to the other end, which stays open.
-    never: io::PipeReader,
-    _other_end: io::PipeWriter,
-}
-
-impl NetPort for Unplugged {
-    fn send(&mut self, _frame: &[u8]) -> io::Result<()> {
-        Ok(())
-    }
-    fn try_recv(&mut self, _buf: &mut [u8]) -> io::Result<Option<usize>> {
-        Ok(None)
-    }
-    fn readable_fd(&self) -> BorrowedFd<'_> {
-        self.never.as_fd()
-    }
-    fn name(&self) -> &str {
-        "unplugged"
-    }
-}
+use secondsite_vmm::{
+    Command, Reply, RunState, Unplugged, Vm, VmConfig, VmHandle, checkpoint_group,
+};
 
 const MEM: u64 = 64 << 20;
 
@@ -41,11 +19,7 @@ fn boot(i: u8) -> VmHandle {
         resp_port: 6379,
         memscan_mib_per_s: 200,
     };
-    let (never, other_end) = io::pipe().expect("pipe");
-    let port = Unplugged {
-        never,
-        _other_end: other_end,
-    };
+    let port = Unplugged::new().expect("a pipe");
     Vm::boot(&config, secondsite_vmm::GUEST_IMAGE, Box::new(port), None)
         .expect("boots")
         .spawn()
@@ -70,7 +44,7 @@ fn a_group_checkpoint_stops_every_vm_before_any_runs_again() {
     let mut dirtied = 0;
     for round in 0..40 {
         let full = round == 0;
-        let captures = checkpoint_group(&group, full).expect("group checkpoint");
+        let captures = checkpoint_group(&group, full, round + 1).expect("group checkpoint");
         assert_eq!(captures.len(), 3);
         let last_stop = captures.iter().map(|c| c.stopped_at).max().expect("3");
         let first_resume = captures.iter().map(|c| c.resumed_at).min().expect("3");
@@ -94,7 +68,7 @@ fn a_group_checkpoint_stops_every_vm_before_any_runs_again() {
     // A VM of the group that is gone: the others are released at once, not held.
     vms[2].call(Command::Stop).expect("stops");
     let started = Instant::now();
-    assert!(checkpoint_group(&group, false).is_err());
+    assert!(checkpoint_group(&group, false, 41).is_err());
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "released in {:?}",

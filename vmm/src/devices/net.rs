@@ -4,6 +4,11 @@
 //! (VRING_USED_F_NO_NOTIFY), and instead the VMM services both queues at every hypercall exit:
 //! [`NetDevice::process_tx`] sends what the guest queued, [`NetDevice::deliver_rx`] fills
 //! receive buffers from the port. One exit per request/reply round, none per frame.
+//!
+//! At a checkpoint the device tells its port where the epoch ends ([`NetDevice::seal`]) and
+//! its state records the RX cursor (the number of the last logged frame taken from the port)
+//! and a frame taken from the port but not yet in the guest's RX ring: both are restored, so
+//! a replay of the traffic log after restore neither skips a frame nor repeats one.
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -13,7 +18,7 @@ use vm_memory::Bytes;
 
 use super::virtio_mmio::{Action, CONFIG_SPACE, MmioTransport, TransportState};
 use crate::memory::GuestMem;
-use crate::net_port::NetPort;
+use crate::net_port::{NetPort, Received};
 
 pub const VIRTIO_ID_NET: u32 = 1;
 const RX_QUEUE: usize = 0;
@@ -45,6 +50,8 @@ pub struct NetDevice {
     port: Box<dyn NetPort>,
     /// A frame read from the port while the guest had no receive buffer (virtio header first).
     pending_rx: Option<Vec<u8>>,
+    /// The number of the last logged frame taken from the port (0: none yet).
+    rx_cursor: u64,
     scratch: Vec<u8>,
     pub stats: NetStats,
 }
@@ -64,6 +71,20 @@ pub struct NetState {
     pub mac: [u8; 6],
     pub transport: TransportState,
     pub stats: NetStats,
+    /// The number of the last logged inbound frame the device had taken: a replay of the
+    /// traffic log starts after it.
+    #[serde(default)]
+    pub rx_cursor: u64,
+    /// A frame taken from the port and not yet in the guest's RX ring (no virtio header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_rx: Option<Vec<u8>>,
+}
+
+impl NetState {
+    /// The first logged frame a restored VM has not seen: where a replay starts.
+    pub fn replay_from(&self) -> u64 {
+        self.rx_cursor + 1
+    }
 }
 
 impl NetDevice {
@@ -73,6 +94,7 @@ impl NetDevice {
             mac,
             port,
             pending_rx: None,
+            rx_cursor: 0,
             scratch: Vec::with_capacity(NET_HDR_LEN + MAX_FRAME),
             stats: NetStats::default(),
         }
@@ -80,6 +102,16 @@ impl NetDevice {
 
     pub fn port(&self) -> &dyn NetPort {
         self.port.as_ref()
+    }
+
+    /// The number of the last logged frame taken from the port.
+    pub fn rx_cursor(&self) -> u64 {
+        self.rx_cursor
+    }
+
+    /// The checkpoint of `epoch` is being captured: tells the port, with the RX cursor.
+    pub fn seal(&mut self, epoch: u64) {
+        self.port.seal(epoch, self.rx_cursor);
     }
 
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
@@ -127,7 +159,8 @@ impl NetDevice {
             return 0;
         }
         let mut sent = 0;
-        loop {
+        // A port that holds output may be full: the frames wait in the guest's queue.
+        while self.port.can_send() {
             let queue = &mut self.transport.queues[TX_QUEUE];
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
@@ -187,10 +220,12 @@ impl NetDevice {
                 None => {
                     let mut buf = vec![0u8; NET_HDR_LEN + MAX_FRAME];
                     match self.port.try_recv(&mut buf[NET_HDR_LEN..]) {
-                        Ok(Some(n)) => {
-                            buf.truncate(NET_HDR_LEN + n);
-                            // num_buffers = 1 (the last field of virtio_net_hdr_v1).
-                            buf[10] = 1;
+                        Ok(Some(Received { len, seq })) => {
+                            if let Some(seq) = seq {
+                                self.rx_cursor = self.rx_cursor.max(seq);
+                            }
+                            buf.truncate(NET_HDR_LEN + len);
+                            set_num_buffers(&mut buf);
                             buf
                         }
                         Ok(None) | Err(_) => break,
@@ -245,6 +280,11 @@ impl NetDevice {
             mac: self.mac,
             transport: self.transport.save(),
             stats: self.stats,
+            rx_cursor: self.rx_cursor,
+            pending_rx: self
+                .pending_rx
+                .as_ref()
+                .map(|frame| frame[NET_HDR_LEN..].to_vec()),
         }
     }
 
@@ -252,8 +292,27 @@ impl NetDevice {
         self.transport.restore(&state.transport, mem)?;
         self.mac = state.mac;
         self.stats = state.stats;
+        self.rx_cursor = state.rx_cursor;
+        self.pending_rx = match &state.pending_rx {
+            Some(frame) if frame.len() <= MAX_FRAME => Some(with_rx_header(frame)),
+            Some(frame) => return Err(format!("a pending frame of {} bytes", frame.len())),
+            None => None,
+        };
         Ok(())
     }
+}
+
+/// `num_buffers = 1`, the last field of `virtio_net_hdr_v1`: one buffer per frame.
+fn set_num_buffers(buf: &mut [u8]) {
+    buf[10] = 1;
+}
+
+/// A received frame as the guest gets it: the virtio header first.
+fn with_rx_header(frame: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; NET_HDR_LEN];
+    set_num_buffers(&mut buf);
+    buf.extend_from_slice(frame);
+    buf
 }
 
 #[cfg(test)]
@@ -267,11 +326,15 @@ mod tests {
     use super::*;
     use crate::memory;
 
+    type LoggedFrame = (Option<u64>, Vec<u8>);
+
     /// A port that records what the device sends and hands out queued frames.
     #[derive(Clone, Default)]
     struct FakePort {
         sent: Arc<Mutex<Vec<Vec<u8>>>>,
-        to_guest: Arc<Mutex<Vec<Vec<u8>>>>,
+        /// Frames for the guest, each with its log number, taken from the back.
+        to_guest: Arc<Mutex<Vec<LoggedFrame>>>,
+        full: Arc<Mutex<bool>>,
         fd: Arc<Option<std::fs::File>>,
     }
 
@@ -280,10 +343,13 @@ mod tests {
             self.sent.lock().expect("lock").push(frame.to_vec());
             Ok(())
         }
-        fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-            Ok(self.to_guest.lock().expect("lock").pop().map(|f| {
+        fn can_send(&self) -> bool {
+            !*self.full.lock().expect("lock")
+        }
+        fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
+            Ok(self.to_guest.lock().expect("lock").pop().map(|(seq, f)| {
                 buf[..f.len()].copy_from_slice(&f);
-                f.len()
+                Received { len: f.len(), seq }
             }))
         }
         fn readable_fd(&self) -> BorrowedFd<'_> {
@@ -355,6 +421,27 @@ mod tests {
     }
 
     #[test]
+    fn a_port_that_refuses_output_leaves_frames_in_the_guests_queue() {
+        let mem = memory::anonymous(16 << 20).expect("memory");
+        let port = FakePort::default();
+        let mut dev = live_device(port.clone(), &mem);
+        let mut frame = vec![0u8; NET_HDR_LEN];
+        frame.extend_from_slice(b"held back");
+        mem.write_slice(&frame, GuestAddress(0x20_0000))
+            .expect("frame");
+        offer_tx(&mem, 0, 0x20_0000, frame.len() as u32, 0);
+        *port.full.lock().expect("lock") = true;
+        assert_eq!(dev.process_tx(&mem), 0, "not taken while the port is full");
+        assert!(port.sent.lock().expect("lock").is_empty());
+        *port.full.lock().expect("lock") = false;
+        assert_eq!(dev.process_tx(&mem), 1, "taken once the port has room");
+        assert_eq!(
+            *port.sent.lock().expect("lock"),
+            vec![b"held back".to_vec()]
+        );
+    }
+
+    #[test]
     fn hostile_descriptors_are_counted_not_followed() {
         let mem = memory::anonymous(16 << 20).expect("memory");
         let port = FakePort::default();
@@ -381,11 +468,20 @@ mod tests {
         port.to_guest
             .lock()
             .expect("lock")
-            .push(b"hello guest".to_vec());
+            .push((Some(7), b"hello guest".to_vec()));
         let mut dev = live_device(port, &mem);
         // The guest has posted no receive buffer: the frame is held, not lost.
         assert_eq!(dev.deliver_rx(&mem), 0);
         assert!(dev.has_pending_rx());
+        // A checkpoint now keeps the frame and the cursor: a VM restored from it gets the
+        // frame, and a replay starts after it.
+        let state = dev.save();
+        assert_eq!(state.pending_rx.as_deref(), Some(&b"hello guest"[..]));
+        assert_eq!((state.rx_cursor, state.replay_from()), (7, 8));
+        let mut dev = NetDevice::new([2, 0, 0, 0, 0, 1], Box::new(FakePort::default()));
+        dev.restore(&state, &mem).expect("restores");
+        assert!(dev.has_pending_rx());
+        assert_eq!(dev.rx_cursor(), 7);
         let desc = DESC;
         mem.write_obj(0x30_0000u64, GuestAddress(desc))
             .expect("desc");

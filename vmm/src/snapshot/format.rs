@@ -385,8 +385,11 @@ mod tests {
                     queues: Vec::new(),
                 },
                 stats: NetStats::default(),
+                rx_cursor: 9,
+                pending_rx: Some(b"a frame".to_vec()),
             },
             guest_ns: 42,
+            saved_at_unix_ns: 1_700_000_000_000_000_000,
             layers: Vec::new(),
         }
     }

@@ -35,6 +35,10 @@ pub struct VmSnapshot {
     pub net: NetState,
     /// The guest clock's reading when the VM was saved.
     pub guest_ns: u64,
+    /// The host's wall clock (Unix time, ns) at the same moment: a restore elsewhere continues
+    /// the guest clock from it (0 in snapshots that did not record it).
+    #[serde(default)]
+    pub saved_at_unix_ns: u64,
     /// Memory layers, oldest (the full one) first.
     pub layers: Vec<LayerInfo>,
 }

@@ -339,9 +339,11 @@ impl CaptureOnly {
             .name("replication".into()) // counted as the sender's CPU
             .spawn(move || {
                 let mut next = Instant::now();
+                let mut epoch = 0;
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     next += interval;
-                    if handle.checkpoint(false).is_err() {
+                    epoch += 1;
+                    if handle.checkpoint(false, epoch).is_err() {
                         return;
                     }
                     std::thread::sleep(next.saturating_duration_since(Instant::now()));
