@@ -1,0 +1,317 @@
+//! The inbound log, Sans-IO: every frame from outside the VM's group gets a sequence number
+//! and a place in the log shipped to the backup site; the guest gets it at once (`async`) or
+//! only once the backup has acknowledged it (`sync`).
+//!
+//! ```text
+//!  outside ──arrive──> #seq ──to_ship──> log link ──> backup      ack(seq) <── backup
+//!                       │ async: to the guest now                  │ sync: to the guest now
+//!                       └── kept until acknowledged (resent after a reconnect)
+//! ```
+//! What waits is bounded: a frame that finds the log full is dropped and counted, as a full
+//! NIC ring drops (the client's TCP sends it again), and is never half logged.
+
+use std::collections::VecDeque;
+
+/// How inbound frames are logged (the policy's `inbound_log`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogMode {
+    /// The guest gets a frame once the backup has it: no request is lost at failover.
+    Sync,
+    /// The guest gets it at once; an epoch's output waits for the log instead.
+    Async,
+    /// Nothing is logged: a failover replays nothing.
+    Off,
+}
+
+/// A numbered inbound frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedFrame {
+    pub seq: u64,
+    /// The epoch that was open (not yet sealed) when it arrived.
+    pub epoch: u64,
+    /// When it arrived, wall clock (ns since the Unix epoch).
+    pub unix_ns: u64,
+    pub frame: Vec<u8>,
+}
+
+/// What became of an arriving frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// To the guest now, with its number if it was logged.
+    Deliver(Option<u64>, Vec<u8>),
+    /// Logged; the guest gets it once the backup acknowledges it.
+    Waiting(u64),
+    /// The log is full: dropped.
+    Dropped,
+}
+
+/// Counters for status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogCounters {
+    pub logged: u64,
+    pub logged_bytes: u64,
+    /// Acknowledgements read, and the newest frame they cover.
+    pub acks: u64,
+    pub acked: u64,
+    /// Frames dropped because the log was full.
+    pub dropped: u64,
+    /// Frames sent again after a reconnect.
+    pub resent: u64,
+}
+
+/// The inbound log of one VM.
+#[derive(Debug)]
+pub struct InboundLog {
+    mode: LogMode,
+    next_seq: u64,
+    /// Logged and not yet acknowledged, oldest first.
+    unacked: VecDeque<LoggedFrame>,
+    unacked_bytes: usize,
+    /// Sync: acknowledged, for the guest to take.
+    ready: VecDeque<LoggedFrame>,
+    /// The newest frame handed to the log link.
+    shipped: u64,
+    limit_bytes: usize,
+    counters: LogCounters,
+    /// Frames are delivered unlogged (the decision to run unprotected).
+    bypass: bool,
+}
+
+impl InboundLog {
+    /// A log numbering from `after + 1` (a restored VM's RX cursor: its log goes on), keeping
+    /// at most `limit_bytes` of frames not yet acknowledged.
+    pub fn new(mode: LogMode, after: u64, limit_bytes: usize) -> Self {
+        InboundLog {
+            mode,
+            next_seq: after + 1,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            ready: VecDeque::new(),
+            shipped: after,
+            limit_bytes,
+            counters: LogCounters {
+                acked: after,
+                ..LogCounters::default()
+            },
+            bypass: false,
+        }
+    }
+
+    pub fn mode(&self) -> LogMode {
+        self.mode
+    }
+
+    /// A frame from outside the group, arriving while `epoch` is open.
+    pub fn arrive(&mut self, frame: Vec<u8>, epoch: u64, unix_ns: u64) -> Arrival {
+        if self.mode == LogMode::Off || self.bypass {
+            return Arrival::Deliver(None, frame);
+        }
+        if self.unacked_bytes + frame.len() > self.limit_bytes {
+            self.counters.dropped += 1;
+            return Arrival::Dropped;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.counters.logged += 1;
+        self.counters.logged_bytes += frame.len() as u64;
+        self.unacked_bytes += frame.len();
+        let logged = LoggedFrame {
+            seq,
+            epoch,
+            unix_ns,
+            frame,
+        };
+        match self.mode {
+            LogMode::Async => {
+                let frame = logged.frame.clone();
+                self.unacked.push_back(logged);
+                Arrival::Deliver(Some(seq), frame)
+            }
+            _ => {
+                self.unacked.push_back(logged);
+                Arrival::Waiting(seq)
+            }
+        }
+    }
+
+    /// The frames the log link has not sent yet; they count as sent from now on.
+    pub fn to_ship(&mut self) -> Vec<LoggedFrame> {
+        let from = self.unacked.partition_point(|f| f.seq <= self.shipped);
+        let frames: Vec<LoggedFrame> = self.unacked.range(from..).cloned().collect();
+        if let Some(last) = frames.last() {
+            self.shipped = last.seq;
+        }
+        frames
+    }
+
+    /// Whether frames wait to be shipped.
+    pub fn has_unshipped(&self) -> bool {
+        self.unacked.back().is_some_and(|f| f.seq > self.shipped)
+    }
+
+    /// A new log link whose backup holds frames up to `backup_has`: what it lacks goes again.
+    pub fn relink(&mut self, backup_has: u64) {
+        self.ack(backup_has);
+        let before = self.shipped;
+        self.shipped = backup_has.max(self.counters.acked);
+        self.counters.resent += before.saturating_sub(self.shipped);
+    }
+
+    /// The backup holds every frame up to `seq`.
+    pub fn ack(&mut self, seq: u64) {
+        self.counters.acks += 1;
+        if seq <= self.counters.acked {
+            return;
+        }
+        self.counters.acked = seq;
+        while self.unacked.front().is_some_and(|f| f.seq <= seq) {
+            let frame = self.unacked.pop_front().expect("checked");
+            self.unacked_bytes -= frame.frame.len();
+            if self.mode == LogMode::Sync {
+                self.ready.push_back(frame);
+            }
+        }
+    }
+
+    /// The next logged frame the guest may take (sync), in order.
+    pub fn next_for_guest(&mut self) -> Option<(u64, Vec<u8>)> {
+        self.ready.pop_front().map(|f| (f.seq, f.frame))
+    }
+
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// From now on frames go to the guest unlogged, and those waiting for an acknowledgement
+    /// go now (the decision to run unprotected).
+    pub fn bypass(&mut self) {
+        self.bypass = true;
+        if self.mode == LogMode::Sync {
+            self.ready.extend(self.unacked.drain(..));
+        } else {
+            self.unacked.clear();
+        }
+        self.unacked_bytes = 0;
+    }
+
+    /// Logs again (protection resumed).
+    pub fn resume(&mut self) {
+        self.bypass = false;
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.counters.acked
+    }
+
+    /// The newest frame numbered.
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Frames logged and not yet acknowledged.
+    pub fn lag(&self) -> u64 {
+        self.last_seq() - self.counters.acked
+    }
+
+    pub fn counters(&self) -> LogCounters {
+        self.counters
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u8) -> Vec<u8> {
+        vec![n; 100]
+    }
+
+    #[test]
+    fn sync_delivers_a_frame_only_once_the_backup_acknowledged_it() {
+        let mut log = InboundLog::new(LogMode::Sync, 0, 1 << 20);
+        assert_eq!(log.arrive(frame(1), 3, 10), Arrival::Waiting(1));
+        assert_eq!(log.arrive(frame(2), 3, 11), Arrival::Waiting(2));
+        assert_eq!(log.next_for_guest(), None, "not acknowledged yet");
+        let shipped = log.to_ship();
+        assert_eq!(shipped.iter().map(|f| f.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!((shipped[0].epoch, shipped[0].unix_ns), (3, 10));
+        assert!(log.to_ship().is_empty(), "each frame is shipped once");
+        log.ack(1);
+        assert_eq!(log.next_for_guest(), Some((1, frame(1))));
+        assert_eq!(log.next_for_guest(), None);
+        log.ack(2);
+        assert_eq!(log.next_for_guest(), Some((2, frame(2))));
+        assert_eq!(log.lag(), 0);
+    }
+
+    #[test]
+    fn async_delivers_at_once_and_keeps_the_frame_until_acknowledged() {
+        let mut log = InboundLog::new(LogMode::Async, 0, 1 << 20);
+        assert_eq!(
+            log.arrive(frame(1), 1, 0),
+            Arrival::Deliver(Some(1), frame(1))
+        );
+        assert_eq!(log.lag(), 1);
+        assert_eq!(log.to_ship().len(), 1);
+        log.ack(1);
+        assert_eq!(log.lag(), 0);
+        assert_eq!(log.next_for_guest(), None, "already delivered");
+    }
+
+    #[test]
+    fn off_delivers_unnumbered() {
+        let mut log = InboundLog::new(LogMode::Off, 0, 1 << 20);
+        assert_eq!(log.arrive(frame(1), 1, 0), Arrival::Deliver(None, frame(1)));
+        assert!(log.to_ship().is_empty());
+    }
+
+    #[test]
+    fn a_restored_vms_log_numbers_on_from_its_rx_cursor() {
+        let mut log = InboundLog::new(LogMode::Sync, 41, 1 << 20);
+        assert_eq!(log.arrive(frame(1), 1, 0), Arrival::Waiting(42));
+        assert_eq!(log.acked(), 41);
+    }
+
+    #[test]
+    fn a_full_log_drops_whole_frames_and_counts_them() {
+        let mut log = InboundLog::new(LogMode::Sync, 0, 250);
+        assert_eq!(log.arrive(frame(1), 1, 0), Arrival::Waiting(1));
+        assert_eq!(log.arrive(frame(2), 1, 0), Arrival::Waiting(2));
+        assert_eq!(log.arrive(frame(3), 1, 0), Arrival::Dropped);
+        assert_eq!(log.counters().dropped, 1);
+        log.ack(2);
+        assert_eq!(
+            log.arrive(frame(4), 1, 0),
+            Arrival::Waiting(3),
+            "no gap in numbers"
+        );
+    }
+
+    #[test]
+    fn a_new_link_gets_what_the_backup_lacks_again() {
+        let mut log = InboundLog::new(LogMode::Sync, 0, 1 << 20);
+        for n in 1..=4 {
+            log.arrive(frame(n), 1, 0);
+        }
+        assert_eq!(log.to_ship().len(), 4);
+        log.ack(1);
+        // The link broke; the new one's backup holds frames up to 2.
+        log.relink(2);
+        let again: Vec<u64> = log.to_ship().iter().map(|f| f.seq).collect();
+        assert_eq!(again, [3, 4]);
+        assert_eq!(log.counters().resent, 2);
+        assert_eq!(log.next_for_guest(), Some((1, frame(1))));
+        assert_eq!(log.next_for_guest(), Some((2, frame(2))));
+    }
+
+    #[test]
+    fn running_unprotected_delivers_what_waits_then_bypasses_the_log() {
+        let mut log = InboundLog::new(LogMode::Sync, 0, 1 << 20);
+        log.arrive(frame(1), 1, 0);
+        log.bypass();
+        assert_eq!(log.next_for_guest(), Some((1, frame(1))));
+        assert_eq!(log.arrive(frame(2), 1, 0), Arrival::Deliver(None, frame(2)));
+        log.resume();
+        assert_eq!(log.arrive(frame(3), 1, 0), Arrival::Waiting(2));
+    }
+}
