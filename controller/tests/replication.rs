@@ -223,8 +223,8 @@ fn corrupt_and_replayed_frames_are_refused_and_nothing_is_stored() {
     };
     let mut link = Link::default();
     let hello = link.emit(&Message::Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: 2,
+        max_version: 3,
         link_id: 1,
         site: "intruder".into(),
         group: "web".into(),
@@ -255,8 +255,8 @@ fn corrupt_and_replayed_frames_are_refused_and_nothing_is_stored() {
     let mut link = Link::default();
     let incomplete = [
         link.emit(&Message::Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: 2,
+            max_version: 3,
             link_id: 2,
             site: "intruder".into(),
             group: "web".into(),

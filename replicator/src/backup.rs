@@ -13,7 +13,7 @@
 //! [`LATE_EPOCH`] from their first frame to their acknowledgement or the next epoch's frames
 //! are already waiting when one is acknowledged.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use crate::codec::{
     ChangeList, CodecConfig, Decoder, PAGE, Page, Replica, VecReplica, unpack_state,
 };
+use crate::log_receiver::{TrafficLogs, serve_log_link};
 use crate::sched::{Escalation, Priority};
 use crate::store::{EpochRecord, Store, StoreError, VmEpoch};
 use crate::tls::Channel;
@@ -70,9 +71,11 @@ pub const MAX_GROUP_VMS: u32 = 256;
 
 pub fn serve(listener: TcpListener, config: Arc<ReceiverConfig>, log: Log) {
     let active: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let traffic: Arc<TrafficLogs> = Arc::default();
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let (config, log, active) = (config.clone(), log.clone(), active.clone());
+        let traffic = traffic.clone();
         let _ = std::thread::Builder::new()
             .name("primary-link".into())
             .spawn(move || {
@@ -95,12 +98,44 @@ pub fn serve(listener: TcpListener, config: Arc<ReceiverConfig>, log: Log) {
                     }
                 };
                 let _ = channel.tcp().set_read_timeout(None);
-                let mut session = Session::new(&config, active);
-                match session.run(channel, &*log) {
+                let result = match first_message(channel) {
+                    Ok((hello @ Message::LogHello { .. }, channel, link)) => {
+                        serve_log_link(hello, channel, link, &config, &traffic, &*log)
+                    }
+                    Ok((hello, channel, link)) => {
+                        let mut session = Session::new(&config, active, link, traffic);
+                        session.run(hello, channel, &*log)
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
                     Ok(()) => log(&format!("primary {peer} closed the link")),
                     Err(e) => log(&format!("link with {peer} ended: {e}")),
                 }
             });
+    }
+}
+
+/// Reads a link's first message, which says what kind of link it is.
+fn first_message(mut stream: Channel) -> Result<(Message, Channel, Link), BackupError> {
+    let mut link = Link::default();
+    let mut buf = [0u8; 4096];
+    loop {
+        match link.next_message() {
+            Ok(Some(message)) => return Ok((message, stream, link)),
+            Ok(None) => {}
+            Err(e) => {
+                REFUSED.fetch_add(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(BackupError::Refused(
+                "the link closed before a Hello".into(),
+            ));
+        }
+        link.receive(&buf[..n]);
     }
 }
 
@@ -128,6 +163,10 @@ struct Session<'a> {
     escalation: Escalation,
     /// When the epoch being received began (its `EpochBegin` was read).
     epoch_began: std::time::Instant,
+    /// The groups' traffic logs, which keep what the retained checkpoints need.
+    traffic: Arc<TrafficLogs>,
+    /// Each stored epoch's RX cursors (VM, last logged frame it had taken), from the states.
+    rx_cursors: BTreeMap<u64, Vec<(u32, u64)>>,
 }
 
 /// The replica as the epoch being received would leave it.
@@ -155,12 +194,19 @@ impl Replica for Overlay<'_> {
 }
 
 impl<'a> Session<'a> {
-    fn new(config: &'a ReceiverConfig, active: Arc<Mutex<HashSet<String>>>) -> Self {
+    fn new(
+        config: &'a ReceiverConfig,
+        active: Arc<Mutex<HashSet<String>>>,
+        link: Link,
+        traffic: Arc<TrafficLogs>,
+    ) -> Self {
         Session {
             config,
             active,
             group: None,
-            link: Link::default(),
+            link,
+            traffic,
+            rx_cursors: BTreeMap::new(),
             decoder: Decoder::new(config.codec),
             replicas: HashMap::new(),
             stores: HashMap::new(),
@@ -170,10 +216,21 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn run(&mut self, mut stream: Channel, log: &dyn Fn(&str)) -> Result<(), BackupError> {
+    /// Serves the link whose first message was `first`.
+    fn run(
+        &mut self,
+        first: Message,
+        mut stream: Channel,
+        log: &dyn Fn(&str),
+    ) -> Result<(), BackupError> {
         let mut buf = vec![0u8; 1 << 20];
+        let mut first = Some(first);
         loop {
-            let message = match self.link.next_message() {
+            let next = match first.take() {
+                Some(m) => Ok(Some(m)),
+                None => self.link.next_message(),
+            };
+            let message = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     let n = stream.read(&mut buf)?;
@@ -377,10 +434,31 @@ impl<'a> Session<'a> {
                 let ack = self.commit(pending)?;
                 Ok(Some(ack))
             }
-            Message::HelloAck { .. } | Message::Ack { .. } | Message::Nack { .. } => {
-                refuse("a primary's message was expected".into())
-            }
+            Message::LogHello { .. } => refuse("a log link's hello on a checkpoint link".into()),
+            Message::HelloAck { .. }
+            | Message::Ack { .. }
+            | Message::Nack { .. }
+            | Message::LogHelloAck { .. }
+            | Message::LogFrames { .. }
+            | Message::LogAck { .. } => refuse("a primary's message was expected".into()),
         }
+    }
+
+    /// Drops the logged frames every retained checkpoint has seen (those up to the RX cursors
+    /// of `oldest`, the oldest epoch kept).
+    fn drop_unneeded_traffic(&mut self, group: &str, oldest: u64) -> Result<(), BackupError> {
+        self.rx_cursors = self.rx_cursors.split_off(&oldest);
+        let Some(cursors) = self.rx_cursors.get(&oldest) else {
+            return Ok(()); // stored before this link: kept, to be safe
+        };
+        let traffic = self.traffic.group(&self.config.store_dir, group)?;
+        let mut traffic = traffic.lock().unwrap_or_else(|e| e.into_inner());
+        for (vm, cursor) in cursors {
+            traffic
+                .retain_after(*vm, *cursor)
+                .map_err(|e| BackupError::Refused(format!("traffic log: {e}")))?;
+        }
+        Ok(())
     }
 
     fn store(&mut self, group: &str) -> Result<&mut Store, BackupError> {
@@ -439,7 +517,16 @@ impl<'a> Session<'a> {
             });
         }
         let durable = self.config.durable;
-        self.store(&group)?.append(&record, durable)?;
+        let cursors: Vec<(u32, u64)> = record
+            .vms
+            .iter()
+            .map(|part| (part.vm, rx_cursor(&part.state)))
+            .collect();
+        let store = self.store(&group)?;
+        store.append(&record, durable)?;
+        let oldest = store.epochs().first().copied().unwrap_or(epoch);
+        self.rx_cursors.insert(epoch, cursors);
+        self.drop_unneeded_traffic(&group, oldest)?;
         Ok(Message::Ack {
             group,
             epoch,
@@ -459,8 +546,16 @@ impl Drop for Session<'_> {
     }
 }
 
+/// The RX cursor a VM's checkpoint state records (0 if it has none).
+fn rx_cursor(state: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(state)
+        .ok()
+        .and_then(|s| s["net"]["rx_cursor"].as_u64())
+        .unwrap_or(0)
+}
+
 /// Group names become directory names: keep them plain.
-fn check_group(group: &str) -> Result<(), BackupError> {
+pub(crate) fn check_group(group: &str) -> Result<(), BackupError> {
     if group.is_empty()
         || group.len() > 63
         || !group

@@ -22,6 +22,7 @@
 pub mod backup;
 mod bytes;
 pub mod codec;
+pub mod log_receiver;
 pub mod primary;
 pub mod restore;
 pub mod sched;

@@ -269,6 +269,8 @@ fn run_link(
     let mut channel = Channel::connect(tcp, config.tls.as_ref(), config.peer.ip())
         .map_err(|e| format!("TLS with {}: {e}", config.peer))?;
     let mut out = Link::default();
+    // In a frame a backup one version older reads too.
+    out.set_version(MIN_VERSION);
     let mut inbound = Link::default();
     let hello = Message::Hello {
         min_version: MIN_VERSION,

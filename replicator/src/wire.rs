@@ -12,20 +12,36 @@
 //!     │<──────── Nack {group, epoch, reason} ──│   or refuses: the primary resynchronises
 //! ```
 //!
+//! The inbound traffic log has links of its own (one per VM, version 3 and later), so that a
+//! logged frame never waits behind a checkpoint batch:
+//!
+//! ```text
+//!  primary gateway                           backup
+//!     │── LogHello {versions, site, group, vm} >│
+//!     │<── LogHelloAck {version, last seq} ─────│   the primary sends what follows it
+//!     │── LogFrames {vm, records} ────────────>│   numbered frames, each with its CRC
+//!     │<──────────────────── LogAck {vm, seq} ──│   once written: every frame up to seq
+//! ```
+//! A primary sends its Hello in a frame of version `MIN_VERSION`, so that a backup one version
+//! older can read it and answer with the version both speak.
+//!
 //! Frame: `magic "SSRP" | version u16 | command u16 | seq u64 | length u32 | crc32 u32`, then
 //! `length` bytes of payload. The CRC covers the header's first 20 bytes and the payload. Each
 //! direction numbers its frames from 0; a frame out of sequence (replayed, dropped, reordered)
 //! is refused. The link itself is authenticated and encrypted by TLS underneath.
 
 use crc32fast::Hasher;
+use secondsite_replay::{LogRecord, RecordError};
 
 use crate::bytes::Fields;
 
 pub const MAGIC: [u8; 4] = *b"SSRP";
 /// The protocol version this build speaks best; it also accepts `VERSION - 1`. Version 2
-/// changed which pages both ends' dedup caches learn (`codec::DedupScope`); frames are the
-/// same.
-pub const VERSION: u16 = 2;
+/// changed which pages both ends' dedup caches learn (`codec::DedupScope`); version 3 added
+/// the traffic log's links (checkpoint links are the same as in 2).
+pub const VERSION: u16 = 3;
+/// The first version with traffic log links.
+pub const LOG_VERSION: u16 = 3;
 pub const MIN_VERSION: u16 = if VERSION > 1 { VERSION - 1 } else { 1 };
 pub const HEADER_LEN: usize = 24;
 /// Largest payload: a codec batch plus headroom.
@@ -43,9 +59,21 @@ pub enum CommandCode {
     EpochEnd = 6,
     Ack = 7,
     Nack = 8,
+    LogHello = 9,
+    LogHelloAck = 10,
+    LogFrames = 11,
+    LogAck = 12,
 }
 
 impl CommandCode {
+    /// A command of the traffic log's links (version 3 and later).
+    fn is_log(self) -> bool {
+        matches!(
+            self,
+            Self::LogHello | Self::LogHelloAck | Self::LogFrames | Self::LogAck
+        )
+    }
+
     fn from_u16(v: u16) -> Option<Self> {
         Some(match v {
             1 => Self::Hello,
@@ -56,6 +84,10 @@ impl CommandCode {
             6 => Self::EpochEnd,
             7 => Self::Ack,
             8 => Self::Nack,
+            9 => Self::LogHello,
+            10 => Self::LogHelloAck,
+            11 => Self::LogFrames,
+            12 => Self::LogAck,
             _ => return None,
         })
     }
@@ -128,7 +160,34 @@ pub enum Message {
         epoch: u64,
         reason: String,
     },
+    /// Opens a traffic log link for VM `vm` of `group`.
+    LogHello {
+        min_version: u16,
+        max_version: u16,
+        site: String,
+        group: String,
+        vm: u32,
+    },
+    /// `last_seq`: the newest frame the backup holds for the VM; the primary sends from the
+    /// one after it.
+    LogHelloAck {
+        version: u16,
+        last_seq: u64,
+    },
+    /// Logged inbound frames, in order.
+    LogFrames {
+        vm: u32,
+        records: Vec<LogRecord>,
+    },
+    /// The backup holds every frame of VM `vm` up to `seq`.
+    LogAck {
+        vm: u32,
+        seq: u64,
+    },
 }
+
+/// Most records in one `LogFrames`.
+pub const MAX_LOG_RECORDS: usize = 4096;
 
 impl Message {
     pub fn command(&self) -> CommandCode {
@@ -141,6 +200,10 @@ impl Message {
             Message::EpochEnd { .. } => CommandCode::EpochEnd,
             Message::Ack { .. } => CommandCode::Ack,
             Message::Nack { .. } => CommandCode::Nack,
+            Message::LogHello { .. } => CommandCode::LogHello,
+            Message::LogHelloAck { .. } => CommandCode::LogHelloAck,
+            Message::LogFrames { .. } => CommandCode::LogFrames,
+            Message::LogAck { .. } => CommandCode::LogAck,
         }
     }
 
@@ -216,6 +279,34 @@ impl Message {
                 out.extend_from_slice(&epoch.to_le_bytes());
                 string(out, reason);
             }
+            Message::LogHello {
+                min_version,
+                max_version,
+                site,
+                group,
+                vm,
+            } => {
+                out.extend_from_slice(&min_version.to_le_bytes());
+                out.extend_from_slice(&max_version.to_le_bytes());
+                string(out, site);
+                string(out, group);
+                out.extend_from_slice(&vm.to_le_bytes());
+            }
+            Message::LogHelloAck { version, last_seq } => {
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(&last_seq.to_le_bytes());
+            }
+            Message::LogFrames { vm, records } => {
+                out.extend_from_slice(&vm.to_le_bytes());
+                out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+                for record in records {
+                    record.emit(out);
+                }
+            }
+            Message::LogAck { vm, seq } => {
+                out.extend_from_slice(&vm.to_le_bytes());
+                out.extend_from_slice(&seq.to_le_bytes());
+            }
         }
     }
 
@@ -266,6 +357,50 @@ impl Message {
                 group: string(&mut r, command)?,
                 epoch: r.u64()?,
                 reason: string(&mut r, command)?,
+            },
+            CommandCode::LogHello => Message::LogHello {
+                min_version: r.u16()?,
+                max_version: r.u16()?,
+                site: string(&mut r, command)?,
+                group: string(&mut r, command)?,
+                vm: r.u32()?,
+            },
+            CommandCode::LogHelloAck => Message::LogHelloAck {
+                version: r.u16()?,
+                last_seq: r.u64()?,
+            },
+            CommandCode::LogFrames => {
+                let vm = r.u32()?;
+                let count = r.u32()? as usize;
+                if count == 0 || count > MAX_LOG_RECORDS {
+                    return Err(malformed("a batch of 1 to 4096 log records"));
+                }
+                let mut records = Vec::with_capacity(count);
+                let mut bytes = r.rest();
+                for _ in 0..count {
+                    let (record, len) =
+                        LogRecord::parse(bytes).map_err(|e| WireError::Malformed {
+                            command,
+                            detail: match e {
+                                RecordError::Checksum => "a log record's checksum is wrong",
+                                RecordError::Truncated => "a log record is truncated",
+                                RecordError::TooLarge(_) => "a log record is too large",
+                                RecordError::BadMagic | RecordError::Version(_) => {
+                                    "not a log record"
+                                }
+                            },
+                        })?;
+                    records.push(record);
+                    bytes = &bytes[len..];
+                }
+                if !bytes.is_empty() {
+                    return Err(malformed("trailing bytes"));
+                }
+                Message::LogFrames { vm, records }
+            }
+            CommandCode::LogAck => Message::LogAck {
+                vm: r.u32()?,
+                seq: r.u64()?,
             },
         };
         if r.remaining() != 0 {
@@ -374,7 +509,9 @@ impl Link {
             return Err(WireError::Version(version));
         }
         let code = u16::from_le_bytes([h[6], h[7]]);
-        let command = CommandCode::from_u16(code).ok_or(WireError::UnknownCommand(code))?;
+        let command = CommandCode::from_u16(code)
+            .filter(|c| version >= LOG_VERSION || !c.is_log())
+            .ok_or(WireError::UnknownCommand(code))?;
         let seq = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
         let len = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")) as usize;
         if len > MAX_PAYLOAD {
@@ -457,6 +594,35 @@ mod tests {
                 epoch: 7,
                 reason: "bad batch".into(),
             },
+            Message::LogHello {
+                min_version: 3,
+                max_version: 3,
+                site: "site-a".into(),
+                group: "web".into(),
+                vm: 1,
+            },
+            Message::LogHelloAck {
+                version: 3,
+                last_seq: 41,
+            },
+            Message::LogFrames {
+                vm: 1,
+                records: vec![
+                    LogRecord {
+                        seq: 42,
+                        epoch: 7,
+                        unix_ns: 1_700_000_000_000_000_000,
+                        frame: vec![0xff; 60],
+                    },
+                    LogRecord {
+                        seq: 43,
+                        epoch: 8,
+                        unix_ns: 1_700_000_000_000_000_001,
+                        frame: vec![0x08; 1514],
+                    },
+                ],
+            },
+            Message::LogAck { vm: 1, seq: 43 },
         ]
     }
 
@@ -562,9 +728,42 @@ mod tests {
     }
 
     #[test]
+    fn log_links_need_version_3_and_refuse_corrupt_records() {
+        let log_frames = all_messages()
+            .into_iter()
+            .find(|m| matches!(m, Message::LogFrames { .. }))
+            .expect("a LogFrames");
+        let mut old = Link::default();
+        old.set_version(2);
+        let mut rx = Link::default();
+        rx.receive(&old.emit(&log_frames));
+        assert_eq!(rx.next_message(), Err(WireError::UnknownCommand(11)));
+
+        // A record corrupted under a frame whose own CRC is good: refused, named.
+        let mut frame = Link::default().emit(&log_frames);
+        let record_at = HEADER_LEN + 8 + 40;
+        frame[record_at] ^= 1;
+        let mut crc = Hasher::new();
+        crc.update(&frame[..20]);
+        crc.update(&frame[HEADER_LEN..]);
+        let crc = crc.finalize().to_le_bytes();
+        frame[20..24].copy_from_slice(&crc);
+        let mut rx = Link::default();
+        rx.receive(&frame);
+        assert_eq!(
+            rx.next_message(),
+            Err(WireError::Malformed {
+                command: CommandCode::LogFrames,
+                detail: "a log record's checksum is wrong"
+            })
+        );
+    }
+
+    #[test]
     fn versions_are_negotiated() {
-        assert_eq!(negotiate(1, 1), Ok(1));
+        assert_eq!(negotiate(2, 2), Ok(2));
         assert_eq!(negotiate(1, 5), Ok(VERSION));
+        assert!(negotiate(1, 1).is_err(), "version 1 is no longer spoken");
         assert!(negotiate(4, 5).is_err());
     }
 

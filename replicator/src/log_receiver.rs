@@ -1,0 +1,158 @@
+//! The backup's end of a traffic log link: one VM's logged inbound frames, appended to the
+//! group's traffic log (`secondsite-replay`) and acknowledged once written (and synced, with
+//! `ack: disk`).
+//!
+//! A frame that does not follow the last one held (a replayed or reordered batch), or a
+//! malformed or corrupt one, is refused whole, counted in [`LOG_REFUSED`], and ends the link:
+//! the primary reconnects, learns the last frame held and sends from the one after it.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use secondsite_replay::{TrafficLog, traffic_dir};
+
+use crate::backup::{BackupError, ReceiverConfig, check_group, group_store};
+use crate::tls::Channel;
+use crate::wire::{self, LOG_VERSION, Link, Message};
+
+/// Log batches refused (out of order, malformed, corrupt).
+pub static LOG_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// The traffic logs of a receiver's groups, shared by their log links and checkpoint links
+/// (which drop what every retained checkpoint has seen).
+#[derive(Debug, Default)]
+pub struct TrafficLogs {
+    logs: Mutex<HashMap<String, Arc<Mutex<TrafficLog>>>>,
+    /// (group, VM) pairs with a log link open: one each.
+    active: Mutex<HashSet<(String, u32)>>,
+}
+
+impl TrafficLogs {
+    /// The traffic log of `group` under `store_dir`, opened (and mended) on first use.
+    pub fn group(
+        &self,
+        store_dir: &std::path::Path,
+        group: &str,
+    ) -> Result<Arc<Mutex<TrafficLog>>, BackupError> {
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = logs.get(group) {
+            return Ok(log.clone());
+        }
+        let dir: PathBuf = traffic_dir(&group_store(store_dir, group));
+        let (log, _) = TrafficLog::open(&dir).map_err(|e| BackupError::Refused(e.to_string()))?;
+        let log = Arc::new(Mutex::new(log));
+        logs.insert(group.to_owned(), log.clone());
+        Ok(log)
+    }
+}
+
+/// Releases a (group, VM) log link slot when the link ends.
+struct ActiveLink<'a> {
+    logs: &'a TrafficLogs,
+    key: (String, u32),
+}
+
+impl Drop for ActiveLink<'_> {
+    fn drop(&mut self) {
+        self.logs
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// Serves a log link whose first message, a `LogHello`, was `hello`.
+pub(crate) fn serve_log_link(
+    hello: Message,
+    mut stream: Channel,
+    mut link: Link,
+    config: &ReceiverConfig,
+    logs: &TrafficLogs,
+    log: &dyn Fn(&str),
+) -> Result<(), BackupError> {
+    let Message::LogHello {
+        min_version,
+        max_version,
+        site,
+        group,
+        vm,
+    } = hello
+    else {
+        return Err(BackupError::Refused("a LogHello was expected".into()));
+    };
+    let version = wire::negotiate(min_version.max(LOG_VERSION), max_version)?;
+    check_group(&group)?;
+    let key = (group.clone(), vm);
+    if !logs
+        .active
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key.clone())
+    {
+        return Err(BackupError::Refused(format!(
+            "VM {vm} of group {group} already has a log link"
+        )));
+    }
+    let _active = ActiveLink { logs, key };
+    let traffic = logs.group(&config.store_dir, &group)?;
+    let last_seq = traffic
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .last_seq(vm);
+    link.set_version(version);
+    stream.write_all(&link.emit(&Message::LogHelloAck { version, last_seq }))?;
+    log(&format!(
+        "log link from site {site}: group {group} VM {vm}, frames after {last_seq}"
+    ));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let message = match link.next_message() {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                let n = stream.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                link.receive(&buf[..n]);
+                continue;
+            }
+            Err(e) => {
+                LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        };
+        let Message::LogFrames { vm: from, records } = message else {
+            LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
+            return Err(BackupError::Refused(format!(
+                "{:?} on a log link",
+                message.command()
+            )));
+        };
+        if from != vm {
+            LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
+            return Err(BackupError::Refused(format!(
+                "frames of VM {from} on VM {vm}'s log link"
+            )));
+        }
+        let seq = {
+            let mut traffic = traffic.lock().unwrap_or_else(|e| e.into_inner());
+            let appended = traffic.append(vm, &records).and_then(|()| {
+                if config.durable {
+                    traffic.sync()
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = appended {
+                LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
+                return Err(BackupError::Refused(format!("traffic log: {e}")));
+            }
+            traffic.last_seq(vm)
+        };
+        stream.write_all(&link.emit(&Message::LogAck { vm, seq }))?;
+    }
+}
