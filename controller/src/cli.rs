@@ -246,7 +246,7 @@ pub enum BenchCommand {
 pub enum VmCommand {
     /// Boot a VM with the test guest (or --guest IMAGE) and run it in the foreground until it
     /// stops or this process gets SIGTERM/SIGINT.
-    Run(VmRunArgs),
+    Run(Box<VmRunArgs>),
     /// Pause the VM's vCPU.
     Pause(ControlArgs),
     /// Resume a paused VM.
@@ -445,6 +445,66 @@ pub struct VmRunArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub placement: PlacementArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// The VM's packet path when it is replicated (`--replicate-to`).
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// How inbound frames are logged at the backup: sync (the guest gets a frame once the
+    /// backup holds it), async (at once; output waits for the log instead) or off.
+    #[arg(long, value_enum, default_value = "sync")]
+    pub inbound_log: InboundLog,
+    /// Hold the VM's output until the checkpoint that produced it is committed (on), or send
+    /// it at once (off: a client may see state a failover loses).
+    #[arg(long, value_enum, default_value = "on")]
+    pub output_commit: OnOff,
+    /// When the backup is lost: stall (held output waits for it) or unprotected (release
+    /// everything and go on without holding or logging; an event records the decision).
+    #[arg(long, value_enum, default_value = "stall")]
+    pub on_backup_loss: BackupLoss,
+    /// This site's name, as the backup logs it.
+    #[arg(long, default_value = "primary")]
+    pub site: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InboundLog {
+    Sync,
+    Async,
+    Off,
+}
+
+impl From<InboundLog> for secondsite_gateway::LogMode {
+    fn from(mode: InboundLog) -> Self {
+        match mode {
+            InboundLog::Sync => Self::Sync,
+            InboundLog::Async => Self::Async,
+            InboundLog::Off => Self::Off,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackupLoss {
+    Stall,
+    Unprotected,
+}
+
+impl From<BackupLoss> for secondsite_gateway::OnBackupLoss {
+    fn from(choice: BackupLoss) -> Self {
+        match choice {
+            BackupLoss::Stall => Self::Stall,
+            BackupLoss::Unprotected => Self::Unprotected,
+        }
+    }
 }
 
 /// `64M`, `512M`, `1G`, `65536K` or plain bytes.

@@ -3,8 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{ChildStdin, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use secondsite_lab::{Proc, VmSite, privileged};
@@ -12,7 +11,7 @@ use secondsite_vmm::snapshot;
 
 mod support;
 
-use support::{control, redis, restore, start, wait_until_serving};
+use support::{Connection, control, redis, restore, start, tcp_resets, wait_until_serving};
 
 #[test]
 fn redis_cli_and_redis_benchmark_work_against_the_guest() {
@@ -74,66 +73,6 @@ fn redis_cli_and_redis_benchmark_work_against_the_guest() {
         !report.to_lowercase().contains("error") && !stderr.to_lowercase().contains("error"),
         "{report}\n{stderr}"
     );
-}
-
-/// A client's TCP connection held open in `nc`, answering line by line.
-struct Connection {
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-    _nc: Proc,
-}
-
-impl Connection {
-    fn open(site: &VmSite) -> Connection {
-        let mut cmd = site.client.command("nc");
-        cmd.args([VmSite::GUEST_IP, "6379"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        let mut nc = Proc::spawn(&mut cmd, "nc").expect("starts nc");
-        let stdin = nc.child().stdin.take().expect("piped stdin");
-        let stdout = nc.child().stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line.trim_end().to_owned()).is_err() {
-                    break;
-                }
-            }
-        });
-        Connection {
-            stdin,
-            lines,
-            _nc: nc,
-        }
-    }
-
-    /// Sends an inline command and returns the reply's lines.
-    fn ask(&mut self, command: &str, reply_lines: usize) -> Vec<String> {
-        self.stdin
-            .write_all(format!("{command}\r\n").as_bytes())
-            .expect("nc takes input");
-        (0..reply_lines)
-            .map(|_| {
-                self.lines
-                    .recv_timeout(Duration::from_secs(15))
-                    .unwrap_or_else(|_| panic!("no reply to {command}"))
-            })
-            .collect()
-    }
-}
-
-fn tcp_resets(site: &VmSite) -> u64 {
-    let out = site
-        .client
-        .exec("nstat", &["-asz", "TcpEstabResets"])
-        .expect("runs nstat");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("TcpEstabResets")
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[test]

@@ -36,7 +36,7 @@ pub mod staging;
 pub mod vcpu;
 pub mod vm;
 
-pub use net_port::{NetPort, Received, Tap, Unplugged};
+pub use net_port::{Bell, NetPort, Readiness, Received, Tap, Unplugged};
 pub use vm::{
     Capture, Command, GuestTime, Reply, RunState, Vm, VmConfig, VmError, VmHandle, VmStatus,
     checkpoint_group,

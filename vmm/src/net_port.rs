@@ -182,3 +182,73 @@ impl NetPort for Unplugged {
         "unplugged"
     }
 }
+
+/// A descriptor another thread makes readable: an eventfd, rung to say "look again".
+#[derive(Debug)]
+pub struct Bell(OwnedFd);
+
+impl Bell {
+    pub fn new() -> io::Result<Bell> {
+        use rustix::event::{EventfdFlags, eventfd};
+        Ok(Bell(eventfd(
+            0,
+            EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC,
+        )?))
+    }
+
+    /// Makes the descriptor readable until [`Bell::quiet`].
+    pub fn ring(&self) {
+        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
+    }
+
+    /// Ends a ring.
+    pub fn quiet(&self) {
+        let mut count = [0u8; 8];
+        let _ = rustix::io::read(&self.0, &mut count);
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// What a port that wraps another offers as its [`NetPort::readable_fd`]: one descriptor that
+/// polls readable when the inner port's does or when the port rings its bell (frames of its
+/// own are ready, or it takes output again). An epoll set of the two.
+#[derive(Debug)]
+pub struct Readiness {
+    epoll: OwnedFd,
+    bell: Bell,
+}
+
+impl Readiness {
+    /// Readable when `inner` is, or after [`Readiness::ring`].
+    pub fn new(inner: BorrowedFd<'_>) -> io::Result<Readiness> {
+        use rustix::event::epoll;
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let bell = Bell::new()?;
+        for (fd, n) in [(inner, 0), (bell.fd(), 1)] {
+            epoll::add(
+                &epoll,
+                fd,
+                epoll::EventData::new_u64(n),
+                epoll::EventFlags::IN,
+            )?;
+        }
+        Ok(Readiness { epoll, bell })
+    }
+
+    /// Makes the descriptor readable until [`Readiness::quiet`].
+    pub fn ring(&self) {
+        self.bell.ring();
+    }
+
+    /// Ends a ring (the inner port's own readiness stays as it is).
+    pub fn quiet(&self) {
+        self.bell.quiet();
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
+    }
+}

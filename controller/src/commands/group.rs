@@ -167,6 +167,7 @@ fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
             vm: booted,
             index: vm.index,
             control: vm.control.clone(),
+            gateway: None,
         });
     }
     let tls_files = args.tls.files().or_else(|| {
@@ -232,6 +233,7 @@ fn restore_group(args: GroupRestoreArgs) -> anyhow::Result<ExitCode> {
             vm: restored,
             index: vm.index,
             control: vm.control.clone(),
+            gateway: None,
         });
     }
     eprintln!(

@@ -7,19 +7,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use secondsite_gateway::{Gateway, GatewayConfig, GatewayPort, LogLink, LogLinkConfig};
 use secondsite_replicator::codec::CodecConfig;
 use secondsite_replicator::primary::{
     Member, Replication, ReplicationStatus, SenderConfig, Throttle,
 };
 use secondsite_replicator::restore;
 use secondsite_vmm::affinity::CpuList;
-use secondsite_vmm::{Command, Reply, RunState, Tap, Vm, VmConfig, VmHandle, control};
+use secondsite_vmm::{Command, NetPort, Reply, RunState, Tap, Vm, VmConfig, VmHandle, control};
 
-use crate::cli::{ControlArgs, PlacementArgs, VmCommand, VmRunArgs};
+use crate::cli::{ControlArgs, OnOff, PlacementArgs, VmCommand, VmRunArgs};
 
 pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
     match command {
-        VmCommand::Run(args) => run_vm(args),
+        VmCommand::Run(args) => run_vm(*args),
         VmCommand::Restore {
             from,
             from_store,
@@ -49,6 +50,7 @@ pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
                     vm,
                     index: 0,
                     control: control.control,
+                    gateway: None,
                 }],
                 None,
                 vcpu_cpus.as_ref(),
@@ -140,9 +142,18 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot read guest image {}", path.display()))?,
         None => secondsite_vmm::GUEST_IMAGE.to_vec(),
     };
-    let port = Tap::open(&args.tap).with_context(|| format!("tap {}", args.tap))?;
-    let vm = Vm::boot(&config, &image, Box::new(port), args.console.as_deref())
-        .context("cannot start the VM")?;
+    let gateway = args.replicate_to.map(|_| GatewayConfig {
+        output_commit: args.gateway.output_commit == OnOff::On,
+        log: args.gateway.inbound_log.into(),
+        output_limit_bytes: GatewayConfig::DEFAULT_OUTPUT_LIMIT,
+        log_limit_bytes: GatewayConfig::DEFAULT_LOG_LIMIT,
+        group_macs: [config.mac].into_iter().collect(),
+        on_backup_loss: args.gateway.on_backup_loss.into(),
+        log_after: 0,
+    });
+    let (port, gateway) = open_port(&args.tap, gateway)?;
+    let vm =
+        Vm::boot(&config, &image, port, args.console.as_deref()).context("cannot start the VM")?;
     let tls = match args.tls.files() {
         Some(files) => Some(secondsite_replicator::tls::client_config(&files).context("TLS")?),
         None => None,
@@ -156,7 +167,7 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
         throttle,
         peer,
         group: args.group.clone(),
-        site: "primary".into(),
+        site: args.gateway.site.clone(),
         epoch_ms: args.epoch_ms,
         codec: CodecConfig {
             zstd_level: args.zstd_level,
@@ -169,10 +180,29 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
             vm,
             index: args.vm_index,
             control: args.control.control,
+            gateway,
         }],
         replication,
         vcpu_cpus.as_ref(),
     )
+}
+
+/// A VM's network port, and its gateway when it has one.
+pub type PortAndGateway = (Box<dyn NetPort>, Option<Arc<Gateway>>);
+
+/// The VM's port on tap `tap`: the tap itself, or (with a configuration) the gateway in front
+/// of it, which sends on a second handle of the tap.
+pub fn open_port(tap: &str, gateway: Option<GatewayConfig>) -> anyhow::Result<PortAndGateway> {
+    let port = Tap::open(tap).with_context(|| format!("tap {tap}"))?;
+    let Some(config) = gateway else {
+        return Ok((Box::new(port), None));
+    };
+    let wire = port.try_clone().with_context(|| format!("tap {tap}"))?;
+    let report: secondsite_gateway::port::EventLog =
+        Arc::new(|line: &str| eprintln!("secondsite: {line}"));
+    let (gateway, port) = GatewayPort::new(config, Box::new(port), Box::new(wire), report)
+        .with_context(|| format!("the gateway on tap {tap}"))?;
+    Ok((Box::new(port), Some(gateway)))
 }
 
 /// Rebuilds VM `vm` of a group's store (`store` is the group's directory) at `epoch` (the
@@ -245,11 +275,13 @@ fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
     })
 }
 
-/// A VM to serve: built, with its number in its group and its control socket.
+/// A VM to serve: built, with its number in its group, its control socket and its gateway
+/// (when its output is held and its inbound traffic logged).
 pub struct Served {
     pub vm: Vm,
     pub index: u32,
     pub control: PathBuf,
+    pub gateway: Option<Arc<Gateway>>,
 }
 
 /// Runs the VMs with their control sockets (and the group's replication, if any) until every
@@ -260,7 +292,11 @@ pub fn serve_until_done(
     vcpu_cpus: Option<&CpuList>,
 ) -> anyhow::Result<ExitCode> {
     let mut running = Vec::with_capacity(vms.len());
+    let mut gateways = Vec::new();
     for served in vms {
+        if let Some(gateway) = served.gateway {
+            gateways.push((served.index, gateway));
+        }
         running.push((
             Member {
                 vm: served.index,
@@ -270,16 +306,37 @@ pub fn serve_until_done(
         ));
     }
     let members: Vec<Member> = running.iter().map(|(m, _)| m.clone()).collect();
-    let replication = replication.map(|config| {
-        eprintln!(
-            "secondsite: replicating group {} ({} VMs) to {} every {} ms",
-            config.group,
-            members.len(),
-            config.peer,
-            config.epoch_ms
-        );
-        Arc::new(Replication::start(members.clone(), config))
-    });
+    let mut log_links = Vec::new();
+    let replication = match replication {
+        Some(config) => {
+            eprintln!(
+                "secondsite: replicating group {} ({} VMs) to {} every {} ms",
+                config.group,
+                members.len(),
+                config.peer,
+                config.epoch_ms
+            );
+            let replication = Arc::new(Replication::start(members.clone(), config.clone()));
+            if !gateways.is_empty() {
+                secondsite_gateway::follow(
+                    replication.subscribe(),
+                    gateways.iter().map(|(_, g)| g.clone()).collect(),
+                )?;
+            }
+            for (vm, gateway) in &gateways {
+                let link = LogLinkConfig {
+                    peer: config.peer,
+                    tls: config.tls.clone(),
+                    site: config.site.clone(),
+                    group: config.group.clone(),
+                    vm: *vm,
+                };
+                log_links.push(LogLink::start(gateway.clone(), link)?);
+            }
+            Some(replication)
+        }
+        None => None,
+    };
     for (member, control_path) in &running {
         let extra: Option<control::StatusExtra> = replication.clone().map(|r| {
             let f: control::StatusExtra =
@@ -304,6 +361,9 @@ pub fn serve_until_done(
             // Replication first, so no checkpoint is asked of a stopping VM.
             if let Some(r) = &replication {
                 r.stop();
+            }
+            for link in &mut log_links {
+                link.stop();
             }
             break members
                 .iter()

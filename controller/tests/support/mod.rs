@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use secondsite_lab::{Netns, Proc, VmSite};
@@ -164,4 +166,74 @@ pub fn wait_for(control_path: &Path, what: &str, pred: impl Fn(&Value) -> bool) 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A client's TCP connection held open in `nc`, answering line by line.
+pub struct Connection {
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    _nc: Proc,
+}
+
+impl Connection {
+    pub fn open(site: &VmSite) -> Connection {
+        let mut cmd = site.client.command("nc");
+        cmd.args([VmSite::GUEST_IP, "6379"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut nc = Proc::spawn(&mut cmd, "nc").expect("starts nc");
+        let stdin = nc.child().stdin.take().expect("piped stdin");
+        let stdout = nc.child().stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line.trim_end().to_owned()).is_err() {
+                    break;
+                }
+            }
+        });
+        Connection {
+            stdin,
+            lines,
+            _nc: nc,
+        }
+    }
+
+    /// Sends an inline command and returns the reply's lines.
+    pub fn ask(&mut self, command: &str, reply_lines: usize) -> Vec<String> {
+        self.send(command);
+        (0..reply_lines)
+            .map(|_| {
+                self.lines
+                    .recv_timeout(Duration::from_secs(15))
+                    .unwrap_or_else(|_| panic!("no reply to {command}"))
+            })
+            .collect()
+    }
+
+    /// Sends an inline command without waiting for its reply.
+    pub fn send(&mut self, command: &str) {
+        self.stdin
+            .write_all(format!("{command}\r\n").as_bytes())
+            .expect("nc takes input");
+    }
+
+    /// The next reply line, if one comes within `wait`.
+    pub fn line_within(&mut self, wait: Duration) -> Option<String> {
+        self.lines.recv_timeout(wait).ok()
+    }
+}
+
+pub fn tcp_resets(site: &VmSite) -> u64 {
+    let out = site
+        .client
+        .exec("nstat", &["-asz", "TcpEstabResets"])
+        .expect("runs nstat");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("TcpEstabResets")
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }

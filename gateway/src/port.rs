@@ -1,0 +1,271 @@
+//! The gateway as the VM's [`NetPort`]: the device's frames go through the [`GatewayCore`],
+//! and what it releases goes out on the wire from whichever thread released it.
+//!
+//! ```text
+//!  VM thread:      send ──> core.from_guest ──(passthrough / intra-group)──> wire
+//!                  try_recv <── core: acknowledged log frames <── inner port (tap)
+//!                  seal(epoch, rx_cursor) ──> core.seal
+//!  event thread:   Committed(e) ──> core.commit ──> released frames ──> wire
+//!  log link:       core.to_ship ──> backup;  LogAck(seq) ──> core.log_acked ──> ring the port
+//! ```
+//! The port's readable descriptor is an epoll set of the inner port's and a bell the other
+//! threads ring when the guest has frames waiting or room to send again.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use secondsite_vmm::clock::unix_ns;
+use secondsite_vmm::{Bell, NetPort, Readiness, Received};
+
+use crate::core::{GatewayConfig, GatewayCore, GatewayEvent, Moves};
+use crate::inbound::Arrival;
+
+/// Where the gateway reports its events (loss of the backup, running unprotected).
+pub type EventLog = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// One VM's gateway, shared by its port (on the VM thread), the replication events' thread
+/// and the log link.
+pub struct Gateway {
+    name: String,
+    core: Mutex<GatewayCore>,
+    /// The send side of the wire (a second handle on the tap).
+    wire: Mutex<Box<dyn NetPort>>,
+    /// Rung for the VM thread: frames ready for the guest, or room to send again.
+    readiness: Readiness,
+    /// Rung for the log link: frames to ship.
+    ship: Bell,
+    /// Recent events, for status, and where they are reported as they happen.
+    events: Mutex<Vec<String>>,
+    report: EventLog,
+    /// The log link: up, and the reason it last went down.
+    pub(crate) log_link: Mutex<(bool, Option<String>)>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("name", &self.name).finish()
+    }
+}
+
+/// Events kept for status.
+const EVENTS_KEPT: usize = 32;
+
+impl Gateway {
+    /// A gateway sending on `wire`, whose receive side is `inner` (the same tap, or a second
+    /// handle on it). `inner` is used only for its readable descriptor here.
+    fn new(
+        config: GatewayConfig,
+        wire: Box<dyn NetPort>,
+        inner: BorrowedFd<'_>,
+        report: EventLog,
+    ) -> io::Result<Arc<Gateway>> {
+        Ok(Arc::new(Gateway {
+            name: format!("gateway:{}", wire.name()),
+            core: Mutex::new(GatewayCore::new(config)),
+            wire: Mutex::new(wire),
+            readiness: Readiness::new(inner)?,
+            ship: Bell::new()?,
+            events: Mutex::new(Vec::new()),
+            report,
+            log_link: Mutex::new((false, None)),
+        }))
+    }
+
+    pub(crate) fn core(&self) -> MutexGuard<'_, GatewayCore> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends what the core released and reports its events; rings the VM thread if the
+    /// guest may send again.
+    fn apply(&self, moves: Moves, was_full: bool) {
+        if !moves.out.is_empty() {
+            let mut wire = self.wire.lock().unwrap_or_else(|e| e.into_inner());
+            for frame in &moves.out {
+                let _ = wire.send(frame);
+            }
+        }
+        for event in moves.events {
+            let text = match event {
+                GatewayEvent::Stalled { reason } => {
+                    format!("backup lost ({reason}): output held, the VM's service stalls")
+                }
+                GatewayEvent::RunningUnprotected { reason } => format!(
+                    "backup lost ({reason}): running UNPROTECTED, output released and not logged"
+                ),
+                GatewayEvent::Protected => "backup back: output commit and logging resume".into(),
+            };
+            (self.report)(&format!("{}: {text}", self.name));
+            let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            if events.len() == EVENTS_KEPT {
+                events.remove(0);
+            }
+            events.push(text);
+        }
+        if was_full {
+            self.readiness.ring();
+        }
+    }
+
+    /// Runs `step` on the core and applies what it returns.
+    fn step(&self, step: impl FnOnce(&mut GatewayCore, Instant) -> Moves) {
+        let (moves, was_full) = {
+            let mut core = self.core();
+            let was_full = !core.has_room();
+            (step(&mut core, Instant::now()), was_full)
+        };
+        self.apply(moves, was_full);
+    }
+
+    /// The backup committed every epoch up to `epoch`.
+    pub fn commit(&self, epoch: u64) {
+        self.step(|core, now| core.commit(epoch, now));
+    }
+
+    /// The backup holds the log up to frame `seq`: frames waiting for it go to the guest.
+    pub fn log_acked(&self, seq: u64) {
+        self.step(|core, now| core.log_acked(seq, now));
+        if self.core().has_ready() {
+            self.readiness.ring();
+        }
+    }
+
+    /// The backup is lost: stall, or run unprotected, as configured.
+    pub fn backup_lost(&self, reason: &str) {
+        self.step(|core, now| core.backup_lost(reason, now));
+        self.readiness.ring();
+    }
+
+    /// The explicit decision to run without the backup.
+    pub fn run_unprotected(&self, reason: &str) {
+        self.step(|core, now| core.run_unprotected(reason, now));
+        self.readiness.ring();
+    }
+
+    /// The backup holds the group again.
+    pub fn backup_back(&self) {
+        self.step(|core, _| core.backup_back());
+    }
+
+    /// Rung when frames wait to be shipped (the log link polls it).
+    pub(crate) fn ship_bell(&self) -> &Bell {
+        &self.ship
+    }
+
+    /// The gateway's counters and recent events.
+    pub fn status(&self) -> serde_json::Value {
+        let mut status = self.core().status(Instant::now());
+        let (up, error) = self
+            .log_link
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let serde_json::Value::Object(map) = &mut status {
+            map.insert("log_link_up".into(), up.into());
+            map.insert("log_link_error".into(), error.into());
+            let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            map.insert("events".into(), events.clone().into());
+        }
+        status
+    }
+}
+
+/// The VM's port: the gateway in front of the inner port it receives from.
+pub struct GatewayPort {
+    gateway: Arc<Gateway>,
+    inner: Box<dyn NetPort>,
+}
+
+impl std::fmt::Debug for GatewayPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayPort")
+            .field("gateway", &self.gateway)
+            .finish()
+    }
+}
+
+impl GatewayPort {
+    /// A gateway in front of `inner` (received from) that sends on `wire` (a second handle on
+    /// the same device), and the port the VM uses.
+    pub fn new(
+        config: GatewayConfig,
+        inner: Box<dyn NetPort>,
+        wire: Box<dyn NetPort>,
+        report: EventLog,
+    ) -> io::Result<(Arc<Gateway>, GatewayPort)> {
+        let gateway = Gateway::new(config, wire, inner.readable_fd(), report)?;
+        Ok((gateway.clone(), GatewayPort { gateway, inner }))
+    }
+}
+
+impl NetPort for GatewayPort {
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        let now = Instant::now();
+        let out = self.gateway.core().from_guest(frame.to_vec(), now);
+        match out {
+            Some(frame) => self
+                .gateway
+                .wire
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(&frame),
+            None => Ok(()),
+        }
+    }
+
+    fn can_send(&self) -> bool {
+        self.gateway.core().has_room()
+    }
+
+    fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
+        // Quiet the bell first: a ring after this is seen at the next poll.
+        self.gateway.readiness.quiet();
+        loop {
+            if let Some((seq, frame)) = self.gateway.core().next_for_guest() {
+                let len = frame.len().min(buf.len());
+                buf[..len].copy_from_slice(&frame[..len]);
+                return Ok(Some(Received {
+                    len,
+                    seq: Some(seq),
+                }));
+            }
+            let Some(received) = self.inner.try_recv(buf)? else {
+                return Ok(None);
+            };
+            let frame = buf[..received.len].to_vec();
+            let arrival = self.gateway.core().from_outside(frame, unix_ns());
+            match arrival {
+                Arrival::Deliver(seq, frame) => {
+                    if seq.is_some() {
+                        self.gateway.ship.ring();
+                    }
+                    buf[..frame.len()].copy_from_slice(&frame);
+                    return Ok(Some(Received {
+                        len: frame.len(),
+                        seq,
+                    }));
+                }
+                Arrival::Waiting(_) => self.gateway.ship.ring(),
+                Arrival::Dropped => {}
+            }
+        }
+    }
+
+    fn readable_fd(&self) -> BorrowedFd<'_> {
+        self.gateway.readiness.fd()
+    }
+
+    fn name(&self) -> &str {
+        &self.gateway.name
+    }
+
+    fn seal(&mut self, epoch: u64, rx_cursor: u64) {
+        self.gateway
+            .step(|core, now| core.seal(epoch, rx_cursor, now));
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        Some(self.gateway.status())
+    }
+}
