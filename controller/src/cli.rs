@@ -190,10 +190,21 @@ pub enum Ack {
 
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
-    /// List the checkpoints of a group's store directory.
-    Ls { dir: PathBuf },
-    /// Re-read and check every checkpoint of a group's store directory.
-    Verify { dir: PathBuf },
+    /// List the checkpoints of a group in a backup's store (the directory `replicate receive
+    /// --store` was given, or a group's directory in it).
+    Ls {
+        dir: PathBuf,
+        /// The group, when the store holds several.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Re-read and check every checkpoint of a group in a backup's store.
+    Verify {
+        dir: PathBuf,
+        /// The group, when the store holds several.
+        #[arg(long)]
+        group: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -273,13 +284,20 @@ pub enum VmCommand {
             conflicts_with = "from_store"
         )]
         from: Option<PathBuf>,
-        /// A group's checkpoint store at the backup (`replicate receive --store DIR` keeps one
-        /// per group: DIR/GROUP).
+        /// The backup's checkpoint store (the directory `replicate receive --store` was given,
+        /// or a group's directory in it).
         #[arg(long)]
         from_store: Option<PathBuf>,
+        /// With --from-store: the group, when the store holds several.
+        #[arg(long, requires = "from_store")]
+        group: Option<String>,
         /// With --from-store: the epoch to restore (default: the newest).
         #[arg(long, requires = "from_store")]
         epoch: Option<u64>,
+        /// With --from-store: do not replay the inbound frames logged after the checkpoint
+        /// (the guest then waits for its clients to send again what it lost, if they do).
+        #[arg(long, requires = "from_store")]
+        no_replay: bool,
         /// With --from-store: which VM of the group.
         #[arg(long, default_value_t = 0)]
         vm: u32,
@@ -361,6 +379,9 @@ pub struct GroupRestoreArgs {
     /// The epoch to restore every VM at (default: the newest).
     #[arg(long)]
     pub epoch: Option<u64>,
+    /// Do not replay the inbound frames logged after the checkpoint.
+    #[arg(long)]
+    pub no_replay: bool,
 }
 
 /// Which CPUs the VMs' vCPU threads and this process's other threads run on, written as

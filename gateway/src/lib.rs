@@ -21,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod announce;
 pub mod core;
 pub mod follow;
 pub mod inbound;

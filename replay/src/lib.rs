@@ -17,7 +17,9 @@
 #![forbid(unsafe_code)]
 
 pub mod log;
+pub mod port;
 pub mod record;
 
 pub use log::{LogError, ReadEnd, TrafficLog, traffic_dir};
+pub use port::ReplayPort;
 pub use record::{LogRecord, RecordError};

@@ -234,6 +234,11 @@ fn open_lock(dir: &Path, name: &str) -> Result<File, StoreError> {
 }
 
 impl Store {
+    /// Whether `dir` holds a (group's) checkpoint store.
+    pub fn is_store(dir: &Path) -> bool {
+        dir.join(LOG).is_file()
+    }
+
     /// Opens a store to read it (ls, verify, restore) while a receiver may be writing it: holds
     /// the lock shared until dropped, and never changes a byte.
     pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {

@@ -448,6 +448,20 @@ impl Vm {
         Ok(vm)
     }
 
+    /// The network identity the test guest was booted with (its boot page), to announce a
+    /// restored VM on its new link; `None` for a guest without one.
+    pub fn guest_address(&self) -> Option<([u8; 6], std::net::Ipv4Addr)> {
+        let mut page = [0u8; BootInfo::ENCODED_LEN];
+        self.mem
+            .read_slice(
+                &mut page,
+                GuestAddress(secondsite_guest_abi::BOOT_INFO_ADDR),
+            )
+            .ok()?;
+        let info = BootInfo::decode(&page)?;
+        Some((info.mac, info.ipv4.into()))
+    }
+
     /// Runs the VM on its own thread; the handle sends it commands.
     pub fn spawn(self) -> Result<VmHandle, VmError> {
         self.spawn_on(None)

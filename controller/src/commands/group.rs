@@ -15,7 +15,6 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use secondsite_policy::check_file;
 use secondsite_policy::model::{Group, Policy, Site};
-use secondsite_replicator::backup::group_store;
 use secondsite_replicator::codec::CodecConfig;
 use secondsite_replicator::primary::{SenderConfig, Throttle};
 use secondsite_replicator::store::Store;
@@ -24,7 +23,8 @@ use secondsite_vmm::{Tap, Vm, VmConfig};
 
 use super::EXIT_INVALID_INPUT;
 use super::policy::print_diagnostics;
-use super::vm::{Served, place, restore_from_store, serve_until_done};
+use super::replicate::group_store_dir;
+use super::vm::{Served, StoreRestore, place, serve_until_done};
 use crate::cli::{GroupCommand, GroupRestoreArgs, GroupRunArgs, GroupVmsArgs};
 
 /// Linux limits interface names to 15 bytes.
@@ -210,7 +210,7 @@ fn restore_group(args: GroupRestoreArgs) -> anyhow::Result<ExitCode> {
     };
     let plan = plan(&args.vms, &policy)?;
     let vcpu_cpus = place(&args.vms.placement)?;
-    let store_dir = group_store(&args.from_store, plan.group.name.as_str());
+    let store_dir = group_store_dir(&args.from_store, Some(plan.group.name.as_str()))?;
     // One epoch for the whole group, chosen once.
     let epoch = match args.epoch {
         Some(e) => e,
@@ -220,15 +220,15 @@ fn restore_group(args: GroupRestoreArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("{} holds no checkpoint", store_dir.display()))?,
     };
     let mut served = Vec::with_capacity(plan.vms.len());
+    let restore = StoreRestore {
+        store: &store_dir,
+        epoch: Some(epoch),
+        replay: !args.no_replay,
+    };
     for vm in &plan.vms {
-        let (restored, _) = restore_from_store(
-            &store_dir,
-            vm.index,
-            Some(epoch),
-            &vm.tap,
-            vm.console.as_deref(),
-        )
-        .with_context(|| format!("VM {}", vm.name))?;
+        let (restored, _) = restore
+            .vm(vm.index, &vm.tap, vm.console.as_deref())
+            .with_context(|| format!("VM {}", vm.name))?;
         served.push(Served {
             vm: restored,
             index: vm.index,

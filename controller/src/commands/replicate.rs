@@ -1,10 +1,11 @@
 //! `secondsite replicate receive` and `secondsite store ls|verify`.
 
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
-use secondsite_replicator::backup::{self, ReceiverConfig};
+use anyhow::{Context, bail};
+use secondsite_replicator::backup::{self, ReceiverConfig, group_store};
 use secondsite_replicator::codec::CodecConfig;
 use secondsite_replicator::store::Store;
 
@@ -52,9 +53,58 @@ pub fn receive(command: ReplicateCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The group store a command means by `dir`: `dir` itself when it is one (`DIR/GROUP`), else
+/// the group `group` under it, or its only group; with several groups and no `group`, an
+/// error that lists them. `dir` is what `replicate receive --store` was given.
+pub fn group_store_dir(dir: &Path, group: Option<&str>) -> anyhow::Result<PathBuf> {
+    if Store::is_store(dir) {
+        if let Some(group) = group
+            && dir.file_name().is_some_and(|name| name != group)
+        {
+            bail!(
+                "{} is the store of group {}, not {group}",
+                dir.display(),
+                dir.file_name().unwrap_or_default().to_string_lossy()
+            );
+        }
+        return Ok(dir.to_owned());
+    }
+    let mut groups: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+        .filter(|e| Store::is_store(&e.path()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    groups.sort();
+    match (group, groups.as_slice()) {
+        (Some(group), _) if groups.iter().any(|g| g == group) => Ok(group_store(dir, group)),
+        (Some(group), []) | (Some(group), _) => bail!(
+            "{} holds no checkpoints of group {group} (it holds: {})",
+            dir.display(),
+            if groups.is_empty() {
+                "none".to_owned()
+            } else {
+                groups.join(", ")
+            }
+        ),
+        (None, [only]) => Ok(group_store(dir, only)),
+        (None, []) => bail!(
+            "{} is not a checkpoint store: no group's checkpoints in it (give the directory \
+             `replicate receive --store` was given)",
+            dir.display()
+        ),
+        (None, several) => bail!(
+            "{} holds the checkpoints of several groups ({}): give --group",
+            dir.display(),
+            several.join(", ")
+        ),
+    }
+}
+
 pub fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
     match command {
-        StoreCommand::Ls { dir } => {
+        StoreCommand::Ls { dir, group } => {
+            let dir = group_store_dir(&dir, group.as_deref())?;
             let store = Store::open_read_only(&dir)
                 .with_context(|| format!("cannot open {}", dir.display()))?;
             println!(
@@ -75,7 +125,8 @@ pub fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        StoreCommand::Verify { dir } => {
+        StoreCommand::Verify { dir, group } => {
+            let dir = group_store_dir(&dir, group.as_deref())?;
             let store = Store::open_read_only(&dir)
                 .with_context(|| format!("cannot open {}", dir.display()))?;
             let n = store

@@ -4,18 +4,23 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use secondsite_gateway::announce::{ANNOUNCE_AT_MS, gratuitous_arp};
 use secondsite_gateway::{Gateway, GatewayConfig, GatewayPort, LogLink, LogLinkConfig};
+use secondsite_replay::{LogRecord, ReadEnd, ReplayPort, TrafficLog, traffic_dir};
 use secondsite_replicator::codec::CodecConfig;
 use secondsite_replicator::primary::{
     Member, Replication, ReplicationStatus, SenderConfig, Throttle,
 };
 use secondsite_replicator::restore;
 use secondsite_vmm::affinity::CpuList;
-use secondsite_vmm::{Command, NetPort, Reply, RunState, Tap, Vm, VmConfig, VmHandle, control};
+use secondsite_vmm::{
+    Command, NetPort, Reply, RunState, Tap, Vm, VmConfig, VmHandle, control, snapshot,
+};
 
+use super::replicate::group_store_dir;
 use crate::cli::{ControlArgs, OnOff, PlacementArgs, VmCommand, VmRunArgs};
 
 pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
@@ -24,7 +29,9 @@ pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
         VmCommand::Restore {
             from,
             from_store,
+            group,
             epoch,
+            no_replay,
             vm,
             tap,
             control,
@@ -41,7 +48,13 @@ pub fn run(command: VmCommand) -> anyhow::Result<ExitCode> {
                     vm
                 }
                 (None, Some(store)) => {
-                    restore_from_store(&store, vm, epoch, &tap, console.as_deref())?.0
+                    let store = group_store_dir(&store, group.as_deref())?;
+                    let restore = StoreRestore {
+                        store: &store,
+                        epoch,
+                        replay: !no_replay,
+                    };
+                    restore.vm(vm, &tap, console.as_deref())?.0
                 }
                 (None, None) => bail!("give --from DIR or --from-store DIR"),
             };
@@ -205,29 +218,89 @@ pub fn open_port(tap: &str, gateway: Option<GatewayConfig>) -> anyhow::Result<Po
     Ok((Box::new(port), Some(gateway)))
 }
 
-/// Rebuilds VM `vm` of a group's store (`store` is the group's directory) at `epoch` (the
-/// newest if `None`) on the tap `tap`; returns the VM and the epoch used.
-pub fn restore_from_store(
-    store: &Path,
-    vm: u32,
-    epoch: Option<u64>,
-    tap: &str,
-    console: Option<&Path>,
-) -> anyhow::Result<(Vm, u64)> {
-    let scratch = ScratchDir::new(vm)?;
-    let used = restore::snapshot_from_store(store, vm, epoch, &scratch.0)
-        .with_context(|| format!("cannot read a checkpoint from {}", store.display()))?;
-    let port = Tap::open(tap).with_context(|| format!("tap {tap}"))?;
-    let restored = Vm::restore(&scratch.0, Box::new(port), console)
-        .with_context(|| format!("cannot restore VM {vm} from {}", store.display()))?;
-    eprintln!(
-        "secondsite: VM {vm} restored at epoch {used} of {}",
-        store.display()
-    );
-    // The VM maps the memory file (its inode lives on) and has read the rest: the scratch
-    // copy goes now, so even a killed process leaves nothing behind.
-    drop(scratch);
-    Ok((restored, used))
+/// A restore from a backup's checkpoint store: which group store, which epoch (the newest if
+/// `None`), and whether the inbound frames logged after it are replayed.
+pub struct StoreRestore<'a> {
+    pub store: &'a Path,
+    pub epoch: Option<u64>,
+    pub replay: bool,
+}
+
+impl StoreRestore<'_> {
+    /// Rebuilds VM `vm` on the tap `tap`, announced there, with the logged frames it had not
+    /// yet taken queued before live traffic; returns the VM and the epoch used.
+    pub fn vm(&self, vm: u32, tap: &str, console: Option<&Path>) -> anyhow::Result<(Vm, u64)> {
+        let store = self.store;
+        let scratch = ScratchDir::new(vm)?;
+        let used = restore::snapshot_from_store(store, vm, self.epoch, &scratch.0)
+            .with_context(|| format!("cannot read a checkpoint from {}", store.display()))?;
+        let cursor = snapshot::read_state(&scratch.0)
+            .with_context(|| format!("VM {vm} at epoch {used}"))?
+            .net
+            .rx_cursor;
+        let frames = if self.replay {
+            logged_after(store, vm, cursor)?
+        } else {
+            Vec::new()
+        };
+        let tap_port = Tap::open(tap).with_context(|| format!("tap {tap}"))?;
+        let announcer = tap_port.try_clone().with_context(|| format!("tap {tap}"))?;
+        let replayed = frames.len();
+        let port = ReplayPort::new(frames, Box::new(tap_port)).context("the replay port")?;
+        let restored = Vm::restore(&scratch.0, Box::new(port), console)
+            .with_context(|| format!("cannot restore VM {vm} from {}", store.display()))?;
+        eprintln!(
+            "secondsite: VM {vm} restored at epoch {used} of {}; {}",
+            store.display(),
+            if self.replay {
+                format!("replaying {replayed} logged frames after frame {cursor}")
+            } else {
+                "no replay".to_owned()
+            }
+        );
+        if let Some((mac, ip)) = restored.guest_address() {
+            announce(announcer, mac, ip);
+        }
+        // The VM maps the memory file (its inode lives on) and has read the rest: the scratch
+        // copy goes now, so even a killed process leaves nothing behind.
+        drop(scratch);
+        Ok((restored, used))
+    }
+}
+
+/// The frames of VM `vm` the group store's traffic log holds after frame `cursor`, up to a
+/// gap if there is one (said on stderr).
+fn logged_after(store: &Path, vm: u32, cursor: u64) -> anyhow::Result<Vec<LogRecord>> {
+    let log = TrafficLog::open_read_only(&traffic_dir(store))
+        .with_context(|| format!("the traffic log of {}", store.display()))?;
+    let mut frames = Vec::new();
+    let end = log
+        .read_from(vm, cursor + 1, |record| {
+            frames.push(record);
+            true
+        })
+        .with_context(|| format!("the traffic log of {}", store.display()))?;
+    if let ReadEnd::Gap { missing, next } = end {
+        eprintln!(
+            "secondsite: the traffic log of VM {vm} lacks frame {missing} (next: {next}); the \
+             replay stops before it"
+        );
+    }
+    Ok(frames)
+}
+
+/// Sends gratuitous ARPs for the restored VM on its tap, from a thread, at QEMU's spacing.
+fn announce(mut tap: Tap, mac: [u8; 6], ip: std::net::Ipv4Addr) {
+    let frame = gratuitous_arp(mac, ip);
+    let _ = std::thread::Builder::new()
+        .name("announce".into())
+        .spawn(move || {
+            let started = Instant::now();
+            for at in ANNOUNCE_AT_MS {
+                std::thread::sleep(Duration::from_millis(at).saturating_sub(started.elapsed()));
+                let _ = tap.send(&frame);
+            }
+        });
 }
 
 /// A scratch directory, removed on drop.
