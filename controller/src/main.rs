@@ -13,8 +13,17 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` for the commands' output: a closed standard output (`secondsite store ls DIR |
+/// head`) ends the process quietly, as SIGPIPE ends a Unix tool, instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::line(format_args!($($arg)*))
+    };
+}
+
 mod cli;
 mod commands;
+mod output;
 
 use std::process::ExitCode;
 

@@ -169,12 +169,33 @@ fn explain_describes_announcements_detection_and_budgets() {
         "is suspected lost after 500 ms",
         "its upstream notices within 300 ms",
         "Bandwidth budget 200 Mbit/s (25.0 MB/s): each checkpoint may carry 625 kB, 152 uncompressed 4 KiB pages",
+        "Inbound packets are logged at site-b before the VM sees them (sync); outbound packets are held until their checkpoint is acknowledged (output commit).",
+        "At failover no acknowledged write is lost, and the backup replays every request logged after its checkpoint",
     ] {
         assert!(
             stdout.contains(expected),
             "missing {expected:?} in:\n{stdout}"
         );
     }
+}
+
+#[test]
+fn explain_says_when_acknowledged_writes_can_be_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let risky = dir.path().join("risky.yaml");
+    let yaml = std::fs::read_to_string(EXAMPLE)
+        .expect("example")
+        .replace("inbound_log: sync ", "inbound_log: async")
+        .replace("output_commit: true ", "output_commit: false");
+    std::fs::write(&risky, yaml).expect("writes");
+    let out = secondsite(&["policy", "explain", risky.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("WARNING: acknowledged writes can be lost at failover"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stderr).contains("warning: group `web` releases output at once"));
 }
 
 #[test]

@@ -2,7 +2,33 @@
 
 use std::fmt::Write;
 
-use crate::model::{AckDurability, Announcement, FailoverMode, Policy, Site, Witness};
+use crate::model::{
+    AckDurability, Announcement, FailoverMode, InboundLogMode, Policy, Site, Witness,
+};
+
+/// What a group's output commit and inbound log guarantee at failover, in one sentence.
+fn guarantee(output_commit: bool, log: InboundLogMode) -> &'static str {
+    match (output_commit, log) {
+        (true, InboundLogMode::Sync) => {
+            "At failover no acknowledged write is lost, and the backup replays every request \
+             logged after its checkpoint, so clients need not send them again."
+        }
+        (true, _) => {
+            "At failover no acknowledged write is lost (no client saw output of a checkpoint \
+             the backup lacks); requests after the checkpoint are replayed if logged, else \
+             the clients' TCP sends them again."
+        }
+        (false, InboundLogMode::Sync) => {
+            "At failover no acknowledged write is lost: the backup replays every logged \
+             request after its checkpoint (clients saw the output of later state, which the \
+             replay recreates)."
+        }
+        (false, _) => {
+            "WARNING: acknowledged writes can be lost at failover: clients may have seen \
+             output of state the backup neither holds nor can replay."
+        }
+    }
+}
 
 /// Describes what each site announces and how, how fast failures are detected, and each group's
 /// bandwidth budget. The policy must have passed `check_str`/`check_file`.
@@ -64,17 +90,24 @@ pub fn explain(policy: &Policy) -> String {
         );
         let _ = writeln!(
             out,
-            "  Inbound packets are logged to {} {}; outbound packets are {}.",
-            group.backup,
+            "  Inbound packets are {}; outbound packets are {}.",
             match group.inbound_log {
-                crate::model::InboundLogMode::Sync => "before the VM sees them (sync)",
-                crate::model::InboundLogMode::Async => "alongside delivery (async)",
+                InboundLogMode::Sync =>
+                    format!("logged at {} before the VM sees them (sync)", group.backup),
+                InboundLogMode::Async =>
+                    format!("logged at {} alongside delivery (async)", group.backup),
+                InboundLogMode::Off => "not logged (a failover replays nothing)".to_owned(),
             },
             if group.output_commit {
                 "held until their checkpoint is acknowledged (output commit)"
             } else {
                 "released at once (output commit off: a client may see state a failover loses)"
             }
+        );
+        let _ = writeln!(
+            out,
+            "  {}",
+            guarantee(group.output_commit, group.inbound_log)
         );
     }
     out

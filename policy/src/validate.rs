@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use crate::diagnostic::Diagnostic;
-use crate::model::{FailoverMode, Name, Policy, Prefix, Site, Witness};
+use crate::model::{FailoverMode, InboundLogMode, Name, Policy, Prefix, Site, Witness};
 use crate::source_map::SourceMap;
 use crate::suggest::did_you_mean;
 
@@ -362,6 +362,21 @@ impl Validator<'_> {
                     format!(
                         "group `{}` has `{}` as both primary and backup: the backup must be another site",
                         group.name, group.primary
+                    ),
+                );
+            }
+            if !group.output_commit && group.inbound_log != InboundLogMode::Sync {
+                self.warning(
+                    &format!("{at}/output_commit"),
+                    format!(
+                        "group `{}` releases output at once with {} inbound log: at failover a \
+                         client may have seen a reply to a request the backup never got, so \
+                         acknowledged writes can be lost (use output_commit: true, or a sync log)",
+                        group.name,
+                        match group.inbound_log {
+                            InboundLogMode::Async => "an async",
+                            _ => "no",
+                        }
                     ),
                 );
             }

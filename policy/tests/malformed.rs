@@ -511,6 +511,25 @@ fn no_witness_with_automatic_failover_is_a_warning() {
 }
 
 #[test]
+fn output_released_at_once_without_a_sync_log_is_a_warning() {
+    for (log, words) in [("async", "an async"), ("off  ", "no")] {
+        let text = edit("inbound_log: sync ", &format!("inbound_log: {log}")).replacen(
+            "output_commit: true ",
+            "output_commit: false",
+            1,
+        );
+        assert_findings(
+            &text,
+            &[&format!(
+                "102:20: warning: group `web` releases output at once with {words} inbound log: at failover a client may have seen a reply to a request the backup never got, so acknowledged writes can be lost (use output_commit: true, or a sync log)"
+            )],
+        );
+    }
+    // Either one alone keeps acknowledged writes: no warning.
+    assert_findings(&edit("output_commit: true ", "output_commit: false"), &[]);
+}
+
+#[test]
 fn api_on_a_public_address_without_token_is_a_warning() {
     assert_findings(
         &edit(

@@ -233,7 +233,7 @@ async fn run(
             Some(event) = events.recv() => {
                 let line = serde_json::to_string(&event)?;
                 eprintln!("secondsite bgp: {line}");
-                println!("{line}");
+                outln!("{line}");
             }
             line = stdin.next_line(), if stdin_open => match line {
                 Ok(Some(line)) => handle_line(&speaker, &attributes, &configured, line.trim()).await,
@@ -284,7 +284,7 @@ async fn handle_line(
             "unknown command {line:?}: announce PREFIX, withdraw PREFIX or show"
         )),
     };
-    println!("{reply}");
+    outln!("{reply}");
 }
 
 fn error(message: String) -> serde_json::Value {

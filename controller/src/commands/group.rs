@@ -2,29 +2,32 @@
 //!
 //! ```text
 //!  policy: group web ─ vms [redis-1, redis-2] ─> VmConfig each (memory, MAC, IPv4, gateway)
-//!     run:     boot each on its tap ──> one Replication: all VMs at one barrier per epoch
+//!     run:     boot each on its tap, behind a gateway (the group's inbound_log and
+//!              output_commit) ──> one Replication: all VMs at one barrier per epoch
 //!     restore: store/web at epoch N ──> every VM rebuilt from that one epoch
 //! ```
 //! A VM's number in the group (its key in the backup's store) is its position in the
 //! policy's `vms` list.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use secondsite_gateway::{GatewayConfig, LogMode, OnBackupLoss};
 use secondsite_policy::check_file;
-use secondsite_policy::model::{Group, Policy, Site};
+use secondsite_policy::model::{Group, InboundLogMode, Policy, Site};
 use secondsite_replicator::codec::CodecConfig;
 use secondsite_replicator::primary::{SenderConfig, Throttle};
 use secondsite_replicator::store::Store;
 use secondsite_replicator::tls::TlsFiles;
-use secondsite_vmm::{Tap, Vm, VmConfig};
+use secondsite_vmm::{Vm, VmConfig};
 
 use super::EXIT_INVALID_INPUT;
 use super::policy::print_diagnostics;
 use super::replicate::group_store_dir;
-use super::vm::{Served, StoreRestore, place, serve_until_done};
+use super::vm::{Served, StoreRestore, open_port, place, serve_until_done};
 use crate::cli::{GroupCommand, GroupRestoreArgs, GroupRunArgs, GroupVmsArgs};
 
 /// Linux limits interface names to 15 bytes.
@@ -154,20 +157,36 @@ fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
     let plan = plan(&args.vms, &policy)?;
     let vcpu_cpus = place(&args.vms.placement)?;
     let mut served = Vec::with_capacity(plan.vms.len());
+    // Frames between the group's VMs are neither logged nor held.
+    let group_macs: HashSet<[u8; 6]> = plan.vms.iter().map(|vm| vm.config.mac).collect();
     for vm in &plan.vms {
         let image = match &vm.image {
             Some(path) => std::fs::read(path)
                 .with_context(|| format!("VM {}: cannot read {}", vm.name, path.display()))?,
             None => secondsite_vmm::GUEST_IMAGE.to_vec(),
         };
-        let port = Tap::open(&vm.tap).with_context(|| format!("VM {}: tap {}", vm.name, vm.tap))?;
-        let booted = Vm::boot(&vm.config, &image, Box::new(port), vm.console.as_deref())
+        let gateway = GatewayConfig {
+            output_commit: plan.group.output_commit,
+            log: match plan.group.inbound_log {
+                InboundLogMode::Sync => LogMode::Sync,
+                InboundLogMode::Async => LogMode::Async,
+                InboundLogMode::Off => LogMode::Off,
+            },
+            output_limit_bytes: GatewayConfig::DEFAULT_OUTPUT_LIMIT,
+            log_limit_bytes: GatewayConfig::DEFAULT_LOG_LIMIT,
+            group_macs: group_macs.clone(),
+            on_backup_loss: OnBackupLoss::Stall,
+            log_after: 0,
+        };
+        let (port, gateway) =
+            open_port(&vm.tap, Some(gateway)).with_context(|| format!("VM {}", vm.name))?;
+        let booted = Vm::boot(&vm.config, &image, port, vm.console.as_deref())
             .with_context(|| format!("VM {}: cannot start", vm.name))?;
         served.push(Served {
             vm: booted,
             index: vm.index,
             control: vm.control.clone(),
-            gateway: None,
+            gateway,
         });
     }
     let tls_files = args.tls.files().or_else(|| {

@@ -1,6 +1,5 @@
 //! `secondsite policy check|schema|explain`.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -24,7 +23,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
         }
         PolicyCommand::Schema => {
             let text = serde_json::to_string_pretty(&json_schema())?;
-            writeln!(std::io::stdout(), "{text}")?;
+            outln!("{text}");
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Explain { file } => {
@@ -32,7 +31,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             print_diagnostics(&file, &report);
             match &report.policy {
                 Some(policy) => {
-                    write!(std::io::stdout(), "{}", explain(policy))?;
+                    outln!("{}", explain(policy).trim_end());
                     Ok(ExitCode::SUCCESS)
                 }
                 None => Ok(ExitCode::from(EXIT_INVALID_INPUT)),
@@ -53,7 +52,7 @@ fn check_one(file: &Path) -> bool {
     match &report.policy {
         Some(policy) => {
             let vms: usize = policy.groups.iter().map(|g| g.vms.len()).sum();
-            println!(
+            outln!(
                 "{name}: ok: {}, {}, {}, {}{warnings}",
                 count(policy.sites.len(), "site"),
                 count(policy.prefixes.len(), "prefix"),

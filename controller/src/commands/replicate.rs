@@ -107,7 +107,7 @@ pub fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
             let dir = group_store_dir(&dir, group.as_deref())?;
             let store = Store::open_read_only(&dir)
                 .with_context(|| format!("cannot open {}", dir.display()))?;
-            println!(
+            outln!(
                 "{}: VMs {:?}, {} checkpoints, log {} bytes",
                 dir.display(),
                 store.vms(),
@@ -121,7 +121,7 @@ pub fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|(vm, pages)| format!("VM {vm} {pages} pages"))
                     .collect();
-                println!("epoch {epoch}: {}", parts.join(", "));
+                outln!("epoch {epoch}: {}", parts.join(", "));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -132,7 +132,7 @@ pub fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
             let n = store
                 .verify()
                 .with_context(|| format!("{} is damaged", dir.display()))?;
-            println!("{}: {n} checkpoints verified", dir.display());
+            outln!("{}: {n} checkpoints verified", dir.display());
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -474,7 +474,7 @@ fn stop_vm(handle: &VmHandle) -> anyhow::Result<RunState> {
 
 fn client(control: &ControlArgs, command: Command) -> anyhow::Result<ExitCode> {
     let reply = control::call_json(&control.control, &command)?;
-    println!("{}", serde_json::to_string(&reply)?);
+    outln!("{}", serde_json::to_string(&reply)?);
     Ok(if reply["reply"] == "error" {
         ExitCode::FAILURE
     } else {

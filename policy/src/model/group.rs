@@ -29,7 +29,9 @@ pub struct Group {
     #[serde(default)]
     pub checkpoint: Checkpoint,
     /// `sync`: an inbound packet reaches the VM only once the backup site has logged it (no
-    /// client request is lost at failover, one round trip added); `async`: logged in parallel.
+    /// client request is lost at failover, one round trip added); `async`: logged in parallel
+    /// (output then waits for the log as well as the checkpoint); `off`: not logged (a failover
+    /// replays nothing).
     #[serde(default)]
     pub inbound_log: InboundLogMode,
     /// Hold the VMs' outbound packets until the checkpoint that produced them is acknowledged,
@@ -159,6 +161,7 @@ pub enum InboundLogMode {
     #[default]
     Sync,
     Async,
+    Off,
 }
 
 /// When a checkpoint is acknowledged.

@@ -46,16 +46,19 @@ pub fn bgp(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
         "speaker_two_sessions_rss_mib": memory,
     });
     if json_output {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for w in &withdraw {
-            println!(
+            outln!(
                 "withdraw to upstream FIB change, {}: median {} ms, p95 {} ms ({} trials)",
-                w["router"], w["median"], w["p95"], w["trials"]
+                w["router"],
+                w["median"],
+                w["p95"],
+                w["trials"]
             );
         }
-        println!("UPDATE encode + decode: {codec} messages/s");
-        println!("speaker with two sessions: {memory} MiB resident");
+        outln!("UPDATE encode + decode: {codec} messages/s");
+        outln!("speaker with two sessions: {memory} MiB resident");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -78,7 +78,7 @@ pub fn vm(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
         "redis_benchmark": redis,
     });
     if json_output {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
     }
@@ -468,23 +468,29 @@ fn measure_redis(requests: usize) -> anyhow::Result<Value> {
 
 fn print_report(r: &Value) {
     let s = &r["start_to_listening_ms"];
-    println!(
+    outln!(
         "guest start to listening: p50 {} ms, p99 {} ms ({} boots)",
-        s["p50"], s["p99"], s["samples"]
+        s["p50"],
+        s["p99"],
+        s["samples"]
     );
     let idle = &r["idle"];
-    println!(
+    outln!(
         "idle 64 MiB guest over {} s: {}% of a core; VMM resident beyond guest memory {} MiB",
-        idle["seconds"], idle["cpu_percent_of_a_core"], idle["vmm_rss_beyond_guest_mib"]
+        idle["seconds"],
+        idle["cpu_percent_of_a_core"],
+        idle["vmm_rss_beyond_guest_mib"]
     );
     for (name, p) in r["pause_latency_us"].as_object().into_iter().flatten() {
-        println!(
+        outln!(
             "pause latency, {name}: p50 {} us, p99 {} us ({} pauses)",
-            p["p50"], p["p99"], p["samples"]
+            p["p50"],
+            p["p99"],
+            p["samples"]
         );
     }
     for row in r["save_restore"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "{} MiB guest: full save {} ms ({} MiB/s), restore to running {} ms, to serving {} ms",
             row["guest_mib"],
             row["full_save_ms"],
@@ -493,20 +499,22 @@ fn print_report(r: &Value) {
             row["restore_to_serving_ms"]
         );
     }
-    println!("dirty-page harvest (256 MiB guest):");
+    outln!("dirty-page harvest (256 MiB guest):");
     for row in r["dirty_harvest"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  {:>6} pages written, {:>6} dirty harvested: {} us",
-            row["pages_written"], row["dirty_pages_harvested"], row["harvest_us_p50"]
+            row["pages_written"],
+            row["dirty_pages_harvested"],
+            row["harvest_us_p50"]
         );
     }
     let redis = &r["redis_benchmark"];
-    println!(
+    outln!(
         "redis-benchmark -n {} (ops/s): guest vs host redis-server",
         redis["requests"]
     );
     for row in redis["results"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  {:<12} guest {:>10} host {:>10} ratio {}",
             row["test"].as_str().unwrap_or("?"),
             row["guest_rps"],

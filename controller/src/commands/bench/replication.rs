@@ -686,7 +686,7 @@ pub fn replication(
     drop(receiver);
     drop(receiver_background);
     if json_output {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
     }
@@ -702,12 +702,12 @@ fn print_report(r: &Value) {
             c["others"].as_str().unwrap_or("?")
         ),
     };
-    println!(
+    outln!(
         "replication of a {} MiB guest (ack: {}; CPUs: {cpus}):",
         r["guest_mib"],
         r["ack"].as_str().unwrap_or("?")
     );
-    println!(
+    outln!(
         "  {:<16} {:>4} {:>10} {:>12} {:>10} {:>9} {:>9} {:>10} {:>10} {:>11}",
         "workload",
         "Hz",
@@ -722,7 +722,7 @@ fn print_report(r: &Value) {
     );
     for row in r["workloads"].as_array().into_iter().flatten() {
         let f = |k: &str| row[k].to_string();
-        println!(
+        outln!(
             "  {:<16} {:>4} {:>10} {:>12} {:>9}% {:>9} {:>9} {:>8}us {:>8}us {:>9}us",
             row["workload"].as_str().unwrap_or("?"),
             f("epoch_hz"),
@@ -737,7 +737,7 @@ fn print_report(r: &Value) {
         );
     }
     let t = &r["set_throughput"];
-    println!(
+    outln!(
         "SET throughput (median of {} rounds, each an unprotected run then a protected one): \
          {} ops/s unprotected, {} ops/s with 25 ms epochs (sender and receiver in the \
          background): ratio {}",
@@ -779,7 +779,7 @@ fn print_report(r: &Value) {
         )
     };
     for (i, round) in t["rounds"].as_array().into_iter().flatten().enumerate() {
-        println!(
+        outln!(
             "  round {}: {} -> {} ops/s, ratio {} ({})",
             i + 1,
             round["unprotected_rps"],
@@ -787,34 +787,38 @@ fn print_report(r: &Value) {
             round["ratio"],
             run(&round["protected"])
         );
-        println!(
+        outln!(
             "    CPU (of one core) unprotected: {}",
             cpu(&round["cpu_unprotected"])
         );
-        println!(
+        outln!(
             "    CPU (of one core) protected:   {}",
             cpu(&round["protected"]["cpu"])
         );
     }
     let n = &t["normal_priority"];
-    println!(
+    outln!(
         "  sender and receiver at normal priority: {} -> {} ops/s, ratio {} ({})",
         n["unprotected_rps"],
         n["rps"],
         n["over_unprotected"],
         run(n)
     );
-    println!("    CPU (of one core): {}", cpu(&n["cpu"]));
+    outln!("    CPU (of one core): {}", cpu(&n["cpu"]));
     let c = &t["capture_only"];
-    println!(
+    outln!(
         "  checkpointed every 25 ms with no sender or receiver on this machine: {} -> {} ops/s, ratio {}",
-        c["unprotected_rps"], c["rps"], c["over_unprotected"]
+        c["unprotected_rps"],
+        c["rps"],
+        c["over_unprotected"]
     );
-    println!("    CPU (of one core): {}", cpu(&c["cpu"]));
+    outln!("    CPU (of one core): {}", cpu(&c["cpu"]));
     let m = &r["peak_memory_mib"];
-    println!(
+    outln!(
         "peak memory: receiver {} MiB; sender process {} MiB including the guest (page-version cache limit {} MiB)",
-        m["receiver"], m["sender_process_including_guest"], m["sender_page_cache_limit"]
+        m["receiver"],
+        m["sender_process_including_guest"],
+        m["sender_page_cache_limit"]
     );
 }
 
