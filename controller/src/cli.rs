@@ -33,6 +33,10 @@ pub enum Command {
     /// Inspect a backup's checkpoint store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// The inbound traffic log at the backup: list it, export it as pcapng, replay it into a
+    /// restored checkpoint.
+    #[command(subcommand)]
+    Replay(ReplayCommand),
     /// The BGP speaker.
     #[command(subcommand)]
     Bgp(BgpCommand),
@@ -205,6 +209,78 @@ pub enum StoreCommand {
         #[arg(long)]
         group: Option<String>,
     },
+}
+
+/// Which log: the store (as given to `replicate receive --store`) and the group.
+#[derive(Debug, Args)]
+pub struct LogStoreArgs {
+    /// The backup's store directory (or a group's directory in it).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The group, when the store holds several.
+    #[arg(long)]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplayCommand {
+    /// List each VM's logged frames and the epochs they span.
+    Show {
+        #[command(flatten)]
+        store: LogStoreArgs,
+    },
+    /// Write logged frames as pcapng (tshark, Wireshark), each packet's comment giving its
+    /// epoch and sequence number.
+    Export {
+        #[command(flatten)]
+        store: LogStoreArgs,
+        /// Only this VM (its number in the group; default: every VM, one interface each).
+        #[arg(long)]
+        vm: Option<u32>,
+        /// Only frames that arrived in this epoch or later.
+        #[arg(long)]
+        from_epoch: Option<u64>,
+        /// Only frames that arrived in this epoch or earlier.
+        #[arg(long)]
+        to_epoch: Option<u64>,
+        /// The pcapng file to write.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Forensic replay: restore checkpoint N in a VM cut off from the network, feed it the
+    /// frames logged after it (up to --until-epoch), and capture what it sends.
+    Run(Box<ReplayRunArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayRunArgs {
+    #[command(flatten)]
+    pub store: LogStoreArgs,
+    /// Which VM of the group.
+    #[arg(long, default_value_t = 0)]
+    pub vm: u32,
+    /// The checkpoint to restore.
+    #[arg(long)]
+    pub epoch: u64,
+    /// Replay the frames that arrived up to this epoch (default: all logged).
+    #[arg(long)]
+    pub until_epoch: Option<u64>,
+    /// Write the frames replayed and the VM's output here (pcapng, two interfaces).
+    #[arg(long)]
+    pub capture: Option<PathBuf>,
+    /// Also connect the VM to this tap: its output goes there too, and live traffic reaches
+    /// it once the replay is done (by default it reaches no one).
+    #[arg(long)]
+    pub tap: Option<String>,
+    /// The VM's control socket.
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// File the guest console is appended to (default: standard error).
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+    /// Without --tap: stop this long after the last frame was replayed.
+    #[arg(long, default_value_t = 500)]
+    pub linger_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod log;
+pub mod pcapng;
 pub mod port;
 pub mod record;
 

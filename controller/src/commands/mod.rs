@@ -4,6 +4,7 @@ mod bench;
 mod bgp;
 mod group;
 mod policy;
+mod replay;
 mod replicate;
 mod vm;
 
@@ -29,6 +30,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Bgp { json, quick }) => bench::bgp(json, quick),
         Command::Replicate(command) => replicate::receive(command),
         Command::Store(command) => replicate::store(command),
+        Command::Replay(command) => replay::run(command),
         Command::Bgp(crate::cli::BgpCommand::Speak(args)) => bgp::speak(args),
     }
 }

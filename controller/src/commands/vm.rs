@@ -304,14 +304,18 @@ fn announce(mut tap: Tap, mac: [u8; 6], ip: std::net::Ipv4Addr) {
 }
 
 /// A scratch directory, removed on drop.
-struct ScratchDir(std::path::PathBuf);
+pub struct ScratchDir(std::path::PathBuf);
 
 impl ScratchDir {
-    fn new(vm: u32) -> anyhow::Result<Self> {
+    pub fn new(vm: u32) -> anyhow::Result<Self> {
         let dir =
             std::env::temp_dir().join(format!("secondsite-restore-{}-{vm}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         Ok(ScratchDir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
     }
 }
 

@@ -1,0 +1,199 @@
+//! The traffic log at the backup from the outside: `replay show`, `replay export` read back by
+//! tshark (exactly the frames the guest received, each with its epoch and number), and a
+//! forensic `replay run` that shows what the server did with a request. Real KVM, taps and
+//! namespaces, tshark (root, /dev/kvm).
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use secondsite_lab::{VmSite, privileged};
+use support::{Connection, PORT, SECONDSITE, control, receiver, replication, start_with, wait_for};
+
+fn secondsite(args: &[&str]) -> String {
+    let out = Command::new(SECONDSITE).args(args).output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// tshark's fields `fields` of each packet of `file` (matching `filter`), one line each.
+fn tshark(file: &Path, filter: &str, fields: &[&str]) -> Vec<String> {
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r").arg(file).args(["-Y", filter, "-T", "fields"]);
+    for field in fields {
+        cmd.args(["-e", field]);
+    }
+    let out = cmd.output().expect("runs tshark");
+    assert!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `epoch E seq S` comments as (E, S).
+fn comments(lines: &[String]) -> Vec<(u64, u64)> {
+    lines
+        .iter()
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            match words[..] {
+                ["epoch", e, "seq", s] => (e.parse().expect("epoch"), s.parse().expect("seq")),
+                _ => panic!("not an epoch and seq comment: {l:?}"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn the_exported_log_holds_exactly_the_frames_the_guest_received_and_replays_them() {
+    if !privileged("the_exported_log_holds_exactly_the_frames_the_guest_received_and_replays_them")
+    {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let _receiver = receiver(&site.site, &store, &dir.path().join("r.log"));
+    let to = format!("127.0.0.1:{PORT}");
+    let vm = start_with(
+        &site,
+        dir.path(),
+        "64M",
+        &["--replicate-to", &to, "--group", "web", "--epoch-ms", "25"],
+    );
+    wait_for(&vm.control, "protection", |r| {
+        r["protected"] == true && r["committed"].as_u64() > Some(1)
+    });
+    let before_set = replication(&vm.control)["committed"]
+        .as_u64()
+        .expect("committed");
+    let mut conn = Connection::open(&site);
+    for i in 0..10 {
+        assert_eq!(conn.ask(&format!("SET key{i} v{i}"), 1), ["+OK"]);
+    }
+    assert_eq!(conn.ask("SET asked forensic", 1), ["+OK"]);
+    assert_eq!(conn.ask("GET asked", 2), ["$8", "forensic"]);
+    // Quiet: every frame the guest got is logged and acknowledged, and committed after.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let status = control(&vm.control, &["status"]);
+    let received = status["net"]["rx_frames"].as_u64().expect("rx frames");
+    assert_eq!(status["port"]["log_lag"], 0, "{status}");
+    assert_eq!(
+        status["port"]["log_acked"].as_u64(),
+        Some(received),
+        "{status}"
+    );
+    let captured = replication(&vm.control)["captured"]
+        .as_u64()
+        .expect("captured");
+    wait_for(&vm.control, "a commit after the traffic", |r| {
+        r["committed"].as_u64() > Some(captured)
+    });
+
+    let root = store.to_str().expect("utf-8");
+    let show = secondsite(&["replay", "show", "--store", root]);
+    assert!(
+        show.contains(&format!("VM 0: {received} frames")),
+        "the log holds what the guest received ({received}):\n{show}"
+    );
+
+    let pcap = dir.path().join("web.pcapng");
+    let out = secondsite(&[
+        "replay",
+        "export",
+        "--store",
+        root,
+        "--to",
+        pcap.to_str().expect("utf-8"),
+    ]);
+    assert!(out.contains(&format!("{received} frames")), "{out}");
+    let all = comments(&tshark(&pcap, "frame", &["frame.comment"]));
+    assert_eq!(all.len() as u64, received, "tshark reads every frame");
+    assert!(
+        all.iter()
+            .enumerate()
+            .all(|(i, (_, seq))| *seq == i as u64 + 1),
+        "numbered 1, 2, 3... in order: {all:?}"
+    );
+    assert!(
+        all.windows(2).all(|w| w[0].0 <= w[1].0),
+        "epochs never go back"
+    );
+    let requests = tshark(
+        &pcap,
+        "tcp.dstport == 6379 && tcp.len > 0",
+        &["frame.number"],
+    );
+    assert!(
+        requests.len() >= 12,
+        "the client's requests are in it: {}",
+        requests.len()
+    );
+
+    // An epoch range: exactly the frames that arrived in it.
+    let (from, until) = (all[all.len() / 3].0, all[2 * all.len() / 3].0);
+    let part = dir.path().join("part.pcapng");
+    secondsite(&[
+        "replay",
+        "export",
+        "--store",
+        root,
+        "--vm",
+        "0",
+        "--from-epoch",
+        &from.to_string(),
+        "--to-epoch",
+        &until.to_string(),
+        "--to",
+        part.to_str().expect("utf-8"),
+    ]);
+    let expected = all
+        .iter()
+        .filter(|(e, _)| (from..=until).contains(e))
+        .count();
+    assert_eq!(
+        comments(&tshark(&part, "frame", &["frame.comment"])).len(),
+        expected
+    );
+
+    // Forensic: the checkpoint before the writes, fed what came after; the capture shows the
+    // server's answer to the GET.
+    let capture = dir.path().join("forensic.pcapng");
+    let out = secondsite(&[
+        "replay",
+        "run",
+        "--store",
+        root,
+        "--epoch",
+        &before_set.to_string(),
+        "--capture",
+        capture.to_str().expect("utf-8"),
+        "--console",
+        dir.path().join("forensic.log").to_str().expect("utf-8"),
+    ]);
+    assert!(out.contains("frames replayed"), "{out}");
+    let replies: String = tshark(
+        &capture,
+        "tcp.srcport == 6379 && tcp.len > 0",
+        &["tcp.payload"],
+    )
+    .concat();
+    let forensic_reply = b"$8\r\nforensic\r\n"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    assert!(
+        replies.replace(':', "").contains(&forensic_reply),
+        "the replayed server answered the GET with the value: {replies}"
+    );
+}
