@@ -77,22 +77,18 @@ pub fn group_store_dir(dir: &Path, group: Option<&str>) -> anyhow::Result<PathBu
         .collect();
     groups.sort();
     match (group, groups.as_slice()) {
-        (Some(group), _) if groups.iter().any(|g| g == group) => Ok(group_store(dir, group)),
-        (Some(group), []) | (Some(group), _) => bail!(
-            "{} holds no checkpoints of group {group} (it holds: {})",
-            dir.display(),
-            if groups.is_empty() {
-                "none".to_owned()
-            } else {
-                groups.join(", ")
-            }
-        ),
-        (None, [only]) => Ok(group_store(dir, only)),
-        (None, []) => bail!(
+        (_, []) => bail!(
             "{} is not a checkpoint store: no group's checkpoints in it (give the directory \
              `replicate receive --store` was given)",
             dir.display()
         ),
+        (Some(group), _) if groups.iter().any(|g| g == group) => Ok(group_store(dir, group)),
+        (Some(group), _) => bail!(
+            "{} holds no checkpoints of group {group} (it holds: {})",
+            dir.display(),
+            groups.join(", ")
+        ),
+        (None, [only]) => Ok(group_store(dir, only)),
         (None, several) => bail!(
             "{} holds the checkpoints of several groups ({}): give --group",
             dir.display(),
