@@ -23,6 +23,16 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 (cd guest && cargo clippy --release --locked -- -D warnings)
+echo "== fuzz targets build"
+# cargo-fuzz needs nightly; where it is missing, checking the fuzz crates on stable will do (the
+# same entry points run as property tests below).
+for fuzz in bgp/fuzz replicator/fuzz; do
+    if cargo +nightly fuzz --version >/dev/null 2>&1; then
+        (cd "$fuzz" && cargo +nightly fuzz build --target-dir ../../target/fuzz -O)
+    else
+        cargo check --manifest-path "$fuzz/Cargo.toml" --target-dir target/fuzz-check --quiet
+    fi
+done
 echo "== cargo test --workspace"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

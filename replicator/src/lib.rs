@@ -22,6 +22,8 @@
 pub mod backup;
 mod bytes;
 pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod log_receiver;
 pub mod primary;
 pub mod restore;
