@@ -13,8 +13,8 @@ use secondsite_replicator::restore::snapshot_from_store;
 use secondsite_replicator::wire::{Link, Message};
 use secondsite_vmm::snapshot::FULL_LAYER;
 use support::{
-    PORT, SECONDSITE, control, receiver, receiver_with, redis, replication, start_with, wait_for,
-    wait_until_serving,
+    Connection, PORT, SECONDSITE, control, receiver, receiver_with, redis, replication, start_with,
+    wait_for, wait_until_serving,
 };
 
 /// redis-benchmark SET load on the guest (100,000 keys of `value_bytes`), until dropped.
@@ -169,8 +169,8 @@ fn restoring_the_latest_checkpoint_keeps_every_committed_write() {
 }
 
 #[test]
-fn the_primary_runs_on_without_its_backup_and_resynchronises() {
-    if !privileged("the_primary_runs_on_without_its_backup_and_resynchronises") {
+fn a_primary_that_loses_its_backup_stalls_its_output_until_the_backup_is_back() {
+    if !privileged("a_primary_that_loses_its_backup_stalls_its_output_until_the_backup_is_back") {
         return;
     }
     let site = VmSite::new().expect("builds the namespaces");
@@ -178,13 +178,73 @@ fn the_primary_runs_on_without_its_backup_and_resynchronises() {
     let store = dir.path().join("store");
     let mut first = receiver(&site.site, &store, &dir.path().join("receiver.log"));
     let vm = replicating_vm(&site, dir.path());
+    let mut conn = Connection::open(&site);
+    assert_eq!(conn.ask("SET before yes", 1), ["+OK"]);
     first.kill();
     wait_for(&vm.control, "loss of protection", |r| {
         r["protected"] == false
     });
-    // Unprotected, the guest still serves.
+    // The default: held output waits for the backup, and says so.
+    let status = control(&vm.control, &["status"]);
+    assert_eq!(status["port"]["protection"], "stalled", "{status}");
+    assert!(
+        status["port"]["events"][0]
+            .as_str()
+            .is_some_and(|e| e.contains("backup lost")),
+        "{status}"
+    );
+    conn.send("SET during stall");
+    assert_eq!(
+        conn.line_within(Duration::from_secs(1)),
+        None,
+        "a reply left"
+    );
+
+    let _second = receiver(&site.site, &store, &dir.path().join("receiver2.log"));
+    // The backup back: the link resynchronises, and the held reply goes out.
+    assert_eq!(
+        conn.line_within(Duration::from_secs(20)).as_deref(),
+        Some("+OK")
+    );
+    let r = wait_for(&vm.control, "resynchronisation", |r| {
+        r["protected"] == true && r["resyncs"].as_u64() >= Some(1)
+    });
+    eprintln!("resynchronised: {r}");
+    assert_eq!(
+        control(&vm.control, &["status"])["port"]["protection"],
+        "protected"
+    );
+    assert_eq!(conn.ask("GET during", 2), ["$5", "stall"]);
+    assert_store_verifies(&store.join("web"));
+}
+
+#[test]
+fn a_primary_told_to_run_unprotected_serves_on_without_its_backup_and_resynchronises() {
+    if !privileged(
+        "a_primary_told_to_run_unprotected_serves_on_without_its_backup_and_resynchronises",
+    ) {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut first = receiver(&site.site, &store, &dir.path().join("receiver.log"));
+    let vm = replicating_vm_with(&site, dir.path(), &["--on-backup-loss", "unprotected"]);
+    first.kill();
+    wait_for(&vm.control, "loss of protection", |r| {
+        r["protected"] == false
+    });
+    // Unprotected, the guest still serves, and the decision is recorded.
     assert_eq!(redis(&site, &["set", "alone", "yes"]), "OK");
     assert_eq!(redis(&site, &["get", "alone"]), "yes");
+    let status = control(&vm.control, &["status"]);
+    assert_eq!(status["port"]["protection"], "unprotected", "{status}");
+    assert!(
+        status["port"]["events"][0]
+            .as_str()
+            .is_some_and(|e| e.contains("running UNPROTECTED")),
+        "{status}"
+    );
 
     let _second = receiver(&site.site, &store, &dir.path().join("receiver2.log"));
     let before = replication(&vm.control)["committed"]
@@ -196,6 +256,11 @@ fn the_primary_runs_on_without_its_backup_and_resynchronises() {
             && r["committed"].as_u64() > Some(before + 2)
     });
     eprintln!("resynchronised: {r}");
+    assert_eq!(
+        control(&vm.control, &["status"])["port"]["protection"],
+        "protected"
+    );
+    assert_eq!(redis(&site, &["get", "alone"]), "yes");
     assert_store_verifies(&store.join("web"));
 }
 
@@ -380,7 +445,17 @@ fn a_receiver_refuses_a_primary_with_a_strangers_certificate() {
     // A primary whose certificate another CA signed: the backup refuses the link.
     let intruder_dir = dir.path().join("intruder");
     std::fs::create_dir(&intruder_dir).expect("mkdir");
-    let mut args = vec!["--replicate-to", to.as_str(), "--group", "web"];
+    // Its output is not held: it has no backup to wait for, and the test talks to it.
+    let mut args = vec![
+        "--replicate-to",
+        to.as_str(),
+        "--group",
+        "web",
+        "--output-commit",
+        "off",
+        "--inbound-log",
+        "off",
+    ];
     args.extend(tls_args(&ours.ca, &stranger.primary));
     let mut intruder = start_with(&site, &intruder_dir, "64M", &args);
     std::thread::sleep(Duration::from_secs(2));

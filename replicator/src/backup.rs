@@ -98,9 +98,33 @@ pub fn serve(listener: TcpListener, config: Arc<ReceiverConfig>, log: Log) {
                     }
                 };
                 let _ = channel.tcp().set_read_timeout(None);
+                let ended = |result: Result<(), BackupError>| match result {
+                    Ok(()) => log(&format!("primary {peer} closed the link")),
+                    Err(e) => log(&format!("link with {peer} ended: {e}")),
+                };
                 let result = match first_message(channel) {
+                    // A log link gets a thread of its own name, at normal priority (a guest
+                    // behind a sync log waits for its acknowledgements); this one ends.
                     Ok((hello @ Message::LogHello { .. }, channel, link)) => {
-                        serve_log_link(hello, channel, link, &config, &traffic, &*log)
+                        let (log, peer) = (log.clone(), peer.clone());
+                        let spawned =
+                            std::thread::Builder::new()
+                                .name("log-link".into())
+                                .spawn(move || {
+                                    let result = serve_log_link(
+                                        hello, channel, link, &config, &traffic, &*log,
+                                    );
+                                    match result {
+                                        Ok(()) => {
+                                            log(&format!("primary {peer} closed the log link"))
+                                        }
+                                        Err(e) => log(&format!("log link with {peer} ended: {e}")),
+                                    }
+                                });
+                        match spawned {
+                            Ok(_) => return,
+                            Err(e) => Err(BackupError::Io(e)),
+                        }
                     }
                     Ok((hello, channel, link)) => {
                         let mut session = Session::new(&config, active, link, traffic);
@@ -108,14 +132,10 @@ pub fn serve(listener: TcpListener, config: Arc<ReceiverConfig>, log: Log) {
                     }
                     Err(e) => Err(e),
                 };
-                match result {
-                    Ok(()) => log(&format!("primary {peer} closed the link")),
-                    Err(e) => log(&format!("link with {peer} ended: {e}")),
-                }
+                ended(result);
             });
     }
 }
-
 /// Reads a link's first message, which says what kind of link it is.
 fn first_message(mut stream: Channel) -> Result<(Message, Channel, Link), BackupError> {
     let mut link = Link::default();
