@@ -535,6 +535,14 @@ pub struct VmRunArgs {
     /// of each epoch). Default: no budget, never slowed.
     #[arg(long)]
     pub bandwidth_mbit: Option<u32>,
+    /// Checkpoint also as soon as output is held and the last checkpoint is --min-interval-ms
+    /// old, besides every --epoch-ms: a reply then waits for one pause and one
+    /// acknowledgement, not for the next tick.
+    #[arg(long)]
+    pub checkpoint_on_output: bool,
+    /// With --checkpoint-on-output: the least time between two checkpoints.
+    #[arg(long, default_value_t = 5)]
+    pub min_interval_ms: u64,
     /// The most of each epoch the guest may be held when throttled.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=95))]
     pub max_throttle_percent: u8,

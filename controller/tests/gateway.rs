@@ -187,3 +187,60 @@ fn with_a_sync_log_the_guest_gets_nothing_the_backup_has_not_logged() {
         Some("logged")
     );
 }
+
+#[test]
+fn checkpoints_on_output_answer_a_lone_request_without_waiting_for_the_tick() {
+    if !privileged("checkpoints_on_output_answer_a_lone_request_without_waiting_for_the_tick") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _receiver = receiver(
+        &site.site,
+        &dir.path().join("store"),
+        &dir.path().join("r.log"),
+    );
+    // Ticks 300 ms apart: a reply that waited for one would take 150 ms on average.
+    let to = format!("127.0.0.1:{PORT}");
+    let vm = start_with(
+        &site,
+        dir.path(),
+        "64M",
+        &[
+            "--replicate-to",
+            &to,
+            "--group",
+            "web",
+            "--epoch-ms",
+            "300",
+            "--checkpoint-on-output",
+            "--min-interval-ms",
+            "2",
+        ],
+    );
+    wait_for(&vm.control, "protection", |r| {
+        r["protected"] == true && r["committed"].as_u64() > Some(1)
+    });
+    let mut conn = Connection::open(&site);
+    let mut took: Vec<Duration> = (0..15)
+        .map(|i| {
+            let asked = Instant::now();
+            assert_eq!(conn.ask(&format!("SET k{i} v"), 1), ["+OK"]);
+            let t = asked.elapsed();
+            std::thread::sleep(Duration::from_millis(7 * i)); // at any phase of the tick
+            t
+        })
+        .collect();
+    took.sort();
+    let median = took[took.len() / 2];
+    let status = vm_status(&vm);
+    eprintln!("request latency with checkpoints on output: median {median:?}, all {took:?}");
+    assert!(
+        median < Duration::from_millis(60),
+        "replies waited for the 300 ms tick: median {median:?}"
+    );
+    assert!(
+        status["replication"]["output_checkpoints"].as_u64() >= Some(10),
+        "{status}"
+    );
+}

@@ -13,9 +13,10 @@
 
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use secondsite_replicator::primary::OutputWaiting;
 use secondsite_vmm::clock::unix_ns;
 use secondsite_vmm::{Bell, NetPort, Readiness, Received};
 
@@ -41,6 +42,8 @@ pub struct Gateway {
     report: EventLog,
     /// The log link: up, and the reason it last went down.
     pub(crate) log_link: Mutex<(bool, Option<String>)>,
+    /// Rung when output is held, for an epoch clock that checkpoints when output waits.
+    output_waiting: OnceLock<Arc<OutputWaiting>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -70,6 +73,7 @@ impl Gateway {
             events: Mutex::new(Vec::new()),
             report,
             log_link: Mutex::new((false, None)),
+            output_waiting: OnceLock::new(),
         }))
     }
 
@@ -116,6 +120,11 @@ impl Gateway {
             (step(&mut core, Instant::now()), was_full)
         };
         self.apply(moves, was_full);
+    }
+
+    /// Rings `waiting` whenever output is held from now on (checkpoints on output).
+    pub fn ring_on_output(&self, waiting: Arc<OutputWaiting>) {
+        let _ = self.output_waiting.set(waiting);
     }
 
     /// The backup committed every epoch up to `epoch`.
@@ -210,7 +219,12 @@ impl NetPort for GatewayPort {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .send(&frame),
-            None => Ok(()),
+            None => {
+                if let Some(waiting) = self.gateway.output_waiting.get() {
+                    waiting.ring();
+                }
+                Ok(())
+            }
         }
     }
 

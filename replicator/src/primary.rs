@@ -67,6 +67,47 @@ pub struct SenderConfig {
     pub throttle: Option<Throttle>,
     /// How the sender thread is scheduled against the guests.
     pub priority: Priority,
+    /// Checkpoints also when output waits (the policy's `checkpoint.trigger: output`).
+    pub on_output: Option<OnOutput>,
+}
+
+/// Checkpoints taken when output waits, besides the periodic ones: a lightly loaded server's
+/// reply then waits for one pause and one acknowledgement, not for the next tick (Remus's
+/// replies wait up to a whole epoch).
+#[derive(Debug, Clone)]
+pub struct OnOutput {
+    /// The least time between two checkpoints.
+    pub min_interval: Duration,
+    /// Rung by the gateway when it holds output.
+    pub waiting: Arc<OutputWaiting>,
+}
+
+/// "Output is held": a flag the gateway sets and the epoch clock waits on.
+#[derive(Debug, Default)]
+pub struct OutputWaiting {
+    rung: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl OutputWaiting {
+    /// Output is held now.
+    pub fn ring(&self) {
+        let mut rung = self.rung.lock().unwrap_or_else(|e| e.into_inner());
+        if !*rung {
+            *rung = true;
+            self.changed.notify_one();
+        }
+    }
+
+    /// Waits up to `timeout` for a ring; true (and the flag cleared) if there was one.
+    fn wait(&self, timeout: Duration) -> bool {
+        let rung = self.rung.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut rung, _) = self
+            .changed
+            .wait_timeout_while(rung, timeout, |rung| !*rung)
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *rung)
+    }
 }
 
 /// What the sender is doing, for status and benchmarks.
@@ -107,6 +148,8 @@ pub struct ReplicationStatus {
     /// `QUEUE_DEPTH` captures were not yet shipped (the backup or the sender is behind), and
     /// the time the clock waited for them in all.
     pub window_waits: u64,
+    /// Checkpoints taken early because output waited (`SenderConfig::on_output`).
+    pub output_checkpoints: u64,
     /// Of those, the waits for acknowledgements (`WINDOW` unacknowledged: the backup is
     /// behind); the rest waited for the sender.
     pub ack_waits: u64,
@@ -448,10 +491,24 @@ fn epoch_clock(
     }
     let mut next = Instant::now();
     let mut waiting_since: Option<Instant> = None;
+    let mut last_capture = Instant::now();
+    let mut for_output = false;
     while !link_done.load(Ordering::Relaxed) && !shared.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now < next {
-            std::thread::sleep((next - now).min(Duration::from_millis(50)));
+            let wake = (next - now).min(Duration::from_millis(50));
+            match &config.on_output {
+                // Output waits: the next checkpoint as soon as the last is old enough.
+                Some(on) if on.waiting.wait(wake) => {
+                    let at = (last_capture + on.min_interval).max(Instant::now());
+                    if at < next {
+                        next = at;
+                        for_output = true;
+                    }
+                }
+                Some(_) => {}
+                None => std::thread::sleep(wake),
+            }
             continue;
         }
         // A clock that overslept by more than an interval starts afresh rather than catching up.
@@ -493,6 +550,10 @@ fn epoch_clock(
             shared.update(|s| s.window_wait_us += since.elapsed().as_micros() as u64);
         }
         let requested = Instant::now();
+        last_capture = requested;
+        if std::mem::take(&mut for_output) {
+            shared.update(|s| s.output_checkpoints += 1);
+        }
         let captured = checkpoint_group(&handles, full, epoch + 1)
             .map_err(|e| e.to_string())
             .map(|captures| Captured {

@@ -112,6 +112,7 @@ fn subscribers_hear_commits_the_loss_of_the_backup_and_the_resynchronisation() {
             tls: None,
             throttle: None,
             priority: Priority::Normal,
+            on_output: None,
         },
     );
     let events = replication.subscribe();

@@ -13,13 +13,15 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use secondsite_gateway::{GatewayConfig, LogMode, OnBackupLoss};
 use secondsite_policy::check_file;
-use secondsite_policy::model::{Group, InboundLogMode, Policy, Site};
+use secondsite_policy::model::{CheckpointTrigger, Group, InboundLogMode, Policy, Site};
 use secondsite_replicator::codec::CodecConfig;
-use secondsite_replicator::primary::{SenderConfig, Throttle};
+use secondsite_replicator::primary::{OnOutput, SenderConfig, Throttle};
 use secondsite_replicator::store::Store;
 use secondsite_replicator::tls::TlsFiles;
 use secondsite_vmm::{Vm, VmConfig};
@@ -218,6 +220,10 @@ fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
             max_share: f64::from(checkpoint.throttle.max_slowdown_percent) / 100.0,
         }),
         priority: args.replication_priority.into(),
+        on_output: (checkpoint.trigger == CheckpointTrigger::Output).then(|| OnOutput {
+            min_interval: Duration::from_millis(u64::from(checkpoint.min_interval_ms)),
+            waiting: Arc::default(),
+        }),
     };
     serve_until_done(served, Some(replication), vcpu_cpus.as_ref())
 }

@@ -12,7 +12,7 @@ use secondsite_gateway::{Gateway, GatewayConfig, GatewayPort, LogLink, LogLinkCo
 use secondsite_replay::{LogRecord, ReadEnd, ReplayPort, TrafficLog, traffic_dir};
 use secondsite_replicator::codec::CodecConfig;
 use secondsite_replicator::primary::{
-    Member, Replication, ReplicationStatus, SenderConfig, Throttle,
+    Member, OnOutput, Replication, ReplicationStatus, SenderConfig, Throttle,
 };
 use secondsite_replicator::restore;
 use secondsite_vmm::affinity::CpuList;
@@ -187,6 +187,10 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
             ..CodecConfig::default()
         },
         priority: args.replication_priority.into(),
+        on_output: args.checkpoint_on_output.then(|| OnOutput {
+            min_interval: Duration::from_millis(args.min_interval_ms),
+            waiting: Arc::default(),
+        }),
     });
     serve_until_done(
         vec![Served {
@@ -348,6 +352,7 @@ fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
         "throttle_percent": status.throttle_percent,
         "throttled_ms": status.throttled_us / 1000,
         "sender_background": status.background,
+        "output_checkpoints": status.output_checkpoints,
         "sender_escalations": status.escalations,
     })
 }
@@ -401,6 +406,9 @@ pub fn serve_until_done(
                 )?;
             }
             for (vm, gateway) in &gateways {
+                if let Some(on) = &config.on_output {
+                    gateway.ring_on_output(on.waiting.clone());
+                }
                 let link = LogLinkConfig {
                     peer: config.peer,
                     tls: config.tls.clone(),

@@ -96,6 +96,24 @@ pub struct Checkpoint {
     /// or `disk` (also written and fsynced to the store).
     #[serde(default)]
     pub ack: AckDurability,
+    /// `periodic`: a checkpoint every `interval_ms`; `output`: also one as soon as output is
+    /// held and the last is `min_interval_ms` old (replies wait for one pause and one
+    /// acknowledgement instead of up to a whole interval).
+    #[serde(default)]
+    pub trigger: CheckpointTrigger,
+    /// With `trigger: output`, the least time between two checkpoints.
+    #[serde(default = "Checkpoint::default_min_interval_ms")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub min_interval_ms: u32,
+}
+
+/// What starts a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointTrigger {
+    #[default]
+    Periodic,
+    Output,
 }
 
 impl Checkpoint {
@@ -104,6 +122,9 @@ impl Checkpoint {
     }
     fn default_bandwidth_mbit() -> u32 {
         1000
+    }
+    fn default_min_interval_ms() -> u32 {
+        5
     }
 
     /// Bytes one epoch may carry within the bandwidth budget.
@@ -119,6 +140,8 @@ impl Default for Checkpoint {
             bandwidth_mbit: Self::default_bandwidth_mbit(),
             throttle: Throttle::default(),
             ack: AckDurability::default(),
+            trigger: CheckpointTrigger::default(),
+            min_interval_ms: Self::default_min_interval_ms(),
         }
     }
 }

@@ -7,7 +7,9 @@ mod group;
 mod site;
 mod values;
 
-pub use group::{AckDurability, Checkpoint, Group, InboundLogMode, Throttle, Vm};
+pub use group::{
+    AckDurability, Checkpoint, CheckpointTrigger, Group, InboundLogMode, Throttle, Vm,
+};
 pub use site::{Api, Bfd, Peer, Replication, Site, SiteBgp, Store, Tls, Uplink};
 pub use values::{Community, Endpoint, InterfaceAddress, MacAddress, Name, Prefix, ValueError};
 

@@ -156,6 +156,7 @@ fn sender(
             tls: None,
             throttle: None,
             priority,
+            on_output: None,
         },
     );
     // The first epoch of the link is the full synchronisation; measure from after it is
