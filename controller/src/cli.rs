@@ -316,6 +316,18 @@ pub enum BenchCommand {
         #[arg(long)]
         shared_cpus: bool,
     },
+    /// The gateway: SET throughput (with and without pipelining), request latency, frames/s
+    /// and the latency added over the plain tap, for the tap, output commit off and on, the
+    /// sync and async logs, and checkpoints on output, at 25 ms epochs. Needs root, /dev/kvm,
+    /// unshare and redis-tools.
+    Gateway {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Shorter measurements (for CI smoke runs).
+        #[arg(long)]
+        quick: bool,
+    },
     /// The BGP speaker against BIRD and FRR in a namespace lab: time from a `withdraw` to the
     /// upstream's FIB change (20 trials each), UPDATE encode+decode rate, memory with two
     /// sessions. Needs root, bird2 and frr.

@@ -11,6 +11,32 @@ use std::time::{Duration, Instant};
 use secondsite_lab::{Proc, VmSite, privileged};
 use support::{Connection, PORT, control, receiver, start_with, wait_for};
 
+/// A site, a backup's receiver and a VM replicating to it, once protected.
+struct Lab {
+    site: VmSite,
+    receiver: Proc,
+    vm: support::Vm,
+    _dir: tempfile::TempDir,
+}
+
+/// A [`Lab`] whose VM runs with more `vm run` arguments.
+fn lab(extra: &[&str]) -> Lab {
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let receiver = receiver(
+        &site.site,
+        &dir.path().join("store"),
+        &dir.path().join("r.log"),
+    );
+    let vm = protected_vm(&site, dir.path(), extra);
+    Lab {
+        site,
+        receiver,
+        vm,
+        _dir: dir,
+    }
+}
+
 /// A VM replicating group `web` at 25 ms epochs with more `vm run` arguments, once protected.
 fn protected_vm(site: &VmSite, dir: &Path, extra: &[&str]) -> support::Vm {
     let to = format!("127.0.0.1:{PORT}");
@@ -59,15 +85,10 @@ fn output_commit_holds_a_reply_and_every_segment_until_the_backup_has_the_checkp
     ) {
         return;
     }
-    let site = VmSite::new().expect("builds the namespaces");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let receiver = receiver(
-        &site.site,
-        &dir.path().join("store"),
-        &dir.path().join("r.log"),
-    );
     // An async log, so that the frozen receiver holds only the output, not the request.
-    let vm = protected_vm(&site, dir.path(), &["--inbound-log", "async"]);
+    let Lab {
+        site, receiver, vm, ..
+    } = lab(&["--inbound-log", "async"]);
     let mut conn = Connection::open(&site);
     assert_eq!(conn.ask("SET k held", 1), ["+OK"]);
 
@@ -119,18 +140,9 @@ fn without_output_commit_the_reply_comes_at_once() {
     if !privileged("without_output_commit_the_reply_comes_at_once") {
         return;
     }
-    let site = VmSite::new().expect("builds the namespaces");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let receiver = receiver(
-        &site.site,
-        &dir.path().join("store"),
-        &dir.path().join("r.log"),
-    );
-    let vm = protected_vm(
-        &site,
-        dir.path(),
-        &["--inbound-log", "async", "--output-commit", "off"],
-    );
+    let Lab {
+        site, receiver, vm, ..
+    } = lab(&["--inbound-log", "async", "--output-commit", "off"]);
     let mut conn = Connection::open(&site);
     assert_eq!(conn.ask("SET k free", 1), ["+OK"]);
     signal(&receiver, "-STOP");
@@ -150,14 +162,9 @@ fn with_a_sync_log_the_guest_gets_nothing_the_backup_has_not_logged() {
     if !privileged("with_a_sync_log_the_guest_gets_nothing_the_backup_has_not_logged") {
         return;
     }
-    let site = VmSite::new().expect("builds the namespaces");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let receiver = receiver(
-        &site.site,
-        &dir.path().join("store"),
-        &dir.path().join("r.log"),
-    );
-    let vm = protected_vm(&site, dir.path(), &[]); // sync log and output commit: the defaults
+    let Lab {
+        site, receiver, vm, ..
+    } = lab(&[]); // sync log and output commit: the defaults
     let mut conn = Connection::open(&site);
     assert_eq!(conn.ask("SET k logged", 1), ["+OK"]);
     let status = vm_status(&vm);

@@ -100,6 +100,19 @@ pub struct Moves {
     pub events: Vec<GatewayEvent>,
 }
 
+fn sorted(mut samples: Vec<u64>) -> Vec<u64> {
+    samples.sort_unstable();
+    samples
+}
+
+/// The `p` quantile of sorted samples (0 when there are none).
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted
+        .get(((sorted.len().max(1) - 1) as f64 * p) as usize)
+        .copied()
+        .unwrap_or(0)
+}
+
 fn dst_mac(frame: &[u8]) -> Option<[u8; 6]> {
     frame.get(..6)?.try_into().ok()
 }
@@ -182,9 +195,9 @@ impl GatewayCore {
         self.inbound.relink(backup_has);
     }
 
-    /// The backup holds the log up to frame `seq`.
-    pub fn log_acked(&mut self, seq: u64, now: Instant) -> Moves {
-        self.inbound.ack(seq);
+    /// The backup holds the log up to frame `seq` (learnt at `now`, `now_unix_ns`).
+    pub fn log_acked(&mut self, seq: u64, now: Instant, now_unix_ns: u64) -> Moves {
+        self.inbound.ack(seq, now_unix_ns);
         let released = self.output.log_acked(seq, now);
         self.moves(released)
     }
@@ -279,14 +292,8 @@ impl GatewayCore {
 
     /// Status for `vm status`.
     pub fn status(&self, now: Instant) -> serde_json::Value {
-        let mut release = self.counters.release_us.clone();
-        release.sort_unstable();
-        let pct = |p: f64| {
-            release
-                .get(((release.len().max(1) - 1) as f64 * p) as usize)
-                .copied()
-                .unwrap_or(0)
-        };
+        let release = sorted(self.counters.release_us.clone());
+        let log_ack = sorted(self.inbound.ack_times_us());
         let log = self.inbound.counters();
         let (state, reason) = match &self.protection {
             Protection::Protected => ("protected", None),
@@ -305,8 +312,10 @@ impl GatewayCore {
             "oldest_held_ms": self.output.oldest_held()
                 .map(|at| now.saturating_duration_since(at).as_millis() as u64),
             "released_frames": self.counters.released_frames,
-            "release_us_p50": pct(0.5),
-            "release_us_p99": pct(0.99),
+            "release_us_p50": percentile(&release, 0.5),
+            "release_us_p99": percentile(&release, 0.99),
+            "log_ack_us_p50": percentile(&log_ack, 0.5),
+            "log_ack_us_p99": percentile(&log_ack, 0.99),
             "frames_out": self.counters.frames_out,
             "frames_in": self.counters.frames_in,
             "intra_group_frames": self.counters.intra_group,

@@ -75,7 +75,12 @@ pub struct InboundLog {
     counters: LogCounters,
     /// Frames are delivered unlogged (the decision to run unprotected).
     bypass: bool,
+    /// Recent frames' time from arrival to acknowledgement, in microseconds.
+    ack_us: VecDeque<u64>,
 }
+
+/// Acknowledgement times kept for percentiles.
+const ACK_SAMPLES: usize = 4096;
 
 impl InboundLog {
     /// A log numbering from `after + 1` (a restored VM's RX cursor: its log goes on), keeping
@@ -94,6 +99,7 @@ impl InboundLog {
                 ..LogCounters::default()
             },
             bypass: false,
+            ack_us: VecDeque::new(),
         }
     }
 
@@ -151,14 +157,14 @@ impl InboundLog {
 
     /// A new log link whose backup holds frames up to `backup_has`: what it lacks goes again.
     pub fn relink(&mut self, backup_has: u64) {
-        self.ack(backup_has);
+        self.ack(backup_has, 0);
         let before = self.shipped;
         self.shipped = backup_has.max(self.counters.acked);
         self.counters.resent += before.saturating_sub(self.shipped);
     }
 
-    /// The backup holds every frame up to `seq`.
-    pub fn ack(&mut self, seq: u64) {
+    /// The backup holds every frame up to `seq` (learnt at `now_unix_ns`).
+    pub fn ack(&mut self, seq: u64, now_unix_ns: u64) {
         self.counters.acks += 1;
         if seq <= self.counters.acked {
             return;
@@ -166,6 +172,11 @@ impl InboundLog {
         self.counters.acked = seq;
         while self.unacked.front().is_some_and(|f| f.seq <= seq) {
             let frame = self.unacked.pop_front().expect("checked");
+            if self.ack_us.len() == ACK_SAMPLES {
+                self.ack_us.pop_front();
+            }
+            self.ack_us
+                .push_back(now_unix_ns.saturating_sub(frame.unix_ns) / 1000);
             self.unacked_bytes -= frame.frame.len();
             if self.mode == LogMode::Sync {
                 self.ready.push_back(frame);
@@ -216,6 +227,11 @@ impl InboundLog {
     pub fn counters(&self) -> LogCounters {
         self.counters
     }
+
+    /// Recent frames' time from arrival to the backup's acknowledgement, in microseconds.
+    pub fn ack_times_us(&self) -> Vec<u64> {
+        self.ack_us.iter().copied().collect()
+    }
 }
 
 #[cfg(test)]
@@ -236,10 +252,10 @@ mod tests {
         assert_eq!(shipped.iter().map(|f| f.seq).collect::<Vec<_>>(), [1, 2]);
         assert_eq!((shipped[0].epoch, shipped[0].unix_ns), (3, 10));
         assert!(log.to_ship().is_empty(), "each frame is shipped once");
-        log.ack(1);
+        log.ack(1, 0);
         assert_eq!(log.next_for_guest(), Some((1, frame(1))));
         assert_eq!(log.next_for_guest(), None);
-        log.ack(2);
+        log.ack(2, 0);
         assert_eq!(log.next_for_guest(), Some((2, frame(2))));
         assert_eq!(log.lag(), 0);
     }
@@ -253,7 +269,7 @@ mod tests {
         );
         assert_eq!(log.lag(), 1);
         assert_eq!(log.to_ship().len(), 1);
-        log.ack(1);
+        log.ack(1, 0);
         assert_eq!(log.lag(), 0);
         assert_eq!(log.next_for_guest(), None, "already delivered");
     }
@@ -279,7 +295,7 @@ mod tests {
         assert_eq!(log.arrive(frame(2), 1, 0), Arrival::Waiting(2));
         assert_eq!(log.arrive(frame(3), 1, 0), Arrival::Dropped);
         assert_eq!(log.counters().dropped, 1);
-        log.ack(2);
+        log.ack(2, 0);
         assert_eq!(
             log.arrive(frame(4), 1, 0),
             Arrival::Waiting(3),
@@ -294,7 +310,7 @@ mod tests {
             log.arrive(frame(n), 1, 0);
         }
         assert_eq!(log.to_ship().len(), 4);
-        log.ack(1);
+        log.ack(1, 0);
         // The link broke; the new one's backup holds frames up to 2.
         log.relink(2);
         let again: Vec<u64> = log.to_ship().iter().map(|f| f.seq).collect();

@@ -7,7 +7,7 @@
 //! sent (again): a frame is forgotten only once acknowledged.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -76,13 +76,7 @@ impl Drop for LogLink {
 }
 
 fn run_link(gateway: &Gateway, config: &LogLinkConfig, stop: &AtomicBool) -> Result<(), String> {
-    let tcp = TcpStream::connect_timeout(&config.peer, Duration::from_secs(1))
-        .map_err(|e| format!("connect {}: {e}", config.peer))?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    let mut channel = Channel::connect(tcp, config.tls.as_ref(), config.peer.ip())
-        .map_err(|e| format!("TLS with {}: {e}", config.peer))?;
+    let mut channel = Channel::open(config.peer, config.tls.as_ref())?;
     let (mut out, mut inbound) = (Link::default(), Link::default());
     out.set_version(LOG_VERSION);
     let hello = Message::LogHello {

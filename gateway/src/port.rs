@@ -134,7 +134,7 @@ impl Gateway {
 
     /// The backup holds the log up to frame `seq`: frames waiting for it go to the guest.
     pub fn log_acked(&self, seq: u64) {
-        self.step(|core, now| core.log_acked(seq, now));
+        self.step(|core, now| core.log_acked(seq, now, unix_ns()));
         if self.core().has_ready() {
             self.readiness.ring();
         }

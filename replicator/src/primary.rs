@@ -25,7 +25,7 @@
 //! their clients leave rather than theirs; captures wait in the queue meanwhile.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -304,13 +304,7 @@ fn run_link(
     encoder: &mut Encoder,
     escalation: &mut Escalation,
 ) -> Result<(), String> {
-    let tcp = TcpStream::connect_timeout(&config.peer, Duration::from_secs(1))
-        .map_err(|e| format!("connect {}: {e}", config.peer))?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    let mut channel = Channel::connect(tcp, config.tls.as_ref(), config.peer.ip())
-        .map_err(|e| format!("TLS with {}: {e}", config.peer))?;
+    let mut channel = Channel::open(config.peer, config.tls.as_ref())?;
     let mut out = Link::default();
     // In a frame a backup one version older reads too.
     out.set_version(MIN_VERSION);

@@ -100,6 +100,20 @@ pub enum Channel {
 }
 
 impl Channel {
+    /// The primary's end of a new link to the backup at `peer`: TCP (1 s to connect, no
+    /// Nagle, reads time out after 5 s), then TLS when configured.
+    pub fn open(
+        peer: std::net::SocketAddr,
+        tls: Option<&Arc<ClientConfig>>,
+    ) -> Result<Channel, String> {
+        let tcp = TcpStream::connect_timeout(&peer, std::time::Duration::from_secs(1))
+            .map_err(|e| format!("connect {peer}: {e}"))?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        Channel::connect(tcp, tls, peer.ip()).map_err(|e| format!("TLS with {peer}: {e}"))
+    }
+
     /// The primary's end: TLS to the backup at `peer` (whose certificate must name its IP).
     pub fn connect(
         tcp: TcpStream,

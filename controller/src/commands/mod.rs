@@ -4,6 +4,7 @@ mod bench;
 mod bgp;
 mod group;
 mod policy;
+mod protect;
 mod replay;
 mod replicate;
 mod vm;
@@ -28,6 +29,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             shared_cpus,
         }) => bench::replication(json, quick, throughput_only, shared_cpus),
         Command::Bench(BenchCommand::Bgp { json, quick }) => bench::bgp(json, quick),
+        Command::Bench(BenchCommand::Gateway { json, quick }) => bench::gateway(json, quick),
         Command::Replicate(command) => replicate::receive(command),
         Command::Store(command) => replicate::store(command),
         Command::Replay(command) => replay::run(command),

@@ -8,18 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use secondsite_gateway::announce::{ANNOUNCE_AT_MS, gratuitous_arp};
-use secondsite_gateway::{Gateway, GatewayConfig, GatewayPort, LogLink, LogLinkConfig};
+use secondsite_gateway::{Gateway, GatewayConfig, GatewayPort};
 use secondsite_replay::{LogRecord, ReadEnd, ReplayPort, TrafficLog, traffic_dir};
 use secondsite_replicator::codec::CodecConfig;
-use secondsite_replicator::primary::{
-    Member, OnOutput, Replication, ReplicationStatus, SenderConfig, Throttle,
-};
+use secondsite_replicator::primary::{OnOutput, ReplicationStatus, SenderConfig, Throttle};
 use secondsite_replicator::restore;
 use secondsite_vmm::affinity::CpuList;
-use secondsite_vmm::{
-    Command, NetPort, Reply, RunState, Tap, Vm, VmConfig, VmHandle, control, snapshot,
-};
+use secondsite_vmm::{Command, NetPort, RunState, Tap, Vm, VmConfig, control, snapshot};
 
+use super::protect::{GroupVm, Protected};
 use super::replicate::group_store_dir;
 use crate::cli::{ControlArgs, OnOff, PlacementArgs, VmCommand, VmRunArgs};
 
@@ -373,57 +370,18 @@ pub fn serve_until_done(
     replication: Option<SenderConfig>,
     vcpu_cpus: Option<&CpuList>,
 ) -> anyhow::Result<ExitCode> {
-    let mut running = Vec::with_capacity(vms.len());
-    let mut gateways = Vec::new();
-    for served in vms {
-        if let Some(gateway) = served.gateway {
-            gateways.push((served.index, gateway));
-        }
-        running.push((
-            Member {
-                vm: served.index,
-                handle: Arc::new(served.vm.spawn_on(vcpu_cpus)?),
-            },
-            served.control,
-        ));
-    }
-    let members: Vec<Member> = running.iter().map(|(m, _)| m.clone()).collect();
-    let mut log_links = Vec::new();
-    let replication = match replication {
-        Some(config) => {
-            eprintln!(
-                "secondsite: replicating group {} ({} VMs) to {} every {} ms",
-                config.group,
-                members.len(),
-                config.peer,
-                config.epoch_ms
-            );
-            let replication = Arc::new(Replication::start(members.clone(), config.clone()));
-            if !gateways.is_empty() {
-                secondsite_gateway::follow(
-                    replication.subscribe(),
-                    gateways.iter().map(|(_, g)| g.clone()).collect(),
-                )?;
-            }
-            for (vm, gateway) in &gateways {
-                if let Some(on) = &config.on_output {
-                    gateway.ring_on_output(on.waiting.clone());
-                }
-                let link = LogLinkConfig {
-                    peer: config.peer,
-                    tls: config.tls.clone(),
-                    site: config.site.clone(),
-                    group: config.group.clone(),
-                    vm: *vm,
-                };
-                log_links.push(LogLink::start(gateway.clone(), link)?);
-            }
-            Some(replication)
-        }
-        None => None,
-    };
-    for (member, control_path) in &running {
-        let extra: Option<control::StatusExtra> = replication.clone().map(|r| {
+    let controls: Vec<PathBuf> = vms.iter().map(|s| s.control.clone()).collect();
+    let group: Vec<GroupVm> = vms
+        .into_iter()
+        .map(|s| GroupVm {
+            vm: s.vm,
+            index: s.index,
+            gateway: s.gateway,
+        })
+        .collect();
+    let mut running = Protected::start(group, replication, vcpu_cpus)?;
+    for (member, control_path) in running.members.iter().zip(&controls) {
+        let extra: Option<control::StatusExtra> = running.replication.clone().map(|r| {
             let f: control::StatusExtra =
                 Arc::new(move || ("replication".to_owned(), replication_json(&r.status())));
             f
@@ -443,24 +401,14 @@ pub fn serve_until_done(
     let states = loop {
         std::thread::sleep(Duration::from_millis(50));
         if stop.load(Ordering::Relaxed) {
-            // Replication first, so no checkpoint is asked of a stopping VM.
-            if let Some(r) = &replication {
-                r.stop();
-            }
-            for link in &mut log_links {
-                link.stop();
-            }
-            break members
-                .iter()
-                .map(|m| stop_vm(&m.handle))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            break running.stop()?;
         }
-        let finished: Vec<RunState> = members.iter().filter_map(|m| m.handle.finished()).collect();
-        if finished.len() == members.len() {
+        let finished = running.finished();
+        if finished.len() == running.members.len() {
             break finished;
         }
     };
-    for (_, control_path) in &running {
+    for control_path in &controls {
         let _ = std::fs::remove_file(control_path);
     }
     let mut exit = ExitCode::SUCCESS;
@@ -475,13 +423,6 @@ pub fn serve_until_done(
         }
     }
     Ok(exit)
-}
-
-fn stop_vm(handle: &VmHandle) -> anyhow::Result<RunState> {
-    match handle.call(Command::Stop)? {
-        Reply::Ok { state } => Ok(state),
-        other => bail!("unexpected reply to stop: {other:?}"),
-    }
 }
 
 fn client(control: &ControlArgs, command: Command) -> anyhow::Result<ExitCode> {

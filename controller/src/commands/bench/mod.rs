@@ -21,9 +21,11 @@ const GUEST: [u8; 4] = [203, 0, 113, 10];
 const PORT: u16 = 6379;
 
 mod bgp;
+mod gateway;
 mod replication;
 
 pub use bgp::bgp;
+pub use gateway::gateway;
 pub use replication::replication;
 
 /// Re-runs this command in a private network namespace (`unshare --net`), unless it already is

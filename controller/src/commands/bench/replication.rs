@@ -42,14 +42,14 @@ fn guest_mib(quick: bool) -> u64 {
 }
 
 /// The receiver child process and the address it listens on; killed on drop.
-struct Receiver {
+pub(super) struct Receiver {
     child: Child,
     listen: &'static str,
 }
 
 impl Receiver {
     /// Starts `secondsite replicate receive` on `listen` and waits until it accepts.
-    fn start(
+    pub(super) fn start(
         store: &std::path::Path,
         listen: &'static str,
         priority: &str,

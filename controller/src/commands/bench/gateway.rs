@@ -1,0 +1,342 @@
+//! `secondsite bench gateway`: what the gateway costs a protected VM, each path measured in
+//! one run at 25 ms epochs, in a private network namespace (see `bench vm`):
+//!
+//! | path | output | inbound log |
+//! |---|---|---|
+//! | tap | the plain tap, no replication | - |
+//! | log only | at once (output commit off) | sync |
+//! | output commit, sync log | held until committed | sync |
+//! | output commit, async log | held until committed and logged | async |
+//! | ... + checkpoints on output | held, and a checkpoint as soon as output waits | sync |
+//!
+//! For each: redis-benchmark SET ops/s (50 clients, with and without `-P 16`), request
+//! latency p50/p99 (one client), frames/s into the guest for 64 B and 1500 B frames (a UDP
+//! flood from the host side of the tap, counted by the guest's RX counter), and the latency
+//! added over the plain tap. The backup is `replicate receive --ack memory` on loopback.
+
+use std::net::UdpSocket;
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use secondsite_gateway::{GatewayConfig, LogMode, OnBackupLoss};
+use secondsite_replicator::codec::CodecConfig;
+use secondsite_replicator::primary::{OnOutput, SenderConfig};
+use secondsite_replicator::sched::Priority;
+use secondsite_vmm::{Reply, Vm};
+use serde_json::{Value, json};
+
+use super::replication::Receiver;
+use super::{GUEST, TAP, config, in_private_netns, round, scratch_dir, wait_serving};
+use crate::commands::protect::{GroupVm, Protected};
+use crate::commands::vm::open_port;
+
+const EPOCH_MS: u64 = 25;
+const RECEIVER: &str = "127.0.0.1:7901";
+
+/// One path through which the guest's traffic goes.
+struct Path {
+    name: &'static str,
+    /// Output commit and the inbound log; `None`: the plain tap, not replicated.
+    gateway: Option<(bool, LogMode)>,
+    on_output: bool,
+}
+
+const PATHS: [Path; 5] = [
+    Path {
+        name: "tap",
+        gateway: None,
+        on_output: false,
+    },
+    Path {
+        name: "output commit off, sync log",
+        gateway: Some((false, LogMode::Sync)),
+        on_output: false,
+    },
+    Path {
+        name: "output commit on, sync log",
+        gateway: Some((true, LogMode::Sync)),
+        on_output: false,
+    },
+    Path {
+        name: "output commit on, async log",
+        gateway: Some((true, LogMode::Async)),
+        on_output: false,
+    },
+    Path {
+        name: "output commit on, sync log, checkpoints on output",
+        gateway: Some((true, LogMode::Sync)),
+        on_output: true,
+    },
+];
+
+/// One redis-benchmark SET run's figures, from its CSV.
+struct SetRun {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn set_run(clients: u32, pipeline: u32, requests: usize) -> anyhow::Result<SetRun> {
+    let out = super::run(Command::new("timeout").args([
+        "300",
+        "redis-benchmark",
+        "-h",
+        &std::net::Ipv4Addr::from(GUEST).to_string(),
+        "-t",
+        "set",
+        "-n",
+        &requests.to_string(),
+        "-c",
+        &clients.to_string(),
+        "-P",
+        &pipeline.to_string(),
+        "--csv",
+    ]))?;
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms",...
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("\"SET"))
+        .with_context(|| format!("no SET row in redis-benchmark's output: {out}"))?;
+    let fields: Vec<f64> = row
+        .split(',')
+        .skip(1)
+        .map(|f| f.trim_matches('"').parse().unwrap_or(f64::NAN))
+        .collect();
+    match fields[..] {
+        [rps, _avg, _min, p50, _p95, p99, ..] => Ok(SetRun {
+            rps,
+            p50_ms: p50,
+            p99_ms: p99,
+        }),
+        _ => bail!("unexpected redis-benchmark CSV row: {row}"),
+    }
+}
+
+/// The guest's received-frame counter.
+fn rx_frames(running: &Protected) -> anyhow::Result<u64> {
+    match running.members[0]
+        .handle
+        .call(secondsite_vmm::Command::Status)?
+    {
+        Reply::Status(status) => Ok(status.net.rx_frames),
+        other => bail!("unexpected status reply {other:?}"),
+    }
+}
+
+/// Frames per second the guest received while the host side sent UDP frames of
+/// `frame_bytes` as fast as it could for `seconds`.
+fn flood(running: &Protected, frame_bytes: usize, seconds: f64) -> anyhow::Result<f64> {
+    let payload = vec![0x5a; frame_bytes - 42]; // Ethernet 14, IPv4 20, UDP 8
+    let socket = UdpSocket::bind("203.0.113.1:0").context("a UDP socket on the tap's side")?;
+    socket.connect((std::net::Ipv4Addr::from(GUEST), 9))?;
+    let before = rx_frames(running)?;
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < seconds {
+        for _ in 0..64 {
+            let _ = socket.send(&payload); // a full tap queue drops: what gets through counts
+        }
+    }
+    // Frames in flight through the log land in a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let received = rx_frames(running)? - before;
+    Ok(received as f64 / started.elapsed().as_secs_f64())
+}
+
+fn measure(path: &Path, quick: bool) -> anyhow::Result<Value> {
+    let console = scratch_dir()?.join("console.log");
+    let gateway = path.gateway.map(|(output_commit, log)| GatewayConfig {
+        output_commit,
+        log,
+        output_limit_bytes: GatewayConfig::DEFAULT_OUTPUT_LIMIT,
+        log_limit_bytes: GatewayConfig::DEFAULT_LOG_LIMIT,
+        group_macs: [config(64).mac].into_iter().collect(),
+        on_backup_loss: OnBackupLoss::Stall,
+        log_after: 0,
+    });
+    // The previous path's threads let go of the tap in a moment.
+    let started = Instant::now();
+    let (port, gateway) = loop {
+        match open_port(TAP, gateway.clone()) {
+            Ok(opened) => break opened,
+            Err(_) if started.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let vm = Vm::boot(
+        &config(64),
+        secondsite_vmm::GUEST_IMAGE,
+        port,
+        Some(&console),
+    )?;
+    let replication = path.gateway.map(|_| SenderConfig {
+        peer: RECEIVER.parse().expect("an address"),
+        group: "bench".into(),
+        site: "bench".into(),
+        epoch_ms: EPOCH_MS,
+        codec: CodecConfig::default(),
+        tls: None,
+        throttle: None,
+        priority: Priority::Background,
+        on_output: path.on_output.then(|| OnOutput {
+            min_interval: Duration::from_millis(2),
+            waiting: Arc::default(),
+        }),
+    });
+    let mut running = Protected::start(
+        vec![GroupVm {
+            vm,
+            index: 0,
+            gateway,
+        }],
+        replication,
+        None,
+    )?;
+    let result = (|| -> anyhow::Result<Value> {
+        if let Some(replication) = &running.replication
+            && !replication.wait_committed(2, Duration::from_secs(60))
+        {
+            bail!("{}: the backup never committed an epoch", path.name);
+        }
+        wait_serving(Duration::from_secs(20))?;
+        let n = if quick { 5_000 } else { 50_000 };
+        let lone = set_run(1, 1, if quick { 300 } else { 2_000 })?;
+        let loaded = set_run(50, 1, n)?;
+        let pipelined = set_run(50, 16, n * 4)?;
+        let flood_s = if quick { 0.5 } else { 2.0 };
+        let small = flood(&running, 64, flood_s)?;
+        let large = flood(&running, 1500, flood_s)?;
+        let replication = running.replication.as_ref().map(|r| r.status());
+        let gateway = running.gateways.first().map(|g| g.status());
+        let mut pauses = replication
+            .as_ref()
+            .map(|r| r.pauses_us.clone())
+            .unwrap_or_default();
+        pauses.sort_unstable();
+        let pause_p99 = pauses
+            .get((pauses.len().max(1) - 1) * 99 / 100)
+            .copied()
+            .unwrap_or(0);
+        Ok(json!({
+            "path": path.name,
+            "set_ops_per_s": round(loaded.rps),
+            "set_ops_per_s_p16": round(pipelined.rps),
+            "loaded_latency_ms": { "p50": loaded.p50_ms, "p99": loaded.p99_ms },
+            "latency_ms": { "p50": lone.p50_ms, "p99": lone.p99_ms },
+            "frames_per_s_64": round(small),
+            "frames_per_s_1500": round(large),
+            "pause_us_p99": pause_p99,
+            "output_checkpoints": replication.as_ref().map(|r| r.output_checkpoints),
+            "epochs": replication.as_ref().map(|r| r.committed),
+            "log_ack_us_p50": gateway.as_ref().map(|g| g["log_ack_us_p50"].clone()),
+            "release_us_p99": gateway.as_ref().map(|g| g["release_us_p99"].clone()),
+            "log_dropped": gateway.as_ref().map(|g| g["log_dropped"].clone()),
+        }))
+    })();
+    running.stop()?;
+    result
+}
+
+pub fn gateway(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
+    if let Some(code) = in_private_netns()? {
+        return Ok(code);
+    }
+    let scratch = scratch_dir()?;
+    let receiver = Receiver::start(&scratch.join("store"), RECEIVER, "normal")?;
+    let mut rows = Vec::new();
+    for path in &PATHS {
+        eprintln!("bench gateway: {}", path.name);
+        rows.push(measure(path, quick)?);
+    }
+    drop(receiver);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let tap = rows[0].clone();
+    for row in &mut rows {
+        let added = row["latency_ms"]["p50"].as_f64().unwrap_or(0.0)
+            - tap["latency_ms"]["p50"].as_f64().unwrap_or(0.0);
+        row["added_latency_p50_ms"] = json!(round(added));
+        for size in ["frames_per_s_64", "frames_per_s_1500"] {
+            let ratio = row[size].as_f64().unwrap_or(0.0) / tap[size].as_f64().unwrap_or(1.0);
+            row[format!("{size}_over_tap")] = json!(round(ratio));
+        }
+    }
+    let targets = targets(&rows);
+    let report = json!({ "epoch_ms": EPOCH_MS, "paths": rows, "targets": targets });
+    if json_output {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The issue's targets, each with the figure it is judged on.
+fn targets(rows: &[Value]) -> Value {
+    let f = |row: usize, path: &[&str]| {
+        path.iter()
+            .fold(&rows[row], |v, k| &v[*k])
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    };
+    let log_rtt_ms = f(1, &["log_ack_us_p50"]) / 1000.0;
+    let added_beyond_log = f(1, &["added_latency_p50_ms"]) - log_rtt_ms;
+    let commit_p99 = f(2, &["latency_ms", "p99"]);
+    let commit_bound = EPOCH_MS as f64 + f(2, &["pause_us_p99"]) / 1000.0 + 2.0;
+    let on_output_p50 = f(4, &["latency_ms", "p50"]);
+    let frames = f(1, &["frames_per_s_64_over_tap"]).min(f(1, &["frames_per_s_1500_over_tap"]));
+    json!([
+        { "target": "output commit off, sync log: added latency p50 beyond the log's round trip <= 0.3 ms",
+          "value_ms": round(added_beyond_log), "met": added_beyond_log <= 0.3 },
+        { "target": "output commit on: request latency p99 <= one epoch + pause p99 + 2 ms",
+          "value_ms": commit_p99, "bound_ms": round(commit_bound), "met": commit_p99 <= commit_bound },
+        { "target": "checkpoints on output, one client: request latency p50 <= 5 ms",
+          "value_ms": on_output_p50, "met": on_output_p50 <= 5.0 },
+        { "target": "frames/s through the gateway with output commit off >= 80% of the plain tap",
+          "value_ratio": round(frames), "met": frames >= 0.8 },
+    ])
+}
+
+fn print_report(report: &Value) {
+    outln!("bench gateway, {EPOCH_MS} ms epochs (one run; medians of nothing: read ratios)");
+    outln!(
+        "{:<52} {:>9} {:>9} {:>13} {:>8} {:>10} {:>10}",
+        "path",
+        "SET/s",
+        "SET/s P16",
+        "lat p50/p99",
+        "+p50",
+        "64B fr/s",
+        "1500B fr/s"
+    );
+    for row in report["paths"].as_array().into_iter().flatten() {
+        outln!(
+            "{:<52} {:>9.0} {:>9.0} {:>6.2}/{:<6.2} {:>8.2} {:>10.0} {:>10.0}",
+            row["path"].as_str().unwrap_or(""),
+            row["set_ops_per_s"].as_f64().unwrap_or(0.0),
+            row["set_ops_per_s_p16"].as_f64().unwrap_or(0.0),
+            row["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+            row["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+            row["added_latency_p50_ms"].as_f64().unwrap_or(0.0),
+            row["frames_per_s_64"].as_f64().unwrap_or(0.0),
+            row["frames_per_s_1500"].as_f64().unwrap_or(0.0),
+        );
+    }
+    for t in report["targets"].as_array().into_iter().flatten() {
+        outln!(
+            "{} {}: {}",
+            if t["met"] == true {
+                "met    "
+            } else {
+                "NOT MET"
+            },
+            t["target"].as_str().unwrap_or(""),
+            t.get("value_ms")
+                .or_else(|| t.get("value_ratio"))
+                .cloned()
+                .unwrap_or_default()
+        );
+    }
+}

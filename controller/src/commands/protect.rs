@@ -1,0 +1,120 @@
+//! A group's VMs running, each behind its gateway, checkpointed to the backup: the part
+//! `vm run`, `group run` and `bench gateway` share.
+//!
+//! ```text
+//!  VMs ──spawn──> members ──> Replication (epoch clock, sender)
+//!                                 │ events: Committed, Unprotected, Resynced
+//!                                 ▼
+//!            gateway::follow ──> each gateway (release, stall, resume)
+//!            LogLink per gateway ──> the backup's log (one TLS connection each)
+//! ```
+
+use std::sync::Arc;
+
+use secondsite_gateway::{Gateway, LogLink, LogLinkConfig};
+use secondsite_replicator::primary::{Member, Replication, SenderConfig};
+use secondsite_vmm::affinity::CpuList;
+use secondsite_vmm::{Command, Reply, RunState, Vm};
+
+/// One VM to run: its number in the group, and its gateway if its traffic goes through one.
+pub struct GroupVm {
+    pub vm: Vm,
+    pub index: u32,
+    pub gateway: Option<Arc<Gateway>>,
+}
+
+/// The running group.
+pub struct Protected {
+    pub members: Vec<Member>,
+    pub replication: Option<Arc<Replication>>,
+    pub gateways: Vec<Arc<Gateway>>,
+    log_links: Vec<LogLink>,
+}
+
+impl Protected {
+    /// Runs the VMs (their vCPU threads on `vcpu_cpus`) and, with a configuration, replicates
+    /// them: the gateways follow the sender's events and ship their logs.
+    pub fn start(
+        vms: Vec<GroupVm>,
+        replication: Option<SenderConfig>,
+        vcpu_cpus: Option<&CpuList>,
+    ) -> anyhow::Result<Protected> {
+        let mut members = Vec::with_capacity(vms.len());
+        let mut gateways = Vec::new();
+        for GroupVm { vm, index, gateway } in vms {
+            if let Some(gateway) = gateway {
+                gateways.push((index, gateway));
+            }
+            members.push(Member {
+                vm: index,
+                handle: Arc::new(vm.spawn_on(vcpu_cpus)?),
+            });
+        }
+        let mut log_links = Vec::new();
+        let replication = match replication {
+            Some(config) => {
+                eprintln!(
+                    "secondsite: replicating group {} ({} VMs) to {} every {} ms",
+                    config.group,
+                    members.len(),
+                    config.peer,
+                    config.epoch_ms
+                );
+                let replication = Arc::new(Replication::start(members.clone(), config.clone()));
+                if !gateways.is_empty() {
+                    secondsite_gateway::follow(
+                        replication.subscribe(),
+                        gateways.iter().map(|(_, g)| g.clone()).collect(),
+                    )?;
+                }
+                for (vm, gateway) in &gateways {
+                    if let Some(on) = &config.on_output {
+                        gateway.ring_on_output(on.waiting.clone());
+                    }
+                    let link = LogLinkConfig {
+                        peer: config.peer,
+                        tls: config.tls.clone(),
+                        site: config.site.clone(),
+                        group: config.group.clone(),
+                        vm: *vm,
+                    };
+                    log_links.push(LogLink::start(gateway.clone(), link)?);
+                }
+                Some(replication)
+            }
+            None => None,
+        };
+        Ok(Protected {
+            members,
+            replication,
+            gateways: gateways.into_iter().map(|(_, g)| g).collect(),
+            log_links,
+        })
+    }
+
+    /// The VMs that have stopped by themselves (exited or crashed), with their state.
+    pub fn finished(&self) -> Vec<RunState> {
+        self.members
+            .iter()
+            .filter_map(|m| m.handle.finished())
+            .collect()
+    }
+
+    /// Stops replication first (no checkpoint is asked of a stopping VM), the log links, then
+    /// the VMs; their final states.
+    pub fn stop(&mut self) -> anyhow::Result<Vec<RunState>> {
+        if let Some(r) = &self.replication {
+            r.stop();
+        }
+        for link in &mut self.log_links {
+            link.stop();
+        }
+        self.members
+            .iter()
+            .map(|m| match m.handle.call(Command::Stop)? {
+                Reply::Ok { state } => Ok(state),
+                other => anyhow::bail!("unexpected reply to stop: {other:?}"),
+            })
+            .collect()
+    }
+}
