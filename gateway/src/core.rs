@@ -22,11 +22,26 @@ pub struct GatewayConfig {
     /// neither logged nor held, the group's checkpoint recreates them.
     pub group_macs: HashSet<[u8; 6]>,
     pub on_backup_loss: OnBackupLoss,
+    /// The inbound log's identity: a new one for a freshly booted VM (its frames are numbered
+    /// from 1 again), the checkpoint's for a restored VM that goes on being protected.
+    pub log_id: u64,
     /// The restored VM's RX cursor: the log numbers on after it.
     pub log_after: u64,
 }
 
 impl GatewayConfig {
+    /// A log identity no other VM start has (random).
+    pub fn new_log_id() -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.finish().max(1)
+    }
+
     /// Remus's default buffer, Xen's `remus-netbuf`: 10 MB.
     pub const DEFAULT_OUTPUT_LIMIT: usize = 10 << 20;
     pub const DEFAULT_LOG_LIMIT: usize = 16 << 20;
@@ -362,6 +377,7 @@ mod tests {
             log_limit_bytes: 1 << 20,
             group_macs: [VM_A, VM_B].into_iter().collect(),
             on_backup_loss: on_loss,
+            log_id: 1,
             log_after: 0,
         })
     }

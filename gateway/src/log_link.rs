@@ -85,6 +85,7 @@ fn run_link(gateway: &Gateway, config: &LogLinkConfig, stop: &AtomicBool) -> Res
         site: config.site.clone(),
         group: config.group.clone(),
         vm: config.vm,
+        log_id: gateway.core().config().log_id,
     };
     channel
         .write_all(&out.emit(&hello))

@@ -279,6 +279,10 @@ impl NetPort for GatewayPort {
             .step(|core, now| core.seal(epoch, rx_cursor, now));
     }
 
+    fn log_id(&self) -> u64 {
+        self.gateway.core().config().log_id
+    }
+
     fn status(&self) -> Option<serde_json::Value> {
         Some(self.gateway.status())
     }

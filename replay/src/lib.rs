@@ -21,6 +21,6 @@ pub mod pcapng;
 pub mod port;
 pub mod record;
 
-pub use log::{LogError, ReadEnd, TrafficLog, traffic_dir};
+pub use log::{LogError, ReadEnd, Replay, TrafficLog, traffic_dir};
 pub use port::ReplayPort;
 pub use record::{LogRecord, RecordError};

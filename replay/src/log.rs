@@ -1,6 +1,7 @@
 //! The traffic log at the backup: per VM, segment files of [`LogRecord`]s in sequence order.
 //!
 //! ```text
+//! GROUP/traffic/vm-N/log-id                     which log the VM's frames are numbered in
 //! GROUP/traffic/vm-N/00000000000000000001.seg   records from seq 1 (the name is the first seq)
 //! GROUP/traffic/vm-N/00000000000000052213.seg   the next segment, once the last passed SEGMENT_BYTES
 //! ```
@@ -8,7 +9,9 @@
 //! checkpoint store cuts its log: a torn or corrupt tail (a crash mid-write) falls back to the
 //! frame before. Appends must follow the last frame held (a repeated or older one is refused);
 //! a gap is allowed, since frames a VM took while it ran unprotected were never logged, but it
-//! is counted, and a replay stops at it. The log is kept as long as the checkpoints it follows:
+//! is counted, and a replay stops at it. A VM booted afresh numbers its frames from 1 in a log
+//! of a new identity ([`TrafficLog::start`]); a checkpoint names the log its RX cursor counts
+//! in, and a replay reads only that one. The log is kept as long as the checkpoints it follows:
 //! [`TrafficLog::retain_after`] drops the segments every retained checkpoint has seen.
 
 use std::collections::BTreeMap;
@@ -80,7 +83,11 @@ struct VmLog {
     file: Option<File>,
     /// Frames that did not follow the one before by exactly one.
     gaps: u64,
+    /// The log's identity (`None`: written before identities, or not yet started).
+    log_id: Option<u64>,
 }
+
+const LOG_ID: &str = "log-id";
 
 impl VmLog {
     fn last_seq(&self) -> u64 {
@@ -157,11 +164,15 @@ impl TrafficLog {
                 })
                 .collect();
             names.sort();
+            let log_id = fs::read_to_string(vm_dir.join(LOG_ID))
+                .ok()
+                .and_then(|t| u64::from_str_radix(t.trim(), 16).ok());
             let mut log = VmLog {
                 dir: vm_dir,
                 segments: Vec::new(),
                 file: None,
                 gaps: 0,
+                log_id,
             };
             let count = names.len();
             for (i, (first_seq, path)) in names.into_iter().enumerate() {
@@ -225,6 +236,42 @@ impl TrafficLog {
         self.vms.get(&vm).map_or(0, VmLog::last_seq)
     }
 
+    /// The identity of VM `vm`'s log, if it has one.
+    pub fn log_id(&self, vm: u32) -> Option<u64> {
+        self.vms.get(&vm).and_then(|l| l.log_id)
+    }
+
+    /// Starts VM `vm`'s log anew as log `log_id` (a VM booted afresh): what it held goes.
+    pub fn start(&mut self, vm: u32, log_id: u64) -> Result<(), LogError> {
+        if self.read_only {
+            return Err(LogError::ReadOnly);
+        }
+        let dir = self.dir.join(format!("vm-{vm}"));
+        if let Some(old) = self.vms.remove(&vm) {
+            for segment in &old.segments {
+                fs::remove_file(&segment.path).map_err(io_at(&segment.path))?;
+            }
+        }
+        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let tmp = dir.join(format!(".{LOG_ID}.tmp"));
+        fs::write(&tmp, format!("{log_id:016x}\n")).map_err(io_at(&tmp))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_at(&tmp))?;
+        fs::rename(&tmp, dir.join(LOG_ID)).map_err(io_at(&dir))?;
+        self.vms.insert(
+            vm,
+            VmLog {
+                dir,
+                segments: Vec::new(),
+                file: None,
+                gaps: 0,
+                log_id: Some(log_id),
+            },
+        );
+        Ok(())
+    }
+
     /// The VMs with a log.
     pub fn vms(&self) -> Vec<u32> {
         self.vms.keys().copied().collect()
@@ -242,6 +289,7 @@ impl TrafficLog {
             segments: Vec::new(),
             file: None,
             gaps: 0,
+            log_id: None,
         });
         let mut last = log.last_seq();
         for record in records {
@@ -384,6 +432,50 @@ impl TrafficLog {
                 }
             })
             .collect()
+    }
+}
+
+/// The frames a VM restored from a checkpoint has not taken, as [`TrafficLog::to_replay`]
+/// found them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub frames: Vec<LogRecord>,
+    pub end: ReadEnd,
+    /// The VM's log is another than the checkpoint counts in (the VM was booted afresh
+    /// since): nothing to replay.
+    pub other_log: bool,
+}
+
+impl TrafficLog {
+    /// The frames after `cursor` in VM `vm`'s log, if it is log `log_id` (0: a checkpoint
+    /// that names none), up to those that arrived in epoch `until`.
+    pub fn to_replay(
+        &self,
+        vm: u32,
+        log_id: u64,
+        cursor: u64,
+        until: Option<u64>,
+    ) -> Result<Replay, LogError> {
+        if log_id != 0 && self.log_id(vm) != Some(log_id) {
+            return Ok(Replay {
+                frames: Vec::new(),
+                end: ReadEnd::End,
+                other_log: true,
+            });
+        }
+        let mut frames = Vec::new();
+        let end = self.read_from(vm, cursor + 1, |record| {
+            if until.is_some_and(|until| record.epoch > until) {
+                return false;
+            }
+            frames.push(record);
+            true
+        })?;
+        Ok(Replay {
+            frames,
+            end,
+            other_log: false,
+        })
     }
 }
 
@@ -557,6 +649,23 @@ mod tests {
         log.append(0, &[record(5, 1), record(6, 1)])
             .expect("appends after it");
         assert_eq!(collect(&log, 0, 1), ((1..=6).collect(), ReadEnd::End));
+    }
+
+    #[test]
+    fn a_new_log_identity_starts_the_vms_log_anew() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, _) = TrafficLog::open(dir.path()).expect("opens");
+        log.start(0, 0xaa).expect("starts");
+        log.append(0, &[record(1, 1), record(2, 1)])
+            .expect("appends");
+        drop(log);
+        let (mut log, _) = TrafficLog::open(dir.path()).expect("reopens");
+        assert_eq!((log.log_id(0), log.last_seq(0)), (Some(0xaa), 2));
+        log.start(0, 0xbb).expect("starts anew");
+        assert_eq!((log.log_id(0), log.last_seq(0)), (Some(0xbb), 0));
+        log.append(0, &[record(1, 5)])
+            .expect("numbers from 1 again");
+        assert_eq!(collect(&log, 0, 1), (vec![1], ReadEnd::End));
     }
 
     #[test]

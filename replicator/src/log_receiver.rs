@@ -80,6 +80,7 @@ pub(crate) fn serve_log_link(
         site,
         group,
         vm,
+        log_id,
     } = hello
     else {
         return Err(BackupError::Refused("a LogHello was expected".into()));
@@ -99,10 +100,19 @@ pub(crate) fn serve_log_link(
     }
     let _active = ActiveLink { logs, key };
     let traffic = logs.group(&config.store_dir, &group)?;
-    let last_seq = traffic
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .last_seq(vm);
+    let last_seq = {
+        let mut traffic = traffic.lock().unwrap_or_else(|e| e.into_inner());
+        if traffic.log_id(vm) != Some(log_id) {
+            // A VM booted afresh numbers its frames from 1 again: its log starts anew.
+            traffic
+                .start(vm, log_id)
+                .map_err(|e| BackupError::Refused(format!("traffic log: {e}")))?;
+            log(&format!(
+                "group {group} VM {vm}: a new traffic log ({log_id:016x})"
+            ));
+        }
+        traffic.last_seq(vm)
+    };
     link.set_version(version);
     stream.write_all(&link.emit(&Message::LogHelloAck { version, last_seq }))?;
     log(&format!(

@@ -160,13 +160,15 @@ pub enum Message {
         epoch: u64,
         reason: String,
     },
-    /// Opens a traffic log link for VM `vm` of `group`.
+    /// Opens a traffic log link for VM `vm` of `group`, whose frames `log_id` numbers (a new
+    /// one when the VM was booted afresh: the backup then starts the VM's log anew).
     LogHello {
         min_version: u16,
         max_version: u16,
         site: String,
         group: String,
         vm: u32,
+        log_id: u64,
     },
     /// `last_seq`: the newest frame the backup holds for the VM; the primary sends from the
     /// one after it.
@@ -285,12 +287,14 @@ impl Message {
                 site,
                 group,
                 vm,
+                log_id,
             } => {
                 out.extend_from_slice(&min_version.to_le_bytes());
                 out.extend_from_slice(&max_version.to_le_bytes());
                 string(out, site);
                 string(out, group);
                 out.extend_from_slice(&vm.to_le_bytes());
+                out.extend_from_slice(&log_id.to_le_bytes());
             }
             Message::LogHelloAck { version, last_seq } => {
                 out.extend_from_slice(&version.to_le_bytes());
@@ -364,6 +368,7 @@ impl Message {
                 site: string(&mut r, command)?,
                 group: string(&mut r, command)?,
                 vm: r.u32()?,
+                log_id: r.u64()?,
             },
             CommandCode::LogHelloAck => Message::LogHelloAck {
                 version: r.u16()?,
@@ -617,6 +622,7 @@ mod tests {
                 site: "site-a".into(),
                 group: "web".into(),
                 vm: 1,
+                log_id: 0x1234_5678,
             },
             Message::LogHelloAck {
                 version: 3,

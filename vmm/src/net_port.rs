@@ -51,6 +51,11 @@ pub trait NetPort: Send {
     /// far belong to it, and `rx_cursor` is the number of the last logged frame the device
     /// has taken (0 before any).
     fn seal(&mut self, _epoch: u64, _rx_cursor: u64) {}
+    /// Which inbound log numbers the frames this port hands out (0: none). A checkpoint keeps
+    /// it with its RX cursor: a cursor means something only in the log it counts in.
+    fn log_id(&self) -> u64 {
+        0
+    }
     /// The port's counters for `vm status` (`None`: nothing beyond the device's own).
     fn status(&self) -> Option<serde_json::Value> {
         None

@@ -178,6 +178,7 @@ fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
             log_limit_bytes: GatewayConfig::DEFAULT_LOG_LIMIT,
             group_macs: group_macs.clone(),
             on_backup_loss: OnBackupLoss::Stall,
+            log_id: GatewayConfig::new_log_id(),
             log_after: 0,
         };
         let (port, gateway) =

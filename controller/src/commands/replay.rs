@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use secondsite_replay::pcapng::PcapNg;
-use secondsite_replay::{LogRecord, ReadEnd, ReplayPort, TrafficLog, traffic_dir};
+use secondsite_replay::{LogRecord, ReplayPort, TrafficLog, traffic_dir};
 use secondsite_replicator::{restore, store::Store};
 use secondsite_vmm::{
     Command, GuestTime, NetPort, Received, Reply, Tap, Unplugged, Vm, control, snapshot,
 };
 
 use super::replicate::group_store_dir;
-use super::vm::ScratchDir;
+use super::vm::{ScratchDir, logged_after};
 use crate::cli::{LogStoreArgs, ReplayCommand, ReplayRunArgs};
 
 pub fn run(command: ReplayCommand) -> anyhow::Result<ExitCode> {
@@ -178,25 +178,14 @@ impl NetPort for CapturePort {
 }
 
 fn forensic(args: ReplayRunArgs) -> anyhow::Result<ExitCode> {
-    let (store, log) = open_log(&args.store)?;
+    let store = group_store_dir(&args.store.store, args.store.group.as_deref())?;
     let scratch = ScratchDir::new(args.vm)?;
     let scratch = scratch.path();
     let epoch = restore::snapshot_from_store(&store, args.vm, Some(args.epoch), scratch)
         .with_context(|| format!("cannot read epoch {} from {}", args.epoch, store.display()))?;
-    let cursor = snapshot::read_state(scratch)?.net.rx_cursor;
-    let mut frames = Vec::new();
-    let end = log.read_from(args.vm, cursor + 1, |record| {
-        if args.until_epoch.is_some_and(|until| record.epoch > until) {
-            return false;
-        }
-        frames.push(record);
-        true
-    })?;
-    if let ReadEnd::Gap { missing, next } = end {
-        eprintln!(
-            "secondsite: the log lacks frame {missing} (next: {next}); the replay stops there"
-        );
-    }
+    let net = snapshot::read_state(scratch)?.net;
+    let cursor = net.rx_cursor;
+    let frames = logged_after(&store, args.vm, (net.log_id, cursor), args.until_epoch)?;
     let capture = match &args.capture {
         Some(path) => {
             let file =

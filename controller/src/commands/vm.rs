@@ -159,6 +159,7 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
         log_limit_bytes: GatewayConfig::DEFAULT_LOG_LIMIT,
         group_macs: [config.mac].into_iter().collect(),
         on_backup_loss: args.gateway.on_backup_loss.into(),
+        log_id: GatewayConfig::new_log_id(),
         log_after: 0,
     });
     let (port, gateway) = open_port(&args.tap, gateway)?;
@@ -235,12 +236,12 @@ impl StoreRestore<'_> {
         let scratch = ScratchDir::new(vm)?;
         let used = restore::snapshot_from_store(store, vm, self.epoch, &scratch.0)
             .with_context(|| format!("cannot read a checkpoint from {}", store.display()))?;
-        let cursor = snapshot::read_state(&scratch.0)
+        let net = snapshot::read_state(&scratch.0)
             .with_context(|| format!("VM {vm} at epoch {used}"))?
-            .net
-            .rx_cursor;
+            .net;
+        let cursor = net.rx_cursor;
         let frames = if self.replay {
-            logged_after(store, vm, cursor)?
+            logged_after(store, vm, (net.log_id, cursor), None)?
         } else {
             Vec::new()
         };
@@ -269,25 +270,32 @@ impl StoreRestore<'_> {
     }
 }
 
-/// The frames of VM `vm` the group store's traffic log holds after frame `cursor`, up to a
-/// gap if there is one (said on stderr).
-fn logged_after(store: &Path, vm: u32, cursor: u64) -> anyhow::Result<Vec<LogRecord>> {
+/// The frames of VM `vm` the group store's traffic log holds after frame `cursor` of log
+/// `log_id`, up to epoch `until` and to a gap if there is one (said on stderr).
+pub fn logged_after(
+    store: &Path,
+    vm: u32,
+    (log_id, cursor): (u64, u64),
+    until: Option<u64>,
+) -> anyhow::Result<Vec<LogRecord>> {
     let log = TrafficLog::open_read_only(&traffic_dir(store))
         .with_context(|| format!("the traffic log of {}", store.display()))?;
-    let mut frames = Vec::new();
-    let end = log
-        .read_from(vm, cursor + 1, |record| {
-            frames.push(record);
-            true
-        })
+    let replay = log
+        .to_replay(vm, log_id, cursor, until)
         .with_context(|| format!("the traffic log of {}", store.display()))?;
-    if let ReadEnd::Gap { missing, next } = end {
+    if replay.other_log {
+        eprintln!(
+            "secondsite: VM {vm} was booted afresh after this checkpoint: its traffic log is \
+             another one, nothing to replay"
+        );
+    }
+    if let ReadEnd::Gap { missing, next } = replay.end {
         eprintln!(
             "secondsite: the traffic log of VM {vm} lacks frame {missing} (next: {next}); the \
              replay stops before it"
         );
     }
-    Ok(frames)
+    Ok(replay.frames)
 }
 
 /// Sends gratuitous ARPs for the restored VM on its tap, from a thread, at QEMU's spacing.

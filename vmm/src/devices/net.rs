@@ -75,6 +75,9 @@ pub struct NetState {
     /// traffic log starts after it.
     #[serde(default)]
     pub rx_cursor: u64,
+    /// The inbound log the cursor counts in (see `NetPort::log_id`; 0: none).
+    #[serde(default)]
+    pub log_id: u64,
     /// A frame taken from the port and not yet in the guest's RX ring (no virtio header).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_rx: Option<Vec<u8>>,
@@ -281,6 +284,7 @@ impl NetDevice {
             transport: self.transport.save(),
             stats: self.stats,
             rx_cursor: self.rx_cursor,
+            log_id: self.port.log_id(),
             pending_rx: self
                 .pending_rx
                 .as_ref()

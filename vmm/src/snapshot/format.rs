@@ -386,6 +386,7 @@ mod tests {
                 },
                 stats: NetStats::default(),
                 rx_cursor: 9,
+                log_id: 77,
                 pending_rx: Some(b"a frame".to_vec()),
             },
             guest_ns: 42,

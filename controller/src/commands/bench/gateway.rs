@@ -153,6 +153,7 @@ fn measure(path: &Path, quick: bool) -> anyhow::Result<Value> {
         log_limit_bytes: GatewayConfig::DEFAULT_LOG_LIMIT,
         group_macs: [config(64).mac].into_iter().collect(),
         on_backup_loss: OnBackupLoss::Stall,
+        log_id: GatewayConfig::new_log_id(),
         log_after: 0,
     });
     // The previous path's threads let go of the tap in a moment.
