@@ -117,7 +117,7 @@ fn run_link(gateway: &Gateway, config: &LogLinkConfig, stop: &AtomicBool) -> Res
         .map_err(|e| e.to_string())?;
     let mut frames = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        gateway.ship_bell().quiet();
+        gateway.shipping();
         let records: Vec<LogRecord> = gateway
             .core()
             .to_ship()

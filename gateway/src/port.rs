@@ -13,6 +13,7 @@
 
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -35,8 +36,9 @@ pub struct Gateway {
     wire: Mutex<Box<dyn NetPort>>,
     /// Rung for the VM thread: frames ready for the guest, or room to send again.
     readiness: Readiness,
-    /// Rung for the log link: frames to ship.
+    /// Rung for the log link: frames to ship (once until it looks: `ship_rung`).
     ship: Bell,
+    ship_rung: AtomicBool,
     /// Recent events, for status, and where they are reported as they happen.
     events: Mutex<Vec<String>>,
     report: EventLog,
@@ -70,6 +72,7 @@ impl Gateway {
             wire: Mutex::new(wire),
             readiness: Readiness::new(inner)?,
             ship: Bell::new()?,
+            ship_rung: AtomicBool::new(false),
             events: Mutex::new(Vec::new()),
             report,
             log_link: Mutex::new((false, None)),
@@ -162,6 +165,20 @@ impl Gateway {
         &self.ship
     }
 
+    /// Tells the log link frames wait, unless it was told and has not looked since (one
+    /// eventfd write per batch, not per frame).
+    fn frames_to_ship(&self) {
+        if !self.ship_rung.swap(true, Ordering::AcqRel) {
+            self.ship.ring();
+        }
+    }
+
+    /// The log link looks: the next frame rings again. Called before it takes the frames.
+    pub(crate) fn shipping(&self) {
+        self.ship_rung.store(false, Ordering::Release);
+        self.ship.quiet();
+    }
+
     /// The gateway's counters and recent events.
     pub fn status(&self) -> serde_json::Value {
         let mut status = self.core().status(Instant::now());
@@ -233,8 +250,7 @@ impl NetPort for GatewayPort {
     }
 
     fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
-        // Quiet the bell first: a ring after this is seen at the next poll.
-        self.gateway.readiness.quiet();
+        let mut quieted = false;
         loop {
             if let Some((seq, frame)) = self.gateway.core().next_for_guest() {
                 let len = frame.len().min(buf.len());
@@ -245,14 +261,21 @@ impl NetPort for GatewayPort {
                 }));
             }
             let Some(received) = self.inner.try_recv(buf)? else {
-                return Ok(None);
+                if quieted {
+                    return Ok(None);
+                }
+                // Nothing now: quiet the bell, then look once more (a frame acknowledged
+                // in between rang after the quiet, or is seen by the second look).
+                self.gateway.readiness.quiet();
+                quieted = true;
+                continue;
             };
             let frame = buf[..received.len].to_vec();
             let arrival = self.gateway.core().from_outside(frame, unix_ns());
             match arrival {
                 Arrival::Deliver(seq, frame) => {
                     if seq.is_some() {
-                        self.gateway.ship.ring();
+                        self.gateway.frames_to_ship();
                     }
                     buf[..frame.len()].copy_from_slice(&frame);
                     return Ok(Some(Received {
@@ -260,7 +283,7 @@ impl NetPort for GatewayPort {
                         seq,
                     }));
                 }
-                Arrival::Waiting(_) => self.gateway.ship.ring(),
+                Arrival::Waiting(_) => self.gateway.frames_to_ship(),
                 Arrival::Dropped => {}
             }
         }

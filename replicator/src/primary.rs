@@ -32,7 +32,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use secondsite_vmm::{Capture, Command, VmHandle, checkpoint_group};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use secondsite_vmm::{Bell, Capture, Command, VmHandle, checkpoint_group};
 
 use crate::codec::{BatchStats, CodecConfig, Encoder, Page, pack_state};
 use crate::sched::{Escalation, Priority, Raisable};
@@ -391,6 +392,36 @@ impl LinkIo {
         result
     }
 
+    /// Waits up to `wait` for an acknowledgement or a capture (`queued` rings), and reads the
+    /// acknowledgements that came.
+    fn wait_acks_or(
+        &mut self,
+        shared: &Shared,
+        queued: &Bell,
+        wait: Duration,
+    ) -> Result<(), String> {
+        let socket = {
+            let mut fds = [
+                PollFd::new(self.channel.tcp(), PollFlags::IN),
+                PollFd::from_borrowed_fd(queued.fd(), PollFlags::IN),
+            ];
+            let timeout = Timespec {
+                tv_sec: wait.as_secs() as i64,
+                tv_nsec: i64::from(wait.subsec_nanos()),
+            };
+            match poll(&mut fds, Some(&timeout)) {
+                Ok(_) => !fds[0].revents().is_empty(),
+                Err(rustix::io::Errno::INTR) => false,
+                Err(e) => return Err(format!("poll: {e}")),
+            }
+        };
+        queued.quiet();
+        if socket {
+            self.read_acks(shared)?;
+        }
+        Ok(())
+    }
+
     /// Reads acknowledgements for up to `wait`, updating the status and telling subscribers.
     fn poll_acks(&mut self, shared: &Shared, wait: Duration) -> Result<(), String> {
         let tcp = self.channel.tcp();
@@ -453,6 +484,8 @@ struct Clock<'a> {
     shared: &'a Shared,
     /// `None` for a sender at normal priority.
     sender: Option<&'a Raisable>,
+    /// Rung for each capture queued.
+    queued: &'a Bell,
 }
 
 /// The epoch clock of one link: every interval it has the group's VMs capture (on their own
@@ -472,6 +505,7 @@ fn epoch_clock(
         config,
         shared,
         sender,
+        queued,
     } = clock;
     // Spawned by a sender that may run in the background: the clock must not.
     let _ = crate::sched::set_current_thread(false);
@@ -571,6 +605,7 @@ fn epoch_clock(
         if queue.send(captured).is_err() || failed {
             return;
         }
+        queued.ring();
     }
 }
 
@@ -591,6 +626,8 @@ fn ship_epochs(s: Shipping<'_>, epoch: u64) -> Result<(), String> {
     let link_done = AtomicBool::new(false);
     let (queue, captures) = mpsc::sync_channel(QUEUE_DEPTH as usize);
     let sender = s.escalation.early_raise();
+    // Rung by the clock for each capture it queues: an idle sender wakes at once.
+    let queued = Bell::new().map_err(|e| format!("cannot make the queue's bell: {e}"))?;
     std::thread::scope(|scope| {
         let clock = std::thread::Builder::new()
             .name("epoch-clock".into())
@@ -600,11 +637,12 @@ fn ship_epochs(s: Shipping<'_>, epoch: u64) -> Result<(), String> {
                     config,
                     shared,
                     sender: sender.as_deref(),
+                    queued: &queued,
                 };
                 epoch_clock(clock, epoch, &link_done, queue)
             })
             .map_err(|e| format!("cannot start the epoch clock: {e}"))?;
-        let result = ship_captures(s, epoch, &captures);
+        let result = ship_captures(s, epoch, &captures, &queued);
         link_done.store(true, Ordering::Relaxed);
         // A clock blocked on a full queue sees it closed.
         drop(captures);
@@ -617,6 +655,7 @@ fn ship_captures(
     s: Shipping<'_>,
     mut epoch: u64,
     queue: &Receiver<Result<Captured, String>>,
+    queued: &Bell,
 ) -> Result<(), String> {
     let Shipping {
         members,
@@ -648,7 +687,7 @@ fn ship_captures(
                 Err(mpsc::TryRecvError::Empty) => {
                     // Nothing left to ship: a sender the clock raised has caught up.
                     escalation.caught_up();
-                    io.poll_acks(shared, poll)?
+                    io.wait_acks_or(shared, queued, poll)?
                 }
                 Err(mpsc::TryRecvError::Disconnected) => {
                     if shared.stop.load(Ordering::Relaxed) {
