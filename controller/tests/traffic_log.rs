@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 use secondsite_lab::{VmSite, privileged};
+use secondsite_replay::LogRecord;
+use secondsite_replicator::wire::{self, LOG_VERSION, Link, Message};
 use support::{Connection, PORT, SECONDSITE, control, receiver, replication, start_with, wait_for};
 
 fn secondsite(args: &[&str]) -> String {
@@ -196,4 +198,94 @@ fn the_exported_log_holds_exactly_the_frames_the_guest_received_and_replays_them
         replies.replace(':', "").contains(&forensic_reply),
         "the replayed server answered the GET with the value: {replies}"
     );
+}
+
+#[test]
+fn log_frames_that_are_repeated_or_corrupt_are_refused_and_none_is_applied() {
+    if !privileged("log_frames_that_are_repeated_or_corrupt_are_refused_and_none_is_applied") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let log = dir.path().join("receiver.log");
+    let _receiver = receiver(&site.site, &store, &log);
+    let send = |bytes: Vec<u8>, name: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, bytes).expect("writes");
+        site.site
+            .command("nc")
+            .args(["-q", "1", "-w", "3", "127.0.0.1", PORT])
+            .stdin(std::fs::File::open(&file).expect("opens"))
+            .output()
+            .expect("runs nc");
+    };
+    let record = |seq: u64| LogRecord {
+        seq,
+        epoch: 1,
+        unix_ns: 1_700_000_000_000_000_000 + seq,
+        frame: vec![seq as u8; 60],
+    };
+    let hello = |link: &mut Link| {
+        link.set_version(LOG_VERSION);
+        link.emit(&Message::LogHello {
+            min_version: LOG_VERSION,
+            max_version: LOG_VERSION,
+            site: "intruder".into(),
+            group: "web".into(),
+            vm: 0,
+            log_id: 7,
+        })
+    };
+    // Frames 1 and 2, then 2 and 3 again: the second batch is refused whole.
+    let mut link = Link::default();
+    let mut bytes = hello(&mut link);
+    for records in [vec![record(1), record(2)], vec![record(2), record(3)]] {
+        bytes.extend(link.emit(&Message::LogFrames { vm: 0, records }));
+    }
+    send(bytes, "replayed");
+    // A record whose own checksum is wrong, under a frame whose checksum is right.
+    let mut link = Link::default();
+    let mut bytes = hello(&mut link);
+    let mut payload = 0u32.to_le_bytes().to_vec();
+    payload.extend_from_slice(&1u32.to_le_bytes());
+    record(3).emit(&mut payload);
+    let last = payload.len() - 1;
+    payload[last] ^= 0xff;
+    bytes.extend(wire::raw_frame(LOG_VERSION, 11, 1, &payload));
+    send(bytes, "corrupt");
+    // The log goes on from where it was: frame 3 is welcome.
+    let mut link = Link::default();
+    let mut bytes = hello(&mut link);
+    bytes.extend(link.emit(&Message::LogFrames {
+        vm: 0,
+        records: vec![record(3)],
+    }));
+    send(bytes, "next");
+
+    let text = std::fs::read_to_string(&log).expect("reads the receiver's log");
+    assert!(
+        text.contains("repeated or reordered frame refused"),
+        "{text}"
+    );
+    assert!(text.contains("a log record's checksum is wrong"), "{text}");
+    let show = secondsite(&["replay", "show", "--store", store.to_str().expect("utf-8")]);
+    assert!(
+        show.contains("VM 0: 3 frames"),
+        "only the good frames: {show}"
+    );
+    let pcap = dir.path().join("log.pcapng");
+    secondsite(&[
+        "replay",
+        "export",
+        "--store",
+        store.to_str().expect("utf-8"),
+        "--to",
+        pcap.to_str().expect("utf-8"),
+    ]);
+    let seqs: Vec<u64> = comments(&tshark(&pcap, "frame", &["frame.comment"]))
+        .iter()
+        .map(|(_, seq)| *seq)
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
 }

@@ -57,7 +57,7 @@ pub fn receive(command: ReplicateCommand) -> anyhow::Result<ExitCode> {
 /// the group `group` under it, or its only group; with several groups and no `group`, an
 /// error that lists them. `dir` is what `replicate receive --store` was given.
 pub fn group_store_dir(dir: &Path, group: Option<&str>) -> anyhow::Result<PathBuf> {
-    if Store::is_store(dir) {
+    if is_group_store(dir) {
         if let Some(group) = group
             && dir.file_name().is_some_and(|name| name != group)
         {
@@ -72,7 +72,7 @@ pub fn group_store_dir(dir: &Path, group: Option<&str>) -> anyhow::Result<PathBu
     let mut groups: Vec<String> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
         .flatten()
-        .filter(|e| Store::is_store(&e.path()))
+        .filter(|e| is_group_store(&e.path()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     groups.sort();
@@ -95,6 +95,11 @@ pub fn group_store_dir(dir: &Path, group: Option<&str>) -> anyhow::Result<PathBu
             several.join(", ")
         ),
     }
+}
+
+/// A group's directory in a receiver's store: checkpoints, or a traffic log, or both.
+fn is_group_store(dir: &Path) -> bool {
+    Store::is_store(dir) || secondsite_replay::traffic_dir(dir).is_dir()
 }
 
 pub fn store(command: StoreCommand) -> anyhow::Result<ExitCode> {
