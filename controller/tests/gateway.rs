@@ -87,7 +87,10 @@ fn output_commit_holds_a_reply_and_every_segment_until_the_backup_has_the_checkp
     }
     // An async log, so that the frozen receiver holds only the output, not the request.
     let Lab {
-        site, receiver, vm, ..
+        site,
+        receiver,
+        vm,
+        _dir,
     } = lab(&["--inbound-log", "async"]);
     let mut conn = Connection::open(&site);
     assert_eq!(conn.ask("SET k held", 1), ["+OK"]);
@@ -141,7 +144,10 @@ fn without_output_commit_the_reply_comes_at_once() {
         return;
     }
     let Lab {
-        site, receiver, vm, ..
+        site,
+        receiver,
+        vm,
+        _dir,
     } = lab(&["--inbound-log", "async", "--output-commit", "off"]);
     let mut conn = Connection::open(&site);
     assert_eq!(conn.ask("SET k free", 1), ["+OK"]);
@@ -163,7 +169,10 @@ fn with_a_sync_log_the_guest_gets_nothing_the_backup_has_not_logged() {
         return;
     }
     let Lab {
-        site, receiver, vm, ..
+        site,
+        receiver,
+        vm,
+        _dir,
     } = lab(&[]); // sync log and output commit: the defaults
     let mut conn = Connection::open(&site);
     assert_eq!(conn.ask("SET k logged", 1), ["+OK"]);
