@@ -566,12 +566,19 @@ impl Drop for Session<'_> {
     }
 }
 
-/// The RX cursor a VM's checkpoint state records (0 if it has none).
+/// The RX cursor a VM's checkpoint state records (0 if it has none). Only that field is
+/// read: the rest of the state (registers, FPU) is skipped, not built.
 fn rx_cursor(state: &[u8]) -> u64 {
-    serde_json::from_slice::<serde_json::Value>(state)
-        .ok()
-        .and_then(|s| s["net"]["rx_cursor"].as_u64())
-        .unwrap_or(0)
+    #[derive(serde::Deserialize)]
+    struct State {
+        net: Net,
+    }
+    #[derive(serde::Deserialize)]
+    struct Net {
+        #[serde(default)]
+        rx_cursor: u64,
+    }
+    serde_json::from_slice::<State>(state).map_or(0, |s| s.net.rx_cursor)
 }
 
 /// Group names become directory names: keep them plain.
