@@ -723,6 +723,15 @@ mod tests {
         assert!(matches!(rx.next_message(), Err(WireError::TooLarge(_))));
     }
 
+    /// Gives a frame whose payload a test changed a good checksum again.
+    fn reseal(frame: &mut [u8]) {
+        let mut crc = Hasher::new();
+        crc.update(&frame[..20]);
+        crc.update(&frame[HEADER_LEN..]);
+        let crc = crc.finalize().to_le_bytes();
+        frame[20..24].copy_from_slice(&crc);
+    }
+
     #[test]
     fn malformed_payloads_are_named() {
         let mut tx = Link::default();
@@ -734,11 +743,7 @@ mod tests {
         // durable = 2, with a valid CRC: the payload check still refuses it.
         let last = frame.len() - 1;
         frame[last] = 2;
-        let mut crc = Hasher::new();
-        crc.update(&frame[..20]);
-        crc.update(&frame[HEADER_LEN..]);
-        let crc = crc.finalize().to_le_bytes();
-        frame[20..24].copy_from_slice(&crc);
+        reseal(&mut frame);
         let mut rx = Link::default();
         rx.receive(&frame);
         assert_eq!(
@@ -766,11 +771,7 @@ mod tests {
         let mut frame = Link::default().emit(&log_frames);
         let record_at = HEADER_LEN + 8 + 40;
         frame[record_at] ^= 1;
-        let mut crc = Hasher::new();
-        crc.update(&frame[..20]);
-        crc.update(&frame[HEADER_LEN..]);
-        let crc = crc.finalize().to_le_bytes();
-        frame[20..24].copy_from_slice(&crc);
+        reseal(&mut frame);
         let mut rx = Link::default();
         rx.receive(&frame);
         assert_eq!(
