@@ -4,8 +4,9 @@
 # iproute2 for namespaces, taps and nstat; util-linux for unshare; redis-tools (redis-cli,
 # redis-benchmark) and netcat-openbsd as real clients of the test guest; redis-server as the
 # yardstick of `secondsite bench vm`; bird2, frr and gobgpd as the real upstream routers the BGP
-# speaker is tested against (their services stay off: the lab starts them in namespaces).
-APT_PACKAGES=(iproute2 util-linux redis-tools redis-server netcat-openbsd procps bird2 frr gobgpd)
+# speaker is tested against (their services stay off: the lab starts them in namespaces);
+# tshark reads the traffic log's pcapng exports.
+APT_PACKAGES=(iproute2 util-linux redis-tools redis-server netcat-openbsd procps bird2 frr gobgpd tshark)
 
 install_missing_packages() {
     local missing=()
