@@ -61,6 +61,9 @@ pub enum OnBackupLoss {
 /// Whether the VM's traffic is protected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Protection {
+    /// No checkpoint committed yet: output is held (the buffer starts blocked) until the
+    /// backup holds the first one.
+    Starting,
     Protected,
     /// The backup is lost; held output waits.
     Stalled {
@@ -149,7 +152,7 @@ impl GatewayCore {
             output,
             inbound,
             open_epoch: 1,
-            protection: Protection::Protected,
+            protection: Protection::Starting,
             counters: Counters::default(),
         }
     }
@@ -202,7 +205,12 @@ impl GatewayCore {
     /// The backup committed every epoch up to `epoch`.
     pub fn commit(&mut self, epoch: u64, now: Instant) -> Moves {
         let released = self.output.commit(epoch, now);
-        self.moves(released)
+        let mut moves = self.moves(released);
+        if self.protection == Protection::Starting {
+            self.protection = Protection::Protected;
+            moves.events.push(GatewayEvent::Protected);
+        }
+        moves
     }
 
     /// The log link is up, and its backup holds frames up to `backup_has`.
@@ -228,7 +236,10 @@ impl GatewayCore {
 
     /// The backup is lost (the replication link or the log link broke).
     pub fn backup_lost(&mut self, reason: &str, now: Instant) -> Moves {
-        if self.protection != Protection::Protected {
+        if !matches!(
+            self.protection,
+            Protection::Protected | Protection::Starting
+        ) {
             return Moves::default();
         }
         match self.config.on_backup_loss {
@@ -311,6 +322,7 @@ impl GatewayCore {
         let log_ack = sorted(self.inbound.ack_times_us());
         let log = self.inbound.counters();
         let (state, reason) = match &self.protection {
+            Protection::Starting => ("starting", None),
             Protection::Protected => ("protected", None),
             Protection::Stalled { reason } => ("stalled", Some(reason)),
             Protection::Unprotected { reason } => ("unprotected", Some(reason)),
@@ -418,9 +430,24 @@ mod tests {
     }
 
     #[test]
+    fn a_gateway_is_protected_from_the_first_commit_on() {
+        let t = Instant::now();
+        let mut gw = core(true, LogMode::Sync, OnBackupLoss::Stall);
+        assert_eq!(gw.status(t)["protection"], "starting");
+        gw.from_guest(ethernet(ROUTER, VM_A, 1), t);
+        gw.seal(1, 0, t);
+        let moves = gw.commit(1, t);
+        assert_eq!(moves.out.len(), 1);
+        assert_eq!(moves.events, vec![GatewayEvent::Protected]);
+        assert_eq!(gw.status(t)["protection"], "protected");
+        assert!(gw.commit(2, t).events.is_empty(), "said once");
+    }
+
+    #[test]
     fn losing_the_backup_stalls_by_default_and_releases_on_the_next_commit() {
         let t = Instant::now();
         let mut gw = core(true, LogMode::Sync, OnBackupLoss::Stall);
+        gw.commit(0, t);
         gw.from_guest(ethernet(ROUTER, VM_A, 1), t);
         gw.seal(1, 0, t);
         let moves = gw.backup_lost("link lost", t);

@@ -101,7 +101,9 @@ impl Gateway {
                 GatewayEvent::RunningUnprotected { reason } => format!(
                     "backup lost ({reason}): running UNPROTECTED, output released and not logged"
                 ),
-                GatewayEvent::Protected => "backup back: output commit and logging resume".into(),
+                GatewayEvent::Protected => {
+                    "protected: the backup holds the VM's checkpoints and log".into()
+                }
             };
             (self.report)(&format!("{}: {text}", self.name));
             let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
