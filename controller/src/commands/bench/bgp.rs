@@ -127,13 +127,22 @@ fn measure_withdraw(router: &str, trials: usize, exe: &Path, dir: &Path) -> anyh
             }
         }
     });
-    // Wait until the monitor listens: it must see a route change made for the purpose.
-    lab.up
-        .ip(&["route", "add", "blackhole", "198.51.100.1/32"])?;
-    let ready = changes.recv_timeout(Duration::from_secs(10));
-    lab.up
-        .ip(&["route", "del", "blackhole", "198.51.100.1/32"])?;
-    ready.context("ip monitor route saw nothing")?;
+    // Wait until the monitor listens: it must see a route change made for the purpose. A
+    // change made before it subscribed is never seen: make one again until it is.
+    let started = Instant::now();
+    loop {
+        lab.up
+            .ip(&["route", "add", "blackhole", "198.51.100.1/32"])?;
+        let seen = changes.recv_timeout(Duration::from_millis(250));
+        lab.up
+            .ip(&["route", "del", "blackhole", "198.51.100.1/32"])?;
+        if seen.is_ok() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("ip monitor route saw nothing in 10 s");
+        }
+    }
     let mut samples = Vec::with_capacity(trials);
     for trial in 0..trials {
         if wait_until(Duration::from_secs(15), || {
