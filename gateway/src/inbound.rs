@@ -157,7 +157,9 @@ impl InboundLog {
 
     /// A new log link whose backup holds frames up to `backup_has`: what it lacks goes again.
     pub fn relink(&mut self, backup_has: u64) {
-        self.ack(backup_has, 0);
+        // What the new link's backup holds is acknowledged, but no acknowledgement came: no
+        // count, no round-trip sample (it would read as instant).
+        self.acknowledge(backup_has, None);
         let before = self.shipped;
         self.shipped = backup_has.max(self.counters.acked);
         self.counters.resent += before.saturating_sub(self.shipped);
@@ -166,17 +168,25 @@ impl InboundLog {
     /// The backup holds every frame up to `seq` (learnt at `now_unix_ns`).
     pub fn ack(&mut self, seq: u64, now_unix_ns: u64) {
         self.counters.acks += 1;
+        self.acknowledge(seq, Some(now_unix_ns));
+    }
+
+    /// Frames up to `seq` are held by the backup: forgotten here (sync: ready for the guest),
+    /// each one's time from arrival to `now_unix_ns` sampled when that is known.
+    fn acknowledge(&mut self, seq: u64, now_unix_ns: Option<u64>) {
         if seq <= self.counters.acked {
             return;
         }
         self.counters.acked = seq;
         while self.unacked.front().is_some_and(|f| f.seq <= seq) {
             let frame = self.unacked.pop_front().expect("checked");
-            if self.ack_us.len() == ACK_SAMPLES {
-                self.ack_us.pop_front();
+            if let Some(now) = now_unix_ns {
+                if self.ack_us.len() == ACK_SAMPLES {
+                    self.ack_us.pop_front();
+                }
+                self.ack_us
+                    .push_back(now.saturating_sub(frame.unix_ns) / 1000);
             }
-            self.ack_us
-                .push_back(now_unix_ns.saturating_sub(frame.unix_ns) / 1000);
             self.unacked_bytes -= frame.frame.len();
             if self.mode == LogMode::Sync {
                 self.ready.push_back(frame);
@@ -316,6 +326,8 @@ mod tests {
         let again: Vec<u64> = log.to_ship().iter().map(|f| f.seq).collect();
         assert_eq!(again, [3, 4]);
         assert_eq!(log.counters().resent, 2);
+        assert_eq!(log.counters().acks, 1, "a relink is no acknowledgement");
+        assert_eq!(log.ack_times_us().len(), 1, "and no round-trip sample");
         assert_eq!(log.next_for_guest(), Some((1, frame(1))));
         assert_eq!(log.next_for_guest(), Some((2, frame(2))));
     }

@@ -230,21 +230,18 @@ impl GatewayPort {
 impl NetPort for GatewayPort {
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         let now = Instant::now();
-        let out = self.gateway.core().from_guest(frame.to_vec(), now);
-        match out {
-            Some(frame) => self
+        if self.gateway.core().from_guest(frame, now) {
+            return self
                 .gateway
                 .wire
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .send(&frame),
-            None => {
-                if let Some(waiting) = self.gateway.output_waiting.get() {
-                    waiting.ring();
-                }
-                Ok(())
-            }
+                .send(frame);
         }
+        if let Some(waiting) = self.gateway.output_waiting.get() {
+            waiting.ring();
+        }
+        Ok(())
     }
 
     fn can_send(&self) -> bool {
