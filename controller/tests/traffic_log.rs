@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use secondsite_lab::{VmSite, privileged};
-use secondsite_replay::LogRecord;
+use secondsite_replay::{LogBatch, LogRecord};
 use secondsite_replicator::wire::{self, LOG_VERSION, Link, Message};
 use support::{Connection, PORT, SECONDSITE, control, receiver, replication, start_with, wait_for};
 
@@ -245,8 +245,9 @@ fn log_frames_that_are_repeated_or_corrupt_are_refused_and_none_is_applied() {
     // Frames 1 and 2, then 2 and 3 again: the second batch is refused whole.
     let mut link = Link::default();
     let mut bytes = hello(&mut link);
-    for records in [vec![record(1), record(2)], vec![record(2), record(3)]] {
-        bytes.extend(link.emit(&Message::LogFrames { vm: 0, records }));
+    for records in [[record(1), record(2)], [record(2), record(3)]] {
+        let batch = LogBatch::of(&records);
+        bytes.extend(link.emit(&Message::LogFrames { vm: 0, batch }));
     }
     send(bytes, "replayed");
     // A record whose own checksum is wrong, under a frame whose checksum is right.
@@ -264,7 +265,7 @@ fn log_frames_that_are_repeated_or_corrupt_are_refused_and_none_is_applied() {
     let mut bytes = hello(&mut link);
     bytes.extend(link.emit(&Message::LogFrames {
         vm: 0,
-        records: vec![record(3)],
+        batch: LogBatch::of(&[record(3)]),
     }));
     send(bytes, "next");
 

@@ -181,17 +181,17 @@ impl GatewayCore {
     }
 
     /// A frame from outside: what becomes of it.
-    pub fn from_outside(&mut self, frame: Vec<u8>, unix_ns: u64) -> Arrival {
+    pub fn from_outside(&mut self, frame: &[u8], unix_ns: u64) -> Arrival {
         self.counters.frames_in += 1;
-        if self.in_group(src_mac(&frame)) {
+        if self.in_group(src_mac(frame)) {
             self.counters.intra_group += 1;
-            return Arrival::Deliver(None, frame);
+            return Arrival::Deliver(None);
         }
         self.inbound.arrive(frame, self.open_epoch, unix_ns)
     }
 
     /// The next logged frame the guest may take (sync mode).
-    pub fn next_for_guest(&mut self) -> Option<(u64, Vec<u8>)> {
+    pub fn next_for_guest(&mut self) -> Option<(u64, std::sync::Arc<[u8]>)> {
         self.inbound.next_for_guest()
     }
 
@@ -405,14 +405,11 @@ mod tests {
         let to_b = ethernet(VM_B, VM_A, 1);
         assert!(gw.from_guest(&to_b, t));
         let from_b = ethernet(VM_A, VM_B, 2);
-        assert_eq!(
-            gw.from_outside(from_b.clone(), 0),
-            Arrival::Deliver(None, from_b)
-        );
+        assert_eq!(gw.from_outside(&from_b, 0), Arrival::Deliver(None));
         // The router's frames are another matter.
         assert!(!gw.from_guest(&ethernet(ROUTER, VM_A, 3), t));
         assert_eq!(
-            gw.from_outside(ethernet(VM_A, ROUTER, 4), 0),
+            gw.from_outside(&ethernet(VM_A, ROUTER, 4), 0),
             Arrival::Waiting(1)
         );
         let status = gw.status(t);
@@ -425,7 +422,7 @@ mod tests {
         let t = Instant::now();
         let mut gw = core(true, LogMode::Sync, OnBackupLoss::Stall);
         gw.seal(6, 0, t);
-        gw.from_outside(ethernet(VM_A, ROUTER, 1), 99);
+        gw.from_outside(&ethernet(VM_A, ROUTER, 1), 99);
         let shipped = gw.to_ship();
         assert_eq!(
             (shipped[0].seq, shipped[0].epoch, shipped[0].unix_ns),
@@ -472,7 +469,7 @@ mod tests {
         let t = Instant::now();
         let mut gw = core(true, LogMode::Sync, OnBackupLoss::Unprotected);
         gw.from_guest(&ethernet(ROUTER, VM_A, 1), t);
-        gw.from_outside(ethernet(VM_A, ROUTER, 2), 0);
+        gw.from_outside(&ethernet(VM_A, ROUTER, 2), 0);
         let moves = gw.backup_lost("link lost", t);
         assert_eq!(moves.out.len(), 1, "held output goes");
         assert!(matches!(
@@ -489,7 +486,7 @@ mod tests {
         gw.backup_back();
         assert!(!gw.from_guest(&ethernet(ROUTER, VM_A, 4), t));
         assert!(matches!(
-            gw.from_outside(ethernet(VM_A, ROUTER, 5), 0),
+            gw.from_outside(&ethernet(VM_A, ROUTER, 5), 0),
             Arrival::Waiting(_)
         ));
     }

@@ -11,6 +11,7 @@
 //! NIC ring drops (the client's TCP sends it again), and is never half logged.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// How inbound frames are logged (the policy's `inbound_log`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,14 +32,15 @@ pub struct LoggedFrame {
     pub epoch: u64,
     /// When it arrived, wall clock (ns since the Unix epoch).
     pub unix_ns: u64,
-    pub frame: Vec<u8>,
+    /// Shared with the log link while it ships the frame (no copy per reader).
+    pub frame: Arc<[u8]>,
 }
 
 /// What became of an arriving frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Arrival {
-    /// To the guest now, with its number if it was logged.
-    Deliver(Option<u64>, Vec<u8>),
+    /// To the guest now (the frame as it arrived), with its number if it was logged.
+    Deliver(Option<u64>),
     /// Logged; the guest gets it once the backup acknowledges it.
     Waiting(u64),
     /// The log is full: dropped.
@@ -108,9 +110,9 @@ impl InboundLog {
     }
 
     /// A frame from outside the group, arriving while `epoch` is open.
-    pub fn arrive(&mut self, frame: Vec<u8>, epoch: u64, unix_ns: u64) -> Arrival {
+    pub fn arrive(&mut self, frame: &[u8], epoch: u64, unix_ns: u64) -> Arrival {
         if self.mode == LogMode::Off || self.bypass {
-            return Arrival::Deliver(None, frame);
+            return Arrival::Deliver(None);
         }
         if self.unacked_bytes + frame.len() > self.limit_bytes {
             self.counters.dropped += 1;
@@ -121,26 +123,20 @@ impl InboundLog {
         self.counters.logged += 1;
         self.counters.logged_bytes += frame.len() as u64;
         self.unacked_bytes += frame.len();
-        let logged = LoggedFrame {
+        self.unacked.push_back(LoggedFrame {
             seq,
             epoch,
             unix_ns,
-            frame,
-        };
+            frame: frame.into(),
+        });
         match self.mode {
-            LogMode::Async => {
-                let frame = logged.frame.clone();
-                self.unacked.push_back(logged);
-                Arrival::Deliver(Some(seq), frame)
-            }
-            _ => {
-                self.unacked.push_back(logged);
-                Arrival::Waiting(seq)
-            }
+            LogMode::Async => Arrival::Deliver(Some(seq)),
+            _ => Arrival::Waiting(seq),
         }
     }
 
-    /// The frames the log link has not sent yet; they count as sent from now on.
+    /// The frames the log link has not sent yet (shared, not copied); they count as sent from
+    /// now on.
     pub fn to_ship(&mut self) -> Vec<LoggedFrame> {
         let from = self.unacked.partition_point(|f| f.seq <= self.shipped);
         let frames: Vec<LoggedFrame> = self.unacked.range(from..).cloned().collect();
@@ -195,7 +191,7 @@ impl InboundLog {
     }
 
     /// The next logged frame the guest may take (sync), in order.
-    pub fn next_for_guest(&mut self) -> Option<(u64, Vec<u8>)> {
+    pub fn next_for_guest(&mut self) -> Option<(u64, Arc<[u8]>)> {
         self.ready.pop_front().map(|f| (f.seq, f.frame))
     }
 
@@ -252,31 +248,32 @@ mod tests {
         vec![n; 100]
     }
 
+    fn shared(n: u8) -> Arc<[u8]> {
+        frame(n).into()
+    }
+
     #[test]
     fn sync_delivers_a_frame_only_once_the_backup_acknowledged_it() {
         let mut log = InboundLog::new(LogMode::Sync, 0, 1 << 20);
-        assert_eq!(log.arrive(frame(1), 3, 10), Arrival::Waiting(1));
-        assert_eq!(log.arrive(frame(2), 3, 11), Arrival::Waiting(2));
+        assert_eq!(log.arrive(&frame(1), 3, 10), Arrival::Waiting(1));
+        assert_eq!(log.arrive(&frame(2), 3, 11), Arrival::Waiting(2));
         assert_eq!(log.next_for_guest(), None, "not acknowledged yet");
         let shipped = log.to_ship();
         assert_eq!(shipped.iter().map(|f| f.seq).collect::<Vec<_>>(), [1, 2]);
         assert_eq!((shipped[0].epoch, shipped[0].unix_ns), (3, 10));
         assert!(log.to_ship().is_empty(), "each frame is shipped once");
         log.ack(1, 0);
-        assert_eq!(log.next_for_guest(), Some((1, frame(1))));
+        assert_eq!(log.next_for_guest(), Some((1, shared(1))));
         assert_eq!(log.next_for_guest(), None);
         log.ack(2, 0);
-        assert_eq!(log.next_for_guest(), Some((2, frame(2))));
+        assert_eq!(log.next_for_guest(), Some((2, shared(2))));
         assert_eq!(log.lag(), 0);
     }
 
     #[test]
     fn async_delivers_at_once_and_keeps_the_frame_until_acknowledged() {
         let mut log = InboundLog::new(LogMode::Async, 0, 1 << 20);
-        assert_eq!(
-            log.arrive(frame(1), 1, 0),
-            Arrival::Deliver(Some(1), frame(1))
-        );
+        assert_eq!(log.arrive(&frame(1), 1, 0), Arrival::Deliver(Some(1)));
         assert_eq!(log.lag(), 1);
         assert_eq!(log.to_ship().len(), 1);
         log.ack(1, 0);
@@ -287,27 +284,27 @@ mod tests {
     #[test]
     fn off_delivers_unnumbered() {
         let mut log = InboundLog::new(LogMode::Off, 0, 1 << 20);
-        assert_eq!(log.arrive(frame(1), 1, 0), Arrival::Deliver(None, frame(1)));
+        assert_eq!(log.arrive(&frame(1), 1, 0), Arrival::Deliver(None));
         assert!(log.to_ship().is_empty());
     }
 
     #[test]
     fn a_restored_vms_log_numbers_on_from_its_rx_cursor() {
         let mut log = InboundLog::new(LogMode::Sync, 41, 1 << 20);
-        assert_eq!(log.arrive(frame(1), 1, 0), Arrival::Waiting(42));
+        assert_eq!(log.arrive(&frame(1), 1, 0), Arrival::Waiting(42));
         assert_eq!(log.acked(), 41);
     }
 
     #[test]
     fn a_full_log_drops_whole_frames_and_counts_them() {
         let mut log = InboundLog::new(LogMode::Sync, 0, 250);
-        assert_eq!(log.arrive(frame(1), 1, 0), Arrival::Waiting(1));
-        assert_eq!(log.arrive(frame(2), 1, 0), Arrival::Waiting(2));
-        assert_eq!(log.arrive(frame(3), 1, 0), Arrival::Dropped);
+        assert_eq!(log.arrive(&frame(1), 1, 0), Arrival::Waiting(1));
+        assert_eq!(log.arrive(&frame(2), 1, 0), Arrival::Waiting(2));
+        assert_eq!(log.arrive(&frame(3), 1, 0), Arrival::Dropped);
         assert_eq!(log.counters().dropped, 1);
         log.ack(2, 0);
         assert_eq!(
-            log.arrive(frame(4), 1, 0),
+            log.arrive(&frame(4), 1, 0),
             Arrival::Waiting(3),
             "no gap in numbers"
         );
@@ -317,7 +314,7 @@ mod tests {
     fn a_new_link_gets_what_the_backup_lacks_again() {
         let mut log = InboundLog::new(LogMode::Sync, 0, 1 << 20);
         for n in 1..=4 {
-            log.arrive(frame(n), 1, 0);
+            log.arrive(&frame(n), 1, 0);
         }
         assert_eq!(log.to_ship().len(), 4);
         log.ack(1, 0);
@@ -328,18 +325,18 @@ mod tests {
         assert_eq!(log.counters().resent, 2);
         assert_eq!(log.counters().acks, 1, "a relink is no acknowledgement");
         assert_eq!(log.ack_times_us().len(), 1, "and no round-trip sample");
-        assert_eq!(log.next_for_guest(), Some((1, frame(1))));
-        assert_eq!(log.next_for_guest(), Some((2, frame(2))));
+        assert_eq!(log.next_for_guest(), Some((1, shared(1))));
+        assert_eq!(log.next_for_guest(), Some((2, shared(2))));
     }
 
     #[test]
     fn running_unprotected_delivers_what_waits_then_bypasses_the_log() {
         let mut log = InboundLog::new(LogMode::Sync, 0, 1 << 20);
-        log.arrive(frame(1), 1, 0);
+        log.arrive(&frame(1), 1, 0);
         log.bypass();
-        assert_eq!(log.next_for_guest(), Some((1, frame(1))));
-        assert_eq!(log.arrive(frame(2), 1, 0), Arrival::Deliver(None, frame(2)));
+        assert_eq!(log.next_for_guest(), Some((1, shared(1))));
+        assert_eq!(log.arrive(&frame(2), 1, 0), Arrival::Deliver(None));
         log.resume();
-        assert_eq!(log.arrive(frame(3), 1, 0), Arrival::Waiting(2));
+        assert_eq!(log.arrive(&frame(3), 1, 0), Arrival::Waiting(2));
     }
 }

@@ -269,16 +269,17 @@ impl NetPort for GatewayPort {
                 quieted = true;
                 continue;
             };
-            let frame = buf[..received.len].to_vec();
-            let arrival = self.gateway.core().from_outside(frame, unix_ns());
+            let arrival = self
+                .gateway
+                .core()
+                .from_outside(&buf[..received.len], unix_ns());
             match arrival {
-                Arrival::Deliver(seq, frame) => {
+                Arrival::Deliver(seq) => {
                     if seq.is_some() {
                         self.gateway.frames_to_ship();
                     }
-                    buf[..frame.len()].copy_from_slice(&frame);
                     return Ok(Some(Received {
-                        len: frame.len(),
+                        len: received.len,
                         seq,
                     }));
                 }

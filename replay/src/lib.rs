@@ -23,4 +23,4 @@ pub mod record;
 
 pub use log::{LogError, ReadEnd, Replay, TrafficLog, traffic_dir};
 pub use port::ReplayPort;
-pub use record::{LogRecord, RecordError};
+pub use record::{BatchError, LogBatch, LogRecord, RecordAt, RecordError};

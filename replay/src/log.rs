@@ -19,7 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::record::{LogRecord, RecordError};
+use crate::record::{LogBatch, LogRecord, RecordError};
 
 /// A segment is closed once it holds this much; retention drops whole segments.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
@@ -115,13 +115,7 @@ pub struct TrafficLog {
     dir: PathBuf,
     vms: BTreeMap<u32, VmLog>,
     read_only: bool,
-    /// A batch's bytes before they are written, kept between batches: a fresh buffer for
-    /// each was fresh pages for the kernel to zero (a third of a receiver's time under load).
-    scratch: Vec<u8>,
 }
-
-/// The scratch buffer kept between batches, at most.
-const SCRATCH_KEPT: usize = 16 << 20;
 
 /// The traffic log directory of a group's store.
 pub fn traffic_dir(group_store: &Path) -> PathBuf {
@@ -146,7 +140,6 @@ impl TrafficLog {
                 dir: dir.to_owned(),
                 vms: BTreeMap::new(),
                 read_only: true,
-                scratch: Vec::new(),
             });
         }
         Ok(TrafficLog::scan(dir, true)?.0)
@@ -233,7 +226,6 @@ impl TrafficLog {
                 dir: dir.to_owned(),
                 vms,
                 read_only,
-                scratch: Vec::new(),
             },
             recovery,
         ))
@@ -285,9 +277,10 @@ impl TrafficLog {
         self.vms.keys().copied().collect()
     }
 
-    /// Appends VM `vm`'s frames, which must follow the last one held. Written, not yet synced:
+    /// Appends VM `vm`'s batch, whose frames must follow the last one held, as its bytes came
+    /// (each record was checked when the batch was parsed or built). Written, not yet synced:
     /// see [`TrafficLog::sync`].
-    pub fn append(&mut self, vm: u32, records: &[LogRecord]) -> Result<(), LogError> {
+    pub fn append(&mut self, vm: u32, batch: &LogBatch) -> Result<(), LogError> {
         if self.read_only {
             return Err(LogError::ReadOnly);
         }
@@ -300,7 +293,7 @@ impl TrafficLog {
             log_id: None,
         });
         let mut last = log.last_seq();
-        for record in records {
+        for (record, _) in batch.records() {
             if record.seq <= last {
                 return Err(LogError::OutOfOrder {
                     vm,
@@ -313,30 +306,29 @@ impl TrafficLog {
             }
             last = record.seq;
         }
-        let mut bytes = std::mem::take(&mut self.scratch);
-        bytes.clear();
-        for record in records {
+        // The batch's bytes go out in runs, one per segment they land in.
+        let mut run: Option<std::ops::Range<usize>> = None;
+        let mut offset = 0;
+        for (record, bytes) in batch.records() {
             let full = log.segments.last().is_none_or(|s| s.bytes >= SEGMENT_BYTES);
             if full || log.file.is_none() {
-                if !bytes.is_empty() {
-                    write_to(log, &bytes)?;
-                    bytes.clear();
+                if let Some(run) = run.take() {
+                    write_to(log, &batch.bytes()[run])?;
                 }
                 open_segment(log, record.seq, full)?;
             }
-            record.emit(&mut bytes);
+            let end = offset + bytes.len();
+            run = Some(run.map_or(offset..end, |r| r.start..end));
+            offset = end;
             let segment = log.segments.last_mut().expect("opened");
             segment.last_seq = record.seq;
             segment.frames += 1;
-            segment.bytes += record.encoded_len() as u64;
+            segment.bytes += bytes.len() as u64;
             segment.epochs.0 = segment.epochs.0.min(record.epoch);
             segment.epochs.1 = segment.epochs.1.max(record.epoch);
         }
-        if !bytes.is_empty() {
-            write_to(log, &bytes)?;
-        }
-        if bytes.capacity() <= SCRATCH_KEPT {
-            self.scratch = bytes;
+        if let Some(run) = run {
+            write_to(log, &batch.bytes()[run])?;
         }
         Ok(())
     }
@@ -595,9 +587,13 @@ mod tests {
     fn frames_read_back_in_order_from_any_point() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut log, _) = TrafficLog::open(dir.path()).expect("opens");
-        log.append(0, &(1..=10).map(|s| record(s, s / 3)).collect::<Vec<_>>())
-            .expect("appends");
-        log.append(1, &[record(1, 0)]).expect("another VM");
+        log.append(
+            0,
+            &LogBatch::of(&(1..=10).map(|s| record(s, s / 3)).collect::<Vec<_>>()),
+        )
+        .expect("appends");
+        log.append(1, &LogBatch::of(&[record(1, 0)]))
+            .expect("another VM");
         assert_eq!(log.last_seq(0), 10);
         assert_eq!(collect(&log, 0, 4), ((4..=10).collect(), ReadEnd::End));
         assert_eq!(collect(&log, 0, 11), (vec![], ReadEnd::End));
@@ -614,10 +610,10 @@ mod tests {
     fn repeated_and_older_frames_are_refused_and_nothing_of_them_is_written() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut log, _) = TrafficLog::open(dir.path()).expect("opens");
-        log.append(0, &[record(1, 1), record(2, 1)])
+        log.append(0, &LogBatch::of(&[record(1, 1), record(2, 1)]))
             .expect("appends");
         let err = log
-            .append(0, &[record(3, 1), record(2, 1)])
+            .append(0, &LogBatch::of(&[record(3, 1), record(2, 1)]))
             .expect_err("refused");
         assert!(
             matches!(
@@ -631,8 +627,8 @@ mod tests {
             "{err}"
         );
         assert_eq!(log.last_seq(0), 2, "the batch is refused whole");
-        assert!(log.append(0, &[record(2, 1)]).is_err());
-        log.append(0, &[record(3, 1)])
+        assert!(log.append(0, &LogBatch::of(&[record(2, 1)])).is_err());
+        log.append(0, &LogBatch::of(&[record(3, 1)]))
             .expect("the next one is fine");
     }
 
@@ -640,8 +636,11 @@ mod tests {
     fn a_torn_tail_recovers_to_the_last_complete_frame() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut log, _) = TrafficLog::open(dir.path()).expect("opens");
-        log.append(0, &(1..=5).map(|s| record(s, 1)).collect::<Vec<_>>())
-            .expect("appends");
+        log.append(
+            0,
+            &LogBatch::of(&(1..=5).map(|s| record(s, 1)).collect::<Vec<_>>()),
+        )
+        .expect("appends");
         drop(log);
         let segment = dir.path().join("vm-0").join(segment_name(1));
         let len = fs::metadata(&segment).expect("segment").len();
@@ -658,7 +657,7 @@ mod tests {
             record(5, 1).encoded_len() as u64 - 20
         );
         assert_eq!(log.last_seq(0), 4);
-        log.append(0, &[record(5, 1), record(6, 1)])
+        log.append(0, &LogBatch::of(&[record(5, 1), record(6, 1)]))
             .expect("appends after it");
         assert_eq!(collect(&log, 0, 1), ((1..=6).collect(), ReadEnd::End));
     }
@@ -668,14 +667,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut log, _) = TrafficLog::open(dir.path()).expect("opens");
         log.start(0, 0xaa).expect("starts");
-        log.append(0, &[record(1, 1), record(2, 1)])
+        log.append(0, &LogBatch::of(&[record(1, 1), record(2, 1)]))
             .expect("appends");
         drop(log);
         let (mut log, _) = TrafficLog::open(dir.path()).expect("reopens");
         assert_eq!((log.log_id(0), log.last_seq(0)), (Some(0xaa), 2));
         log.start(0, 0xbb).expect("starts anew");
         assert_eq!((log.log_id(0), log.last_seq(0)), (Some(0xbb), 0));
-        log.append(0, &[record(1, 5)])
+        log.append(0, &LogBatch::of(&[record(1, 5)]))
             .expect("numbers from 1 again");
         assert_eq!(collect(&log, 0, 1), (vec![1], ReadEnd::End));
     }
@@ -684,8 +683,11 @@ mod tests {
     fn a_gap_is_counted_and_a_read_stops_at_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut log, _) = TrafficLog::open(dir.path()).expect("opens");
-        log.append(0, &[record(1, 1), record(2, 1), record(5, 2)])
-            .expect("appends");
+        log.append(
+            0,
+            &LogBatch::of(&[record(1, 1), record(2, 1), record(5, 2)]),
+        )
+        .expect("appends");
         assert_eq!(
             collect(&log, 0, 1),
             (
@@ -713,7 +715,7 @@ mod tests {
         let per_segment = SEGMENT_BYTES / 9040 + 1;
         let total = per_segment * 3;
         for seq in 1..=total {
-            log.append(0, &[big(seq)]).expect("appends");
+            log.append(0, &LogBatch::of(&[big(seq)])).expect("appends");
         }
         assert_eq!(log.summary()[0].segments, 3);
         assert_eq!(log.retain_after(0, per_segment - 1).expect("retains"), 0);
@@ -728,5 +730,27 @@ mod tests {
             1,
             "the open one stays"
         );
+    }
+
+    #[test]
+    fn a_batch_that_fills_a_segment_goes_on_in_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, _) = TrafficLog::open(dir.path()).expect("opens");
+        let per_segment = SEGMENT_BYTES / 9040 + 1;
+        let records: Vec<LogRecord> = (1..=per_segment + 5)
+            .map(|seq| LogRecord {
+                seq,
+                epoch: seq,
+                unix_ns: 0,
+                frame: vec![seq as u8; 9000],
+            })
+            .collect();
+        log.append(0, &LogBatch::of(&records)).expect("appends");
+        assert_eq!(log.summary()[0].segments, 2);
+        drop(log);
+        let (log, _) = TrafficLog::open(dir.path()).expect("reopens");
+        let (seqs, end) = collect(&log, 0, 1);
+        assert_eq!(end, ReadEnd::End);
+        assert_eq!(seqs, (1..=per_segment + 5).collect::<Vec<_>>());
     }
 }

@@ -64,6 +64,8 @@ pub fn codec(data: &[u8]) {
 /// header and checksum, alone and in a `LogFrames` message.
 pub fn log(data: &[u8]) {
     let _ = LogRecord::parse(data);
+    let _ =
+        secondsite_replay::LogBatch::parse(data, 1 + data.first().map_or(0, |n| *n as usize % 4));
     let (seq, frame) = match data {
         [a, b, rest @ ..] => (u64::from(u16::from_le_bytes([*a, *b])), rest),
         _ => (1, data),

@@ -1,6 +1,7 @@
 //! The backup's end of a traffic log link: one VM's logged inbound frames, appended to the
-//! group's traffic log (`secondsite-replay`) and acknowledged once written (and synced, with
-//! `ack: disk`).
+//! group's traffic log (`secondsite-replay`) as the records came (the wire and the file share
+//! one record format), and acknowledged once written (and synced, with `ack: disk`): one
+//! acknowledgement for all the batches one read brought.
 //!
 //! A frame that does not follow the last one held (a replayed or reordered batch), or a
 //! malformed or corrupt one, is refused whole, counted in [`LOG_REFUSED`], and ends the link:
@@ -120,49 +121,55 @@ pub(crate) fn serve_log_link(
     ));
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let message = match link.next_message() {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                let n = stream.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(());
+        // Every batch the last read completed is written, then made durable and acknowledged
+        // once: a primary that ships faster than the disk gets one ack per read, not one per
+        // batch.
+        let mut appended = false;
+        loop {
+            let message = match link.next_message() {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
+                    return Err(e.into());
                 }
-                link.receive(&buf[..n]);
-                continue;
-            }
-            Err(e) => {
+            };
+            let Message::LogFrames { vm: from, batch } = message else {
                 LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
-                return Err(e.into());
+                return Err(BackupError::Refused(format!(
+                    "{:?} on a log link",
+                    message.command()
+                )));
+            };
+            if from != vm {
+                LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
+                return Err(BackupError::Refused(format!(
+                    "frames of VM {from} on VM {vm}'s log link"
+                )));
             }
-        };
-        let Message::LogFrames { vm: from, records } = message else {
-            LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
-            return Err(BackupError::Refused(format!(
-                "{:?} on a log link",
-                message.command()
-            )));
-        };
-        if from != vm {
-            LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
-            return Err(BackupError::Refused(format!(
-                "frames of VM {from} on VM {vm}'s log link"
-            )));
-        }
-        let seq = {
             let mut traffic = traffic.lock().unwrap_or_else(|e| e.into_inner());
-            let appended = traffic.append(vm, &records).and_then(|()| {
-                if config.durable {
-                    traffic.sync()
-                } else {
-                    Ok(())
-                }
-            });
-            if let Err(e) = appended {
+            if let Err(e) = traffic.append(vm, &batch) {
                 LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
                 return Err(BackupError::Refused(format!("traffic log: {e}")));
             }
-            traffic.last_seq(vm)
-        };
-        stream.write_all(&link.emit(&Message::LogAck { vm, seq }))?;
+            appended = true;
+        }
+        if appended {
+            let seq = {
+                let mut traffic = traffic.lock().unwrap_or_else(|e| e.into_inner());
+                if config.durable {
+                    traffic
+                        .sync()
+                        .map_err(|e| BackupError::Refused(format!("traffic log: {e}")))?;
+                }
+                traffic.last_seq(vm)
+            };
+            stream.write_all(&link.emit(&Message::LogAck { vm, seq }))?;
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        link.receive(&buf[..n]);
     }
 }

@@ -19,7 +19,7 @@
 //!  primary gateway                           backup
 //!     │── LogHello {versions, site, group, vm} >│
 //!     │<── LogHelloAck {version, last seq} ─────│   the primary sends what follows it
-//!     │── LogFrames {vm, records} ────────────>│   numbered frames, each with its CRC
+//!     │── LogFrames {vm, batch} ──────────────>│   numbered frames, each with its CRC
 //!     │<──────────────────── LogAck {vm, seq} ──│   once written: every frame up to seq
 //! ```
 //! A primary sends its Hello in a frame of version `MIN_VERSION`, so that a backup one version
@@ -31,7 +31,7 @@
 //! is refused. The link itself is authenticated and encrypted by TLS underneath.
 
 use crc32fast::Hasher;
-use secondsite_replay::{LogRecord, RecordError};
+use secondsite_replay::{BatchError, LogBatch, RecordError};
 
 use crate::bytes::Fields;
 
@@ -176,10 +176,10 @@ pub enum Message {
         version: u16,
         last_seq: u64,
     },
-    /// Logged inbound frames, in order.
+    /// Logged inbound frames, in order, as encoded records (each with its own CRC).
     LogFrames {
         vm: u32,
-        records: Vec<LogRecord>,
+        batch: LogBatch,
     },
     /// The backup holds every frame of VM `vm` up to `seq`.
     LogAck {
@@ -300,12 +300,10 @@ impl Message {
                 out.extend_from_slice(&version.to_le_bytes());
                 out.extend_from_slice(&last_seq.to_le_bytes());
             }
-            Message::LogFrames { vm, records } => {
+            Message::LogFrames { vm, batch } => {
                 out.extend_from_slice(&vm.to_le_bytes());
-                out.extend_from_slice(&(records.len() as u32).to_le_bytes());
-                for record in records {
-                    record.emit(out);
-                }
+                out.extend_from_slice(&(batch.len() as u32).to_le_bytes());
+                out.extend_from_slice(batch.bytes());
             }
             Message::LogAck { vm, seq } => {
                 out.extend_from_slice(&vm.to_le_bytes());
@@ -380,28 +378,21 @@ impl Message {
                 if count == 0 || count > MAX_LOG_RECORDS {
                     return Err(malformed("a batch of 1 to 4096 log records"));
                 }
-                let mut records = Vec::with_capacity(count);
-                let mut bytes = r.rest();
-                for _ in 0..count {
-                    let (record, len) =
-                        LogRecord::parse(bytes).map_err(|e| WireError::Malformed {
-                            command,
-                            detail: match e {
-                                RecordError::Checksum => "a log record's checksum is wrong",
-                                RecordError::Truncated => "a log record is truncated",
-                                RecordError::TooLarge(_) => "a log record is too large",
-                                RecordError::BadMagic | RecordError::Version(_) => {
-                                    "not a log record"
-                                }
-                            },
-                        })?;
-                    records.push(record);
-                    bytes = &bytes[len..];
-                }
-                if !bytes.is_empty() {
-                    return Err(malformed("trailing bytes"));
-                }
-                Message::LogFrames { vm, records }
+                let batch = LogBatch::parse(r.rest(), count).map_err(|e| WireError::Malformed {
+                    command,
+                    detail: match e {
+                        BatchError::TrailingBytes => "trailing bytes",
+                        BatchError::Record(RecordError::Checksum) => {
+                            "a log record's checksum is wrong"
+                        }
+                        BatchError::Record(RecordError::Truncated) => "a log record is truncated",
+                        BatchError::Record(RecordError::TooLarge(_)) => "a log record is too large",
+                        BatchError::Record(RecordError::BadMagic | RecordError::Version(_)) => {
+                            "not a log record"
+                        }
+                    },
+                })?;
+                Message::LogFrames { vm, batch }
             }
             CommandCode::LogAck => Message::LogAck {
                 vm: r.u32()?,
@@ -435,6 +426,10 @@ pub struct Link {
     next_out: u64,
     next_in: u64,
     inbox: Vec<u8>,
+    /// Bytes at the front of `inbox` already taken as messages (dropped at the next
+    /// `receive`, not one message at a time: a read holding many small frames would move the
+    /// rest of the buffer once per frame).
+    taken: usize,
 }
 
 impl Default for Link {
@@ -444,6 +439,7 @@ impl Default for Link {
             next_out: 0,
             next_in: 0,
             inbox: Vec::new(),
+            taken: 0,
         }
     }
 }
@@ -488,24 +484,27 @@ impl Link {
 
     /// Bytes received and not yet taken as messages (what is queued behind the last one).
     pub fn pending_bytes(&self) -> usize {
-        self.inbox.len()
+        self.inbox.len() - self.taken
     }
 
     /// Adds received bytes.
     pub fn receive(&mut self, bytes: &[u8]) {
+        self.inbox.drain(..self.taken);
+        self.taken = 0;
         self.inbox.extend_from_slice(bytes);
     }
 
     /// The next complete message, `Ok(None)` if more bytes are needed. An error is final for
     /// the link: the transport closes it.
     pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
-        if self.inbox.len() < HEADER_LEN {
-            if !MAGIC.starts_with(&self.inbox[..self.inbox.len().min(4)]) {
+        let inbox = &self.inbox[self.taken..];
+        if inbox.len() < HEADER_LEN {
+            if !MAGIC.starts_with(&inbox[..inbox.len().min(4)]) {
                 return Err(WireError::BadMagic);
             }
             return Ok(None);
         }
-        let h = &self.inbox[..HEADER_LEN];
+        let h = &inbox[..HEADER_LEN];
         if h[..4] != MAGIC {
             return Err(WireError::BadMagic);
         }
@@ -522,12 +521,12 @@ impl Link {
         if len > MAX_PAYLOAD {
             return Err(WireError::TooLarge(len));
         }
-        if self.inbox.len() < HEADER_LEN + len {
+        if inbox.len() < HEADER_LEN + len {
             return Ok(None);
         }
         let mut crc = Hasher::new();
-        crc.update(&self.inbox[..20]);
-        crc.update(&self.inbox[HEADER_LEN..HEADER_LEN + len]);
+        crc.update(&inbox[..20]);
+        crc.update(&inbox[HEADER_LEN..HEADER_LEN + len]);
         if crc.finalize() != u32::from_le_bytes(h[20..24].try_into().expect("4 bytes")) {
             return Err(WireError::Checksum);
         }
@@ -537,8 +536,8 @@ impl Link {
                 got: seq,
             });
         }
-        let message = Message::parse_payload(command, &self.inbox[HEADER_LEN..HEADER_LEN + len])?;
-        self.inbox.drain(..HEADER_LEN + len);
+        let message = Message::parse_payload(command, &inbox[HEADER_LEN..HEADER_LEN + len])?;
+        self.taken += HEADER_LEN + len;
         self.next_in += 1;
         Ok(Some(message))
     }
@@ -573,6 +572,7 @@ pub fn negotiate(min: u16, max: u16) -> Result<u16, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secondsite_replay::LogRecord;
 
     fn all_messages() -> Vec<Message> {
         vec![
@@ -630,7 +630,7 @@ mod tests {
             },
             Message::LogFrames {
                 vm: 1,
-                records: vec![
+                batch: LogBatch::of(&[
                     LogRecord {
                         seq: 42,
                         epoch: 7,
@@ -643,7 +643,7 @@ mod tests {
                         unix_ns: 1_700_000_000_000_000_001,
                         frame: vec![0x08; 1514],
                     },
-                ],
+                ]),
             },
             Message::LogAck { vm: 1, seq: 43 },
         ]
