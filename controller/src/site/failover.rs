@@ -1,0 +1,641 @@
+//! The failover state machine of one group at one site, Sans-IO: the driver passes in what it
+//! learns (heartbeats, the upstream's routes, replication, operators, timers) with the time,
+//! and carries out what comes back (restore, announce, pause, fence, events). No sockets, no
+//! sleeps: the tests drive it input by input.
+//!
+//! ```text
+//!                 peer silent + witness confirms (auto)        Restored
+//!   Standby ─────────────────────────────────────> TakingOver ─────────> Active
+//!     ^  ^   operator failover (witness or force)                        │  │
+//!     │  │   peer hands over (planned)                                   │  │ peer silent and
+//!     │  └──────── a peer active at a newer term ────────────────────────┘  │ upstream lost
+//!     │                                                                     v
+//!     └──────────── the peer active again (we resync from it) ───────── Fenced
+//!                                                                         │ the peer seen, not active
+//!                                                                         └──> Active (resumed)
+//!   Active ── operator switchover ──> HandingOver ── final epoch committed ──> (peer takes over)
+//! ```
+//!
+//! Split brain is guarded three ways. A standby takes over by itself only when the peer's
+//! heartbeats are silent on every path *and* the witness agrees: with `upstream-bgp`, the
+//! upstream no longer carries the peer's announcement (a lost inter-site link alone never moves
+//! a group). An active site that loses its peer keeps serving only while it holds the upstream
+//! (its session is up and the upstream carries no active announcement of the peer); otherwise
+//! it fences at once, rather than once it sees someone else serving (Patroni #308). Every
+//! takeover starts a new term, carried in heartbeats: of two active sites the one with the
+//! older term stands down, and a returning old primary comes back as the backup.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Who breaks the tie when the sites lose sight of each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Witness {
+    /// The upstream's routes, as our BGP sessions see them.
+    UpstreamBgp,
+    /// Heartbeats alone (two sites that lose each other both serve: `policy check` warns).
+    None,
+}
+
+/// What the machine is told at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Moves on its own (`auto`), or only on an operator's command (`manual`).
+    pub automatic: bool,
+    pub witness: Witness,
+    /// This site is the group's primary in the policy (wins a tie between equal terms).
+    pub policy_primary: bool,
+    /// How long the witness's word must hold before this site acts on it alone: the other
+    /// site's time to notice that it lost the upstream and fence (its BFD detection time, or
+    /// the heartbeats' with no witness). Without it the two could serve together for the
+    /// moment between one site's decision and the other's fence.
+    pub grace: Duration,
+}
+
+/// What a site remembers of its role across restarts (the state dir): the term it last knew
+/// and whether it was the active site in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Standing {
+    pub term: u64,
+    pub active: bool,
+}
+
+impl Standing {
+    /// A site's standing before any failover: the policy's primary is active in term 0.
+    pub fn initial(policy_primary: bool) -> Standing {
+        Standing {
+            term: 0,
+            active: policy_primary,
+        }
+    }
+}
+
+/// A site's state for a group, as its heartbeats tell the other site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerState {
+    /// Not yet decided (just started).
+    Starting,
+    Standby,
+    TakingOver,
+    Active,
+    /// Pausing at an epoch boundary to hand the group over; `epoch` is its final one once
+    /// committed.
+    HandingOver {
+        final_epoch: Option<u64>,
+    },
+    Fenced,
+}
+
+/// The other site's view of the group, from its last heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerGroup {
+    pub state: PeerState,
+    pub term: u64,
+}
+
+/// How the upstream carries the other site's announcement of the group's prefixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum PeerRoute {
+    /// Not at all (withdrawn, or never seen).
+    #[default]
+    None,
+    /// As the backup announces it (prepended).
+    Standby,
+    /// As the active site announces it.
+    Active,
+}
+
+/// What our BGP sessions show of the upstream for the group's prefixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UpstreamView {
+    /// A session with an upstream is established (and carries our announcement).
+    pub connected: bool,
+    pub peer_route: PeerRoute,
+}
+
+/// What the driver learnt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Input {
+    /// A valid heartbeat from the other site, with its view of the group.
+    PeerSeen(PeerGroup),
+    /// Every heartbeat path has been silent for `interval_ms × misses`.
+    PeerSilent,
+    Upstream(UpstreamView),
+    /// Replication: as the active site, whether the backup holds our checkpoints; as the
+    /// standby, the newest committed epoch of the replica we hold (`None`: none yet).
+    Protected(bool),
+    Replica(Option<u64>),
+    /// The restore (and the log's replay) ended.
+    Restored(Result<u64, String>),
+    /// Handing over: every epoch up to `epoch` is committed at the other site, the VMs paused.
+    FinalEpochCommitted(u64),
+    /// Operators. `force`: the operator vouches that the other site is down (fenced by hand),
+    /// and the witness is not asked.
+    Switchover,
+    Failover {
+        force: bool,
+    },
+    /// The driver's timer: a confirmation that has held for the grace time is acted on.
+    Tick,
+}
+
+/// What the driver does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Output {
+    /// Write the standing to the state dir before anything that follows.
+    Persist(Standing),
+    /// Restore the hot replica (its newest committed epoch, or `epoch`), replay the traffic log,
+    /// and report `Restored`.
+    Restore {
+        epoch: Option<u64>,
+    },
+    /// Announce the group's prefixes as the active site, or as the backup (prepended), or
+    /// tagged GRACEFUL_SHUTDOWN (RFC 8326) while handing over.
+    AnnounceActive,
+    AnnounceStandby,
+    AnnounceGracefulShutdown,
+    Withdraw,
+    /// Tell the neighbours where the group's addresses are (gratuitous ARP, unsolicited NA).
+    AnnounceNeighbours,
+    /// Pause the group's VMs at an epoch boundary and commit the final epoch (handover), or
+    /// stop them where they are (fence).
+    PauseAtEpoch,
+    Pause,
+    Resume,
+    /// Replicate the group to the other site / keep its replica (resync from it).
+    Replicate,
+    Receive,
+    Event(Event),
+}
+
+/// A decision, for the journal and the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    PeerLost,
+    PeerBack,
+    /// The peer is silent but the witness does not confirm it is gone.
+    WitnessDisagrees,
+    TakeoverStarted {
+        term: u64,
+        planned: bool,
+    },
+    TakeoverDone {
+        term: u64,
+        replayed: u64,
+    },
+    TakeoverFailed {
+        reason: String,
+    },
+    /// Serving without a backup, as the site that holds the upstream.
+    ServingUnprotected,
+    Protected,
+    /// Cut off from the peer and the upstream: paused and withdrawn.
+    Fenced,
+    Resumed,
+    /// A peer active at a newer term: this site is the backup now.
+    SteppedDown {
+        peer_term: u64,
+    },
+    HandoverStarted,
+    HandedOver {
+        final_epoch: u64,
+    },
+    Refused {
+        command: String,
+        reason: String,
+    },
+}
+
+/// The group's state at this site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    /// Just started: waiting to hear the peer (or to learn it is silent) before acting.
+    Starting,
+    /// The backup: the other site runs the group; its replica is kept hot here.
+    Standby,
+    /// Restoring the replica and replaying its log.
+    TakingOver {
+        planned: bool,
+    },
+    Active,
+    /// Pausing at an epoch boundary to hand over; then waiting for the peer to take over.
+    HandingOver {
+        final_epoch: Option<u64>,
+    },
+    /// Paused and withdrawn: cut off from both the peer and the upstream.
+    Fenced,
+}
+
+/// What the machine knows of the world, from the inputs so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Facts {
+    /// The peer's last heartbeat, while heartbeats arrive.
+    peer: Option<PeerGroup>,
+    /// Heartbeats have been silent for the detection time (not just not yet heard).
+    peer_silent: bool,
+    upstream: UpstreamView,
+    protected: bool,
+    replica: Option<u64>,
+    /// Since when the peer has been gone with the witness's agreement, and since when this
+    /// site has held the upstream with the peer silent.
+    gone_since: Option<Instant>,
+    alone_since: Option<Instant>,
+}
+
+/// One group's failover machine at one site.
+#[derive(Debug)]
+pub struct Failover {
+    config: Config,
+    state: State,
+    standing: Standing,
+    facts: Facts,
+    /// When the current takeover began (for its timeline).
+    takeover_started: Option<Instant>,
+}
+
+impl Failover {
+    /// A machine in `Starting`, with the standing the site remembers.
+    pub fn new(config: Config, standing: Standing) -> Failover {
+        Failover {
+            config,
+            state: State::Starting,
+            standing,
+            facts: Facts::default(),
+            takeover_started: None,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn standing(&self) -> Standing {
+        self.standing
+    }
+
+    /// The group's state as heartbeats tell the other site.
+    pub fn view(&self) -> PeerGroup {
+        let state = match self.state {
+            State::Starting => PeerState::Starting,
+            State::Standby => PeerState::Standby,
+            State::TakingOver { .. } => PeerState::TakingOver,
+            State::Active => PeerState::Active,
+            State::HandingOver { final_epoch } => PeerState::HandingOver { final_epoch },
+            State::Fenced => PeerState::Fenced,
+        };
+        PeerGroup {
+            state,
+            term: self.standing.term,
+        }
+    }
+
+    /// Whether this site runs the group's VMs unpaused now.
+    pub fn serving(&self) -> bool {
+        matches!(self.state, State::Active)
+    }
+
+    /// Since when the current takeover runs, if one does.
+    pub fn takeover_started(&self) -> Option<Instant> {
+        self.takeover_started
+    }
+
+    /// The transition function: what `input`, arriving at `now`, makes the site do.
+    pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Output> {
+        let mut out = Vec::new();
+        let peer_was_silent = self.facts.peer_silent;
+        match &input {
+            Input::PeerSeen(peer) => {
+                self.facts.peer = Some(*peer);
+                self.facts.peer_silent = false;
+                if peer_was_silent {
+                    out.push(Output::Event(Event::PeerBack));
+                }
+            }
+            Input::PeerSilent => {
+                self.facts.peer = None;
+                self.facts.peer_silent = true;
+                if !peer_was_silent {
+                    out.push(Output::Event(Event::PeerLost));
+                }
+            }
+            Input::Upstream(view) => self.facts.upstream = *view,
+            Input::Protected(protected) => {
+                if *protected && !self.facts.protected && self.state == State::Active {
+                    out.push(Output::Event(Event::Protected));
+                }
+                self.facts.protected = *protected;
+            }
+            Input::Replica(epoch) => self.facts.replica = *epoch,
+            _ => {}
+        }
+        self.facts.gone_since = self
+            .peer_gone()
+            .then(|| self.facts.gone_since.unwrap_or(now));
+        self.facts.alone_since = (self.facts.peer_silent && self.holds_upstream())
+            .then(|| self.facts.alone_since.unwrap_or(now));
+        match (self.state, input) {
+            (State::Starting, _) => self.start(now, &mut out),
+
+            (State::Standby, Input::PeerSeen(peer)) => {
+                if peer.term > self.standing.term {
+                    // Terms only grow, also at the backup: a takeover of ours must outrank
+                    // every term the group has had.
+                    self.standing.term = peer.term;
+                    out.push(Output::Persist(self.standing));
+                }
+                if let PeerState::HandingOver {
+                    final_epoch: Some(epoch),
+                } = peer.state
+                {
+                    self.take_over(now, true, Some(epoch), &mut out);
+                }
+            }
+            (State::Standby, Input::Failover { force }) => {
+                if force || self.held_for_grace(self.facts.gone_since, now) {
+                    self.take_over(now, false, None, &mut out);
+                } else {
+                    out.push(refused(
+                        "failover",
+                        "the other site is not confirmed gone (heartbeats or the upstream still see it); use force",
+                    ));
+                }
+            }
+            (State::Standby, Input::Switchover) => out.push(refused(
+                "switchover",
+                "this site is the backup: ask the active site",
+            )),
+            (State::Standby, _) => {
+                if self.config.automatic && self.held_for_grace(self.facts.gone_since, now) {
+                    self.take_over(now, false, None, &mut out);
+                } else if self.facts.peer_silent && !peer_was_silent && !self.peer_gone() {
+                    out.push(Output::Event(Event::WitnessDisagrees));
+                }
+            }
+
+            (State::TakingOver { .. }, Input::Restored(Ok(replayed))) => {
+                self.state = State::Active;
+                out.push(Output::AnnounceNeighbours);
+                out.push(Output::Event(Event::TakeoverDone {
+                    term: self.standing.term,
+                    replayed,
+                }));
+                self.takeover_started = None;
+                self.after_becoming_active(&mut out);
+            }
+            (State::TakingOver { .. }, Input::Restored(Err(reason))) => {
+                self.takeover_started = None;
+                self.standing.active = false;
+                out.push(Output::Persist(self.standing));
+                self.state = State::Standby;
+                out.push(Output::AnnounceStandby);
+                out.push(Output::Event(Event::TakeoverFailed { reason }));
+            }
+            // Mid-takeover the site is as good as active: cut off from both, it fences (the
+            // restored VM stays paused); a peer that outranks it keeps the group.
+            (State::TakingOver { .. }, _) => self.check_active(&mut out),
+
+            (State::Active, Input::Switchover) => {
+                if self
+                    .facts
+                    .peer
+                    .is_some_and(|p| p.state == PeerState::Standby)
+                    && self.facts.protected
+                {
+                    self.state = State::HandingOver { final_epoch: None };
+                    out.push(Output::AnnounceGracefulShutdown);
+                    out.push(Output::PauseAtEpoch);
+                    out.push(Output::Event(Event::HandoverStarted));
+                } else {
+                    out.push(refused(
+                        "switchover",
+                        "the other site is not a protected, reachable backup",
+                    ));
+                }
+            }
+            (State::Active, Input::Failover { .. }) => {
+                out.push(refused("failover", "this site is already the active one"))
+            }
+            (State::Active, _) => self.check_active(&mut out),
+
+            (State::HandingOver { .. }, Input::FinalEpochCommitted(epoch)) => {
+                self.state = State::HandingOver {
+                    final_epoch: Some(epoch),
+                };
+                out.push(Output::Event(Event::HandedOver { final_epoch: epoch }));
+            }
+            (State::HandingOver { .. }, _) => {
+                if let Some(peer) = self.facts.peer
+                    && matches!(peer.state, PeerState::TakingOver | PeerState::Active)
+                    && peer.term > self.standing.term
+                {
+                    self.step_down(peer.term, &mut out);
+                } else if self.facts.peer_silent {
+                    // The peer vanished mid-handover: serve on, as any active site that loses
+                    // its peer would, if we still hold the upstream.
+                    self.state = State::Active;
+                    out.push(Output::Resume);
+                    out.push(Output::AnnounceActive);
+                    self.check_active(&mut out);
+                }
+            }
+
+            (State::Fenced, Input::Failover { force: true }) => {
+                self.state = State::Active;
+                out.push(Output::Resume);
+                out.push(Output::AnnounceActive);
+                out.push(Output::Event(Event::Resumed));
+            }
+            (State::Fenced, Input::Failover { force: false }) => out.push(refused(
+                "failover",
+                "this site is fenced, cut off from the other site and the upstream; use force",
+            )),
+            (State::Fenced, _) => {
+                if let Some(peer) = self.facts.peer {
+                    if self.peer_outranks(peer) || peer.state == PeerState::TakingOver {
+                        self.step_down(peer.term, &mut out);
+                    } else if peer.state != PeerState::Active {
+                        self.state = State::Active;
+                        out.push(Output::Resume);
+                        out.push(Output::AnnounceActive);
+                        out.push(Output::Event(Event::Resumed));
+                        self.after_becoming_active(&mut out);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Starting: the remembered standing decides, once the peer is heard or known silent. A
+    /// peer that serves the group keeps it: this site comes back as its backup (sticky roles).
+    fn start(&mut self, now: Instant, out: &mut Vec<Output>) {
+        if let Some(peer) = self.facts.peer {
+            let peer_serves = matches!(
+                peer.state,
+                PeerState::Active | PeerState::TakingOver | PeerState::HandingOver { .. }
+            );
+            if !peer_serves && self.standing.active && self.outranks(peer) {
+                self.begin_active(out);
+            } else {
+                let standing = Standing {
+                    term: peer.term.max(self.standing.term),
+                    active: false,
+                };
+                if standing != self.standing {
+                    self.standing = standing;
+                    out.push(Output::Persist(standing));
+                }
+                self.become_standby(out);
+            }
+        } else if self.facts.peer_silent {
+            // Nobody to ask: the site that was active resumes only if it holds the upstream;
+            // the backup waits as the backup (it takes over by the usual rule).
+            if self.standing.active && self.held_for_grace(self.facts.alone_since, now) {
+                self.begin_active(out);
+            } else if !self.standing.active {
+                self.become_standby(out);
+            }
+        }
+    }
+
+    fn begin_active(&mut self, out: &mut Vec<Output>) {
+        self.state = State::Active;
+        out.push(Output::Resume);
+        out.push(Output::AnnounceActive);
+        self.after_becoming_active(out);
+    }
+
+    fn become_standby(&mut self, out: &mut Vec<Output>) {
+        self.state = State::Standby;
+        out.push(Output::AnnounceStandby);
+        out.push(Output::Receive);
+    }
+
+    /// Just became active: replicate to the peer, and judge the situation at once.
+    fn after_becoming_active(&mut self, out: &mut Vec<Output>) {
+        out.push(Output::Replicate);
+        self.check_active(out);
+    }
+
+    /// Active: step down for a newer active peer, fence when cut off from peer and upstream.
+    fn check_active(&mut self, out: &mut Vec<Output>) {
+        if let Some(peer) = self.facts.peer {
+            if matches!(peer.state, PeerState::Active | PeerState::TakingOver)
+                && self.peer_outranks(peer)
+            {
+                self.step_down(peer.term, out);
+            }
+            return;
+        }
+        if !self.facts.peer_silent {
+            return;
+        }
+        if self.holds_upstream() {
+            if self.state == State::Active
+                && !out.contains(&Output::Event(Event::ServingUnprotected))
+            {
+                out.push(Output::Event(Event::ServingUnprotected));
+            }
+        } else {
+            self.takeover_started = None;
+            self.state = State::Fenced;
+            out.push(Output::Pause);
+            out.push(Output::Withdraw);
+            out.push(Output::Event(Event::Fenced));
+        }
+    }
+
+    fn take_over(
+        &mut self,
+        now: Instant,
+        planned: bool,
+        epoch: Option<u64>,
+        out: &mut Vec<Output>,
+    ) {
+        if self.facts.replica.is_none() && epoch.is_none() {
+            out.push(refused(
+                "takeover",
+                "no committed checkpoint of the group is held here",
+            ));
+            return;
+        }
+        let peer_term = self.facts.peer.map_or(0, |p| p.term);
+        self.standing = Standing {
+            term: self.standing.term.max(peer_term) + 1,
+            active: true,
+        };
+        out.push(Output::Persist(self.standing));
+        self.state = State::TakingOver { planned };
+        self.takeover_started = Some(now);
+        out.push(Output::Event(Event::TakeoverStarted {
+            term: self.standing.term,
+            planned,
+        }));
+        // Announced at once: traffic the upstream moves early is held at the gateway and
+        // delivered after the replay, and the route's propagation overlaps the restore.
+        out.push(Output::AnnounceActive);
+        out.push(Output::Restore { epoch });
+    }
+
+    fn step_down(&mut self, peer_term: u64, out: &mut Vec<Output>) {
+        let was_serving = matches!(self.state, State::Active | State::HandingOver { .. });
+        self.standing = Standing {
+            term: peer_term.max(self.standing.term),
+            active: false,
+        };
+        out.push(Output::Persist(self.standing));
+        if was_serving {
+            out.push(Output::Pause);
+        }
+        out.push(Output::Event(Event::SteppedDown { peer_term }));
+        self.become_standby(out);
+    }
+
+    /// The peer is gone as far as this site can tell: silent, and the witness agrees.
+    fn peer_gone(&self) -> bool {
+        self.facts.peer_silent
+            && match self.config.witness {
+                Witness::None => true,
+                Witness::UpstreamBgp => {
+                    self.facts.upstream.connected
+                        && self.facts.upstream.peer_route == PeerRoute::None
+                }
+            }
+    }
+
+    /// Whether a condition that began at `since` has held for the grace time.
+    fn held_for_grace(&self, since: Option<Instant>, now: Instant) -> bool {
+        since.is_some_and(|since| now.duration_since(since) >= self.config.grace)
+    }
+
+    /// Our session with the upstream is up and it carries no active announcement of the peer.
+    fn holds_upstream(&self) -> bool {
+        match self.config.witness {
+            Witness::None => true,
+            Witness::UpstreamBgp => {
+                self.facts.upstream.connected && self.facts.upstream.peer_route != PeerRoute::Active
+            }
+        }
+    }
+
+    /// Of two sites claiming the group, the newer term wins; on a tie, the policy's primary.
+    fn peer_outranks(&self, peer: PeerGroup) -> bool {
+        peer.term > self.standing.term
+            || peer.term == self.standing.term && !self.config.policy_primary
+    }
+
+    fn outranks(&self, peer: PeerGroup) -> bool {
+        !self.peer_outranks(peer)
+    }
+}
+
+fn refused(command: &str, reason: &str) -> Output {
+    Output::Event(Event::Refused {
+        command: command.into(),
+        reason: reason.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

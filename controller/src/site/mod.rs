@@ -1,0 +1,11 @@
+//! The site daemon's parts (`secondsite run`), one group at a time:
+//!
+//! ```text
+//!  heartbeats ──┐
+//!  BGP (Adj-RIB-In: the witness) ──┤──> failover (Sans-IO, one machine per group) ──> restore,
+//!  replication, operators ─────────┘                                announce, pause, fence, events
+//! ```
+//!
+//! - `failover`: the state machine that decides which site runs a group.
+
+pub mod failover;
