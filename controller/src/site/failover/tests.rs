@@ -26,6 +26,22 @@ fn upstream(connected: bool, peer_route: PeerRoute) -> Input {
     })
 }
 
+/// The peer's heartbeats stop and the upstream shows `route` for it (`connected`: our
+/// session is up); returns what the site answers to the upstream's view.
+fn lose_peer(site: &mut Failover, t: Instant, connected: bool, route: PeerRoute) -> Vec<Output> {
+    site.handle(t, Input::PeerSilent);
+    site.handle(t, upstream(connected, route))
+}
+
+/// Site-b after site-a died: silent, withdrawn upstream, and the grace time passed.
+fn taking_over(t: Instant) -> Failover {
+    let mut b = standby_backup(t);
+    lose_peer(&mut b, t, true, PeerRoute::None);
+    b.handle(t + GRACE, Input::Tick);
+    assert_eq!(b.state(), State::TakingOver { planned: false });
+    b
+}
+
 fn events(out: &[Output]) -> Vec<&Event> {
     out.iter()
         .filter_map(|o| match o {
@@ -93,8 +109,7 @@ fn the_primary_silent_and_withdrawn_upstream_is_taken_over() {
     let t = Instant::now();
     let mut b = standby_backup(t);
     // Either order: silence first, then the withdrawal, as BFD at the upstream sees it.
-    b.handle(t, Input::PeerSilent);
-    b.handle(t, upstream(true, PeerRoute::None));
+    lose_peer(&mut b, t, true, PeerRoute::None);
     assert_eq!(
         b.state(),
         State::Standby,
@@ -179,8 +194,7 @@ fn with_no_replica_there_is_nothing_to_take_over() {
     let t = Instant::now();
     let mut b = Failover::new(config(false), Standing::initial(false));
     b.handle(t, peer(PeerState::Active, 0));
-    b.handle(t, Input::PeerSilent);
-    b.handle(t, upstream(true, PeerRoute::None));
+    lose_peer(&mut b, t, true, PeerRoute::None);
     let out = b.handle(t + GRACE, Input::Tick);
     assert_eq!(b.state(), State::Standby);
     assert!(matches!(events(&out)[..], [Event::Refused { .. }]));
@@ -248,8 +262,7 @@ fn a_primary_cut_off_from_backup_and_upstream_fences() {
 fn a_primary_that_sees_the_backup_active_upstream_fences_at_once() {
     let t = Instant::now();
     let mut a = active_primary(t);
-    a.handle(t, Input::PeerSilent);
-    a.handle(t, upstream(true, PeerRoute::Active));
+    lose_peer(&mut a, t, true, PeerRoute::Active);
     assert_eq!(a.state(), State::Fenced);
 }
 
@@ -257,8 +270,7 @@ fn a_primary_that_sees_the_backup_active_upstream_fences_at_once() {
 fn a_fenced_primary_whose_backup_took_over_becomes_the_backup() {
     let t = Instant::now();
     let mut a = active_primary(t);
-    a.handle(t, Input::PeerSilent);
-    a.handle(t, upstream(false, PeerRoute::None));
+    lose_peer(&mut a, t, false, PeerRoute::None);
     let out = a.handle(t, peer(PeerState::Active, 1));
     assert_eq!(a.state(), State::Standby);
     assert_eq!(
@@ -290,8 +302,7 @@ fn the_old_primary_returning_comes_back_as_the_backup() {
 
     // Returning with the inter-site link still down: the upstream shows site-b active.
     let mut a = Failover::new(config(true), Standing::initial(true));
-    a.handle(t, Input::PeerSilent);
-    a.handle(t, upstream(true, PeerRoute::Active));
+    lose_peer(&mut a, t, true, PeerRoute::Active);
     assert_eq!(a.state(), State::Starting, "never active by itself");
 }
 
@@ -304,10 +315,7 @@ fn of_two_active_sites_the_older_term_stands_down() {
     assert!(out.contains(&Output::Pause));
     assert!(events(&out).contains(&&Event::SteppedDown { peer_term: 2 }));
     // An older one claiming the group changes nothing.
-    let mut b = standby_backup(t);
-    b.handle(t, Input::PeerSilent);
-    b.handle(t, upstream(true, PeerRoute::None));
-    b.handle(t + GRACE, Input::Tick);
+    let mut b = taking_over(t);
     b.handle(t, Input::Restored(Ok(0)));
     b.handle(t, peer(PeerState::Active, 0));
     assert_eq!(b.state(), State::Active);
@@ -366,10 +374,7 @@ fn a_switchover_needs_a_protected_backup_in_sight() {
 #[test]
 fn a_failed_restore_leaves_the_site_the_backup() {
     let t = Instant::now();
-    let mut b = standby_backup(t);
-    b.handle(t, Input::PeerSilent);
-    b.handle(t, upstream(true, PeerRoute::None));
-    b.handle(t + GRACE, Input::Tick);
+    let mut b = taking_over(t);
     let out = b.handle(t, Input::Restored(Err("replica corrupt".into())));
     assert_eq!(b.state(), State::Standby);
     assert!(out.contains(&Output::AnnounceStandby));
