@@ -31,6 +31,9 @@ pub fn validate(policy: &Policy, map: &SourceMap, base_dir: &Path) -> Vec<Diagno
     v.prefixes();
     v.groups();
     v.failover();
+    if let Some(file) = &policy.heartbeat.key_file {
+        v.file_exists("/heartbeat/key_file", file);
+    }
     v.out
 }
 

@@ -91,7 +91,7 @@ fn duplicate_key() {
 fn two_documents() {
     assert_findings(
         &format!("{EXAMPLE}---\nversion: 1\n"),
-        &["112:1: a second YAML document: a policy file holds exactly one"],
+        &["113:1: a second YAML document: a policy file holds exactly one"],
     );
 }
 
@@ -213,7 +213,7 @@ fn enum_value_with_suggestion() {
     assert_findings(
         &edit("witness: upstream-bgp ", "witness: upstream "),
         &[
-            r#"111:12: `failover.witness` must be one of `upstream-bgp`, `third-site`, `none`, found "upstream"; did you mean `upstream-bgp`?"#,
+            r#"112:12: `failover.witness` must be one of `upstream-bgp`, `third-site`, `none`, found "upstream"; did you mean `upstream-bgp`?"#,
         ],
     );
 }
@@ -413,12 +413,25 @@ fn referenced_files_must_exist() {
         "      # token_file: api.token",
         "      token_file: api.token",
         1,
+    )
+    .replacen(
+        "  # key_file: heartbeat.key",
+        "  key_file: heartbeat.key",
+        1,
     );
+    let key_line = text
+        .lines()
+        .position(|l| l.starts_with("  key_file:"))
+        .expect("the key_file line")
+        + 1;
     assert_findings(
         &text,
         &[
             "32:30: cannot use /nonexistent-policy-dir/peer-a.key: No such file or directory (os error 2)",
             "42:19: cannot use /nonexistent-policy-dir/api.token: No such file or directory (os error 2)",
+            &format!(
+                "{key_line}:13: cannot use /nonexistent-policy-dir/heartbeat.key: No such file or directory (os error 2)"
+            ),
         ],
     );
 }
@@ -481,7 +494,7 @@ fn gtsm_needs_a_directly_connected_peer() {
 fn third_site_witness_needs_an_address() {
     assert_findings(
         &edit("witness: upstream-bgp ", "witness: third-site   "),
-        &["111:12: witness `third-site` needs `third_site`, the witness's address and port"],
+        &["112:12: witness `third-site` needs `third_site`, the witness's address and port"],
     );
 }
 
@@ -505,7 +518,7 @@ fn no_witness_with_automatic_failover_is_a_warning() {
     assert_findings(
         &edit("witness: upstream-bgp ", "witness: none         "),
         &[
-            "111:12: warning: automatic failover without a witness: if the sites lose sight of each other, both may run the same group (split brain)",
+            "112:12: warning: automatic failover without a witness: if the sites lose sight of each other, both may run the same group (split brain)",
         ],
     );
 }

@@ -7,5 +7,7 @@
 //! ```
 //!
 //! - `failover`: the state machine that decides which site runs a group.
+//! - `heartbeat`: authenticated UDP heartbeats between the sites, per path: liveness, RTT, loss.
 
 pub mod failover;
+pub mod heartbeat;

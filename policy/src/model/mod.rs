@@ -13,6 +13,8 @@ pub use group::{
 pub use site::{Api, Bfd, Peer, Replication, Site, SiteBgp, Store, Tls, Uplink};
 pub use values::{Community, Endpoint, InterfaceAddress, MacAddress, Name, Prefix, ValueError};
 
+use std::path::PathBuf;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -89,6 +91,11 @@ pub struct Heartbeat {
     #[serde(default = "Heartbeat::default_port")]
     #[schemars(range(min = 1))]
     pub port: u16,
+    /// File holding the secret both sites sign their heartbeats with (HMAC-SHA256); the site
+    /// daemon needs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "PathBuf")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Heartbeat {
@@ -114,6 +121,7 @@ impl Default for Heartbeat {
             interval_ms: Self::default_interval_ms(),
             misses: Self::default_misses(),
             port: Self::default_port(),
+            key_file: None,
         }
     }
 }
