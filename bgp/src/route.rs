@@ -97,6 +97,26 @@ impl AdjRibIn {
     }
 }
 
+/// Which of a peer's routes the Adj-RIB-In keeps. An upstream that sends a full table sends a
+/// million routes; a site needs only those of its own prefixes (the failover's witness).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RibFilter {
+    /// Every route (`bgp speak` without `--keep`).
+    #[default]
+    All,
+    /// Routes for these prefixes or more-specifics of them; the rest are counted and dropped.
+    Within(Vec<IpNet>),
+}
+
+impl RibFilter {
+    pub fn keeps(&self, prefix: &IpNet) -> bool {
+        match self {
+            RibFilter::All => true,
+            RibFilter::Within(prefixes) => prefixes.iter().any(|p| p.contains(prefix)),
+        }
+    }
+}
+
 /// Parses `ASN:VALUE` (each 0 to 65535) or the RFC 8326 name `graceful-shutdown`.
 pub fn parse_community(text: &str) -> Result<u32, String> {
     if text == "graceful-shutdown" {

@@ -21,7 +21,7 @@ use netgauze_bgp_pkt::notification::{
 use serde::Serialize;
 
 use crate::message::{self, Framer, PeerOpen};
-use crate::route::{AdjRibIn, Announcement};
+use crate::route::{AdjRibIn, Announcement, RibFilter, Route};
 
 /// Cease, Connection Collision Resolution (RFC 4486).
 fn collision_cease() -> BgpMessage {
@@ -47,6 +47,8 @@ pub struct SessionConfig {
     /// Wait for the peer to connect instead of connecting.
     pub passive: bool,
     pub connect_retry: Duration,
+    /// Which received routes the Adj-RIB-In keeps.
+    pub keep: RibFilter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -98,6 +100,12 @@ pub enum Output {
         to: State,
         reason: String,
     },
+    /// Routes the Adj-RIB-In keeps changed: announced (new or replaced) and withdrawn. A
+    /// session going down withdraws every route it kept.
+    RibChanged {
+        announced: Vec<Route>,
+        withdrawn: Vec<IpNet>,
+    },
 }
 
 /// Counters of what went wrong, for status and tests.
@@ -108,6 +116,8 @@ pub struct Counters {
     pub notifications_received: u64,
     /// UPDATEs with path attribute errors whose routes were withdrawn (RFC 7606).
     pub treat_as_withdraw: u64,
+    /// Routes received and not kept: outside the prefixes the Adj-RIB-In keeps.
+    pub routes_not_kept: u64,
     pub established: u64,
     /// Connection collisions resolved (RFC 4271 6.8).
     pub collisions: u64,
@@ -487,11 +497,27 @@ impl Session {
             (State::Established, BgpMessage::KeepAlive) => {}
             (State::Established, BgpMessage::Update(update)) => {
                 let routes = message::read_update(&update);
-                for prefix in &routes.withdrawn {
-                    self.rib_in.remove(prefix);
+                let keep = &self.config.keep;
+                let mut withdrawn = Vec::new();
+                for prefix in routes.withdrawn {
+                    if self.rib_in.remove(&prefix).is_some() {
+                        withdrawn.push(prefix);
+                    }
                 }
+                let mut announced = Vec::new();
                 for route in routes.announced {
-                    self.rib_in.insert(route);
+                    if !keep.keeps(&route.prefix) {
+                        self.counters.routes_not_kept += 1;
+                    } else if self.rib_in.get(&route.prefix) != Some(&route) {
+                        self.rib_in.insert(route.clone());
+                        announced.push(route);
+                    }
+                }
+                if !announced.is_empty() || !withdrawn.is_empty() {
+                    out.push(Output::RibChanged {
+                        announced,
+                        withdrawn,
+                    });
                 }
             }
             (State::Established, BgpMessage::RouteRefresh(_)) => {
@@ -662,7 +688,14 @@ impl Session {
         self.keepalive_deadline = None;
         self.retry_deadline = None;
         self.peer = None;
+        let withdrawn: Vec<IpNet> = self.rib_in.routes().map(|r| r.prefix).collect();
         self.rib_in.clear();
+        if !withdrawn.is_empty() {
+            out.push(Output::RibChanged {
+                announced: Vec::new(),
+                withdrawn,
+            });
+        }
         self.goto(State::Idle, out, &reason);
     }
 
@@ -691,6 +724,7 @@ mod tests {
             hold_time: 9,
             passive,
             connect_retry: Duration::from_secs(1),
+            keep: Default::default(),
         }
     }
 
@@ -956,5 +990,61 @@ mod tests {
         assert_eq!(reply[18..21], [3, 6, 10], "Cease, BFD Down (RFC 9384)");
         assert_eq!(ours.state(), State::Idle);
         assert!(ours.rib_in().is_empty());
+    }
+
+    #[test]
+    fn a_filtered_rib_keeps_its_prefixes_and_their_more_specifics_and_says_what_changed() {
+        let now = Instant::now();
+        let (mut ours, mut theirs) = established_pair(now);
+        theirs.config.keep = RibFilter::Within(vec!["203.0.112.0/22".parse().unwrap()]);
+        let announce = |ours: &mut Session, prefix: &str| {
+            sent(&ours.handle(
+                now,
+                Input::Announce(Announcement {
+                    prefix: prefix.parse().unwrap(),
+                    next_hop: "10.0.1.2".parse().unwrap(),
+                    prepend: 0,
+                    med: None,
+                    communities: vec![],
+                }),
+            ))
+        };
+        // A route of the full table: counted, not kept, nothing to tell.
+        let update = announce(&mut ours, "198.51.100.0/24");
+        let out = theirs.handle(now, Input::Received(1, &update));
+        assert!(!out.iter().any(|o| matches!(o, Output::RibChanged { .. })));
+        assert_eq!(theirs.counters().routes_not_kept, 1);
+        assert!(
+            theirs
+                .rib_in()
+                .get(&"198.51.100.0/24".parse().unwrap())
+                .is_none()
+        );
+        // A more-specific of a kept prefix: kept and told.
+        let update = announce(&mut ours, "203.0.114.0/24");
+        let out = theirs.handle(now, Input::Received(1, &update));
+        let changed: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::RibChanged {
+                    announced,
+                    withdrawn,
+                } => Some((announced.len(), withdrawn.len())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(changed, [(1, 0)]);
+        // The session going down withdraws every kept route, and says so.
+        let out = theirs.handle(now, Input::BfdDown);
+        let withdrawn: Vec<IpNet> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::RibChanged { withdrawn, .. } => Some(withdrawn.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(withdrawn.contains(&"203.0.114.0/24".parse().unwrap()));
+        assert!(withdrawn.contains(&"203.0.113.0/24".parse().unwrap()));
     }
 }

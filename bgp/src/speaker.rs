@@ -67,6 +67,12 @@ pub enum Event {
         to: BfdState,
         diagnostic: Diagnostic,
     },
+    /// Routes the peer's Adj-RIB-In keeps changed.
+    Routes {
+        peer: IpAddr,
+        announced: Vec<Route>,
+        withdrawn: Vec<IpNet>,
+    },
 }
 
 /// One peer as `show` reports it.
@@ -343,6 +349,16 @@ impl PeerTask {
                             from,
                             to,
                             reason,
+                        });
+                    }
+                    Output::RibChanged {
+                        announced,
+                        withdrawn,
+                    } => {
+                        let _ = self.events.send(Event::Routes {
+                            peer: self.config.address,
+                            announced,
+                            withdrawn,
                         });
                     }
                 }

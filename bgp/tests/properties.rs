@@ -19,6 +19,7 @@ fn session() -> Session {
         hold_time: 9,
         passive: false,
         connect_retry: Duration::from_secs(1),
+        keep: Default::default(),
     })
 }
 

@@ -74,6 +74,11 @@ pub struct BgpSpeakArgs {
     /// A prefix to announce from the start (repeat).
     #[arg(long = "announce")]
     pub announce: Vec<ipnet::IpNet>,
+    /// Keep (and print changes of) only the routes for this prefix or more-specifics of it
+    /// (repeat); the rest of a full table is counted and dropped. With --policy: the policy's
+    /// prefixes. Without either: every route, changes not printed.
+    #[arg(long = "keep")]
+    pub keep: Vec<ipnet::IpNet>,
     /// IPv4 next hop (default: --local-addr, else the router id).
     #[arg(long)]
     pub next_hop: Option<std::net::Ipv4Addr>,

@@ -175,4 +175,14 @@ fn bench_bgp_reports_withdraw_times_codec_rate_and_memory() {
         .as_f64()
         .expect("memory");
     assert!(rss > 0.5 && rss < 200.0, "{report}");
+    // The full table arrived whole, and the routes outside the kept prefixes were dropped.
+    let table = &report["full_table"];
+    assert_eq!(table["routes_not_kept"], table["routes"], "{report}");
+    assert!(table["peak_mib"].as_f64() > Some(0.5), "{report}");
+    let all = &report["full_table_keeping_every_route"];
+    assert_eq!(all["routes_not_kept"], 0, "{report}");
+    assert!(
+        all["rss_mib"].as_f64() > table["rss_mib"].as_f64(),
+        "keeping every route costs more: {report}"
+    );
 }

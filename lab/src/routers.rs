@@ -146,6 +146,18 @@ impl Bird {
     /// the BGP sessions), `GTSM` (`ttl security`), `MD5` (`password`, [`Bird::MD5_PASSWORD`]),
     /// `EXPORT` (the upstream exports its routes to the sites, the other site's included).
     pub fn start_with(ns: &Netns, dir: &Path, features: &[&str]) -> io::Result<Bird> {
+        Self::start_full_table(ns, dir, features, 0)
+    }
+
+    /// As [`Bird::start_with`], and originating `routes` IPv4 /24s from 16.0.0.0 up (static,
+    /// kept out of the namespace's FIB): a full table, as many upstreams send one. With
+    /// `EXPORT` the sites receive it.
+    pub fn start_full_table(
+        ns: &Netns,
+        dir: &Path,
+        features: &[&str],
+        routes: u32,
+    ) -> io::Result<Bird> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("bird.conf");
         let mut text = Self::CONFIG.to_owned();
@@ -153,6 +165,15 @@ impl Bird {
         text = switch_lines(&text, "#NOEXPORT", !export);
         for marker in ["BFD", "GTSM", "MD5", "EXPORT"] {
             text = switch_lines(&text, &format!("#{marker}"), features.contains(&marker));
+        }
+        if routes > 0 {
+            use std::fmt::Write;
+            text.push_str("\nprotocol static fulltable {\n  ipv4;\n");
+            for n in 0..routes.min(1 << 24) {
+                let net = std::net::Ipv4Addr::from((16u32 << 24) + (n << 8));
+                let _ = writeln!(text, "  route {net}/24 unreachable;");
+            }
+            text.push_str("}\n");
         }
         std::fs::write(&config, text)?;
         let ctl = dir.join("bird.ctl");
@@ -170,7 +191,9 @@ impl Bird {
             .stderr(log);
         let proc = Proc::spawn(&mut cmd, "bird")?;
         let bird = Bird { proc, ctl };
-        if wait_until(Duration::from_secs(10), || {
+        // A full table takes BIRD a while to read.
+        let startup = Duration::from_secs(10 + u64::from(routes) / 20_000);
+        if wait_until(startup, || {
             bird.birdc(&["show", "status"]).contains("Daemon is up")
         })
         .is_none()

@@ -14,9 +14,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use ipnet::IpNet;
 use secondsite_bgp::bfd::BfdConfig;
-use secondsite_bgp::route::{Announcement, format_community, parse_community};
+use secondsite_bgp::route::{Announcement, RibFilter, format_community, parse_community};
 use secondsite_bgp::session::SessionConfig;
-use secondsite_bgp::speaker::{Command, PeerConfig, Speaker};
+use secondsite_bgp::speaker::{Command, Event, PeerConfig, Speaker};
 use secondsite_policy::Policy;
 use tokio::io::AsyncBufReadExt;
 
@@ -61,21 +61,35 @@ fn read_md5(file: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 pub fn speak(args: BgpSpeakArgs) -> anyhow::Result<ExitCode> {
-    let (peers, announcements, attributes) = match (&args.policy, &args.site) {
+    let mut keep: Vec<IpNet> = args.keep.clone();
+    let (mut peers, announcements, attributes) = match (&args.policy, &args.site) {
         (Some(file), Some(site)) => {
             let report = secondsite_policy::check_file(file);
             print_diagnostics(file, &report);
             let Some(policy) = report.policy else {
                 return Ok(ExitCode::from(EXIT_INVALID_INPUT));
             };
+            if keep.is_empty() {
+                keep = policy.prefixes.iter().map(|p| p.prefix.0).collect();
+            }
             from_policy(&policy, site, file)?
         }
         _ => from_options(&args)?,
     };
+    let keep = if keep.is_empty() {
+        RibFilter::All
+    } else {
+        RibFilter::Within(keep)
+    };
+    for peer in &mut peers {
+        peer.session.keep = keep.clone();
+    }
+    // Route changes are printed only when they are few: those of the prefixes kept.
+    let print_routes = keep != RibFilter::All;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(run(peers, announcements, attributes));
+    let result = runtime.block_on(run(peers, announcements, attributes, print_routes));
     // The stdin reader blocks on a thread of its own: do not wait for it.
     runtime.shutdown_background();
     result
@@ -136,6 +150,7 @@ fn from_options(args: &BgpSpeakArgs) -> anyhow::Result<Setup> {
                 hold_time: args.hold,
                 passive: args.passive,
                 connect_retry: Duration::from_secs(1),
+                keep: Default::default(),
             },
             bfd,
             gtsm: args.gtsm,
@@ -180,6 +195,7 @@ fn from_policy(policy: &Policy, site_name: &str, file: &Path) -> anyhow::Result<
                 hold_time: peer.hold_time,
                 passive: peer.passive,
                 connect_retry: Duration::from_secs(1),
+                keep: Default::default(),
             },
             bfd,
             gtsm: peer.gtsm,
@@ -219,6 +235,7 @@ async fn run(
     peers: Vec<PeerConfig>,
     announcements: Vec<Announcement>,
     attributes: Attributes,
+    print_routes: bool,
 ) -> anyhow::Result<ExitCode> {
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let configured = announcements.clone();
@@ -231,6 +248,9 @@ async fn run(
     loop {
         tokio::select! {
             Some(event) = events.recv() => {
+                if matches!(event, Event::Routes { .. }) && !print_routes {
+                    continue;
+                }
                 let line = serde_json::to_string(&event)?;
                 eprintln!("secondsite bgp: {line}");
                 outln!("{line}");

@@ -8,6 +8,8 @@
 //!
 //! - `failover`: the state machine that decides which site runs a group.
 //! - `heartbeat`: authenticated UDP heartbeats between the sites, per path: liveness, RTT, loss.
+//! - `witness`: the upstream's view of the other site's announcement, from our Adj-RIB-In.
 
 pub mod failover;
 pub mod heartbeat;
+pub mod witness;

@@ -40,10 +40,20 @@ pub fn bgp(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
     }
     let codec = measure_codec(if quick { 20_000 } else { 200_000 });
     let memory = measure_memory(&exe, &scratch.join("memory"))?;
+    let full_table = measure_full_table(
+        &exe,
+        &scratch.join("full-table"),
+        if quick { 100_000 } else { 1_000_000 },
+        true,
+    )?;
+    // For comparison: a speaker that keeps every route (`bgp speak` without --keep).
+    let keeping_all = measure_full_table(&exe, &scratch.join("keep-all"), 100_000, false)?;
     let report = json!({
         "withdraw_to_fib_ms": withdraw,
         "update_encode_decode_per_s": codec,
         "speaker_two_sessions_rss_mib": memory,
+        "full_table": full_table,
+        "full_table_keeping_every_route": keeping_all,
     });
     if json_output {
         outln!("{}", serde_json::to_string_pretty(&report)?);
@@ -59,6 +69,19 @@ pub fn bgp(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
         }
         outln!("UPDATE encode + decode: {codec} messages/s");
         outln!("speaker with two sessions: {memory} MiB resident");
+        outln!(
+            "speaker fed a full table of {} routes, keeping the policy's prefixes: {} MiB resident, {} MiB at the peak (target 50), {} routes not kept, {} s to receive",
+            full_table["routes"],
+            full_table["rss_mib"],
+            full_table["peak_mib"],
+            full_table["routes_not_kept"],
+            full_table["seconds"]
+        );
+        outln!(
+            "speaker keeping every route of a {}-route table: {} MiB resident",
+            keeping_all["routes"],
+            keeping_all["rss_mib"]
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -211,6 +234,67 @@ fn measure_memory(exe: &Path, dir: &Path) -> anyhow::Result<f64> {
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .context("no VmRSS")?;
     Ok(round(kib / 1024.0))
+}
+
+/// A speaker whose upstream (BIRD) sends it a full table of `routes` IPv4 routes, keeping
+/// only the lab's prefixes (what the failover's witness needs), or every route: its resident
+/// memory once the table is in, and its peak.
+fn measure_full_table(exe: &Path, dir: &Path, routes: u32, filter: bool) -> anyhow::Result<Value> {
+    let lab = UpstreamLab::new()?;
+    let _bird = Bird::start_full_table(&lab.up, dir, &["EXPORT"], routes).with_context(|| {
+        let log = std::fs::read_to_string(dir.join("bird.log")).unwrap_or_default();
+        format!("cannot start BIRD (bird2) with a full table: {log}")
+    })?;
+    let mut args = UpstreamLab::site_speaker_args(1);
+    args.extend(["--peer", "10.0.1.1", "--local-addr", "10.0.1.2"].map(str::to_owned));
+    if filter {
+        for prefix in [UpstreamLab::PREFIX_V4, UpstreamLab::PREFIX_V6] {
+            args.extend(["--keep", prefix].map(str::to_owned));
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = std::time::Instant::now();
+    let mut speaker = SpeakerProc::start(&lab.site_a, exe, &args)?;
+    speaker
+        .wait_for(Duration::from_secs(60), |v| v["to"] == "established")
+        .context("the speaker did not reach Established")?;
+    let deadline = started + Duration::from_secs(600);
+    let not_kept = loop {
+        speaker.send("show")?;
+        let show = speaker
+            .wait_for(Duration::from_secs(30), |v| v.get("peers").is_some())
+            .context("no answer to show")?;
+        let peer = &show["peers"][0];
+        let not_kept = peer["counters"]["routes_not_kept"].as_u64().unwrap_or(0);
+        let kept = peer["adj_rib_in"].as_array().map_or(0, |r| r.len() as u64);
+        if not_kept + kept >= u64::from(routes) {
+            break not_kept;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the speaker received {} of {routes} routes in 600 s",
+                not_kept + kept
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", speaker_pid(&speaker)?))?;
+    let mib = |key: &str| -> anyhow::Result<f64> {
+        let kib: f64 = status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .with_context(|| format!("no {key}"))?;
+        Ok(round(kib / 1024.0))
+    };
+    Ok(json!({
+        "routes": routes,
+        "routes_not_kept": not_kept,
+        "rss_mib": mib("VmRSS:")?,
+        "peak_mib": mib("VmHWM:")?,
+        "seconds": round(seconds),
+    }))
 }
 
 /// The speaker's own pid: `ip netns exec` runs it as its child or replaces itself with it.

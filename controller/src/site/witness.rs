@@ -1,0 +1,133 @@
+//! The `upstream-bgp` witness: what our BGP sessions show of the other site's announcement of
+//! a group's prefixes, read from the routes their Adj-RIB-In keeps (the group's prefixes and
+//! more-specifics: see `RibFilter`).
+//!
+//! A site announces a prefix unprepended while it is active and prepended while it is the
+//! backup; the upstream passes the other site's route on to us (BIRD's `export all`; it never
+//! sends a site its own route back). So, for each prefix, a route whose AS path ends in the
+//! other site's AS once is that site active, twice or more is that site standing by, and no
+//! route is that site gone (or its announcement not exported to us: see `docs/failover.md`
+//! for what the upstream must send).
+
+use ipnet::IpNet;
+use secondsite_bgp::route::Route;
+
+use super::failover::{PeerRoute, UpstreamView};
+
+/// One upstream session, as the witness reads it.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamSession {
+    pub established: bool,
+    /// The routes its Adj-RIB-In keeps.
+    pub routes: Vec<Route>,
+}
+
+/// How the route for `prefix` in `routes` shows the site of AS `peer_as`.
+fn peer_route(routes: &[Route], prefix: &IpNet, peer_as: u32) -> PeerRoute {
+    let Some(route) = routes.iter().find(|r| r.prefix == *prefix) else {
+        return PeerRoute::None;
+    };
+    let trailing = route
+        .as_path
+        .iter()
+        .rev()
+        .take_while(|asn| **asn == peer_as)
+        .count();
+    match trailing {
+        0 => PeerRoute::None,
+        1 => PeerRoute::Active,
+        _ => PeerRoute::Standby,
+    }
+}
+
+/// The upstream's view for a group announcing `prefixes`, whose other site is AS `peer_as`:
+/// connected if any session is established; the other site's route as the strongest any
+/// session shows for any of the prefixes (active over standby over none).
+pub fn upstream_view(
+    sessions: &[UpstreamSession],
+    prefixes: &[IpNet],
+    peer_as: u32,
+) -> UpstreamView {
+    let rank = |r: PeerRoute| match r {
+        PeerRoute::None => 0,
+        PeerRoute::Standby => 1,
+        PeerRoute::Active => 2,
+    };
+    let peer_route = sessions
+        .iter()
+        .filter(|s| s.established)
+        .flat_map(|s| prefixes.iter().map(|p| peer_route(&s.routes, p, peer_as)))
+        .max_by_key(|r| rank(*r))
+        .unwrap_or(PeerRoute::None);
+    UpstreamView {
+        connected: sessions.iter().any(|s| s.established),
+        peer_route,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER_AS: u32 = 65001;
+
+    fn route(prefix: &str, as_path: &[u32]) -> Route {
+        Route {
+            prefix: prefix.parse().expect("a prefix"),
+            as_path: as_path.to_vec(),
+            next_hop: None,
+            med: None,
+            communities: Vec::new(),
+        }
+    }
+
+    fn view(routes: Vec<Route>) -> UpstreamView {
+        let prefixes = ["203.0.113.0/24".parse().expect("a prefix")];
+        let session = UpstreamSession {
+            established: true,
+            routes,
+        };
+        upstream_view(&[session], &prefixes, PEER_AS)
+    }
+
+    #[test]
+    fn the_other_sites_route_reads_active_standby_or_gone_by_its_prepends() {
+        let active = view(vec![route("203.0.113.0/24", &[65000, 65001])]);
+        assert_eq!(active.peer_route, PeerRoute::Active);
+        assert!(active.connected);
+        let standby = view(vec![route("203.0.113.0/24", &[65000, 65001, 65001, 65001])]);
+        assert_eq!(standby.peer_route, PeerRoute::Standby);
+        assert_eq!(view(vec![]).peer_route, PeerRoute::None);
+        // The upstream's own route for the prefix, or a more-specific, is not the peer's.
+        assert_eq!(
+            view(vec![route("203.0.113.0/24", &[65000])]).peer_route,
+            PeerRoute::None
+        );
+        assert_eq!(
+            view(vec![route("203.0.113.128/25", &[65000, 65001])]).peer_route,
+            PeerRoute::None
+        );
+    }
+
+    #[test]
+    fn any_established_session_counts_and_the_strongest_view_wins() {
+        let prefixes = ["203.0.113.0/24".parse().expect("a prefix")];
+        let down = UpstreamSession {
+            established: false,
+            routes: vec![route("203.0.113.0/24", &[65000, 65001])],
+        };
+        let standby = UpstreamSession {
+            established: true,
+            routes: vec![route("203.0.113.0/24", &[65000, 65001, 65001])],
+        };
+        let view = upstream_view(&[down.clone(), standby], &prefixes, PEER_AS);
+        assert_eq!(
+            view.peer_route,
+            PeerRoute::Standby,
+            "a session down shows nothing"
+        );
+        let view = upstream_view(&[down], &prefixes, PEER_AS);
+        assert!(!view.connected);
+        assert_eq!(view.peer_route, PeerRoute::None);
+    }
+}
