@@ -23,6 +23,7 @@ use tokio::io::AsyncBufReadExt;
 use super::EXIT_INVALID_INPUT;
 use super::policy::print_diagnostics;
 use crate::cli::BgpSpeakArgs;
+use secondsite::site::plan;
 
 /// How `announce PREFIX` on stdin builds an announcement.
 struct Attributes {
@@ -52,12 +53,6 @@ impl Attributes {
         )
         .map_err(anyhow::Error::msg)
     }
-}
-
-fn read_md5(file: &Path) -> anyhow::Result<Vec<u8>> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read the TCP-MD5 password {}", file.display()))?;
-    Ok(text.trim_end_matches(['\r', '\n']).as_bytes().to_vec())
 }
 
 pub fn speak(args: BgpSpeakArgs) -> anyhow::Result<ExitCode> {
@@ -135,7 +130,7 @@ fn from_options(args: &BgpSpeakArgs) -> anyhow::Result<Setup> {
     let md5_key = args
         .md5_password_file
         .as_deref()
-        .map(read_md5)
+        .map(plan::read_secret)
         .transpose()?;
     let peers = args
         .peers
@@ -167,63 +162,14 @@ fn from_policy(policy: &Policy, site_name: &str, file: &Path) -> anyhow::Result<
         .iter()
         .find(|s| s.name.as_str() == site_name)
         .with_context(|| format!("{} has no site {site_name:?}", file.display()))?;
-    let uplink = |v4: bool| {
-        site.uplink
-            .addresses
-            .iter()
-            .map(|a| a.addr())
-            .find(|a| a.is_ipv4() == v4)
-    };
-    let relative = |p: &Path| file.parent().unwrap_or(Path::new(".")).join(p);
-    let mut peers = Vec::new();
-    for peer in &site.bgp.peers {
-        let bfd = peer.bfd.as_ref().map(|b| BfdConfig {
-            interval: Duration::from_millis(u64::from(b.interval_ms)),
-            multiplier: b.multiplier,
-        });
-        let md5_key = match &peer.md5_password_file {
-            Some(f) => Some(read_md5(&relative(f))?),
-            None => None,
-        };
-        peers.push(PeerConfig {
-            address: peer.address,
-            local_address: peer.local_address.or(uplink(peer.address.is_ipv4())),
-            session: SessionConfig {
-                local_as: site.bgp.local_as,
-                router_id: site.bgp.router_id,
-                peer_as: peer.remote_as,
-                hold_time: peer.hold_time,
-                passive: peer.passive,
-                connect_retry: Duration::from_secs(1),
-                keep: Default::default(),
-            },
-            bfd,
-            gtsm: peer.gtsm,
-            md5_key,
-        });
-    }
-    let mut announcements = Vec::new();
-    for prefix in &policy.prefixes {
-        for a in prefix
-            .announce
-            .iter()
-            .filter(|a| a.site.as_str() == site_name)
-        {
-            let net = prefix.prefix.0;
-            let next_hop = uplink(matches!(net, IpNet::V4(_))).with_context(|| {
-                format!("site {site_name} has no uplink address of {net}'s family")
-            })?;
-            let communities = a.communities.iter().map(|c| c.0).collect();
-            announcements.push(
-                Announcement::new(net, next_hop, a.prepend, a.med, communities)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
-            );
-        }
-    }
+    let base_dir = file.parent().unwrap_or(Path::new("."));
+    let peers = plan::bgp_peers(site, base_dir, RibFilter::All)?;
+    let announcements = plan::policy_announcements(policy, site)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     // `announce PREFIX` on stdin: the policy's attributes for that prefix if it has some.
     let attributes = Attributes {
-        next_hop4: uplink(true),
-        next_hop6: uplink(false),
+        next_hop4: plan::uplink_address(site, true),
+        next_hop6: plan::uplink_address(site, false),
         prepend: 0,
         med: None,
         communities: Vec::new(),

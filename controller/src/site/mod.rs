@@ -9,7 +9,9 @@
 //! - `failover`: the state machine that decides which site runs a group.
 //! - `heartbeat`: authenticated UDP heartbeats between the sites, per path: liveness, RTT, loss.
 //! - `witness`: the upstream's view of the other site's announcement, from our Adj-RIB-In.
+//! - `plan`: the policy as one site's runtime configuration.
 
 pub mod failover;
 pub mod heartbeat;
+pub mod plan;
 pub mod witness;
