@@ -15,6 +15,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The site daemon: BGP, heartbeats, the failover of every group the site runs or backs
+    /// up, and their VMs, from the policy, until SIGTERM.
+    Run(RunArgs),
     /// Check, explain and describe policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -40,6 +43,20 @@ pub enum Command {
     /// The BGP speaker.
     #[command(subcommand)]
     Bgp(BgpCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The policy both sites run from.
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// This site's name in the policy.
+    #[arg(long)]
+    pub site: String,
+    /// Where the site keeps its groups' standing (term and role), the journal of decisions
+    /// (events.jsonl) and status.json.
+    #[arg(long, default_value = "/var/lib/secondsite/state")]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

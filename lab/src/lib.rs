@@ -26,7 +26,7 @@ mod topology;
 
 pub use netns::{Netns, veth};
 pub use proc::Proc;
-pub use routers::{Bird, Frr, Gobgp, SpeakerProc, UpstreamLab, wait_until};
+pub use routers::{Bird, Frr, Gobgp, SiteLab, SpeakerProc, UpstreamLab, wait_until};
 pub use topology::{GroupSite, VmSite};
 
 /// Whether privileged tests can run here. Skips (false, with a message) when not root; panics

@@ -32,7 +32,7 @@ use crate::wire::{self, Link, Message, WireError};
 /// Frames or batches refused (corrupt, replayed, malformed): a counter for status and tests.
 pub static REFUSED: AtomicU64 = AtomicU64::new(0);
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReceiverConfig {
     pub store_dir: PathBuf,
     /// Acknowledge only once the epoch is fsynced (`ack: disk`), or once applied (`memory`).
@@ -43,7 +43,25 @@ pub struct ReceiverConfig {
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// How the link threads are scheduled against the site's own guests.
     pub priority: Priority,
+    /// Told each epoch committed (group, epoch), once in the store: the site daemon learns the
+    /// replica it may take over from.
+    pub on_commit: Option<OnCommit>,
 }
+
+impl std::fmt::Debug for ReceiverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiverConfig")
+            .field("store_dir", &self.store_dir)
+            .field("durable", &self.durable)
+            .field("retain", &self.retain)
+            .field("priority", &self.priority)
+            .field("on_commit", &self.on_commit.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// See [`ReceiverConfig::on_commit`].
+pub type OnCommit = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
 /// An epoch that takes longer than this from its first frame to its acknowledgement raises a
 /// background link thread to normal scheduling.
@@ -547,6 +565,9 @@ impl<'a> Session<'a> {
         let oldest = store.epochs().first().copied().unwrap_or(epoch);
         self.rx_cursors.insert(epoch, cursors);
         self.drop_unneeded_traffic(&group, oldest)?;
+        if let Some(on_commit) = &self.config.on_commit {
+            on_commit(&group, epoch);
+        }
         Ok(Message::Ack {
             group,
             epoch,

@@ -20,8 +20,7 @@ use secondsite_bgp::speaker::{Command, Event, PeerConfig, Speaker};
 use secondsite_policy::Policy;
 use tokio::io::AsyncBufReadExt;
 
-use super::EXIT_INVALID_INPUT;
-use super::policy::print_diagnostics;
+use super::{EXIT_INVALID_INPUT, print_diagnostics};
 use crate::cli::BgpSpeakArgs;
 use secondsite::site::plan;
 

@@ -10,26 +10,24 @@
 //! policy's `vms` list.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use secondsite_gateway::{GatewayConfig, LogMode, OnBackupLoss};
 use secondsite_policy::check_file;
-use secondsite_policy::model::{CheckpointTrigger, Group, InboundLogMode, Policy, Site};
-use secondsite_replicator::codec::CodecConfig;
-use secondsite_replicator::primary::{OnOutput, SenderConfig, Throttle};
+use secondsite_policy::model::{Group, Policy, Site};
 use secondsite_replicator::store::Store;
 use secondsite_replicator::tls::TlsFiles;
 use secondsite_vmm::{Vm, VmConfig};
 
-use super::EXIT_INVALID_INPUT;
-use super::policy::print_diagnostics;
-use super::replicate::group_store_dir;
-use super::vm::{Served, StoreRestore, open_port, place, serve_until_done};
+use super::{EXIT_INVALID_INPUT, print_diagnostics};
+use secondsite::runtime::group::{gateway_config, group_vms, sender_config};
+use secondsite::runtime::port::open_port;
+use secondsite::runtime::restore::StoreRestore;
+use secondsite::runtime::serve::{Served, serve_until_done};
+use secondsite::runtime::store::group_store_dir;
+
+use super::place;
 use crate::cli::{GroupCommand, GroupRestoreArgs, GroupRunArgs, GroupVmsArgs};
 
 /// Linux limits interface names to 15 bytes.
@@ -96,49 +94,25 @@ fn plan(args: &GroupVmsArgs, policy: &Policy) -> anyhow::Result<GroupPlan> {
         taps.insert(vm.to_owned(), tap.to_owned());
     }
     let mut vms = Vec::with_capacity(group.vms.len());
-    for (index, vm) in group.vms.iter().enumerate() {
-        let name = vm.name.as_str().to_owned();
+    for vm in group_vms(group)? {
+        let name = vm.name;
         let tap = taps.get(&name).cloned().unwrap_or_else(|| name.clone());
         if tap.len() > MAX_TAP_NAME {
             bail!("VM {name}: tap name {tap:?} is longer than 15 bytes; give --tap {name}=TAP");
         }
-        let (ipv4, prefix_len, network) =
-            vm.addresses
-                .iter()
-                .find_map(|a| match a {
-                    IpAddr::V4(v4) => group.prefixes.iter().find(|p| p.contains(a)).and_then(|p| {
-                        match p.network() {
-                            IpAddr::V4(net) => Some((*v4, p.prefix_len(), net)),
-                            IpAddr::V6(_) => None,
-                        }
-                    }),
-                    IpAddr::V6(_) => None,
-                })
-                .with_context(|| {
-                    format!(
-                        "VM {name} has no IPv4 address in the group's prefixes; the guest needs one"
-                    )
-                })?;
-        let gateway = args
-            .gw
-            .unwrap_or_else(|| Ipv4Addr::from(u32::from(network) + 1));
+        let mut config = vm.config;
+        if let Some(gw) = args.gw {
+            config.gateway4 = Some(gw);
+        }
         vms.push(VmPlan {
-            index: index as u32,
+            index: vm.index,
             control: args.control_dir.join(format!("{name}.sock")),
             console: args
                 .console_dir
                 .as_ref()
                 .map(|d| d.join(format!("{name}.log"))),
-            config: VmConfig {
-                mem_size: u64::from(vm.memory_mib) << 20,
-                mac: vm.mac.0,
-                ipv4,
-                ipv4_prefix_len: prefix_len,
-                gateway4: Some(gateway),
-                resp_port: 6379,
-                memscan_mib_per_s: 0,
-            },
-            image: vm.image.clone(),
+            config,
+            image: vm.image,
             name,
             tap,
         });
@@ -167,20 +141,7 @@ fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("VM {}: cannot read {}", vm.name, path.display()))?,
             None => secondsite_vmm::GUEST_IMAGE.to_vec(),
         };
-        let gateway = GatewayConfig {
-            output_commit: plan.group.output_commit,
-            log: match plan.group.inbound_log {
-                InboundLogMode::Sync => LogMode::Sync,
-                InboundLogMode::Async => LogMode::Async,
-                InboundLogMode::Off => LogMode::Off,
-            },
-            output_limit_bytes: GatewayConfig::DEFAULT_OUTPUT_LIMIT,
-            log_limit_bytes: GatewayConfig::DEFAULT_LOG_LIMIT,
-            group_macs: group_macs.clone(),
-            on_backup_loss: OnBackupLoss::Stall,
-            log_id: GatewayConfig::new_log_id(),
-            log_after: 0,
-        };
+        let gateway = gateway_config(&plan.group, group_macs.clone());
         let (port, gateway) =
             open_port(&vm.tap, Some(gateway)).with_context(|| format!("VM {}", vm.name))?;
         let booted = Vm::boot(&vm.config, &image, port, vm.console.as_deref())
@@ -203,29 +164,15 @@ fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
         Some(files) => Some(secondsite_replicator::tls::client_config(&files).context("TLS")?),
         None => None,
     };
-    let checkpoint = &plan.group.checkpoint;
-    let replication = SenderConfig {
-        peer: args
-            .replicate_to
+    let mut replication = sender_config(
+        &plan.group,
+        plan.primary.name.as_str(),
+        args.replicate_to
             .unwrap_or(plan.backup.replication.listen.0),
-        group: plan.group.name.as_str().to_owned(),
-        site: plan.primary.name.as_str().to_owned(),
-        epoch_ms: u64::from(checkpoint.interval_ms),
-        codec: CodecConfig {
-            zstd_level: args.zstd_level,
-            ..CodecConfig::default()
-        },
         tls,
-        throttle: checkpoint.throttle.enabled.then(|| Throttle {
-            bandwidth_mbit: checkpoint.bandwidth_mbit,
-            max_share: f64::from(checkpoint.throttle.max_slowdown_percent) / 100.0,
-        }),
-        priority: args.replication_priority.into(),
-        on_output: (checkpoint.trigger == CheckpointTrigger::Output).then(|| OnOutput {
-            min_interval: Duration::from_millis(u64::from(checkpoint.min_interval_ms)),
-            waiting: Arc::default(),
-        }),
-    };
+    );
+    replication.codec.zstd_level = args.zstd_level;
+    replication.priority = args.replication_priority.into();
     serve_until_done(served, Some(replication), vcpu_cpus.as_ref())
 }
 
@@ -252,11 +199,11 @@ fn restore_group(args: GroupRestoreArgs) -> anyhow::Result<ExitCode> {
         replay: !args.no_replay,
     };
     for vm in &plan.vms {
-        let (restored, _) = restore
+        let restored = restore
             .vm(vm.index, &vm.tap, vm.console.as_deref())
             .with_context(|| format!("VM {}", vm.name))?;
         served.push(Served {
-            vm: restored,
+            vm: restored.vm,
             index: vm.index,
             control: vm.control.clone(),
             gateway: None,

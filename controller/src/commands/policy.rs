@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use secondsite_policy::{Report, check_file, count, explain, json_schema};
+use secondsite_policy::{check_file, count, explain, json_schema};
 
-use super::EXIT_INVALID_INPUT;
+use super::{EXIT_INVALID_INPUT, print_diagnostics};
 use crate::cli::PolicyCommand;
 
 pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
@@ -65,12 +65,5 @@ fn check_one(file: &Path) -> bool {
             eprintln!("{name}: {}{warnings}", count(report.error_count(), "error"));
             false
         }
-    }
-}
-
-pub(crate) fn print_diagnostics(file: &Path, report: &Report) {
-    let name = file.display().to_string();
-    for d in &report.diagnostics {
-        eprintln!("{}", d.render(&name));
     }
 }

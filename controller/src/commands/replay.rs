@@ -15,9 +15,9 @@ use secondsite_vmm::{
     Command, GuestTime, NetPort, Received, Reply, Tap, Unplugged, Vm, control, snapshot,
 };
 
-use super::replicate::group_store_dir;
-use super::vm::{ScratchDir, logged_after};
 use crate::cli::{LogStoreArgs, ReplayCommand, ReplayRunArgs};
+use secondsite::runtime::restore::{ScratchDir, logged_after};
+use secondsite::runtime::store::group_store_dir;
 
 pub fn run(command: ReplayCommand) -> anyhow::Result<ExitCode> {
     match command {

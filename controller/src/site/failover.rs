@@ -166,6 +166,9 @@ pub enum Output {
     /// Replicate the group to the other site / keep its replica (resync from it).
     Replicate,
     Receive,
+    /// Release held output and stop logging: the other site is lost and this one holds the
+    /// upstream (the gateways' explicit decision to run unprotected).
+    ServeUnprotected,
     Event(Event),
 }
 
@@ -252,6 +255,8 @@ pub struct Failover {
     facts: Facts,
     /// When the current takeover began (for its timeline).
     takeover_started: Option<Instant>,
+    /// Told to serve unprotected since the peer was last seen (said once).
+    unprotected: bool,
 }
 
 impl Failover {
@@ -263,6 +268,7 @@ impl Failover {
             standing,
             facts: Facts::default(),
             takeover_started: None,
+            unprotected: false,
         }
     }
 
@@ -308,6 +314,7 @@ impl Failover {
             Input::PeerSeen(peer) => {
                 self.facts.peer = Some(*peer);
                 self.facts.peer_silent = false;
+                self.unprotected = false;
                 if peer_was_silent {
                     out.push(Output::Event(Event::PeerBack));
                 }
@@ -532,9 +539,9 @@ impl Failover {
             return;
         }
         if self.holds_upstream() {
-            if self.state == State::Active
-                && !out.contains(&Output::Event(Event::ServingUnprotected))
-            {
+            if self.state == State::Active && !self.unprotected {
+                self.unprotected = true;
+                out.push(Output::ServeUnprotected);
                 out.push(Output::Event(Event::ServingUnprotected));
             }
         } else {

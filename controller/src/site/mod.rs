@@ -10,8 +10,14 @@
 //! - `heartbeat`: authenticated UDP heartbeats between the sites, per path: liveness, RTT, loss.
 //! - `witness`: the upstream's view of the other site's announcement, from our Adj-RIB-In.
 //! - `plan`: the policy as one site's runtime configuration.
+//! - `state`: the state dir: each group's standing, the journal of decisions.
+//! - `dataplane`: the receiver, each group's taps and VMs, as the machines drive them.
+//! - `daemon`: `secondsite run`, the event loop that ties them together.
 
+pub mod daemon;
+pub mod dataplane;
 pub mod failover;
 pub mod heartbeat;
 pub mod plan;
+pub mod state;
 pub mod witness;

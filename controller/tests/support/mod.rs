@@ -177,8 +177,13 @@ pub struct Connection {
 
 impl Connection {
     pub fn open(site: &VmSite) -> Connection {
-        let mut cmd = site.client.command("nc");
-        cmd.args([VmSite::GUEST_IP, "6379"])
+        Connection::open_to(&site.client, VmSite::GUEST_IP)
+    }
+
+    /// A connection from namespace `ns` to the guest at `ip`.
+    pub fn open_to(ns: &Netns, ip: &str) -> Connection {
+        let mut cmd = ns.command("nc");
+        cmd.args([ip, "6379"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let mut nc = Proc::spawn(&mut cmd, "nc").expect("starts nc");

@@ -30,8 +30,8 @@ use serde_json::{Value, json};
 
 use super::replication::Receiver;
 use super::{GUEST, TAP, config, in_private_netns, round, scratch_dir, wait_serving};
-use crate::commands::protect::{GroupVm, Protected};
-use crate::commands::vm::open_port;
+use secondsite::runtime::port::open_port;
+use secondsite::runtime::protect::{GroupVm, Protected};
 
 const EPOCH_MS: u64 = 25;
 const RECEIVER: &str = "127.0.0.1:7901";

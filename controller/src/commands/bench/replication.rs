@@ -317,7 +317,7 @@ fn place(shared: bool) -> anyhow::Result<Option<(CpuList, CpuList)>> {
     let (false, &[_, .., last]) = (shared, allowed.cpus()) else {
         return Ok(None);
     };
-    let vcpu = super::super::vm::place(&PlacementArgs {
+    let vcpu = super::super::place(&PlacementArgs {
         vcpu_cpus: Some(CpuList::single(last)),
         cpus: None,
     })?

@@ -548,7 +548,7 @@ impl World {
                     site.replica = true;
                 }
                 Output::Replicate => site.replica = false,
-                Output::AnnounceNeighbours | Output::Event(_) => {}
+                Output::AnnounceNeighbours | Output::ServeUnprotected | Output::Event(_) => {}
             }
         }
     }

@@ -17,6 +17,7 @@ use secondsite_vmm::affinity::CpuList;
 use secondsite_vmm::{Command, Reply, RunState, Vm};
 
 /// One VM to run: its number in the group, and its gateway if its traffic goes through one.
+#[allow(missing_debug_implementations)] // a running VM has no useful Debug form
 pub struct GroupVm {
     pub vm: Vm,
     pub index: u32,
@@ -24,6 +25,7 @@ pub struct GroupVm {
 }
 
 /// The running group.
+#[allow(missing_debug_implementations)]
 pub struct Protected {
     pub members: Vec<Member>,
     pub replication: Option<Arc<Replication>>,

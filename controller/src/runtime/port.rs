@@ -1,0 +1,25 @@
+//! A VM's network port: its tap, or the gateway in front of it.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use secondsite_gateway::{Gateway, GatewayConfig, GatewayPort};
+use secondsite_vmm::{NetPort, Tap};
+
+/// A VM's network port, and its gateway when it has one.
+pub type PortAndGateway = (Box<dyn NetPort>, Option<Arc<Gateway>>);
+
+/// The VM's port on tap `tap`: the tap itself, or (with a configuration) the gateway in front
+/// of it, which sends on a second handle of the tap.
+pub fn open_port(tap: &str, gateway: Option<GatewayConfig>) -> anyhow::Result<PortAndGateway> {
+    let port = Tap::open(tap).with_context(|| format!("tap {tap}"))?;
+    let Some(config) = gateway else {
+        return Ok((Box::new(port), None));
+    };
+    let wire = port.try_clone().with_context(|| format!("tap {tap}"))?;
+    let report: secondsite_gateway::port::EventLog =
+        Arc::new(|line: &str| eprintln!("secondsite: {line}"));
+    let (gateway, port) = GatewayPort::new(config, Box::new(port), Box::new(wire), report)
+        .with_context(|| format!("the gateway on tap {tap}"))?;
+    Ok((Box::new(port), Some(gateway)))
+}

@@ -1,0 +1,384 @@
+//! `secondsite run`: the site daemon's event loop. It owns the failover machines and feeds
+//! them what the site learns; what they answer goes to the BGP speaker, the data plane, the
+//! state dir and the journal.
+//!
+//! ```text
+//!  UDP heartbeats (per path) ──> heartbeat::Monitor ──> PeerSeen / PeerSilent ──┐
+//!  BGP speaker events ──> Adj-RIB-In per session ──> witness ──> Upstream ──────┤
+//!  data plane (receiver commits, replication, restores) ──> Replica, Protected, ├─> failover
+//!                                                           Restored            │   machines
+//!  the heartbeat interval ──> Tick ─────────────────────────────────────────────┘      │
+//!        Persist ──> state dir     Announce*/Withdraw ──> speaker     Event ──> journal │
+//!        Restore, Replicate, Receive, Pause, Resume ──> data plane  <──────────────────┘
+//! ```
+//! SIGTERM or SIGINT: Cease to the BGP peers, the VMs stopped, the taps removed.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use secondsite_bgp::route::Route;
+use secondsite_bgp::session::State as SessionState;
+use secondsite_bgp::speaker::{Command as BgpCommand, Event as BgpEvent, Speaker};
+use secondsite_policy::Policy;
+use secondsite_vmm::clock::unix_ns;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use super::dataplane::DataPlane;
+use super::failover::{Event, Failover, Input, Output, Standing, UpstreamView};
+use super::heartbeat::{Liveness, Monitor, MonitorConfig};
+use super::plan::{self, GroupPlan, SitePlan};
+use super::state::StateDir;
+use super::witness::{self, UpstreamSession};
+
+/// Heartbeats stamped further than this from our clock are refused (the sites keep NTP time).
+const MAX_SKEW: Duration = Duration::from_secs(2);
+/// GRACEFUL_SHUTDOWN (RFC 8326), tagged on the announcement of a group being handed over.
+const GRACEFUL_SHUTDOWN: u32 = 0xffff_0000;
+
+/// What `secondsite run` was given.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub policy: Policy,
+    pub policy_file: PathBuf,
+    pub site: String,
+    pub state_dir: PathBuf,
+}
+
+struct Daemon {
+    plan: SitePlan,
+    state: StateDir,
+    machines: BTreeMap<String, Failover>,
+    upstream_views: BTreeMap<String, UpstreamView>,
+    sessions: Vec<(IpAddr, UpstreamSession)>,
+    speaker: Speaker,
+    data: DataPlane,
+    monitor: Monitor,
+    refused_logged: u64,
+}
+
+/// A random number for this start of the daemon (its heartbeats' boot number).
+fn boot_number() -> u64 {
+    let mut bytes = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    }
+    u64::from_le_bytes(bytes) ^ unix_ns()
+}
+
+/// Runs the site daemon until SIGTERM or SIGINT.
+pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let base_dir = config
+        .policy_file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_owned();
+    let plan = plan::plan(&config.policy, &config.site, &base_dir)?;
+    let Some(key_file) = &plan.heartbeat_key_file else {
+        bail!(
+            "{}: the policy names no heartbeat.key_file; the sites' heartbeats must be \
+             authenticated",
+            config.policy_file.display()
+        );
+    };
+    let key = plan::read_secret(key_file)?;
+    let state = StateDir::open(&config.state_dir)
+        .with_context(|| format!("the state dir {}", config.state_dir.display()))?;
+    let (inputs_tx, mut inputs) = mpsc::unbounded_channel();
+    let data = tokio::task::block_in_place(|| {
+        DataPlane::start(&config.policy, &config.site, &base_dir, inputs_tx.clone())
+    })?;
+    let (bgp_tx, mut bgp_events) = mpsc::unbounded_channel();
+    let speaker = Speaker::start(plan.bgp.clone(), Vec::new(), bgp_tx)
+        .await
+        .context("cannot listen on the BGP port (179)")?;
+    let (beats_tx, mut beats) = mpsc::unbounded_channel::<(usize, Vec<u8>)>();
+    let mut sockets = Vec::new();
+    for (i, path) in plan.heartbeat_paths.iter().enumerate() {
+        let socket = Arc::new(
+            UdpSocket::bind(path.local)
+                .await
+                .with_context(|| format!("heartbeats on {}", path.local))?,
+        );
+        let (reader, tx) = (socket.clone(), beats_tx.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, _)) = reader.recv_from(&mut buf).await {
+                if tx.send((i, buf[..n].to_vec())).is_err() {
+                    return;
+                }
+            }
+        });
+        sockets.push(socket);
+    }
+    let now = Instant::now();
+    let monitor = Monitor::new(
+        &MonitorConfig {
+            site: plan.site.clone(),
+            peer_site: plan.peer_site.clone(),
+            paths: plan.heartbeat_paths.len(),
+            detection: plan.heartbeat_detection,
+            max_skew: MAX_SKEW,
+        },
+        &key,
+        boot_number(),
+        now,
+    );
+    let machines = plan
+        .groups
+        .iter()
+        .map(|g| {
+            let standing = state
+                .standing(&g.name)
+                .unwrap_or(Standing::initial(g.primary_here));
+            (g.name.clone(), Failover::new(g.failover, standing))
+        })
+        .collect();
+    let sessions = plan
+        .bgp
+        .iter()
+        .map(|p| (p.address, UpstreamSession::default()))
+        .collect();
+    eprintln!(
+        "secondsite: site {} running: {} groups, {} BGP sessions, {} heartbeat paths to {}; \
+         state in {}",
+        plan.site,
+        plan.groups.len(),
+        plan.bgp.len(),
+        plan.heartbeat_paths.len(),
+        plan.peer_site,
+        config.state_dir.display()
+    );
+    let mut daemon = Daemon {
+        plan,
+        state,
+        machines,
+        upstream_views: BTreeMap::new(),
+        sessions,
+        speaker,
+        data,
+        monitor,
+        refused_logged: 0,
+    };
+    let mut tick = tokio::time::interval(daemon.plan.heartbeat_interval);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => daemon.tick(&sockets).await,
+            Some((path, bytes)) = beats.recv() => daemon.heartbeat(path, &bytes),
+            Some(event) = bgp_events.recv() => daemon.bgp(event),
+            Some((group, input)) = inputs.recv() => daemon.feed(&group, input),
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    eprintln!("secondsite: stopping: Cease to the BGP peers, the VMs stopped");
+    let Daemon { speaker, data, .. } = daemon;
+    speaker.stop().await;
+    tokio::task::block_in_place(|| data.stop());
+    Ok(())
+}
+
+impl Daemon {
+    fn group(&self, name: &str) -> Option<&GroupPlan> {
+        self.plan.groups.iter().find(|g| g.name == name)
+    }
+
+    /// Every heartbeat interval: a heartbeat on each path, the peer's liveness, the timers.
+    async fn tick(&mut self, sockets: &[Arc<UdpSocket>]) {
+        let now = Instant::now();
+        let views: Vec<_> = self
+            .machines
+            .iter()
+            .map(|(name, m)| (name.clone(), m.view()))
+            .collect();
+        for (i, path) in self.plan.heartbeat_paths.iter().enumerate() {
+            let beat = self.monitor.heartbeat(i, now, unix_ns(), views.clone());
+            let _ = sockets[i].send_to(&beat, path.peer).await;
+        }
+        let silent = self.monitor.liveness(now) == Liveness::Silent;
+        let names: Vec<String> = self.machines.keys().cloned().collect();
+        for name in names {
+            if silent {
+                self.feed(&name, Input::PeerSilent);
+            }
+            self.feed(&name, Input::Tick);
+        }
+        self.write_status(now);
+    }
+
+    fn heartbeat(&mut self, path: usize, bytes: &[u8]) {
+        match self.monitor.receive(path, bytes, Instant::now(), unix_ns()) {
+            Ok(groups) => {
+                for (name, view) in groups {
+                    if self.machines.contains_key(&name) {
+                        self.feed(&name, Input::PeerSeen(view));
+                    }
+                }
+            }
+            Err(e) => {
+                // Every refusal is counted; the first ones, then one in a thousand, are said.
+                self.refused_logged += 1;
+                if self.refused_logged <= 10 || self.refused_logged.is_multiple_of(1000) {
+                    eprintln!("secondsite: heartbeat on path {path} refused: {e}");
+                }
+            }
+        }
+    }
+
+    fn bgp(&mut self, event: BgpEvent) {
+        match event {
+            BgpEvent::Session {
+                peer, to, reason, ..
+            } => {
+                eprintln!("secondsite: BGP {peer}: {to:?} ({reason})");
+                if let Some((_, s)) = self.sessions.iter_mut().find(|(a, _)| *a == peer) {
+                    s.established = to == SessionState::Established;
+                    if !s.established {
+                        s.routes.clear();
+                    }
+                }
+            }
+            BgpEvent::Routes {
+                peer,
+                announced,
+                withdrawn,
+            } => {
+                if let Some((_, s)) = self.sessions.iter_mut().find(|(a, _)| *a == peer) {
+                    s.routes.retain(|r: &Route| {
+                        !withdrawn.contains(&r.prefix)
+                            && !announced.iter().any(|a| a.prefix == r.prefix)
+                    });
+                    s.routes.extend(announced);
+                }
+            }
+            BgpEvent::Bfd { .. } => return,
+        }
+        let sessions: Vec<UpstreamSession> = self.sessions.iter().map(|(_, s)| s.clone()).collect();
+        let updates: Vec<(String, UpstreamView)> = self
+            .plan
+            .groups
+            .iter()
+            .map(|g| {
+                let view = witness::upstream_view(&sessions, &g.prefixes, self.plan.peer_as);
+                (g.name.clone(), view)
+            })
+            .filter(|(name, view)| self.upstream_views.get(name) != Some(view))
+            .collect();
+        for (name, view) in updates {
+            self.upstream_views.insert(name.clone(), view);
+            self.feed(&name, Input::Upstream(view));
+        }
+    }
+
+    /// One input to a group's machine, and what it answers carried out.
+    fn feed(&mut self, group: &str, input: Input) {
+        let Some(machine) = self.machines.get_mut(group) else {
+            return;
+        };
+        let outputs = machine.handle(Instant::now(), input);
+        for output in outputs {
+            self.apply(group, output);
+        }
+    }
+
+    fn apply(&mut self, group: &str, output: Output) {
+        let Some(plan) = self.group(group).cloned() else {
+            return;
+        };
+        match output {
+            Output::Persist(standing) => {
+                if let Err(e) = self.state.save_standing(group, standing) {
+                    eprintln!("secondsite: group {group}: cannot save its standing: {e}");
+                }
+            }
+            Output::AnnounceActive => self.announce(&plan.active, &[]),
+            Output::AnnounceStandby => self.announce(&plan.standby, &[]),
+            Output::AnnounceGracefulShutdown => self.announce(&plan.active, &[GRACEFUL_SHUTDOWN]),
+            Output::Withdraw => {
+                for prefix in &plan.prefixes {
+                    self.speaker.command(BgpCommand::Withdraw(*prefix));
+                }
+            }
+            Output::Event(event) => self.record(group, &event),
+            other => tokio::task::block_in_place(|| self.data.apply(group, &other)),
+        }
+    }
+
+    fn announce(&self, forms: &[secondsite_bgp::route::Announcement], extra: &[u32]) {
+        for a in forms {
+            let mut a = a.clone();
+            a.communities.extend_from_slice(extra);
+            self.speaker.command(BgpCommand::Announce(a));
+        }
+    }
+
+    fn record(&mut self, group: &str, event: &Event) {
+        eprintln!("secondsite: group {group}: {event:?}");
+        let unix_ms = unix_ns() / 1_000_000;
+        if let Err(e) = self.state.record(unix_ms, &self.plan.site, group, event) {
+            eprintln!("secondsite: cannot write the journal: {e}");
+        }
+    }
+
+    /// `STATE_DIR/status.json`: each group's state and term, the peer's health per path, the
+    /// refused heartbeats (read by `secondsite status` until the API serves it).
+    fn write_status(&self, now: Instant) {
+        let groups: serde_json::Map<String, serde_json::Value> = self
+            .machines
+            .iter()
+            .map(|(name, m)| {
+                let standing = m.standing();
+                (
+                    name.clone(),
+                    serde_json::json!({
+                        "state": format!("{:?}", m.state()),
+                        "term": standing.term,
+                        "serving": m.serving(),
+                        "upstream": self.upstream_views.get(name),
+                    }),
+                )
+            })
+            .collect();
+        let paths: Vec<serde_json::Value> = self
+            .monitor
+            .paths(now)
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "up": p.up,
+                    "received": p.received,
+                    "lost": p.lost,
+                    "rtt_us": p.rtt.map(|r| r.as_micros() as u64),
+                })
+            })
+            .collect();
+        let refused = self.monitor.refused();
+        let status = serde_json::json!({
+            "site": self.plan.site,
+            "peer_site": self.plan.peer_site,
+            "peer": format!("{:?}", self.monitor.liveness(now)),
+            "heartbeat_paths": paths,
+            "heartbeats_refused": {
+                "malformed": refused.malformed,
+                "forged": refused.forged,
+                "replayed": refused.replayed,
+                "stale": refused.stale,
+                "wrong_site": refused.wrong_site,
+            },
+            "bgp_sessions": self.sessions.iter().map(|(a, s)| serde_json::json!({
+                "peer": a, "established": s.established, "routes_kept": s.routes.len(),
+            })).collect::<Vec<_>>(),
+            "groups": groups,
+        });
+        let file = self.state.path().join("status.json");
+        let aside = file.with_extension("json.new");
+        if std::fs::write(&aside, status.to_string()).is_ok() {
+            let _ = std::fs::rename(&aside, &file);
+        }
+    }
+}

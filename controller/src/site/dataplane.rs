@@ -1,0 +1,411 @@
+//! The site's data plane, as the failover machines drive it:
+//!
+//! ```text
+//!  receiver (always): the other site's checkpoints and traffic logs -> the store
+//!                     each commit -> Input::Replica(epoch)
+//!  per group: a tap per VM, carrying the group's gateway address (the same IP and MAC at both
+//!             sites); the site routes between the taps and its uplink
+//!    Replicate -> boot the VMs behind their gateways, replicate them to the other site
+//!                 (its events -> Input::Protected)
+//!    Restore   -> rebuild every VM from the newest committed epoch, replay the traffic log
+//!                 (a thread) -> Input::Restored
+//!    Pause / Resume / Receive (stop the VMs: the other site runs the group)
+//! ```
+//! Not built yet: replicating a group this site took over back to the other site when it
+//! returns (it runs unprotected until then), and the handover's final epoch (a switchover).
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command as Process;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use secondsite_policy::Policy;
+use secondsite_policy::model::{Group, Site};
+use secondsite_replicator::backup::{self, ReceiverConfig, group_store};
+use secondsite_replicator::codec::CodecConfig;
+use secondsite_replicator::primary::Event as ReplicationEvent;
+use secondsite_replicator::store::Store;
+use secondsite_replicator::tls::{self, TlsFiles};
+use secondsite_vmm::{Command, Vm};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::failover::{Input, Output};
+use crate::runtime::group::{GroupVmConfig, gateway_config, group_vms, sender_config};
+use crate::runtime::port::open_port;
+use crate::runtime::protect::{GroupVm, Protected};
+use crate::runtime::restore::StoreRestore;
+
+/// Inputs for the failover machines, by group.
+pub type Inputs = UnboundedSender<(String, Input)>;
+
+/// One group's VMs and network at this site.
+struct GroupData {
+    group: Group,
+    vms: Vec<GroupVmConfig>,
+    taps: Vec<String>,
+    running: Option<Protected>,
+}
+
+/// The site's TLS files for the replication links, relative names resolved.
+fn tls_files(site: &Site, base_dir: &Path) -> Option<TlsFiles> {
+    site.replication.tls.as_ref().map(|t| TlsFiles {
+        ca: base_dir.join(&t.ca),
+        certificate: base_dir.join(&t.certificate),
+        key: base_dir.join(&t.key),
+    })
+}
+
+/// The site's data plane.
+#[allow(missing_debug_implementations)]
+pub struct DataPlane {
+    site: String,
+    /// Mutual TLS toward the other site's receiver (the policy's `replication.tls`).
+    client_tls: Option<Arc<rustls::ClientConfig>>,
+    store_dir: PathBuf,
+    peer_listen: std::net::SocketAddr,
+    groups: HashMap<String, Arc<Mutex<GroupData>>>,
+    inputs: Inputs,
+}
+
+/// The tap of VM `vm` of the group at `group_index` in the policy (interface names are at
+/// most 15 bytes).
+fn tap_name(group_index: usize, vm: u32) -> String {
+    format!("ss{group_index}v{vm}")
+}
+
+/// The site's side of every VM tap: one locally administered MAC, the same at both sites.
+const GATEWAY_MAC: &str = "02:53:53:00:00:01";
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Process::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run ip")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Creates tap `name` with the gateway address `gateway/prefix_len` (again if it is there).
+fn make_tap(name: &str, gateway: Ipv4Addr, prefix_len: u8) -> anyhow::Result<()> {
+    let _ = ip(&["link", "del", name]);
+    ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+    ip(&["link", "set", name, "address", GATEWAY_MAC])?;
+    ip(&[
+        "addr",
+        "add",
+        &format!("{gateway}/{prefix_len}"),
+        "dev",
+        name,
+        "noprefixroute",
+    ])?;
+    ip(&["link", "set", name, "up"])?;
+    Ok(())
+}
+
+impl DataPlane {
+    /// Starts the receiver and builds each group's network; inputs for the machines go to
+    /// `inputs`.
+    pub fn start(
+        policy: &Policy,
+        site: &str,
+        base_dir: &Path,
+        inputs: Inputs,
+    ) -> anyhow::Result<DataPlane> {
+        let me: &Site = policy
+            .sites
+            .iter()
+            .find(|s| s.name.as_str() == site)
+            .with_context(|| format!("no site {site}"))?;
+        let peer = policy
+            .sites
+            .iter()
+            .find(|s| s.name.as_str() != site)
+            .context("no other site")?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .context("cannot enable IPv4 forwarding")?;
+        let mut groups = HashMap::new();
+        for (index, group) in policy.groups.iter().enumerate() {
+            if group.primary != me.name && group.backup != me.name {
+                continue;
+            }
+            let vms = group_vms(group)?;
+            let mut taps = Vec::new();
+            for vm in &vms {
+                let tap = tap_name(index, vm.index);
+                make_tap(&tap, vm.gateway(), vm.prefix_len)
+                    .with_context(|| format!("group {}: the tap of VM {}", group.name, vm.name))?;
+                // Only the VM's own address goes to its tap: the prefix may hold several.
+                ip(&[
+                    "route",
+                    "replace",
+                    &format!("{}/32", vm.config.ipv4),
+                    "dev",
+                    &tap,
+                ])?;
+                taps.push(tap);
+            }
+            groups.insert(
+                group.name.to_string(),
+                Arc::new(Mutex::new(GroupData {
+                    group: group.clone(),
+                    vms,
+                    taps,
+                    running: None,
+                })),
+            );
+        }
+        let tls = tls_files(me, base_dir);
+        let client_tls = match &tls {
+            Some(files) => Some(tls::client_config(files).context("TLS")?),
+            None => None,
+        };
+        let server_tls = match &tls {
+            Some(files) => Some(tls::server_config(files).context("TLS")?),
+            None => None,
+        };
+        let plane = DataPlane {
+            site: site.into(),
+            client_tls,
+            store_dir: me.store.path.clone(),
+            peer_listen: peer.replication.listen.0,
+            groups,
+            inputs,
+        };
+        plane.start_receiver(me, server_tls)?;
+        Ok(plane)
+    }
+
+    /// The receiver of the other site's checkpoints and logs; each commit is a replica.
+    fn start_receiver(
+        &self,
+        me: &Site,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> anyhow::Result<()> {
+        for name in self.groups.keys() {
+            let dir = group_store(&self.store_dir, name);
+            if let Ok(store) = Store::open_read_only(&dir)
+                && let Some(epoch) = store.latest()
+            {
+                let _ = self
+                    .inputs
+                    .send((name.clone(), Input::Replica(Some(epoch))));
+            }
+        }
+        let listen = me.replication.listen.0;
+        let listener =
+            TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+        let inputs = self.inputs.clone();
+        let config = ReceiverConfig {
+            store_dir: self.store_dir.clone(),
+            durable: true,
+            retain: me.store.retain as usize,
+            codec: CodecConfig::default(),
+            tls,
+            priority: Default::default(),
+            on_commit: Some(Arc::new(move |group: &str, epoch: u64| {
+                let _ = inputs.send((group.to_owned(), Input::Replica(Some(epoch))));
+            })),
+        };
+        std::thread::Builder::new()
+            .name("receiver".into())
+            .spawn(move || {
+                backup::serve(
+                    listener,
+                    Arc::new(config),
+                    Arc::new(|line: &str| eprintln!("secondsite: receiver: {line}")),
+                )
+            })?;
+        eprintln!(
+            "secondsite: receiving the other site's checkpoints on {listen} into {}",
+            self.store_dir.display()
+        );
+        Ok(())
+    }
+
+    /// Carries out `output` for `group`.
+    pub fn apply(&self, group: &str, output: &Output) {
+        let Some(data) = self.groups.get(group) else {
+            return;
+        };
+        let result = match output {
+            Output::Replicate => self.replicate(group, data),
+            Output::Receive => {
+                stop(data);
+                Ok(())
+            }
+            Output::ServeUnprotected => {
+                let data = data.lock().unwrap_or_else(|e| e.into_inner());
+                for gateway in data.running.iter().flat_map(|r| &r.gateways) {
+                    gateway
+                        .run_unprotected("the other site is lost and this site holds the upstream");
+                }
+                Ok(())
+            }
+            Output::Pause => each_vm(data, Command::Pause),
+            Output::Resume => each_vm(data, Command::Resume),
+            Output::Restore { epoch } => {
+                self.restore(group, data.clone(), *epoch);
+                Ok(())
+            }
+            Output::PauseAtEpoch => {
+                eprintln!(
+                    "secondsite: group {group}: a switchover's final epoch is not built yet; \
+                     the group stays paused here"
+                );
+                each_vm(data, Command::Pause)
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            eprintln!("secondsite: group {group}: {output:?}: {e:#}");
+        }
+    }
+
+    /// Boots the group's VMs behind their gateways and replicates them to the other site
+    /// (nothing if they run: a group taken over runs unprotected until that is built).
+    fn replicate(&self, name: &str, data: &Arc<Mutex<GroupData>>) -> anyhow::Result<()> {
+        let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
+        if data.running.is_some() {
+            eprintln!(
+                "secondsite: group {name}: replicating a group taken over back to the other \
+                 site is not built yet: it runs unprotected"
+            );
+            return Ok(());
+        }
+        let macs: HashSet<[u8; 6]> = data.vms.iter().map(|v| v.config.mac).collect();
+        let mut vms = Vec::new();
+        for (vm, tap) in data.vms.iter().zip(&data.taps) {
+            let image = match &vm.image {
+                Some(path) => std::fs::read(path)
+                    .with_context(|| format!("VM {}: cannot read {}", vm.name, path.display()))?,
+                None => secondsite_vmm::GUEST_IMAGE.to_vec(),
+            };
+            let (port, gateway) = open_port(tap, Some(gateway_config(&data.group, macs.clone())))?;
+            let booted = Vm::boot(&vm.config, &image, port, None)
+                .with_context(|| format!("VM {}: cannot start", vm.name))?;
+            vms.push(GroupVm {
+                vm: booted,
+                index: vm.index,
+                gateway,
+            });
+        }
+        let sender = sender_config(
+            &data.group,
+            &self.site,
+            self.peer_listen,
+            self.client_tls.clone(),
+        );
+        let running = Protected::start(vms, Some(sender), None)?;
+        if let Some(replication) = &running.replication {
+            let events = replication.subscribe();
+            let (inputs, group) = (self.inputs.clone(), name.to_owned());
+            std::thread::Builder::new()
+                .name("protection".into())
+                .spawn(move || {
+                    let mut protected = None;
+                    for event in events {
+                        let now = !matches!(event, ReplicationEvent::Unprotected { .. });
+                        if protected != Some(now) {
+                            protected = Some(now);
+                            if inputs.send((group.clone(), Input::Protected(now))).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                })?;
+        }
+        eprintln!(
+            "secondsite: group {name}: {} VMs running, replicated to {}",
+            running.members.len(),
+            self.peer_listen
+        );
+        data.running = Some(running);
+        Ok(())
+    }
+
+    /// Rebuilds the group from its newest committed epoch (or `epoch`) with its log replayed,
+    /// on a thread; says `Restored` when the VMs run.
+    fn restore(&self, name: &str, data: Arc<Mutex<GroupData>>, epoch: Option<u64>) {
+        let store = group_store(&self.store_dir, name);
+        let (inputs, name) = (self.inputs.clone(), name.to_owned());
+        let spawned = std::thread::Builder::new()
+            .name("restore".into())
+            .spawn(move || {
+                let result = restore_group(&store, &data, epoch);
+                let _ = inputs.send((name, Input::Restored(result.map_err(|e| format!("{e:#}")))));
+            });
+        if let Err(e) = spawned {
+            eprintln!("secondsite: cannot start a restore: {e}");
+        }
+    }
+
+    /// Stops every VM (the daemon is stopping).
+    pub fn stop(&self) {
+        for data in self.groups.values() {
+            stop(data);
+            let data = data.lock().unwrap_or_else(|e| e.into_inner());
+            for tap in &data.taps {
+                let _ = ip(&["link", "del", tap]);
+            }
+        }
+    }
+}
+
+fn restore_group(store: &Path, data: &Mutex<GroupData>, epoch: Option<u64>) -> anyhow::Result<u64> {
+    let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(mut running) = data.running.take() {
+        let _ = running.stop();
+    }
+    let epoch = match epoch {
+        Some(e) => e,
+        None => Store::open_read_only(store)
+            .with_context(|| format!("cannot open {}", store.display()))?
+            .latest()
+            .with_context(|| format!("{} holds no checkpoint", store.display()))?,
+    };
+    let restore = StoreRestore {
+        store,
+        epoch: Some(epoch),
+        replay: true,
+    };
+    let mut vms = Vec::new();
+    let mut replayed = 0;
+    for (vm, tap) in data.vms.iter().zip(&data.taps) {
+        let restored = restore
+            .vm(vm.index, tap, None)
+            .with_context(|| format!("VM {}", vm.name))?;
+        replayed += restored.replayed as u64;
+        vms.push(GroupVm {
+            vm: restored.vm,
+            index: vm.index,
+            gateway: None,
+        });
+    }
+    data.running = Some(Protected::start(vms, None, None)?);
+    Ok(replayed)
+}
+
+fn stop(data: &Mutex<GroupData>) {
+    let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(mut running) = data.running.take() {
+        let _ = running.stop();
+    }
+}
+
+fn each_vm(data: &Mutex<GroupData>, command: Command) -> anyhow::Result<()> {
+    let data = data.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(running) = &data.running {
+        for member in &running.members {
+            member.handle.call(command.clone())?;
+        }
+    }
+    Ok(())
+}
