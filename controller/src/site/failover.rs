@@ -238,6 +238,9 @@ struct Facts {
     /// Heartbeats have been silent for the detection time (not just not yet heard).
     peer_silent: bool,
     upstream: UpstreamView,
+    /// The upstream has carried the other site's route since we started: its absence now
+    /// means something (an upstream that never sends it cannot witness anything).
+    upstream_carried_peer: bool,
     protected: bool,
     replica: Option<u64>,
     /// Since when the peer has been gone with the witness's agreement, and since when this
@@ -326,7 +329,10 @@ impl Failover {
                     out.push(Output::Event(Event::PeerLost));
                 }
             }
-            Input::Upstream(view) => self.facts.upstream = *view,
+            Input::Upstream(view) => {
+                self.facts.upstream = *view;
+                self.facts.upstream_carried_peer |= view.peer_route != PeerRoute::None;
+            }
             Input::Protected(protected) => {
                 if *protected && !self.facts.protected && self.state == State::Active {
                     out.push(Output::Event(Event::Protected));
@@ -599,7 +605,8 @@ impl Failover {
         self.become_standby(out);
     }
 
-    /// The peer is gone as far as this site can tell: silent, and the witness agrees.
+    /// The peer is gone as far as this site can tell: silent, and the witness agrees (the
+    /// upstream carried its route once and no longer does).
     fn peer_gone(&self) -> bool {
         self.facts.peer_silent
             && match self.config.witness {
@@ -607,6 +614,7 @@ impl Failover {
                 Witness::UpstreamBgp => {
                     self.facts.upstream.connected
                         && self.facts.upstream.peer_route == PeerRoute::None
+                        && self.facts.upstream_carried_peer
                 }
             }
     }

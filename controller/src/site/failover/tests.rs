@@ -163,6 +163,28 @@ fn the_withdrawal_alone_is_not_enough() {
 }
 
 #[test]
+fn an_upstream_that_never_carried_the_primarys_route_witnesses_nothing() {
+    let t = Instant::now();
+    let mut b = Failover::new(config(false), Standing::initial(false));
+    b.handle(t, upstream(true, PeerRoute::None));
+    b.handle(t, peer(PeerState::Active, 0));
+    b.handle(t, Input::Replica(Some(3)));
+    b.handle(t, Input::PeerSilent);
+    b.handle(t + GRACE * 10, Input::Tick);
+    assert_eq!(
+        b.state(),
+        State::Standby,
+        "an upstream that sends nothing proves nothing"
+    );
+    b.handle(t + GRACE * 10, Input::Failover { force: true });
+    assert_eq!(
+        b.state(),
+        State::TakingOver { planned: false },
+        "an operator may"
+    );
+}
+
+#[test]
 fn a_backup_that_cannot_see_the_upstream_cannot_confirm() {
     let t = Instant::now();
     let mut b = standby_backup(t);
@@ -193,6 +215,7 @@ fn without_a_witness_silence_alone_moves_the_group() {
 fn with_no_replica_there_is_nothing_to_take_over() {
     let t = Instant::now();
     let mut b = Failover::new(config(false), Standing::initial(false));
+    b.handle(t, upstream(true, PeerRoute::Active));
     b.handle(t, peer(PeerState::Active, 0));
     lose_peer(&mut b, t, true, PeerRoute::None);
     let out = b.handle(t + GRACE, Input::Tick);
