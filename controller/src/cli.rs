@@ -15,6 +15,17 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The site daemon's status, from its API: each group's state and term, the other site's
+    /// health per heartbeat path, BGP sessions (JSON).
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Follow the site daemon's events (one JSON line each) until interrupted.
+    Events {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// The site daemon: BGP, heartbeats, the failover of every group the site runs or backs
     /// up, and their VMs, from the policy, until SIGTERM.
     Run(RunArgs),
@@ -432,6 +443,35 @@ pub enum GroupCommand {
     Run(GroupRunArgs),
     /// Restore every VM of a group from the backup's store, all at one epoch.
     Restore(GroupRestoreArgs),
+    /// Ask the site daemon (the active site's) for a planned switchover of a group.
+    Switchover {
+        /// The group.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Ask the site daemon to take a group over (manual mode): refused unless the witness
+    /// agrees the other site is gone, or --force.
+    Failover {
+        /// The group.
+        name: String,
+        /// The other site is down: do not ask the witness.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// Where the site daemon's API is.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// The API's URL (the policy's `api.listen` of the site).
+    #[arg(long, default_value = "http://127.0.0.1:7080")]
+    pub api: String,
+    /// The file holding the API's bearer token (the policy's `api.token_file`).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Which group, and where its VMs' taps, control sockets and consoles are.
@@ -681,6 +721,11 @@ pub enum PolicyCommand {
     },
     /// Print the JSON Schema (draft 2020-12) of the policy format.
     Schema,
+    /// Ask the site daemon to apply a changed policy.
+    Reload {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Describe a policy in plain words: announcements, failure detection, bandwidth budgets.
     Explain {
         /// The policy file.

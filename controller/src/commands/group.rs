@@ -28,17 +28,10 @@ use secondsite::runtime::serve::{Served, serve_until_done};
 use secondsite::runtime::store::group_store_dir;
 
 use super::place;
-use crate::cli::{GroupCommand, GroupRestoreArgs, GroupRunArgs, GroupVmsArgs};
+use crate::cli::{GroupRestoreArgs, GroupRunArgs, GroupVmsArgs};
 
 /// Linux limits interface names to 15 bytes.
 const MAX_TAP_NAME: usize = 15;
-
-pub fn run(command: GroupCommand) -> anyhow::Result<ExitCode> {
-    match command {
-        GroupCommand::Run(args) => run_group(args),
-        GroupCommand::Restore(args) => restore_group(args),
-    }
-}
 
 /// One VM of the group, ready to boot or restore.
 struct VmPlan {
@@ -125,7 +118,7 @@ fn plan(args: &GroupVmsArgs, policy: &Policy) -> anyhow::Result<GroupPlan> {
     })
 }
 
-fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
+pub fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
     let policy = match load_policy(&args.vms.policy) {
         Ok(p) => p,
         Err(exit) => return Ok(exit),
@@ -176,7 +169,7 @@ fn run_group(args: GroupRunArgs) -> anyhow::Result<ExitCode> {
     serve_until_done(served, Some(replication), vcpu_cpus.as_ref())
 }
 
-fn restore_group(args: GroupRestoreArgs) -> anyhow::Result<ExitCode> {
+pub fn restore_group(args: GroupRestoreArgs) -> anyhow::Result<ExitCode> {
     let policy = match load_policy(&args.vms.policy) {
         Ok(p) => p,
         Err(exit) => return Ok(exit),

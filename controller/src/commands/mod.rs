@@ -1,5 +1,6 @@
 //! One module per command group.
 
+mod api;
 mod bench;
 mod bgp;
 mod group;
@@ -14,7 +15,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use secondsite_vmm::affinity::CpuList;
 
-use crate::cli::{BenchCommand, Cli, Command, PlacementArgs};
+use crate::cli::{BenchCommand, Cli, Command, GroupCommand, PlacementArgs};
 
 /// Exit status for "the input is wrong" (bad policy), as distinct from a failure to run (1).
 pub const EXIT_INVALID_INPUT: u8 = 2;
@@ -22,9 +23,17 @@ pub const EXIT_INVALID_INPUT: u8 = 2;
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Status { api } => api::status(&api),
+        Command::Events { api } => api::events(&api),
+        Command::Group(GroupCommand::Run(args)) => group::run_group(args),
+        Command::Group(GroupCommand::Restore(args)) => group::restore_group(args),
+        Command::Group(GroupCommand::Switchover { name, api }) => api::switchover(&api, &name),
+        Command::Group(GroupCommand::Failover { name, force, api }) => {
+            api::failover(&api, &name, force)
+        }
+        Command::Policy(crate::cli::PolicyCommand::Reload { api }) => api::reload(&api),
         Command::Policy(command) => policy::run(command),
         Command::Vm(command) => vm::run(command),
-        Command::Group(command) => group::run(command),
         Command::Bench(BenchCommand::Vm { json, quick }) => bench::vm(json, quick),
         Command::Bench(BenchCommand::Replication {
             json,

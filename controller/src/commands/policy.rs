@@ -8,8 +8,10 @@ use secondsite_policy::{check_file, count, explain, json_schema};
 use super::{EXIT_INVALID_INPUT, print_diagnostics};
 use crate::cli::PolicyCommand;
 
+/// `policy check|schema|explain` (`policy reload` asks the daemon: `commands::api`).
 pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
+        PolicyCommand::Reload { .. } => unreachable!("dispatched to commands::api"),
         PolicyCommand::Check { files } => {
             let mut failed = false;
             for file in &files {

@@ -28,6 +28,7 @@ use secondsite_vmm::clock::unix_ns;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use super::api::{self, ApiState, GroupCommand, GroupLabel, PathLabel, PeerLabel, ReasonLabel};
 use super::dataplane::DataPlane;
 use super::failover::{Event, Failover, Input, Output, Standing, UpstreamView};
 use super::heartbeat::{Liveness, Monitor, MonitorConfig};
@@ -59,6 +60,7 @@ struct Daemon {
     data: DataPlane,
     monitor: Monitor,
     refused_logged: u64,
+    api: Arc<ApiState>,
 }
 
 /// A random number for this start of the daemon (its heartbeats' boot number).
@@ -92,6 +94,16 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let data = tokio::task::block_in_place(|| {
         DataPlane::start(&config.policy, &config.site, &base_dir, inputs_tx.clone())
     })?;
+    let token = match &plan.api_token_file {
+        Some(file) => Some(String::from_utf8_lossy(&plan::read_secret(file)?).into_owned()),
+        None => None,
+    };
+    let (commands_tx, mut commands) = mpsc::unbounded_channel::<GroupCommand>();
+    let api_state = ApiState::new(token, commands_tx);
+    let api_listener = tokio::net::TcpListener::bind(plan.api_listen)
+        .await
+        .with_context(|| format!("the API on {}", plan.api_listen))?;
+    tokio::spawn(api::serve(api_listener, api::router(api_state.clone())));
     let (bgp_tx, mut bgp_events) = mpsc::unbounded_channel();
     let speaker = Speaker::start(plan.bgp.clone(), Vec::new(), bgp_tx)
         .await
@@ -163,6 +175,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         data,
         monitor,
         refused_logged: 0,
+        api: api_state,
     };
     let mut tick = tokio::time::interval(daemon.plan.heartbeat_interval);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -171,7 +184,16 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             _ = tick.tick() => daemon.tick(&sockets).await,
             Some((path, bytes)) = beats.recv() => daemon.heartbeat(path, &bytes),
             Some(event) = bgp_events.recv() => daemon.bgp(event),
-            Some((group, input)) = inputs.recv() => daemon.feed(&group, input),
+            Some((group, input)) = inputs.recv() => {
+                daemon.feed(&group, input);
+            }
+            Some(command) = commands.recv() => {
+                let events = daemon
+                    .machines
+                    .contains_key(&command.group)
+                    .then(|| daemon.feed(&command.group, command.input));
+                let _ = command.reply.send(events);
+            }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
@@ -184,6 +206,77 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
 }
 
 impl Daemon {
+    /// The metrics, from the status just built.
+    fn update_metrics(&self, status: &serde_json::Value) {
+        let m = &self.api.metrics;
+        for (name, machine) in &self.machines {
+            let label = GroupLabel {
+                group: name.clone(),
+            };
+            m.group_serving
+                .get_or_create(&label)
+                .set(i64::from(machine.serving()));
+            m.group_term
+                .get_or_create(&label)
+                .set(machine.standing().term as i64);
+            let replication = &status["groups"][name]["replication"];
+            let figure = |key: &str| replication[key].as_i64().unwrap_or(0);
+            m.epochs_committed
+                .get_or_create(&label)
+                .set(figure("committed"));
+            m.pause_p99_us
+                .get_or_create(&label)
+                .set(figure("pause_us_p99"));
+            m.bytes_replicated
+                .get_or_create(&label)
+                .set(figure("bytes_sent"));
+            m.output_frames_held
+                .get_or_create(&label)
+                .set(figure("frames_held"));
+            m.log_lag_frames
+                .get_or_create(&label)
+                .set(figure("log_lag"));
+        }
+        for (i, path) in status["heartbeat_paths"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let label = PathLabel {
+                path: i.to_string(),
+            };
+            m.heartbeat_path_up
+                .get_or_create(&label)
+                .set(i64::from(path["up"] == true));
+            m.heartbeat_rtt_us
+                .get_or_create(&label)
+                .set(path["rtt_us"].as_i64().unwrap_or(0));
+            m.heartbeats_received
+                .get_or_create(&label)
+                .set(path["received"].as_i64().unwrap_or(0));
+            m.heartbeats_lost
+                .get_or_create(&label)
+                .set(path["lost"].as_i64().unwrap_or(0));
+        }
+        if let Some(refused) = status["heartbeats_refused"].as_object() {
+            for (reason, n) in refused {
+                m.heartbeats_refused
+                    .get_or_create(&ReasonLabel {
+                        reason: reason.clone(),
+                    })
+                    .set(n.as_i64().unwrap_or(0));
+            }
+        }
+        for (peer, session) in &self.sessions {
+            m.bgp_session_up
+                .get_or_create(&PeerLabel {
+                    peer: peer.to_string(),
+                })
+                .set(i64::from(session.established));
+        }
+    }
+
     fn group(&self, name: &str) -> Option<&GroupPlan> {
         self.plan.groups.iter().find(|g| g.name == name)
     }
@@ -275,15 +368,32 @@ impl Daemon {
         }
     }
 
-    /// One input to a group's machine, and what it answers carried out.
-    fn feed(&mut self, group: &str, input: Input) {
+    /// One input to a group's machine, and what it answers carried out; its events.
+    fn feed(&mut self, group: &str, input: Input) -> Vec<Event> {
         let Some(machine) = self.machines.get_mut(group) else {
-            return;
+            return Vec::new();
         };
+        let takeover_started = machine.takeover_started();
         let outputs = machine.handle(Instant::now(), input);
+        let mut events = Vec::new();
         for output in outputs {
+            if let Output::Event(event) = &output {
+                if let (Event::TakeoverDone { .. }, Some(started)) = (event, takeover_started) {
+                    let label = GroupLabel {
+                        group: group.to_owned(),
+                    };
+                    let metrics = &self.api.metrics;
+                    metrics.takeovers.get_or_create(&label).inc();
+                    metrics
+                        .takeover_ms
+                        .get_or_create(&label)
+                        .set(started.elapsed().as_millis() as i64);
+                }
+                events.push(event.clone());
+            }
             self.apply(group, output);
         }
+        events
     }
 
     fn apply(&mut self, group: &str, output: Output) {
@@ -323,6 +433,13 @@ impl Daemon {
         if let Err(e) = self.state.record(unix_ms, &self.plan.site, group, event) {
             eprintln!("secondsite: cannot write the journal: {e}");
         }
+        let line = serde_json::json!({
+            "unix_ms": unix_ms,
+            "site": self.plan.site,
+            "group": group,
+            "event": event,
+        });
+        let _ = self.api.events.send(line.to_string());
     }
 
     /// `STATE_DIR/status.json`: each group's state and term, the peer's health per path, the
@@ -340,6 +457,7 @@ impl Daemon {
                         "term": standing.term,
                         "serving": m.serving(),
                         "upstream": self.upstream_views.get(name),
+                        "replication": self.data.group_status(name),
                     }),
                 )
             })
@@ -375,6 +493,8 @@ impl Daemon {
             })).collect::<Vec<_>>(),
             "groups": groups,
         });
+        self.update_metrics(&status);
+        *self.api.status.lock().unwrap_or_else(|e| e.into_inner()) = status.clone();
         let file = self.state.path().join("status.json");
         let aside = file.with_extension("json.new");
         if std::fs::write(&aside, status.to_string()).is_ok() {

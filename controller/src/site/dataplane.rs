@@ -347,6 +347,30 @@ impl DataPlane {
         }
     }
 
+    /// The group's replication and gateway figures while its VMs run here: epochs committed,
+    /// pause p99, bytes sent; frames held, log lag (of its first VM's gateway).
+    pub fn group_status(&self, group: &str) -> serde_json::Value {
+        let Some(data) = self.groups.get(group) else {
+            return serde_json::Value::Null;
+        };
+        let data = data.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(running) = &data.running else {
+            return serde_json::Value::Null;
+        };
+        let mut out = match &running.replication {
+            Some(r) => crate::runtime::serve::replication_json(&r.status()),
+            None => serde_json::json!({ "protected": false }),
+        };
+        if let (Some(gateway), serde_json::Value::Object(map)) =
+            (running.gateways.first(), &mut out)
+        {
+            let g = gateway.status();
+            map.insert("frames_held".into(), g["frames_held"].clone());
+            map.insert("log_lag".into(), g["log_lag"].clone());
+        }
+        out
+    }
+
     /// Stops every VM (the daemon is stopping).
     pub fn stop(&self) {
         for data in self.groups.values() {

@@ -14,6 +14,7 @@
 //! - `dataplane`: the receiver, each group's taps and VMs, as the machines drive them.
 //! - `daemon`: `secondsite run`, the event loop that ties them together.
 
+pub mod api;
 pub mod daemon;
 pub mod dataplane;
 pub mod failover;
