@@ -361,6 +361,17 @@ pub enum BenchCommand {
         #[arg(long)]
         quick: bool,
     },
+    /// The loss of a site in the namespace lab (BIRD with BFD, two `secondsite run`, a client
+    /// with an INCR loop), each trial from scratch: suspicion, witness, restore and replay,
+    /// the upstream's FIB change, the client's gap; median, p95, worst. Needs root, /dev/kvm,
+    /// bird2, nc and redis-tools.
+    Failover {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+    },
     /// The BGP speaker against BIRD and FRR in a namespace lab: time from a `withdraw` to the
     /// upstream's FIB change (20 trials each), UPDATE encode+decode rate, memory with two
     /// sessions. Needs root, bird2 and frr.

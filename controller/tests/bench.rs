@@ -186,3 +186,35 @@ fn bench_bgp_reports_withdraw_times_codec_rate_and_memory() {
         "keeping every route costs more: {report}"
     );
 }
+
+#[test]
+fn bench_failover_reports_every_step_of_a_site_loss() {
+    if !privileged("bench_failover_reports_every_step_of_a_site_loss") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_secondsite"))
+        .args(["bench", "failover", "--trials", "1", "--json"])
+        .output()
+        .expect("runs secondsite bench failover");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for step in [
+        "suspicion_ms",
+        "witness_and_grace_ms",
+        "restore_and_replay_ms",
+        "upstream_fib_ms",
+        "client_gap_ms",
+    ] {
+        assert!(
+            report["summary"][step]["median"].as_f64().is_some(),
+            "{step}: {report}"
+        );
+    }
+    assert_eq!(report["sequence_violations"], 0, "{report}");
+    assert_eq!(report["targets"].as_array().map(Vec::len), Some(3));
+}

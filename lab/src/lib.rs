@@ -22,11 +22,13 @@
 mod netns;
 mod proc;
 mod routers;
+mod sites;
 mod topology;
 
 pub use netns::{Netns, veth};
 pub use proc::Proc;
-pub use routers::{Bird, Frr, Gobgp, SiteLab, SpeakerProc, UpstreamLab, wait_until};
+pub use routers::{Bird, Frr, Gobgp, SpeakerProc, UpstreamLab, wait_until};
+pub use sites::{Connection, GUEST, SiteDaemon, SiteLab, policy};
 pub use topology::{GroupSite, VmSite};
 
 /// Whether privileged tests can run here. Skips (false, with a message) when not root; panics

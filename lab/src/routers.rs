@@ -113,54 +113,6 @@ impl UpstreamLab {
     }
 }
 
-/// The two-site lab of the site daemon: the upstream lab, a client behind the upstream, and a
-/// WAN link between the sites for their replication and heartbeats.
-///
-/// ```text
-///   client 10.0.3.2 ── 10.0.3.1 up (BIRD) 10.0.1.1 ── site_a 10.0.1.2
-///                                         10.0.2.1 ── site_b 10.0.2.2
-///   site_a wan0 10.9.0.1/30 ─────────────────────────── site_b wan0 10.9.0.2/30
-/// ```
-/// Each site routes by default toward the upstream, as a site's operator configures it.
-#[derive(Debug)]
-pub struct SiteLab {
-    pub lab: UpstreamLab,
-    pub client: Netns,
-}
-
-impl SiteLab {
-    pub const CLIENT: &'static str = "10.0.3.2";
-    pub const WAN_A: &'static str = "10.9.0.1";
-    pub const WAN_B: &'static str = "10.9.0.2";
-
-    pub fn new() -> io::Result<SiteLab> {
-        let lab = UpstreamLab::new()?;
-        let client = Netns::new("client")?;
-        crate::netns::veth(
-            &lab.up,
-            "up-client",
-            "10.0.3.1/24",
-            &client,
-            "eth0",
-            "10.0.3.2/24",
-        )?;
-        client.ip(&["route", "add", "default", "via", "10.0.3.1"])?;
-        crate::netns::veth(
-            &lab.site_a,
-            "wan0",
-            "10.9.0.1/30",
-            &lab.site_b,
-            "wan0",
-            "10.9.0.2/30",
-        )?;
-        lab.site_a
-            .ip(&["route", "add", "default", "via", "10.0.1.1"])?;
-        lab.site_b
-            .ip(&["route", "add", "default", "via", "10.0.2.1"])?;
-        Ok(SiteLab { lab, client })
-    }
-}
-
 /// Polls `check` every 20 ms until it holds or `timeout` passes; the time it took.
 pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
     let started = Instant::now();

@@ -43,6 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => bench::replication(json, quick, throughput_only, shared_cpus),
         Command::Bench(BenchCommand::Bgp { json, quick }) => bench::bgp(json, quick),
         Command::Bench(BenchCommand::Gateway { json, quick }) => bench::gateway(json, quick),
+        Command::Bench(BenchCommand::Failover { json, trials }) => bench::failover(json, trials),
         Command::Replicate(command) => replicate::receive(command),
         Command::Store(command) => replicate::store(command),
         Command::Replay(command) => replay::run(command),

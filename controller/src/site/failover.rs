@@ -243,8 +243,11 @@ struct Facts {
     upstream_carried_peer: bool,
     protected: bool,
     replica: Option<u64>,
-    /// Since when the peer has been gone with the witness's agreement, and since when this
-    /// site has held the upstream with the peer silent.
+    /// Since when the witness has said the peer is gone (the upstream's withdrawal, or with
+    /// no witness the silence); while the peer is also silent, that is when it is gone (the
+    /// grace runs from the withdrawal: the peer lost the upstream then, give or take); and
+    /// since when this site has held the upstream with the peer silent.
+    witness_since: Option<Instant>,
     gone_since: Option<Instant>,
     alone_since: Option<Instant>,
 }
@@ -342,9 +345,14 @@ impl Failover {
             Input::Replica(epoch) => self.facts.replica = *epoch,
             _ => {}
         }
-        self.facts.gone_since = self
-            .peer_gone()
-            .then(|| self.facts.gone_since.unwrap_or(now));
+        self.facts.witness_since = self
+            .witness_says_gone()
+            .then(|| self.facts.witness_since.unwrap_or(now));
+        self.facts.gone_since = if self.peer_gone() {
+            self.facts.witness_since
+        } else {
+            None
+        };
         self.facts.alone_since = (self.facts.peer_silent && self.holds_upstream())
             .then(|| self.facts.alone_since.unwrap_or(now));
         match (self.state, input) {
@@ -605,18 +613,23 @@ impl Failover {
         self.become_standby(out);
     }
 
-    /// The peer is gone as far as this site can tell: silent, and the witness agrees (the
-    /// upstream carried its route once and no longer does).
+    /// The peer is gone as far as this site can tell: silent, and the witness agrees.
     fn peer_gone(&self) -> bool {
-        self.facts.peer_silent
-            && match self.config.witness {
-                Witness::None => true,
-                Witness::UpstreamBgp => {
-                    self.facts.upstream.connected
-                        && self.facts.upstream.peer_route == PeerRoute::None
-                        && self.facts.upstream_carried_peer
-                }
+        self.facts.peer_silent && self.witness_says_gone()
+    }
+
+    /// The witness's word: with `upstream-bgp`, our session is up and the upstream no longer
+    /// carries the peer's route, having carried it since we started (an upstream that never
+    /// sent it proves nothing); with none, the heartbeats' silence.
+    fn witness_says_gone(&self) -> bool {
+        match self.config.witness {
+            Witness::None => self.facts.peer_silent,
+            Witness::UpstreamBgp => {
+                self.facts.upstream.connected
+                    && self.facts.upstream.peer_route == PeerRoute::None
+                    && self.facts.upstream_carried_peer
             }
+        }
     }
 
     /// Whether a condition that began at `since` has held for the grace time.

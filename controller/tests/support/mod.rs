@@ -3,10 +3,8 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use secondsite_lab::{Netns, Proc, VmSite};
@@ -168,40 +166,16 @@ pub fn wait_for(control_path: &Path, what: &str, pred: impl Fn(&Value) -> bool) 
     }
 }
 
-/// A client's TCP connection held open in `nc`, answering line by line.
-pub struct Connection {
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-    _nc: Proc,
-}
+/// A client's TCP connection to the guest, held open in `nc` (the lab's), answering line by
+/// line.
+pub struct Connection(secondsite_lab::Connection);
 
 impl Connection {
     pub fn open(site: &VmSite) -> Connection {
-        Connection::open_to(&site.client, VmSite::GUEST_IP)
-    }
-
-    /// A connection from namespace `ns` to the guest at `ip`.
-    pub fn open_to(ns: &Netns, ip: &str) -> Connection {
-        let mut cmd = ns.command("nc");
-        cmd.args([ip, "6379"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        let mut nc = Proc::spawn(&mut cmd, "nc").expect("starts nc");
-        let stdin = nc.child().stdin.take().expect("piped stdin");
-        let stdout = nc.child().stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line.trim_end().to_owned()).is_err() {
-                    break;
-                }
-            }
-        });
-        Connection {
-            stdin,
-            lines,
-            _nc: nc,
-        }
+        Connection(
+            secondsite_lab::Connection::open(&site.client, VmSite::GUEST_IP, 6379)
+                .expect("starts nc"),
+        )
     }
 
     /// Sends an inline command and returns the reply's lines.
@@ -209,23 +183,21 @@ impl Connection {
         self.send(command);
         (0..reply_lines)
             .map(|_| {
-                self.lines
-                    .recv_timeout(Duration::from_secs(15))
-                    .unwrap_or_else(|_| panic!("no reply to {command}"))
+                self.0
+                    .line_within(Duration::from_secs(15))
+                    .unwrap_or_else(|| panic!("no reply to {command}"))
             })
             .collect()
     }
 
     /// Sends an inline command without waiting for its reply.
     pub fn send(&mut self, command: &str) {
-        self.stdin
-            .write_all(format!("{command}\r\n").as_bytes())
-            .expect("nc takes input");
+        self.0.send(command).expect("nc takes input");
     }
 
     /// The next reply line, if one comes within `wait`.
     pub fn line_within(&mut self, wait: Duration) -> Option<String> {
-        self.lines.recv_timeout(wait).ok()
+        self.0.line_within(wait)
     }
 }
 

@@ -21,10 +21,12 @@ const GUEST: [u8; 4] = [203, 0, 113, 10];
 const PORT: u16 = 6379;
 
 mod bgp;
+mod failover;
 mod gateway;
 mod replication;
 
 pub use bgp::bgp;
+pub use failover::failover;
 pub use gateway::gateway;
 pub use replication::replication;
 
