@@ -15,6 +15,7 @@ fuzz_target!(|data: &[u8]| {
         hold_time: 9,
         passive: false,
         connect_retry: Duration::from_secs(1),
+        keep: Default::default(),
     });
     s.handle(now, Input::Start);
     s.handle(now, Input::Connected { id: 1, outgoing: true });
