@@ -20,9 +20,12 @@ use secondsite_vmm::{NetPort, Readiness, Received};
 
 use crate::record::LogRecord;
 
-/// Replays logged frames, then passes the inner port's traffic.
+/// Replays logged frames, then the frames held while the VM was being restored, then passes
+/// the inner port's traffic.
 pub struct ReplayPort {
     pending: VecDeque<LogRecord>,
+    /// Frames that arrived for the VM before it existed (a takeover): after the log, unnumbered.
+    held: VecDeque<Vec<u8>>,
     /// A logged frame went to the guest in this delivery round: the round ends here.
     gave_this_round: bool,
     replayed: u64,
@@ -44,13 +47,24 @@ impl std::fmt::Debug for ReplayPort {
 impl ReplayPort {
     /// `frames` (in order) first, then `inner`'s.
     pub fn new(frames: Vec<LogRecord>, inner: Box<dyn NetPort>) -> io::Result<ReplayPort> {
+        ReplayPort::with_held(frames, Vec::new(), inner)
+    }
+
+    /// `frames` (in order), then `held` (frames that came while the VM was being restored),
+    /// then `inner`'s.
+    pub fn with_held(
+        frames: Vec<LogRecord>,
+        held: Vec<Vec<u8>>,
+        inner: Box<dyn NetPort>,
+    ) -> io::Result<ReplayPort> {
         let readiness = Readiness::new(inner.readable_fd())?;
-        if !frames.is_empty() {
+        if !frames.is_empty() || !held.is_empty() {
             readiness.ring();
         }
         Ok(ReplayPort {
             total: frames.len() as u64,
             pending: frames.into(),
+            held: held.into(),
             gave_this_round: false,
             replayed: 0,
             name: format!("replay:{}", inner.name()),
@@ -59,9 +73,9 @@ impl ReplayPort {
         })
     }
 
-    /// Whether every logged frame has been handed to the guest.
+    /// Whether every logged (and held) frame has been handed to the guest.
     pub fn done(&self) -> bool {
-        self.pending.is_empty()
+        self.pending.is_empty() && self.held.is_empty()
     }
 }
 
@@ -79,9 +93,18 @@ impl NetPort for ReplayPort {
             return Ok(None);
         }
         let Some(record) = self.pending.pop_front() else {
-            return self.inner.try_recv(buf);
+            let Some(frame) = self.held.pop_front() else {
+                return self.inner.try_recv(buf);
+            };
+            if self.held.is_empty() {
+                self.readiness.quiet();
+            }
+            self.gave_this_round = true;
+            let len = frame.len().min(buf.len());
+            buf[..len].copy_from_slice(&frame[..len]);
+            return Ok(Some(Received { len, seq: None }));
         };
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.held.is_empty() {
             self.readiness.quiet();
         }
         self.gave_this_round = true;
@@ -111,6 +134,7 @@ impl NetPort for ReplayPort {
             "replay_frames": self.total,
             "replayed": self.replayed,
             "replay_pending": self.pending.len(),
+            "held_pending": self.held.len(),
         });
         if let (Some(inner), serde_json::Value::Object(map)) = (self.inner.status(), &mut status) {
             map.insert("inner".into(), inner);
@@ -201,5 +225,36 @@ mod tests {
         let got = port.try_recv(&mut buf).expect("recv").expect("live");
         assert_eq!((got.seq, &buf[..4]), (None, &b"live"[..]));
         assert_eq!(port.status().expect("status")["replayed"], 3);
+    }
+
+    #[test]
+    fn frames_held_during_a_takeover_follow_the_log_unnumbered_before_live_traffic() {
+        let inner = Live {
+            frames: Arc::new(Mutex::new(VecDeque::from([b"live".to_vec()]))),
+            never: secondsite_vmm::Unplugged::new().expect("pipe"),
+        };
+        let logged = vec![LogRecord {
+            seq: 9,
+            epoch: 1,
+            unix_ns: 0,
+            frame: vec![9; 60],
+        }];
+        let held = vec![b"held-1".to_vec(), b"held-2".to_vec()];
+        let mut port = ReplayPort::with_held(logged, held, Box::new(inner)).expect("port");
+        let mut buf = [0u8; 100];
+        let mut got = Vec::new();
+        while let Some(r) = port.try_recv(&mut buf).expect("recv") {
+            got.push((r.seq, buf[..r.len].to_vec()));
+            let _ = port.try_recv(&mut buf); // the round ends after each replayed frame
+            if got.len() == 3 {
+                break;
+            }
+        }
+        assert_eq!(got[0].0, Some(9));
+        assert_eq!(got[1], (None, b"held-1".to_vec()));
+        assert_eq!(got[2], (None, b"held-2".to_vec()));
+        assert!(port.done());
+        let live = port.try_recv(&mut buf).expect("recv").expect("live");
+        assert_eq!(&buf[..live.len], b"live");
     }
 }

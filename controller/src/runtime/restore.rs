@@ -33,6 +33,19 @@ impl StoreRestore<'_> {
     /// Rebuilds VM `vm` on the tap `tap`, announced there, with the logged frames it had not
     /// yet taken queued before live traffic.
     pub fn vm(&self, vm: u32, tap: &str, console: Option<&Path>) -> anyhow::Result<RestoredVm> {
+        let port = Tap::open(tap).with_context(|| format!("tap {tap}"))?;
+        self.vm_on(vm, port, Vec::new(), console)
+    }
+
+    /// [`StoreRestore::vm`] on a tap already open, with `held`, the frames that came for the
+    /// VM while it was being restored, after the logged ones.
+    pub fn vm_on(
+        &self,
+        vm: u32,
+        tap_port: Tap,
+        held: Vec<Vec<u8>>,
+        console: Option<&Path>,
+    ) -> anyhow::Result<RestoredVm> {
         let store = self.store;
         let scratch = ScratchDir::new(vm)?;
         let used = restore::snapshot_from_store(store, vm, self.epoch, &scratch.0)
@@ -46,10 +59,11 @@ impl StoreRestore<'_> {
         } else {
             Vec::new()
         };
-        let tap_port = Tap::open(tap).with_context(|| format!("tap {tap}"))?;
+        let tap = tap_port.name().to_owned();
         let announcer = tap_port.try_clone().with_context(|| format!("tap {tap}"))?;
         let replayed = frames.len();
-        let port = ReplayPort::new(frames, Box::new(tap_port)).context("the replay port")?;
+        let port =
+            ReplayPort::with_held(frames, held, Box::new(tap_port)).context("the replay port")?;
         let restored = Vm::restore(&scratch.0, Box::new(port), console)
             .with_context(|| format!("cannot restore VM {vm} from {}", store.display()))?;
         eprintln!(

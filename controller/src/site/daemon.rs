@@ -180,8 +180,28 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(daemon.plan.heartbeat_interval);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
+        // A confirmation that will have held for its grace time is acted on at once.
+        let now = Instant::now();
+        let deadline = daemon
+            .machines
+            .values()
+            .filter_map(|m| m.deadline(now))
+            .min()
+            .map(tokio::time::Instant::from_std);
+        let grace_over = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick() => daemon.tick(&sockets).await,
+            _ = grace_over => {
+                let names: Vec<String> = daemon.machines.keys().cloned().collect();
+                for name in names {
+                    daemon.feed(&name, Input::Tick);
+                }
+            }
             Some((path, bytes)) = beats.recv() => daemon.heartbeat(path, &bytes),
             Some(event) = bgp_events.recv() => daemon.bgp(event),
             Some((group, input)) = inputs.recv() => {

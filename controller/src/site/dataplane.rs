@@ -9,16 +9,20 @@
 //!                 (its events -> Input::Protected)
 //!    Restore   -> rebuild every VM from the newest committed epoch, replay the traffic log
 //!                 (a thread) -> Input::Restored
-//!    Pause / Resume / Receive (stop the VMs: the other site runs the group)
+//!    Receive   -> stop the VMs (the other site runs the group); hold the taps open, keeping
+//!                 the frames that come early (the upstream may move first) for the restore
+//!    Pause / Resume
 //! ```
 //! Not built yet: replicating a group this site took over back to the other site when it
 //! returns (it runs unprotected until then), and the handover's final epoch (a switchover).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use secondsite_policy::Policy;
@@ -28,7 +32,7 @@ use secondsite_replicator::codec::CodecConfig;
 use secondsite_replicator::primary::Event as ReplicationEvent;
 use secondsite_replicator::store::Store;
 use secondsite_replicator::tls::{self, TlsFiles};
-use secondsite_vmm::{Command, Vm};
+use secondsite_vmm::{Command, NetPort, Tap, Vm};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::failover::{Input, Output};
@@ -46,6 +50,77 @@ struct GroupData {
     vms: Vec<GroupVmConfig>,
     taps: Vec<String>,
     running: Option<Protected>,
+    /// While the site stands by: each VM's tap held open, keeping the frames that come for
+    /// it (the upstream may move before the takeover), for the restored VM.
+    holders: Vec<Holder>,
+}
+
+/// Frames kept for a VM not yet restored, at most.
+const HELD_FRAMES: usize = 4096;
+const HELD_BYTES: usize = 8 << 20;
+/// A held frame older than this when the VM is restored is stale: dropped.
+const HELD_FOR: Duration = Duration::from_secs(5);
+
+/// Frames held, with when each came.
+type Held = VecDeque<(Instant, Vec<u8>)>;
+
+/// A tap held open while its VM does not run here, keeping recent frames.
+struct Holder {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(Tap, Held)>,
+}
+
+impl Holder {
+    fn start(tap: &str) -> anyhow::Result<Holder> {
+        let mut port = Tap::open(tap).with_context(|| format!("tap {tap}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("hold".into())
+            .spawn(move || {
+                let mut held = Held::new();
+                let mut bytes = 0;
+                let mut buf = vec![0u8; 9216];
+                while !flag.load(Ordering::Relaxed) {
+                    match port.try_recv(&mut buf) {
+                        Ok(Some(r)) => {
+                            bytes += r.len;
+                            held.push_back((Instant::now(), buf[..r.len].to_vec()));
+                            while held.len() > HELD_FRAMES || bytes > HELD_BYTES {
+                                if let Some((_, f)) = held.pop_front() {
+                                    bytes -= f.len();
+                                }
+                            }
+                        }
+                        _ => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+                (port, held)
+            })?;
+        Ok(Holder { stop, thread })
+    }
+
+    /// The tap back, and the frames held within the last [`HELD_FOR`].
+    fn finish(self) -> anyhow::Result<(Tap, Vec<Vec<u8>>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let (port, held) = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a tap holder failed"))?;
+        let fresh = held
+            .into_iter()
+            .filter(|(at, _)| at.elapsed() < HELD_FOR)
+            .map(|(_, f)| f)
+            .collect();
+        Ok((port, fresh))
+    }
+}
+
+/// Lets the group's taps go (the VMs open them).
+fn release_taps(data: &mut GroupData) {
+    for holder in std::mem::take(&mut data.holders) {
+        let _ = holder.finish();
+    }
 }
 
 /// The site's TLS files for the replication links, relative names resolved.
@@ -159,6 +234,7 @@ impl DataPlane {
                     vms,
                     taps,
                     running: None,
+                    holders: Vec::new(),
                 })),
             );
         }
@@ -239,7 +315,7 @@ impl DataPlane {
             Output::Replicate => self.replicate(group, data),
             Output::Receive => {
                 stop(data);
-                Ok(())
+                hold_taps(data)
             }
             Output::ServeUnprotected => {
                 let data = data.lock().unwrap_or_else(|e| e.into_inner());
@@ -280,6 +356,7 @@ impl DataPlane {
             );
             return Ok(());
         }
+        release_taps(&mut data);
         let macs: HashSet<[u8; 6]> = data.vms.iter().map(|v| v.config.mac).collect();
         let mut vms = Vec::new();
         for (vm, tap) in data.vms.iter().zip(&data.taps) {
@@ -375,7 +452,8 @@ impl DataPlane {
     pub fn stop(&self) {
         for data in self.groups.values() {
             stop(data);
-            let data = data.lock().unwrap_or_else(|e| e.into_inner());
+            let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
+            release_taps(&mut data);
             for tap in &data.taps {
                 let _ = ip(&["link", "del", tap]);
             }
@@ -402,9 +480,25 @@ fn restore_group(store: &Path, data: &Mutex<GroupData>, epoch: Option<u64>) -> a
     };
     let mut vms = Vec::new();
     let mut replayed = 0;
+    let mut holders = std::mem::take(&mut data.holders).into_iter();
     for (vm, tap) in data.vms.iter().zip(&data.taps) {
+        // The frames that came for the VM while the site stood by go to it after the log.
+        let (port, held) = match holders.next() {
+            Some(holder) => holder.finish()?,
+            None => (
+                Tap::open(tap).with_context(|| format!("tap {tap}"))?,
+                Vec::new(),
+            ),
+        };
+        if !held.is_empty() {
+            eprintln!(
+                "secondsite: VM {}: {} frames came before it was restored; they follow the log",
+                vm.name,
+                held.len()
+            );
+        }
         let restored = restore
-            .vm(vm.index, tap, None)
+            .vm_on(vm.index, port, held, None)
             .with_context(|| format!("VM {}", vm.name))?;
         replayed += restored.replayed as u64;
         vms.push(GroupVm {
@@ -415,6 +509,20 @@ fn restore_group(store: &Path, data: &Mutex<GroupData>, epoch: Option<u64>) -> a
     }
     data.running = Some(Protected::start(vms, None, None)?);
     Ok(replayed)
+}
+
+/// Holds the group's taps open while it stands by (once).
+fn hold_taps(data: &Mutex<GroupData>) -> anyhow::Result<()> {
+    let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
+    if !data.holders.is_empty() || data.running.is_some() {
+        return Ok(());
+    }
+    let mut holders = Vec::new();
+    for tap in &data.taps {
+        holders.push(Holder::start(tap)?);
+    }
+    data.holders = holders;
+    Ok(())
 }
 
 fn stop(data: &Mutex<GroupData>) {

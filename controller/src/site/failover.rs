@@ -263,6 +263,8 @@ pub struct Failover {
     takeover_started: Option<Instant>,
     /// Told to serve unprotected since the peer was last seen (said once).
     unprotected: bool,
+    /// A takeover was refused for want of a replica (said once, until one comes).
+    no_replica_said: bool,
 }
 
 impl Failover {
@@ -275,6 +277,7 @@ impl Failover {
             facts: Facts::default(),
             takeover_started: None,
             unprotected: false,
+            no_replica_said: false,
         }
     }
 
@@ -305,6 +308,17 @@ impl Failover {
     /// Whether this site runs the group's VMs unpaused now.
     pub fn serving(&self) -> bool {
         matches!(self.state, State::Active)
+    }
+
+    /// When a confirmation this machine waits on will have held for the grace time: the
+    /// driver passes a `Tick` then (rather than at its next interval).
+    pub fn deadline(&self, now: Instant) -> Option<Instant> {
+        let since = match self.state {
+            State::Standby if self.config.automatic => self.facts.gone_since,
+            State::Starting if self.standing.active => self.facts.alone_since,
+            _ => None,
+        };
+        since.map(|s| s + self.config.grace).filter(|at| *at > now)
     }
 
     /// Since when the current takeover runs, if one does.
@@ -342,7 +356,10 @@ impl Failover {
                 }
                 self.facts.protected = *protected;
             }
-            Input::Replica(epoch) => self.facts.replica = *epoch,
+            Input::Replica(epoch) => {
+                self.facts.replica = *epoch;
+                self.no_replica_said = false;
+            }
             _ => {}
         }
         self.facts.witness_since = self
@@ -575,10 +592,12 @@ impl Failover {
         out: &mut Vec<Output>,
     ) {
         if self.facts.replica.is_none() && epoch.is_none() {
-            out.push(refused(
-                "takeover",
-                "no committed checkpoint of the group is held here",
-            ));
+            if !std::mem::replace(&mut self.no_replica_said, true) {
+                out.push(refused(
+                    "takeover",
+                    "no committed checkpoint of the group is held here",
+                ));
+            }
             return;
         }
         let peer_term = self.facts.peer.map_or(0, |p| p.term);

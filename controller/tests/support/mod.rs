@@ -137,7 +137,7 @@ pub fn receiver_with(ns: &Netns, store: &Path, log: &Path, extra: &[&str]) -> Pr
         .contains("receiving checkpoints")
     {
         assert!(
-            started.elapsed() < Duration::from_secs(10),
+            started.elapsed() < Duration::from_secs(30),
             "the receiver did not start"
         );
         std::thread::sleep(Duration::from_millis(20));

@@ -221,6 +221,7 @@ fn with_no_replica_there_is_nothing_to_take_over() {
     let out = b.handle(t + GRACE, Input::Tick);
     assert_eq!(b.state(), State::Standby);
     assert!(matches!(events(&out)[..], [Event::Refused { .. }]));
+    assert!(b.handle(t + GRACE * 2, Input::Tick).is_empty(), "said once");
 }
 
 #[test]
