@@ -202,3 +202,73 @@ fn a_lost_wan_link_moves_nothing() {
     run.a.proc.kill();
     run.b.proc.kill();
 }
+
+#[test]
+fn a_planned_switchover_moves_the_group_with_no_write_lost() {
+    if !privileged("a_planned_switchover_moves_the_group_with_no_write_lost") {
+        return;
+    }
+    let mut run = start();
+    let mut conn = Connection::open(&run.lab.client, GUEST, 6379).expect("nc");
+    let mut last = 0;
+    for _ in 0..10 {
+        let n = conn.incr(Duration::from_secs(5)).expect("a reply");
+        assert_eq!(n, last + 1);
+        last = n;
+    }
+    let before = Instant::now();
+    let asked = run
+        .lab
+        .lab
+        .site_a
+        .command(SECONDSITE)
+        .args(["group", "switchover", "web"])
+        .output()
+        .expect("runs");
+    assert!(
+        asked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&asked.stderr)
+    );
+    // The loop goes on across the move: every reply the previous one plus 1.
+    let mut gap = Duration::ZERO;
+    for _ in 0..20 {
+        let sent = Instant::now();
+        let n = conn.incr(Duration::from_secs(30));
+        gap = gap.max(sent.elapsed());
+        assert_eq!(n, Some(last + 1), "{}", logs(run.dir.path()));
+        last += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            run.b.group_state("web") == "Active" && run.a.group_state("web") == "Standby"
+        })
+        .is_some(),
+        "{}",
+        logs(run.dir.path())
+    );
+    eprintln!(
+        "switchover: the longest wait for a reply was {gap:?} ({:?} in all)",
+        before.elapsed()
+    );
+    let fib = run.lab.lab.upstream_fib("203.0.113.0/24");
+    assert!(
+        fib.contains("10.0.2.2"),
+        "the upstream routes to site-b: {fib}"
+    );
+    let events: Vec<Value> = run
+        .b
+        .journal()
+        .into_iter()
+        .map(|e| e["event"].clone())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["TakeoverStarted"]["planned"] == true),
+        "{events:?}"
+    );
+    run.a.proc.kill();
+    run.b.proc.kill();
+}

@@ -34,12 +34,10 @@ use super::failover::{Event, Failover, Input, Output, Standing, UpstreamView};
 use super::heartbeat::{Liveness, Monitor, MonitorConfig};
 use super::plan::{self, GroupPlan, SitePlan};
 use super::state::StateDir;
-use super::witness::{self, UpstreamSession};
+use super::witness::{self, GRACEFUL_SHUTDOWN, UpstreamSession};
 
 /// Heartbeats stamped further than this from our clock are refused (the sites keep NTP time).
 const MAX_SKEW: Duration = Duration::from_secs(2);
-/// GRACEFUL_SHUTDOWN (RFC 8326), tagged on the announcement of a group being handed over.
-const GRACEFUL_SHUTDOWN: u32 = 0xffff_0000;
 
 /// What `secondsite run` was given.
 #[derive(Debug, Clone)]
@@ -57,7 +55,10 @@ struct Daemon {
     upstream_views: BTreeMap<String, UpstreamView>,
     sessions: Vec<(IpAddr, UpstreamSession)>,
     speaker: Speaker,
-    data: DataPlane,
+    data: Arc<DataPlane>,
+    /// The data plane's work, done in order on a thread of its own: booting, restoring and
+    /// stopping VMs takes time the event loop (heartbeats above all) must not wait for.
+    data_work: std::sync::mpsc::Sender<(String, Output)>,
     monitor: Monitor,
     refused_logged: u64,
     api: Arc<ApiState>,
@@ -91,9 +92,20 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let state = StateDir::open(&config.state_dir)
         .with_context(|| format!("the state dir {}", config.state_dir.display()))?;
     let (inputs_tx, mut inputs) = mpsc::unbounded_channel();
-    let data = tokio::task::block_in_place(|| {
+    let data = Arc::new(tokio::task::block_in_place(|| {
         DataPlane::start(&config.policy, &config.site, &base_dir, inputs_tx.clone())
-    })?;
+    })?);
+    let (data_work, work) = std::sync::mpsc::channel::<(String, Output)>();
+    let worker = {
+        let data = data.clone();
+        std::thread::Builder::new()
+            .name("dataplane".into())
+            .spawn(move || {
+                for (group, output) in work {
+                    data.apply(&group, &output);
+                }
+            })?
+    };
     let token = match &plan.api_token_file {
         Some(file) => Some(String::from_utf8_lossy(&plan::read_secret(file)?).into_owned()),
         None => None,
@@ -173,6 +185,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         sessions,
         speaker,
         data,
+        data_work,
         monitor,
         refused_logged: 0,
         api: api_state,
@@ -219,9 +232,18 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         }
     }
     eprintln!("secondsite: stopping: Cease to the BGP peers, the VMs stopped");
-    let Daemon { speaker, data, .. } = daemon;
+    let Daemon {
+        speaker,
+        data,
+        data_work,
+        ..
+    } = daemon;
     speaker.stop().await;
-    tokio::task::block_in_place(|| data.stop());
+    drop(data_work);
+    tokio::task::block_in_place(|| {
+        let _ = worker.join();
+        data.stop();
+    });
     Ok(())
 }
 
@@ -435,7 +457,9 @@ impl Daemon {
                 }
             }
             Output::Event(event) => self.record(group, &event),
-            other => tokio::task::block_in_place(|| self.data.apply(group, &other)),
+            other => {
+                let _ = self.data_work.send((group.to_owned(), other));
+            }
         }
     }
 

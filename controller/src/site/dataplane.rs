@@ -13,8 +13,10 @@
 //!                 the frames that come early (the upstream may move first) for the restore
 //!    Pause / Resume
 //! ```
+//!    PauseAtEpoch -> pause the VMs, wait until the first epoch captured after is committed
+//!                 -> Input::FinalEpochCommitted (a switchover's handover)
 //! Not built yet: replicating a group this site took over back to the other site when it
-//! returns (it runs unprotected until then), and the handover's final epoch (a switchover).
+//! returns (it runs unprotected until then; so a switchover goes one way).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, TcpListener};
@@ -72,7 +74,17 @@ struct Holder {
 
 impl Holder {
     fn start(tap: &str) -> anyhow::Result<Holder> {
-        let mut port = Tap::open(tap).with_context(|| format!("tap {tap}"))?;
+        // The VMs just stopped may hold the tap a moment longer (their gateway's threads).
+        let started = Instant::now();
+        let mut port = loop {
+            match Tap::open(tap) {
+                Ok(port) => break port,
+                Err(_) if started.elapsed() < Duration::from_secs(2) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(e).with_context(|| format!("tap {tap}")),
+            }
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -331,13 +343,7 @@ impl DataPlane {
                 self.restore(group, data.clone(), *epoch);
                 Ok(())
             }
-            Output::PauseAtEpoch => {
-                eprintln!(
-                    "secondsite: group {group}: a switchover's final epoch is not built yet; \
-                     the group stays paused here"
-                );
-                each_vm(data, Command::Pause)
-            }
+            Output::PauseAtEpoch => self.final_epoch(group, data),
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -408,6 +414,35 @@ impl DataPlane {
         Ok(())
     }
 
+    /// A handover: the VMs paused, then the first epoch captured after the pause committed at
+    /// the other site; says `FinalEpochCommitted` with it (from a thread).
+    fn final_epoch(&self, name: &str, data: &Arc<Mutex<GroupData>>) -> anyhow::Result<()> {
+        each_vm(data, Command::Pause)?;
+        let replication = data
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .running
+            .as_ref()
+            .and_then(|r| r.replication.clone())
+            .context("the group is not replicated from here")?;
+        // Anything the guest did is in every epoch captured after the pause.
+        let last = replication.status().captured + 1;
+        let (inputs, group) = (self.inputs.clone(), name.to_owned());
+        std::thread::Builder::new()
+            .name("final-epoch".into())
+            .spawn(move || {
+                if replication.wait_committed(last, Duration::from_secs(10)) {
+                    let _ = inputs.send((group, Input::FinalEpochCommitted(last)));
+                } else {
+                    eprintln!(
+                        "secondsite: group {group}: the final epoch {last} was not committed \
+                         in 10 s: the handover waits"
+                    );
+                }
+            })?;
+        Ok(())
+    }
+
     /// Rebuilds the group from its newest committed epoch (or `epoch`) with its log replayed,
     /// on a thread; says `Restored` when the VMs run.
     fn restore(&self, name: &str, data: Arc<Mutex<GroupData>>, epoch: Option<u64>) {
@@ -430,7 +465,10 @@ impl DataPlane {
         let Some(data) = self.groups.get(group) else {
             return serde_json::Value::Null;
         };
-        let data = data.lock().unwrap_or_else(|e| e.into_inner());
+        // Busy (booting, restoring, stopping): no figures this time rather than a wait.
+        let Ok(data) = data.try_lock() else {
+            return serde_json::Value::Null;
+        };
         let Some(running) = &data.running else {
             return serde_json::Value::Null;
         };

@@ -490,9 +490,15 @@ impl Failover {
             )),
             (State::Fenced, _) => {
                 if let Some(peer) = self.facts.peer {
-                    if self.peer_outranks(peer) || peer.state == PeerState::TakingOver {
+                    let peer_serves = matches!(
+                        peer.state,
+                        PeerState::Active | PeerState::TakingOver | PeerState::HandingOver { .. }
+                    );
+                    // A peer that serves the group keeps it (whatever the terms: resuming next
+                    // to it would run the group twice); one that does not gives it back.
+                    if peer_serves {
                         self.step_down(peer.term, &mut out);
-                    } else if peer.state != PeerState::Active {
+                    } else {
                         self.state = State::Active;
                         out.push(Output::Resume);
                         out.push(Output::AnnounceActive);

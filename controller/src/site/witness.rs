@@ -14,6 +14,9 @@ use secondsite_bgp::route::Route;
 
 use super::failover::{PeerRoute, UpstreamView};
 
+/// GRACEFUL_SHUTDOWN (RFC 8326), 65535:0.
+pub const GRACEFUL_SHUTDOWN: u32 = 0xffff_0000;
+
 /// One upstream session, as the witness reads it.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamSession {
@@ -35,6 +38,8 @@ fn peer_route(routes: &[Route], prefix: &IpNet, peer_as: u32) -> PeerRoute {
         .count();
     match trailing {
         0 => PeerRoute::None,
+        // Tagged GRACEFUL_SHUTDOWN (RFC 8326): the site is handing the group over.
+        _ if route.communities.contains(&GRACEFUL_SHUTDOWN) => PeerRoute::Standby,
         1 => PeerRoute::Active,
         _ => PeerRoute::Standby,
     }
@@ -98,6 +103,13 @@ mod tests {
         let standby = view(vec![route("203.0.113.0/24", &[65000, 65001, 65001, 65001])]);
         assert_eq!(standby.peer_route, PeerRoute::Standby);
         assert_eq!(view(vec![]).peer_route, PeerRoute::None);
+        let mut leaving = route("203.0.113.0/24", &[65000, 65001]);
+        leaving.communities.push(GRACEFUL_SHUTDOWN);
+        assert_eq!(
+            view(vec![leaving]).peer_route,
+            PeerRoute::Standby,
+            "a site handing over is leaving, not holding the upstream"
+        );
         // The upstream's own route for the prefix, or a more-specific, is not the peer's.
         assert_eq!(
             view(vec![route("203.0.113.0/24", &[65000])]).peer_route,
