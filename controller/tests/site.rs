@@ -91,19 +91,22 @@ fn start() -> Running {
     running
 }
 
+/// A client connection that has counted to `to` with INCR, each reply checked.
+fn counting(run: &Running, to: i64) -> (Connection, i64) {
+    let mut conn = Connection::open(&run.lab.client, GUEST, 6379).expect("nc");
+    for expected in 1..=to {
+        assert_eq!(conn.incr(Duration::from_secs(5)), Some(expected));
+    }
+    (conn, to)
+}
+
 #[test]
 fn a_lost_site_is_taken_over_and_the_clients_connection_goes_on() {
     if !privileged("a_lost_site_is_taken_over_and_the_clients_connection_goes_on") {
         return;
     }
     let mut run = start();
-    let mut conn = Connection::open(&run.lab.client, GUEST, 6379).expect("nc");
-    let mut last = 0;
-    for _ in 0..20 {
-        let n = conn.incr(Duration::from_secs(5)).expect("a reply");
-        assert_eq!(n, last + 1);
-        last = n;
-    }
+    let (mut conn, mut last) = counting(&run, 20);
     // Site-a is lost: its daemon (and the VMs in it) killed, its links cut.
     let before = Instant::now();
     run.a.proc.kill();
@@ -209,13 +212,7 @@ fn a_planned_switchover_moves_the_group_with_no_write_lost() {
         return;
     }
     let mut run = start();
-    let mut conn = Connection::open(&run.lab.client, GUEST, 6379).expect("nc");
-    let mut last = 0;
-    for _ in 0..10 {
-        let n = conn.incr(Duration::from_secs(5)).expect("a reply");
-        assert_eq!(n, last + 1);
-        last = n;
-    }
+    let (mut conn, mut last) = counting(&run, 10);
     let before = Instant::now();
     let asked = run
         .lab
