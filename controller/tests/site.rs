@@ -269,3 +269,33 @@ fn a_planned_switchover_moves_the_group_with_no_write_lost() {
     run.a.proc.kill();
     run.b.proc.kill();
 }
+
+#[test]
+fn a_site_stopped_with_sigterm_hands_over_what_it_did() {
+    if !privileged("a_site_stopped_with_sigterm_hands_over_what_it_did") {
+        return;
+    }
+    let mut run = start();
+    let (mut conn, mut last) = counting(&run, 10);
+    // A clean stop: Cease to the upstream, the group paused and its last epoch committed.
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &run.a.proc.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(stopped.success());
+    for _ in 0..5 {
+        let n = conn.incr(Duration::from_secs(30));
+        assert_eq!(n, Some(last + 1), "{}", logs(run.dir.path()));
+        last += 1;
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || run.b.group_state("web")
+            == "Active")
+        .is_some(),
+        "{}",
+        logs(run.dir.path())
+    );
+    let log = std::fs::read_to_string(run.dir.path().join("site-a.log")).unwrap_or_default();
+    assert!(log.contains("committed at the other site"), "{log}");
+    run.b.proc.kill();
+}

@@ -11,7 +11,8 @@
 //!        Persist ──> state dir     Announce*/Withdraw ──> speaker     Event ──> journal │
 //!        Restore, Replicate, Receive, Pause, Resume ──> data plane  <──────────────────┘
 //! ```
-//! SIGTERM or SIGINT: Cease to the BGP peers, the VMs stopped, the taps removed.
+//! SIGTERM or SIGINT: Cease to the BGP peers, each replicated group paused and its last epoch
+//! committed at the other site, the VMs stopped, the taps removed.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -231,7 +232,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    eprintln!("secondsite: stopping: Cease to the BGP peers, the VMs stopped");
+    eprintln!("secondsite: stopping: Cease to the BGP peers, the VMs checkpointed and stopped");
     let Daemon {
         speaker,
         data,

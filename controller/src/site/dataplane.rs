@@ -486,9 +486,30 @@ impl DataPlane {
         out
     }
 
-    /// Stops every VM (the daemon is stopping).
+    /// Stops every VM (the daemon is stopping): a replicated group is paused first and its last
+    /// epoch committed at the other site (for up to 5 s), so that nothing it did is lost.
     pub fn stop(&self) {
-        for data in self.groups.values() {
+        for (name, data) in &self.groups {
+            let replication = data
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .running
+                .as_ref()
+                .and_then(|r| r.replication.clone());
+            if let Some(replication) = replication
+                && each_vm(data, Command::Pause).is_ok()
+            {
+                let last = replication.status().captured + 1;
+                let committed = replication.wait_committed(last, Duration::from_secs(5));
+                eprintln!(
+                    "secondsite: group {name}: {}",
+                    if committed {
+                        format!("paused, its last epoch ({last}) committed at the other site")
+                    } else {
+                        format!("paused; its last epoch ({last}) was not committed in 5 s")
+                    }
+                );
+            }
             stop(data);
             let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
             release_taps(&mut data);
