@@ -11,93 +11,68 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use secondsite_lab::{
-    Bird, Connection, GUEST, SiteDaemon, SiteLab, policy, privileged, wait_until,
-};
+use secondsite_lab::{Connection, GUEST, TwoSites, privileged, wait_until};
 use serde_json::Value;
 
 const SECONDSITE: &str = env!("CARGO_BIN_EXE_secondsite");
 
-fn logs(dir: &Path) -> String {
-    ["site-a", "site-b"]
-        .map(|s| {
-            let log = std::fs::read_to_string(dir.join(format!("{s}.log"))).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            format!(
-                "--- {s} ---\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        })
-        .join("\n")
-}
-
-/// Both daemons up: site-a running the group, site-b its backup with a replica, the guest
-/// answering the client through the upstream.
+/// Both sites running, their files in a directory of their own.
 struct Running {
-    lab: SiteLab,
-    _bird: Bird,
-    a: SiteDaemon,
-    b: SiteDaemon,
-    dir: tempfile::TempDir,
+    sites: TwoSites,
+    _dir: tempfile::TempDir,
 }
 
 fn start() -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
-    let lab = SiteLab::new().expect("builds the lab");
-    let bird = Bird::start_with(&lab.lab.up, &dir.path().join("bird"), &["EXPORT", "BFD"])
-        .expect("starts BIRD");
-    let policy = policy(dir.path());
-    let exe = Path::new(SECONDSITE);
-    let a = SiteDaemon::start(&lab.lab.site_a, exe, dir.path(), &policy, "site-a").expect("starts");
-    let b = SiteDaemon::start(&lab.lab.site_b, exe, dir.path(), &policy, "site-b").expect("starts");
-    let running = Running {
-        lab,
-        _bird: bird,
-        a,
-        b,
-        dir,
-    };
-    let roles = wait_until(Duration::from_secs(30), || {
-        running.a.group_state("web") == "Active" && running.b.group_state("web") == "Standby"
-    });
-    assert!(
-        roles.is_some(),
-        "roles never settled:\n{}",
-        logs(running.dir.path())
-    );
-    // The guest answers through the upstream, and site-b holds committed checkpoints.
-    let serving = wait_until(Duration::from_secs(30), || {
-        running
-            .lab
-            .client
-            .exec("redis-cli", &["-h", GUEST, "PING"])
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
-    });
-    assert!(
-        serving.is_some(),
-        "the guest never answered:\n{}",
-        logs(running.dir.path())
-    );
-    let store = running.dir.path().join("site-b-store").join("web");
-    let replica = wait_until(Duration::from_secs(30), || {
-        secondsite_replicator::store::Store::open_read_only(&store)
-            .is_ok_and(|s| s.latest().is_some())
-    });
-    assert!(
-        replica.is_some(),
-        "site-b never held a checkpoint:\n{}",
-        logs(running.dir.path())
-    );
-    running
+    let sites = TwoSites::start(Path::new(SECONDSITE), dir.path()).expect("both sites running");
+    Running { sites, _dir: dir }
 }
 
 /// A client connection that has counted to `to` with INCR, each reply checked.
 fn counting(run: &Running, to: i64) -> (Connection, i64) {
-    let mut conn = Connection::open(&run.lab.client, GUEST, 6379).expect("nc");
+    let mut conn = Connection::open(&run.sites.lab.client, GUEST, 6379).expect("nc");
     for expected in 1..=to {
         assert_eq!(conn.incr(Duration::from_secs(5)), Some(expected));
     }
     (conn, to)
+}
+
+/// `times` more INCRs over `conn`, each reply the previous one plus 1 (within `wait`); the
+/// last reply and the longest wait for one.
+fn count_on(
+    run: &Running,
+    conn: &mut Connection,
+    mut last: i64,
+    times: usize,
+    wait: Duration,
+) -> (i64, Duration) {
+    let mut longest = Duration::ZERO;
+    for _ in 0..times {
+        let sent = Instant::now();
+        let n = conn.incr(wait);
+        longest = longest.max(sent.elapsed());
+        assert_eq!(n, Some(last + 1), "{}", run.sites.logs());
+        last += 1;
+    }
+    (last, longest)
+}
+
+/// Site-b runs the group, as its status and the upstream's routes say.
+fn site_b_serves(run: &Running) {
+    // status.json is written every heartbeat interval.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            run.sites.b.group_state("web") == "Active"
+        })
+        .is_some(),
+        "{}",
+        run.sites.logs()
+    );
+    let fib = run.sites.lab.lab.upstream_fib("203.0.113.0/24");
+    assert!(
+        fib.contains("10.0.2.2"),
+        "the upstream routes to site-b: {fib}"
+    );
 }
 
 #[test]
@@ -106,64 +81,22 @@ fn a_lost_site_is_taken_over_and_the_clients_connection_goes_on() {
         return;
     }
     let mut run = start();
-    let (mut conn, mut last) = counting(&run, 20);
-    // Site-a is lost: its daemon (and the VMs in it) killed, its links cut.
+    let (mut conn, last) = counting(&run, 20);
     let before = Instant::now();
-    run.a.proc.kill();
-    run.lab
-        .lab
-        .site_a
-        .ip(&["link", "set", "eth0", "down"])
-        .expect("cuts");
-    run.lab
-        .lab
-        .site_a
-        .ip(&["link", "set", "wan0", "down"])
-        .expect("cuts");
-    let n = conn.incr(Duration::from_secs(30));
+    run.sites.lose_site_a().expect("cuts site-a");
+    let (last, _) = count_on(&run, &mut conn, last, 1, Duration::from_secs(30));
     let gap = before.elapsed();
-    assert_eq!(
-        n,
-        Some(last + 1),
-        "the INCR after the loss (gap {gap:?}):\n{}",
-        logs(run.dir.path())
-    );
-    last += 1;
-    for _ in 0..10 {
-        let n = conn
-            .incr(Duration::from_secs(5))
-            .expect("a reply at site-b");
-        assert_eq!(n, last + 1);
-        last = n;
-    }
+    count_on(&run, &mut conn, last, 10, Duration::from_secs(5));
     eprintln!("site loss: the client's gap was {gap:?}; site-b's journal:");
-    for line in run.b.journal() {
+    for line in run.sites.b.journal() {
         eprintln!("  {line}");
     }
-    // status.json is written every heartbeat interval.
-    assert!(
-        wait_until(Duration::from_secs(2), || run.b.group_state("web")
-            == "Active")
-        .is_some(),
-        "{}",
-        logs(run.dir.path())
-    );
-    let events: Vec<Value> = run
-        .b
-        .journal()
-        .into_iter()
-        .map(|e| e["event"].clone())
-        .collect();
+    site_b_serves(&run);
+    let events = run.sites.b.events();
     assert!(
         events.iter().any(|e| e.get("TakeoverDone").is_some()),
         "{events:?}"
     );
-    let fib = run.lab.lab.upstream_fib("203.0.113.0/24");
-    assert!(
-        fib.contains("10.0.2.2"),
-        "the upstream routes to site-b: {fib}"
-    );
-    run.b.proc.kill();
 }
 
 #[test]
@@ -171,39 +104,53 @@ fn a_lost_wan_link_moves_nothing() {
     if !privileged("a_lost_wan_link_moves_nothing") {
         return;
     }
-    let mut run = start();
-    run.lab
+    let run = start();
+    let sites = &run.sites;
+    sites
+        .lab
         .lab
         .site_a
         .ip(&["link", "set", "wan0", "down"])
         .expect("cuts");
     // Ten times the detection time (300 ms), and more.
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(
-        run.b.group_state("web"),
-        "Standby",
-        "{}",
-        logs(run.dir.path())
-    );
-    assert_eq!(run.a.group_state("web"), "Active");
-    let pong = run
+    assert_eq!(sites.b.group_state("web"), "Standby", "{}", sites.logs());
+    assert_eq!(sites.a.group_state("web"), "Active");
+    let pong = sites
         .lab
         .client
         .exec("redis-cli", &["-h", GUEST, "PING"])
         .expect("runs redis-cli");
     assert!(String::from_utf8_lossy(&pong.stdout).contains("PONG"));
-    let events: Vec<Value> = run
-        .b
-        .journal()
-        .into_iter()
-        .map(|e| e["event"].clone())
-        .collect();
+    let events = sites.b.events();
     assert!(
         events.contains(&Value::from("WitnessDisagrees")),
         "{events:?}"
     );
-    run.a.proc.kill();
-    run.b.proc.kill();
+    // The same through the API, with the CLI as its client.
+    let out = sites
+        .lab
+        .lab
+        .site_b
+        .exec(SECONDSITE, &["status"])
+        .expect("secondsite status");
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status is JSON");
+    assert_eq!(status["groups"]["web"]["state"], "Standby", "{status}");
+    assert_eq!(status["heartbeat_paths"][0]["up"], false, "{status}");
+    let refused = sites
+        .lab
+        .lab
+        .site_b
+        .command(SECONDSITE)
+        .args(["group", "switchover", "web"])
+        .output()
+        .expect("runs");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("ask the active site"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }
 
 #[test]
@@ -211,10 +158,11 @@ fn a_planned_switchover_moves_the_group_with_no_write_lost() {
     if !privileged("a_planned_switchover_moves_the_group_with_no_write_lost") {
         return;
     }
-    let mut run = start();
-    let (mut conn, mut last) = counting(&run, 10);
+    let run = start();
+    let (mut conn, last) = counting(&run, 10);
     let before = Instant::now();
     let asked = run
+        .sites
         .lab
         .lab
         .site_a
@@ -228,46 +176,26 @@ fn a_planned_switchover_moves_the_group_with_no_write_lost() {
         String::from_utf8_lossy(&asked.stderr)
     );
     // The loop goes on across the move: every reply the previous one plus 1.
-    let mut gap = Duration::ZERO;
-    for _ in 0..20 {
-        let sent = Instant::now();
-        let n = conn.incr(Duration::from_secs(30));
-        gap = gap.max(sent.elapsed());
-        assert_eq!(n, Some(last + 1), "{}", logs(run.dir.path()));
-        last += 1;
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_, gap) = count_on(&run, &mut conn, last, 20, Duration::from_secs(30));
+    site_b_serves(&run);
     assert!(
-        wait_until(Duration::from_secs(10), || {
-            run.b.group_state("web") == "Active" && run.a.group_state("web") == "Standby"
-        })
+        wait_until(Duration::from_secs(10), || run.sites.a.group_state("web")
+            == "Standby")
         .is_some(),
         "{}",
-        logs(run.dir.path())
+        run.sites.logs()
     );
     eprintln!(
         "switchover: the longest wait for a reply was {gap:?} ({:?} in all)",
         before.elapsed()
     );
-    let fib = run.lab.lab.upstream_fib("203.0.113.0/24");
-    assert!(
-        fib.contains("10.0.2.2"),
-        "the upstream routes to site-b: {fib}"
-    );
-    let events: Vec<Value> = run
-        .b
-        .journal()
-        .into_iter()
-        .map(|e| e["event"].clone())
-        .collect();
+    let events = run.sites.b.events();
     assert!(
         events
             .iter()
             .any(|e| e["TakeoverStarted"]["planned"] == true),
         "{events:?}"
     );
-    run.a.proc.kill();
-    run.b.proc.kill();
 }
 
 #[test]
@@ -275,27 +203,16 @@ fn a_site_stopped_with_sigterm_hands_over_what_it_did() {
     if !privileged("a_site_stopped_with_sigterm_hands_over_what_it_did") {
         return;
     }
-    let mut run = start();
-    let (mut conn, mut last) = counting(&run, 10);
+    let run = start();
+    let (mut conn, last) = counting(&run, 10);
     // A clean stop: Cease to the upstream, the group paused and its last epoch committed.
     let stopped = std::process::Command::new("kill")
-        .args(["-TERM", &run.a.proc.id().to_string()])
+        .args(["-TERM", &run.sites.a.proc.id().to_string()])
         .status()
         .expect("kill");
     assert!(stopped.success());
-    for _ in 0..5 {
-        let n = conn.incr(Duration::from_secs(30));
-        assert_eq!(n, Some(last + 1), "{}", logs(run.dir.path()));
-        last += 1;
-    }
-    assert!(
-        wait_until(Duration::from_secs(5), || run.b.group_state("web")
-            == "Active")
-        .is_some(),
-        "{}",
-        logs(run.dir.path())
-    );
-    let log = std::fs::read_to_string(run.dir.path().join("site-a.log")).unwrap_or_default();
-    assert!(log.contains("committed at the other site"), "{log}");
-    run.b.proc.kill();
+    count_on(&run, &mut conn, last, 5, Duration::from_secs(30));
+    site_b_serves(&run);
+    let logs = run.sites.logs();
+    assert!(logs.contains("committed at the other site"), "{logs}");
 }

@@ -28,7 +28,7 @@ mod topology;
 pub use netns::{Netns, veth};
 pub use proc::Proc;
 pub use routers::{Bird, Frr, Gobgp, SpeakerProc, UpstreamLab, wait_until};
-pub use sites::{Connection, GUEST, SiteDaemon, SiteLab, policy};
+pub use sites::{Connection, GUEST, SiteDaemon, SiteLab, TwoSites, policy};
 pub use topology::{GroupSite, VmSite};
 
 /// Whether privileged tests can run here. Skips (false, with a message) when not root; panics

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::netns::{Netns, veth};
 use crate::proc::Proc;
-use crate::routers::UpstreamLab;
+use crate::routers::{Bird, UpstreamLab, wait_until};
 
 /// The two-site lab of the site daemon: the upstream lab, a client behind the upstream, and a
 /// WAN link between the sites for their replication and heartbeats.
@@ -177,6 +177,14 @@ impl SiteDaemon {
             .to_owned()
     }
 
+    /// The events of its journal, in order (without their time and place).
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.journal()
+            .into_iter()
+            .map(|mut e| e["event"].take())
+            .collect()
+    }
+
     /// Its journal: one JSON object per decision.
     pub fn journal(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.state.join("events.jsonl"))
@@ -184,6 +192,74 @@ impl SiteDaemon {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+}
+
+/// Both sites running [`policy`]'s group `web` in a [`SiteLab`] under BIRD (BFD, each site's
+/// route exported to the other): site-a active, site-b its backup holding a committed
+/// replica, the guest answering the client. Everything goes when it drops.
+#[derive(Debug)]
+pub struct TwoSites {
+    pub a: SiteDaemon,
+    pub b: SiteDaemon,
+    _bird: Bird,
+    pub lab: SiteLab,
+    dir: PathBuf,
+}
+
+impl TwoSites {
+    /// Starts it with the `secondsite` binary at `exe`, its files in `dir`.
+    pub fn start(exe: &Path, dir: &Path) -> io::Result<TwoSites> {
+        let lab = SiteLab::new()?;
+        let bird = Bird::start_with(&lab.lab.up, &dir.join("bird"), &["EXPORT", "BFD"])?;
+        let policy = policy(dir);
+        let sites = TwoSites {
+            a: SiteDaemon::start(&lab.lab.site_a, exe, dir, &policy, "site-a")?,
+            b: SiteDaemon::start(&lab.lab.site_b, exe, dir, &policy, "site-b")?,
+            _bird: bird,
+            lab,
+            dir: dir.to_owned(),
+        };
+        let ready =
+            |what: &str, check: &dyn Fn() -> bool| match wait_until(Duration::from_secs(30), check)
+            {
+                Some(_) => Ok(()),
+                None => Err(io::Error::other(format!("{what}:\n{}", sites.logs()))),
+            };
+        ready("the sites never settled their roles", &|| {
+            sites.a.group_state("web") == "Active" && sites.b.group_state("web") == "Standby"
+        })?;
+        ready("the guest never answered", &|| {
+            sites
+                .lab
+                .client
+                .exec("redis-cli", &["-h", GUEST, "PING"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+        })?;
+        ready("site-b never held a committed checkpoint", &|| {
+            sites.b.status()["groups"]["web"]["replica_epoch"].is_u64()
+        })?;
+        Ok(sites)
+    }
+
+    /// Site-a is lost: its daemon (and the VMs in it) killed, its uplink and WAN link cut.
+    pub fn lose_site_a(&mut self) -> io::Result<()> {
+        self.a.proc.kill();
+        self.lab.lab.site_a.ip(&["link", "set", "eth0", "down"])?;
+        self.lab.lab.site_a.ip(&["link", "set", "wan0", "down"])
+    }
+
+    /// The end of both daemons' logs, for a failure's message.
+    pub fn logs(&self) -> String {
+        ["site-a", "site-b"]
+            .map(|s| {
+                let log =
+                    std::fs::read_to_string(self.dir.join(format!("{s}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- {s} ---\n{}", tail.join("\n"))
+            })
+            .join("\n")
     }
 }
 

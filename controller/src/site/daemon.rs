@@ -263,22 +263,17 @@ impl Daemon {
                 .get_or_create(&label)
                 .set(machine.standing().term as i64);
             let replication = &status["groups"][name]["replication"];
-            let figure = |key: &str| replication[key].as_i64().unwrap_or(0);
-            m.epochs_committed
-                .get_or_create(&label)
-                .set(figure("committed"));
-            m.pause_p99_us
-                .get_or_create(&label)
-                .set(figure("pause_us_p99"));
-            m.bytes_replicated
-                .get_or_create(&label)
-                .set(figure("bytes_sent"));
-            m.output_frames_held
-                .get_or_create(&label)
-                .set(figure("frames_held"));
-            m.log_lag_frames
-                .get_or_create(&label)
-                .set(figure("log_lag"));
+            for (family, key) in [
+                (&m.epochs_committed, "committed"),
+                (&m.pause_p99_us, "pause_us_p99"),
+                (&m.bytes_replicated, "bytes_sent"),
+                (&m.output_frames_held, "frames_held"),
+                (&m.log_lag_frames, "log_lag"),
+            ] {
+                family
+                    .get_or_create(&label)
+                    .set(replication[key].as_i64().unwrap_or(0));
+            }
         }
         for (i, path) in status["heartbeat_paths"]
             .as_array()
@@ -394,13 +389,16 @@ impl Daemon {
             }
             BgpEvent::Bfd { .. } => return,
         }
-        let sessions: Vec<UpstreamSession> = self.sessions.iter().map(|(_, s)| s.clone()).collect();
         let updates: Vec<(String, UpstreamView)> = self
             .plan
             .groups
             .iter()
             .map(|g| {
-                let view = witness::upstream_view(&sessions, &g.prefixes, self.plan.peer_as);
+                let view = witness::upstream_view(
+                    self.sessions.iter().map(|(_, s)| s),
+                    &g.prefixes,
+                    self.plan.peer_as,
+                );
                 (g.name.clone(), view)
             })
             .filter(|(name, view)| self.upstream_views.get(name) != Some(view))
@@ -502,6 +500,7 @@ impl Daemon {
                         "term": standing.term,
                         "serving": m.serving(),
                         "upstream": self.upstream_views.get(name),
+                        "replica_epoch": m.replica(),
                         "replication": self.data.group_status(name),
                     }),
                 )

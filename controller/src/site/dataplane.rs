@@ -34,7 +34,7 @@ use secondsite_replicator::codec::CodecConfig;
 use secondsite_replicator::primary::Event as ReplicationEvent;
 use secondsite_replicator::store::Store;
 use secondsite_replicator::tls::{self, TlsFiles};
-use secondsite_vmm::{Command, NetPort, Tap, Vm};
+use secondsite_vmm::{Bell, Command, NetPort, Tap, Vm};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::failover::{Input, Output};
@@ -69,6 +69,8 @@ type Held = VecDeque<(Instant, Vec<u8>)>;
 /// A tap held open while its VM does not run here, keeping recent frames.
 struct Holder {
     stop: Arc<AtomicBool>,
+    /// Rung to wake the holder out of its poll when it is to stop.
+    bell: Arc<Bell>,
     thread: std::thread::JoinHandle<(Tap, Held)>,
 }
 
@@ -87,34 +89,49 @@ impl Holder {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let bell = Arc::new(Bell::new()?);
+        let wake = bell.clone();
         let thread = std::thread::Builder::new()
             .name("hold".into())
             .spawn(move || {
                 let mut held = Held::new();
                 let mut bytes = 0;
                 let mut buf = vec![0u8; 9216];
+                // Asleep in poll(2) until a frame comes or the bell rings to stop it.
                 while !flag.load(Ordering::Relaxed) {
-                    match port.try_recv(&mut buf) {
-                        Ok(Some(r)) => {
-                            bytes += r.len;
-                            held.push_back((Instant::now(), buf[..r.len].to_vec()));
-                            while held.len() > HELD_FRAMES || bytes > HELD_BYTES {
-                                if let Some((_, f)) = held.pop_front() {
-                                    bytes -= f.len();
-                                }
+                    let mut fds = [
+                        rustix::event::PollFd::from_borrowed_fd(
+                            port.readable_fd(),
+                            rustix::event::PollFlags::IN,
+                        ),
+                        rustix::event::PollFd::from_borrowed_fd(
+                            wake.fd(),
+                            rustix::event::PollFlags::IN,
+                        ),
+                    ];
+                    if rustix::event::poll(&mut fds, None).is_err() {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    while let Ok(Some(r)) = port.try_recv(&mut buf) {
+                        bytes += r.len;
+                        held.push_back((Instant::now(), buf[..r.len].to_vec()));
+                        while held.len() > HELD_FRAMES || bytes > HELD_BYTES {
+                            if let Some((_, f)) = held.pop_front() {
+                                bytes -= f.len();
                             }
                         }
-                        _ => std::thread::sleep(Duration::from_millis(1)),
                     }
                 }
                 (port, held)
             })?;
-        Ok(Holder { stop, thread })
+        Ok(Holder { stop, bell, thread })
     }
 
     /// The tap back, and the frames held within the last [`HELD_FOR`].
     fn finish(self) -> anyhow::Result<(Tap, Vec<Vec<u8>>)> {
         self.stop.store(true, Ordering::Relaxed);
+        self.bell.ring();
         let (port, held) = self
             .thread
             .join()

@@ -289,6 +289,11 @@ impl Failover {
         self.standing
     }
 
+    /// The newest committed epoch of the replica held here, as last told.
+    pub fn replica(&self) -> Option<u64> {
+        self.facts.replica
+    }
+
     /// The group's state as heartbeats tell the other site.
     pub fn view(&self) -> PeerGroup {
         let state = match self.state {

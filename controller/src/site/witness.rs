@@ -48,8 +48,8 @@ fn peer_route(routes: &[Route], prefix: &IpNet, peer_as: u32) -> PeerRoute {
 /// The upstream's view for a group announcing `prefixes`, whose other site is AS `peer_as`:
 /// connected if any session is established; the other site's route as the strongest any
 /// session shows for any of the prefixes (active over standby over none).
-pub fn upstream_view(
-    sessions: &[UpstreamSession],
+pub fn upstream_view<'a>(
+    sessions: impl Iterator<Item = &'a UpstreamSession> + Clone,
     prefixes: &[IpNet],
     peer_as: u32,
 ) -> UpstreamView {
@@ -59,13 +59,13 @@ pub fn upstream_view(
         PeerRoute::Active => 2,
     };
     let peer_route = sessions
-        .iter()
+        .clone()
         .filter(|s| s.established)
         .flat_map(|s| prefixes.iter().map(|p| peer_route(&s.routes, p, peer_as)))
         .max_by_key(|r| rank(*r))
         .unwrap_or(PeerRoute::None);
     UpstreamView {
-        connected: sessions.iter().any(|s| s.established),
+        connected: sessions.clone().any(|s| s.established),
         peer_route,
     }
 }
@@ -92,7 +92,7 @@ mod tests {
             established: true,
             routes,
         };
-        upstream_view(&[session], &prefixes, PEER_AS)
+        upstream_view([session].iter(), &prefixes, PEER_AS)
     }
 
     #[test]
@@ -132,13 +132,13 @@ mod tests {
             established: true,
             routes: vec![route("203.0.113.0/24", &[65000, 65001, 65001])],
         };
-        let view = upstream_view(&[down.clone(), standby], &prefixes, PEER_AS);
+        let view = upstream_view([down.clone(), standby].iter(), &prefixes, PEER_AS);
         assert_eq!(
             view.peer_route,
             PeerRoute::Standby,
             "a session down shows nothing"
         );
-        let view = upstream_view(&[down], &prefixes, PEER_AS);
+        let view = upstream_view([down].iter(), &prefixes, PEER_AS);
         assert!(!view.connected);
         assert_eq!(view.peer_route, PeerRoute::None);
     }

@@ -15,8 +15,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use secondsite_lab::{Bird, Connection, GUEST, SiteDaemon, SiteLab, policy, wait_until};
+use anyhow::bail;
+use secondsite_lab::{Connection, GUEST, TwoSites, wait_until};
 use secondsite_vmm::clock::unix_ns;
 use serde_json::{Value, json};
 
@@ -29,29 +29,8 @@ fn unix_ms() -> f64 {
 /// One site loss; each step in ms from the loss.
 fn trial(exe: &Path, dir: &Path) -> anyhow::Result<Value> {
     std::fs::create_dir_all(dir)?;
-    let lab = SiteLab::new()?;
-    let _bird = Bird::start_with(&lab.lab.up, &dir.join("bird"), &["EXPORT", "BFD"])
-        .context("cannot start BIRD (bird2)")?;
-    let policy = policy(dir);
-    let mut a = SiteDaemon::start(&lab.lab.site_a, exe, dir, &policy, "site-a")?;
-    let b = SiteDaemon::start(&lab.lab.site_b, exe, dir, &policy, "site-b")?;
-    if wait_until(Duration::from_secs(30), || {
-        a.group_state("web") == "Active" && b.group_state("web") == "Standby"
-    })
-    .is_none()
-    {
-        bail!("the sites never settled their roles");
-    }
-    let store = dir.join("site-b-store").join("web");
-    if wait_until(Duration::from_secs(30), || {
-        secondsite_replicator::store::Store::open_read_only(&store)
-            .is_ok_and(|s| s.latest().is_some())
-    })
-    .is_none()
-    {
-        bail!("site-b never held a checkpoint");
-    }
-    let mut conn = Connection::open(&lab.client, GUEST, 6379)?;
+    let mut sites = TwoSites::start(exe, dir)?;
+    let mut conn = Connection::open(&sites.lab.client, GUEST, 6379)?;
     let mut last = 0;
     let started = Instant::now();
     while last < 20 {
@@ -63,9 +42,8 @@ fn trial(exe: &Path, dir: &Path) -> anyhow::Result<Value> {
     }
     // The loss.
     let lost_at = unix_ms();
-    a.proc.kill();
-    lab.lab.site_a.ip(&["link", "set", "eth0", "down"])?;
-    lab.lab.site_a.ip(&["link", "set", "wan0", "down"])?;
+    sites.lose_site_a()?;
+    let lab = &sites.lab;
     let fib_watch =
         std::thread::scope(|scope| -> anyhow::Result<(Option<f64>, Option<i64>, f64)> {
             let fib = scope.spawn(|| {
@@ -92,7 +70,7 @@ fn trial(exe: &Path, dir: &Path) -> anyhow::Result<Value> {
             _ => violations += 1,
         }
     }
-    let journal = b.journal();
+    let journal = sites.b.journal();
     let at = |name: &str| {
         journal
             .iter()
