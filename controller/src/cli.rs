@@ -372,6 +372,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         trials: usize,
     },
+    /// Hot standby: a guest replicated over loopback, paused, its final epoch committed and
+    /// stopped, then resumed from the replica the receiver keeps in memory (a memfd the new
+    /// VM maps: nothing copied); time to running and to its first answer, against a resume
+    /// from the store. Needs root, /dev/kvm and unshare.
+    HotStandby {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 5)]
+        trials: usize,
+        /// The guest's memory.
+        #[arg(long, default_value_t = 512)]
+        mib: u64,
+    },
     /// The BGP speaker against BIRD and FRR in a namespace lab: time from a `withdraw` to the
     /// upstream's FIB change (20 trials each), UPDATE encode+decode rate, memory with two
     /// sessions. Needs root, bird2 and frr.

@@ -205,8 +205,11 @@ fn bench_failover_reports_every_step_of_a_site_loss() {
     let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     for step in [
         "suspicion_ms",
-        "witness_and_grace_ms",
-        "restore_and_replay_ms",
+        "witness_confirmed_ms",
+        "restore_start_ms",
+        "vm_serving_ms",
+        "replay_done_ms",
+        "first_frame_out_ms",
         "upstream_fib_ms",
         "client_gap_ms",
     ] {
@@ -216,5 +219,12 @@ fn bench_failover_reports_every_step_of_a_site_loss() {
         );
     }
     assert_eq!(report["sequence_violations"], 0, "{report}");
+    assert_eq!(report["trials"][0]["hot_replica"], true, "{report}");
     assert_eq!(report["targets"].as_array().map(Vec::len), Some(3));
+    // The 512 MiB guest came back from its replica with its data (the bench checks it).
+    let hot = &report["hot_standby_512_mib"];
+    assert!(
+        hot["hot_restore_to_serving_ms"]["p50"].as_f64() > Some(0.0),
+        "{report}"
+    );
 }

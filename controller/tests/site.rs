@@ -7,6 +7,10 @@
 //!   every reply the previous one plus 1.
 //! - Only the WAN link is cut: no takeover within ten times the detection time, and site-a
 //!   keeps serving the client.
+//! - A planned switchover and back: site-b replicates the group back to site-a after the
+//!   first move, and no write is lost either way.
+//! - After a site loss, site-a returns as site-b's backup, is resynchronised, and takes the
+//!   group back with a switchover.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -92,11 +96,68 @@ fn a_lost_site_is_taken_over_and_the_clients_connection_goes_on() {
         eprintln!("  {line}");
     }
     site_b_serves(&run);
-    let events = run.sites.b.events();
+    // One event tells the takeover step by step: it ran on the replica kept in memory, and
+    // the VM served, took the log and sent out.
+    let mut timeline = None;
+    wait_until(Duration::from_secs(15), || {
+        timeline = run
+            .sites
+            .b
+            .events()
+            .into_iter()
+            .find_map(|e| e.get("Timeline").cloned());
+        timeline.is_some()
+    });
+    let timeline = timeline.unwrap_or_else(|| panic!("no timeline: {:?}", run.sites.b.events()));
+    eprintln!("site-b's timeline: {timeline}");
+    assert_eq!(timeline["hot"], true, "restored from the hot replica");
+    assert_eq!(timeline["planned"], false);
+    for step in [
+        "suspicion_ms",
+        "witness_confirmed_ms",
+        "vm_serving_ms",
+        "replay_done_ms",
+        "first_frame_out_ms",
+    ] {
+        assert!(timeline[step].is_number(), "{step}: {timeline}");
+    }
+    let at = |step: &str| timeline[step].as_f64().unwrap_or(f64::NAN);
+    assert!(at("suspicion_ms") <= at("witness_confirmed_ms"));
+    assert!(at("witness_confirmed_ms") <= at("restore_start_ms"));
+    assert!(at("restore_start_ms") <= at("vm_serving_ms"));
+    assert!(at("vm_serving_ms") <= at("first_frame_out_ms"));
+}
+
+#[test]
+fn a_returning_site_comes_back_as_the_backup_resyncs_and_takes_the_group_back() {
+    if !privileged("a_returning_site_comes_back_as_the_backup_resyncs_and_takes_the_group_back") {
+        return;
+    }
+    let mut run = start();
+    let (mut conn, last) = counting(&run, 10);
+    run.sites.lose_site_a().expect("cuts site-a");
+    let (last, _) = count_on(&run, &mut conn, last, 1, Duration::from_secs(30));
+    site_b_serves(&run);
+    // Site-a comes back: the backup of the site that took over (sticky roles), never active
+    // by itself; site-b replicates the group to it, and it keeps the replica hot.
+    run.sites.return_site_a().expect("site-a returns");
+    let resynced = wait_until(Duration::from_secs(60), || {
+        run.sites.a.group_state("web") == "Standby"
+            && run.sites.a.status()["groups"]["web"]["replica_epoch"].is_u64()
+    });
+    assert!(resynced.is_some(), "{}", run.sites.logs());
     assert!(
-        events.iter().any(|e| e.get("TakeoverDone").is_some()),
-        "{events:?}"
+        run.sites.b.events().iter().any(|e| e == "Protected"),
+        "{:?}",
+        run.sites.b.events()
     );
+    assert_eq!(run.sites.b.group_state("web"), "Active");
+    let (last, _) = count_on(&run, &mut conn, last, 5, Duration::from_secs(5));
+    // And the group goes home with no write lost.
+    switchover(&run.sites.lab.lab.site_b);
+    count_on(&run, &mut conn, last, 10, Duration::from_secs(30));
+    becomes(&run, &run.sites.a, "Active");
+    becomes(&run, &run.sites.b, "Standby");
 }
 
 #[test]
@@ -153,19 +214,9 @@ fn a_lost_wan_link_moves_nothing() {
     );
 }
 
-#[test]
-fn a_planned_switchover_moves_the_group_with_no_write_lost() {
-    if !privileged("a_planned_switchover_moves_the_group_with_no_write_lost") {
-        return;
-    }
-    let run = start();
-    let (mut conn, last) = counting(&run, 10);
-    let before = Instant::now();
-    let asked = run
-        .sites
-        .lab
-        .lab
-        .site_a
+/// `secondsite group switchover web`, asked of the site running in `ns`.
+fn switchover(ns: &secondsite_lab::Netns) {
+    let asked = ns
         .command(SECONDSITE)
         .args(["group", "switchover", "web"])
         .output()
@@ -175,18 +226,32 @@ fn a_planned_switchover_moves_the_group_with_no_write_lost() {
         "{}",
         String::from_utf8_lossy(&asked.stderr)
     );
-    // The loop goes on across the move: every reply the previous one plus 1.
-    let (_, gap) = count_on(&run, &mut conn, last, 20, Duration::from_secs(30));
-    site_b_serves(&run);
+}
+
+/// The group's state at `site` becomes `state` within 10 s.
+fn becomes(run: &Running, site: &secondsite_lab::SiteDaemon, state: &str) {
     assert!(
-        wait_until(Duration::from_secs(10), || run.sites.a.group_state("web")
-            == "Standby")
-        .is_some(),
+        wait_until(Duration::from_secs(10), || site.group_state("web") == state).is_some(),
         "{}",
         run.sites.logs()
     );
+}
+
+#[test]
+fn a_planned_switchover_and_back_moves_the_group_with_no_write_lost() {
+    if !privileged("a_planned_switchover_and_back_moves_the_group_with_no_write_lost") {
+        return;
+    }
+    let run = start();
+    let (mut conn, last) = counting(&run, 10);
+    let before = Instant::now();
+    switchover(&run.sites.lab.lab.site_a);
+    // The loop goes on across the move: every reply the previous one plus 1.
+    let (last, there) = count_on(&run, &mut conn, last, 20, Duration::from_secs(30));
+    site_b_serves(&run);
+    becomes(&run, &run.sites.a, "Standby");
     eprintln!(
-        "switchover: the longest wait for a reply was {gap:?} ({:?} in all)",
+        "switchover: the longest wait for a reply was {there:?} ({:?} in all)",
         before.elapsed()
     );
     let events = run.sites.b.events();
@@ -195,6 +260,42 @@ fn a_planned_switchover_moves_the_group_with_no_write_lost() {
             .iter()
             .any(|e| e["TakeoverStarted"]["planned"] == true),
         "{events:?}"
+    );
+    // Site-b replicates the group back to site-a, which keeps it hot; then back it goes.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            run.sites.b.events().iter().any(|e| e == "Protected")
+                && run.sites.a.status()["groups"]["web"]["replica_epoch"].is_u64()
+        })
+        .is_some(),
+        "site-b never protected the group at site-a: {}",
+        run.sites.logs()
+    );
+    let back = Instant::now();
+    switchover(&run.sites.lab.lab.site_b);
+    let (_, home) = count_on(&run, &mut conn, last, 20, Duration::from_secs(30));
+    becomes(&run, &run.sites.a, "Active");
+    becomes(&run, &run.sites.b, "Standby");
+    eprintln!(
+        "switchover back: the longest wait for a reply was {home:?} ({:?} in all)",
+        back.elapsed()
+    );
+    let fib = run.sites.lab.lab.upstream_fib("203.0.113.0/24");
+    assert!(
+        fib.contains("10.0.1.2"),
+        "the upstream routes to site-a: {fib}"
+    );
+    let timeline = run
+        .sites
+        .a
+        .events()
+        .into_iter()
+        .find_map(|e| e.get("Timeline").cloned())
+        .expect("site-a's takeover timeline");
+    assert_eq!(timeline["planned"], true, "{timeline}");
+    assert_eq!(
+        timeline["hot"], true,
+        "site-a ran on its hot replica: {timeline}"
     );
 }
 

@@ -145,7 +145,11 @@ impl SiteDaemon {
         site: &str,
     ) -> std::io::Result<SiteDaemon> {
         let state = dir.join(format!("{site}-state"));
-        let log = std::fs::File::create(dir.join(format!("{site}.log")))?;
+        // Appended to: a site that returns goes on in the same log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{site}.log")))?;
         let mut cmd = ns.command(&exe.to_string_lossy());
         cmd.args(["run", "--site", site])
             .arg("--policy")
@@ -205,6 +209,7 @@ pub struct TwoSites {
     _bird: Bird,
     pub lab: SiteLab,
     dir: PathBuf,
+    exe: PathBuf,
 }
 
 impl TwoSites {
@@ -219,6 +224,7 @@ impl TwoSites {
             _bird: bird,
             lab,
             dir: dir.to_owned(),
+            exe: exe.to_owned(),
         };
         let ready =
             |what: &str, check: &dyn Fn() -> bool| match wait_until(Duration::from_secs(30), check)
@@ -247,6 +253,23 @@ impl TwoSites {
         self.a.proc.kill();
         self.lab.lab.site_a.ip(&["link", "set", "eth0", "down"])?;
         self.lab.lab.site_a.ip(&["link", "set", "wan0", "down"])
+    }
+
+    /// Site-a returns after [`TwoSites::lose_site_a`]: its links up again, its default route
+    /// back, its daemon started afresh (with the state dir it had).
+    pub fn return_site_a(&mut self) -> io::Result<()> {
+        let ns = &self.lab.lab.site_a;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["link", "set", "wan0", "up"])?;
+        ns.ip(&["route", "replace", "default", "via", "10.0.1.1"])?;
+        self.a = SiteDaemon::start(
+            ns,
+            &self.exe,
+            &self.dir,
+            &self.dir.join("policy.yaml"),
+            "site-a",
+        )?;
+        Ok(())
     }
 
     /// The end of both daemons' logs, for a failure's message.

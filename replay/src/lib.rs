@@ -22,5 +22,5 @@ pub mod port;
 pub mod record;
 
 pub use log::{LogError, ReadEnd, Replay, TrafficLog, traffic_dir};
-pub use port::ReplayPort;
+pub use port::{OnStep, ReplayPort, ReplayStep};
 pub use record::{BatchError, LogBatch, LogRecord, RecordAt, RecordError};

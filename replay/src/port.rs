@@ -20,6 +20,18 @@ use secondsite_vmm::{NetPort, Readiness, Received};
 
 use crate::record::LogRecord;
 
+/// What a replay port tells as it goes: the steps of a takeover's timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayStep {
+    /// The guest has taken every logged and held frame: live traffic is next.
+    Drained,
+    /// The guest sent its first frame out.
+    FirstSent,
+}
+
+/// Told each [`ReplayStep`], once each.
+pub type OnStep = Box<dyn FnMut(ReplayStep) + Send>;
+
 /// Replays logged frames, then the frames held while the VM was being restored, then passes
 /// the inner port's traffic.
 pub struct ReplayPort {
@@ -33,6 +45,9 @@ pub struct ReplayPort {
     inner: Box<dyn NetPort>,
     readiness: Readiness,
     name: String,
+    on_step: Option<OnStep>,
+    drained_said: bool,
+    sent_said: bool,
 }
 
 impl std::fmt::Debug for ReplayPort {
@@ -70,7 +85,30 @@ impl ReplayPort {
             name: format!("replay:{}", inner.name()),
             inner,
             readiness,
+            on_step: None,
+            drained_said: false,
+            sent_said: false,
         })
+    }
+
+    /// Tells `on_step` when the replay is drained (at once if there is nothing to replay) and
+    /// when the guest first sends.
+    pub fn telling(mut self, on_step: OnStep) -> ReplayPort {
+        self.on_step = Some(on_step);
+        self.tell_if_drained();
+        self
+    }
+
+    fn tell_if_drained(&mut self) {
+        if self.done() && !std::mem::replace(&mut self.drained_said, true) {
+            self.tell(ReplayStep::Drained);
+        }
+    }
+
+    fn tell(&mut self, step: ReplayStep) {
+        if let Some(on_step) = &mut self.on_step {
+            on_step(step);
+        }
     }
 
     /// Whether every logged (and held) frame has been handed to the guest.
@@ -81,7 +119,11 @@ impl ReplayPort {
 
 impl NetPort for ReplayPort {
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.inner.send(frame)
+        let sent = self.inner.send(frame);
+        if sent.is_ok() && !std::mem::replace(&mut self.sent_said, true) {
+            self.tell(ReplayStep::FirstSent);
+        }
+        sent
     }
 
     fn can_send(&self) -> bool {
@@ -102,11 +144,13 @@ impl NetPort for ReplayPort {
             self.gave_this_round = true;
             let len = frame.len().min(buf.len());
             buf[..len].copy_from_slice(&frame[..len]);
+            self.tell_if_drained();
             return Ok(Some(Received { len, seq: None }));
         };
         if self.pending.is_empty() && self.held.is_empty() {
             self.readiness.quiet();
         }
+        self.tell_if_drained();
         self.gave_this_round = true;
         self.replayed += 1;
         let len = record.frame.len().min(buf.len());
@@ -127,6 +171,12 @@ impl NetPort for ReplayPort {
 
     fn seal(&mut self, epoch: u64, rx_cursor: u64) {
         self.inner.seal(epoch, rx_cursor);
+    }
+
+    /// The inner port's: a gateway that goes on protecting a restored VM numbers on in the
+    /// log the replayed frames came from.
+    fn log_id(&self) -> u64 {
+        self.inner.log_id()
     }
 
     fn status(&self) -> Option<serde_json::Value> {
@@ -256,5 +306,52 @@ mod tests {
         assert!(port.done());
         let live = port.try_recv(&mut buf).expect("recv").expect("live");
         assert_eq!(&buf[..live.len], b"live");
+    }
+
+    /// A port replaying `logged` over a quiet live port, telling its steps into the list.
+    fn telling_port(logged: Vec<LogRecord>) -> (ReplayPort, Arc<Mutex<Vec<ReplayStep>>>) {
+        let steps = Arc::new(Mutex::new(Vec::new()));
+        let told = {
+            let steps = steps.clone();
+            Box::new(move |step| steps.lock().expect("lock").push(step))
+        };
+        let inner = Live {
+            frames: Arc::default(),
+            never: secondsite_vmm::Unplugged::new().expect("pipe"),
+        };
+        let port = ReplayPort::new(logged, Box::new(inner))
+            .expect("port")
+            .telling(told);
+        (port, steps)
+    }
+
+    #[test]
+    fn the_port_tells_when_the_replay_is_drained_and_when_the_guest_first_sends() {
+        let logged = vec![LogRecord {
+            seq: 1,
+            epoch: 1,
+            unix_ns: 0,
+            frame: vec![1; 60],
+        }];
+        let (mut port, steps) = telling_port(logged);
+        assert!(steps.lock().expect("lock").is_empty(), "a frame waits");
+        let mut buf = [0u8; 100];
+        port.try_recv(&mut buf)
+            .expect("recv")
+            .expect("the logged frame");
+        port.send(b"reply").expect("send");
+        port.send(b"again").expect("send");
+        let _ = port.try_recv(&mut buf);
+        assert_eq!(
+            *steps.lock().expect("lock"),
+            [ReplayStep::Drained, ReplayStep::FirstSent],
+            "each once"
+        );
+    }
+
+    #[test]
+    fn a_port_with_nothing_to_replay_is_drained_at_once() {
+        let (_port, steps) = telling_port(Vec::new());
+        assert_eq!(*steps.lock().expect("lock"), [ReplayStep::Drained]);
     }
 }

@@ -20,9 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::codec::{
-    ChangeList, CodecConfig, Decoder, PAGE, Page, Replica, VecReplica, unpack_state,
-};
+use crate::codec::{ChangeList, CodecConfig, Decoder, Page, Replica, unpack_state};
+use crate::hot::{self, GroupReplica, HotStandby};
 use crate::log_receiver::{TrafficLogs, serve_log_link};
 use crate::sched::{Escalation, Priority};
 use crate::store::{EpochRecord, Store, StoreError, VmEpoch};
@@ -46,6 +45,8 @@ pub struct ReceiverConfig {
     /// Told each epoch committed (group, epoch), once in the store: the site daemon learns the
     /// replica it may take over from.
     pub on_commit: Option<OnCommit>,
+    /// The replicas, kept in memfds for a takeover to run on (see [`crate::hot`]).
+    pub hot: Arc<HotStandby>,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -56,6 +57,7 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("retain", &self.retain)
             .field("priority", &self.priority)
             .field("on_commit", &self.on_commit.is_some())
+            .field("hot", &self.hot)
             .finish_non_exhaustive()
     }
 }
@@ -195,7 +197,10 @@ struct Session<'a> {
     group: Option<String>,
     link: Link,
     decoder: Decoder,
-    replicas: HashMap<u32, VecReplica>,
+    /// The group's replicas (once the link said Hello), kept beyond the link.
+    replica: Option<Arc<Mutex<GroupReplica>>>,
+    /// The VMs whose state this link has sent: a VM's first may resize its replica.
+    sized: HashSet<u32>,
     stores: HashMap<String, Store>,
     pending: Option<Pending>,
     escalation: Escalation,
@@ -209,7 +214,7 @@ struct Session<'a> {
 
 /// The replica as the epoch being received would leave it.
 struct Overlay<'a> {
-    base: &'a VecReplica,
+    base: &'a dyn Replica,
     writes: &'a mut HashMap<u64, Box<Page>>,
 }
 
@@ -246,7 +251,8 @@ impl<'a> Session<'a> {
             traffic,
             rx_cursors: BTreeMap::new(),
             decoder: Decoder::new(config.codec),
-            replicas: HashMap::new(),
+            replica: None,
+            sized: HashSet::new(),
             stores: HashMap::new(),
             pending: None,
             escalation: Escalation::start(config.priority, LATE_EPOCH),
@@ -349,6 +355,7 @@ impl<'a> Session<'a> {
                     return refuse(format!("group {group} already has a primary connected"));
                 }
                 self.group = Some(group.clone());
+                self.replica = Some(self.config.hot.group(&group));
                 self.link.set_version(version);
                 self.decoder.set_version(version);
                 let last_epoch = self.store(&group)?.latest().unwrap_or(0);
@@ -406,10 +413,15 @@ impl<'a> Session<'a> {
                 if let Err(e) = secondsite_vmm::memory::check_size(mem_size) {
                     return refuse(format!("VM {vm}: {e}"));
                 }
-                let replica = self.replicas.entry(vm).or_insert_with(|| {
-                    VecReplica(vec![[0u8; PAGE]; (mem_size / PAGE as u64) as usize])
-                });
-                if replica.pages() != mem_size / PAGE as u64 {
+                let Some(replica) = &self.replica else {
+                    return refuse("state before Hello".into());
+                };
+                let fresh = self.sized.insert(vm);
+                let made = hot::lock(replica)
+                    .vm(vm, mem_size, fresh)
+                    .map_err(|e| BackupError::Refused(format!("VM {vm}: no replica: {e}")))?
+                    .is_some();
+                if !made {
                     return refuse(format!("VM {vm} changed memory size"));
                 }
                 let state = unpack_state(&state)
@@ -421,7 +433,17 @@ impl<'a> Session<'a> {
                 let Some(pending) = self.pending.as_mut() else {
                     return refuse("pages outside an epoch".into());
                 };
-                let Some(base) = self.replicas.get(&vm) else {
+                let Some(replica) = &self.replica else {
+                    return refuse("pages before Hello".into());
+                };
+                let group_replica = hot::lock(replica);
+                if group_replica.is_taken() {
+                    return refuse(format!(
+                        "group {} was taken over at this site",
+                        pending.group
+                    ));
+                }
+                let Some(base) = group_replica.get(vm).filter(|_| self.sized.contains(&vm)) else {
                     return refuse(format!("pages for VM {vm} before its state"));
                 };
                 let changes = pending.changes.entry(vm).or_default();
@@ -526,9 +548,24 @@ impl<'a> Session<'a> {
             epoch,
             vms: Vec::new(),
         };
+        let group_replica = self
+            .replica
+            .clone()
+            .ok_or_else(|| BackupError::Refused("an epoch before Hello".into()))?;
+        // Held until the epoch is stored: a takeover takes the replicas at an epoch, never
+        // halfway through one.
+        let mut group_replica = hot::lock(&group_replica);
+        if group_replica.is_taken() {
+            return Err(BackupError::Refused(format!(
+                "group {group} was taken over at this site: it takes no more epochs"
+            )));
+        }
+        group_replica.unsettle();
         for vm in vms {
             let (mem_size, state) = states.remove(&vm).expect("listed");
-            let replica = self.replicas.get_mut(&vm).expect("created with its state");
+            let replica = group_replica
+                .get_mut(vm)
+                .expect("made with its state, kept while the link lives");
             let vm_changes = changes.remove(&vm).unwrap_or_default();
             match writes.remove(&vm) {
                 Some(staged) => {
@@ -540,7 +577,8 @@ impl<'a> Session<'a> {
                     if let Err(e) = vm_changes.apply(replica) {
                         // Checked when it arrived, so this is a bug; the replica may be half
                         // updated: forget it, and the link (the primary resynchronises).
-                        self.replicas.remove(&vm);
+                        group_replica.forget(vm);
+                        self.sized.remove(&vm);
                         return Err(BackupError::Refused(format!(
                             "epoch {epoch} of VM {vm} failed to apply: {e}"
                         )));
@@ -560,8 +598,15 @@ impl<'a> Session<'a> {
             .iter()
             .map(|part| (part.vm, rx_cursor(&part.state)))
             .collect();
+        let states: BTreeMap<u32, Vec<u8>> = record
+            .vms
+            .iter()
+            .map(|part| (part.vm, part.state.clone()))
+            .collect();
         let store = self.store(&group)?;
         store.append(&record, durable)?;
+        group_replica.settle(epoch, states);
+        drop(group_replica);
         let oldest = store.epochs().first().copied().unwrap_or(epoch);
         self.rx_cursors.insert(epoch, cursors);
         self.drop_unneeded_traffic(&group, oldest)?;

@@ -164,7 +164,8 @@ pub enum Event {
     Committed { epoch: u64, durable: bool },
     /// The link to the backup is lost: epochs are no longer shipped (the sender reconnects).
     Unprotected { reason: String },
-    /// A new link's first epoch, a full one, is committed: the backup holds the group again.
+    /// A link's first epoch, a full one, is committed: the backup holds the whole group (again,
+    /// after the first link; a restored group that ran unprotected is protected from here).
     Resynced { epoch: u64 },
 }
 
@@ -331,12 +332,10 @@ fn run_link(
     encoder.reset(version);
     // Numbers never go back: after the backup's newest epoch or the clock's newest capture.
     let mut first_epoch = 0;
-    let mut resync = false;
     shared.update(|s| {
         // Every link after the first starts with a full resynchronisation.
         if s.links > 0 {
             s.resyncs += 1;
-            resync = true;
         }
         s.links += 1;
         s.protected = true;
@@ -350,8 +349,8 @@ fn run_link(
         channel,
         out,
         inbound,
-        // The link's first epoch is full: its acknowledgement is the resynchronisation.
-        resync_at: resync.then_some(first_epoch + 1),
+        // The link's first epoch is full: its acknowledgement is the (re)synchronisation.
+        resync_at: Some(first_epoch + 1),
     };
     let result = ship_epochs(
         Shipping {

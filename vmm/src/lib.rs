@@ -39,7 +39,7 @@ pub mod vm;
 pub use net_port::{Bell, NetPort, Readiness, Received, Tap, Unplugged};
 pub use vm::{
     Capture, Command, GuestTime, Reply, RunState, Vm, VmConfig, VmError, VmHandle, VmStatus,
-    checkpoint_group,
+    checkpoint_group, load_snapshot,
 };
 
 /// The project's test guest, built from `guest/` by this crate's build script.

@@ -1,5 +1,5 @@
-//! Guest memory: one anonymous (or snapshot-file-backed, copy-on-write) region at guest
-//! physical 0, registered with KVM with dirty logging on (harvested by [`crate::dirty_log`]),
+//! Guest memory: one region at guest physical 0, anonymous, backed copy-on-write by a
+//! snapshot's file, or shared with the memfd a backup kept its replica in (hot standby), registered with KVM with dirty logging on (harvested by [`crate::dirty_log`]),
 //! and the copy of pages out of it.
 
 use std::fs::File;
@@ -49,23 +49,42 @@ fn bitmap(size: u64) -> AtomicBitmap {
 
 /// Fresh zeroed memory.
 pub fn anonymous(size: u64) -> Result<GuestMem, MemoryError> {
-    check_size(size)?;
-    let region = MmapRegionBuilder::new_with_bitmap(size as usize, bitmap(size))
-        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-        .build()
-        .map_err(|e| MemoryError::Map(e.to_string()))?;
-    from_region(region)
+    mapped(size, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None)
 }
 
 /// Memory backed copy-on-write by a snapshot's memory file: pages load lazily from the page
 /// cache, and the guest's writes never reach the file.
 pub fn from_file(file: File, size: u64) -> Result<GuestMem, MemoryError> {
+    mapped(size, libc::MAP_PRIVATE, Some(file))
+}
+
+/// Memory that is a shared mapping of `file`: the memfd a backup keeps a VM's replica in. The
+/// receiver writes each committed epoch into it, and a takeover's VM runs on it as it is (no
+/// copy, no trip through a filesystem). The file must hold exactly `size` bytes: a shorter one
+/// would fault the guest past its end.
+pub fn shared(file: File, size: u64) -> Result<GuestMem, MemoryError> {
+    let len = file
+        .metadata()
+        .map_err(|e| MemoryError::Map(format!("the replica's file: {e}")))?
+        .len();
+    if len != size {
+        return Err(MemoryError::Map(format!(
+            "the replica's file holds {len} bytes, the VM has {size}"
+        )));
+    }
+    mapped(size, libc::MAP_SHARED, Some(file))
+}
+
+/// `size` bytes mapped read-write with `flags` (and no swap reservation), of `file` if given.
+fn mapped(size: u64, flags: i32, file: Option<File>) -> Result<GuestMem, MemoryError> {
     check_size(size)?;
-    let region = MmapRegionBuilder::new_with_bitmap(size as usize, bitmap(size))
+    let mut builder = MmapRegionBuilder::new_with_bitmap(size as usize, bitmap(size))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-        .with_file_offset(FileOffset::new(file, 0))
+        .with_mmap_flags(flags | libc::MAP_NORESERVE);
+    if let Some(file) = file {
+        builder = builder.with_file_offset(FileOffset::new(file, 0));
+    }
+    let region = builder
         .build()
         .map_err(|e| MemoryError::Map(e.to_string()))?;
     from_region(region)

@@ -314,6 +314,51 @@ fn create_kvm(mem: &GuestMem) -> Result<KvmParts, VmError> {
     })
 }
 
+/// The snapshot in `dir`: its state, and its memory as the state lists it (the full layer
+/// mapped copy-on-write, the deltas written on top, every layer's checksum checked first).
+pub fn load_snapshot(dir: &Path) -> Result<(VmSnapshot, GuestMem), VmError> {
+    let snap = snapshot::read_state(dir)?;
+    let mem = snapshot_memory(dir, &snap)?;
+    Ok((snap, mem))
+}
+
+fn snapshot_memory(dir: &Path, snap: &VmSnapshot) -> Result<GuestMem, VmError> {
+    memory::check_size(snap.mem_size)?;
+    let Some((full, deltas)) = snap.layers.split_first() else {
+        return Err(SnapshotError::Chain("the state lists no memory layers".into()).into());
+    };
+    if full.kind != LayerKind::Full || deltas.iter().any(|l| l.kind != LayerKind::Delta) {
+        return Err(
+            SnapshotError::Chain("layers must be one full image, then deltas".into()).into(),
+        );
+    }
+    if full.bytes != snap.mem_size {
+        return Err(SnapshotError::Chain(format!(
+            "the full layer has {} bytes, memory is {}",
+            full.bytes, snap.mem_size
+        ))
+        .into());
+    }
+    for layer in &snap.layers {
+        snapshot::verify_layer(dir, layer)?;
+    }
+    let deltas = deltas
+        .iter()
+        .map(|l| snapshot::read_delta(dir, l, snap.mem_size))
+        .collect::<Result<Vec<_>, _>>()?;
+    let full_path = dir.join(&full.file);
+    let file = std::fs::File::open(&full_path).map_err(|source| SnapshotError::Io {
+        path: full_path,
+        source,
+    })?;
+    let mem = memory::from_file(file, snap.mem_size)?;
+    for (page, data) in deltas.iter().flatten() {
+        mem.write_slice(data, GuestAddress(page * PAGE_SIZE))
+            .map_err(|e| VmError::GuestMemory(e.to_string()))?;
+    }
+    Ok(mem)
+}
+
 impl Vm {
     /// A new VM running the given CPL3 guest image.
     pub fn boot(
@@ -397,39 +442,27 @@ impl Vm {
         console: Option<&Path>,
         time: GuestTime,
     ) -> Result<Vm, VmError> {
-        let snap = snapshot::read_state(dir)?;
-        memory::check_size(snap.mem_size)?;
-        let Some((full, deltas)) = snap.layers.split_first() else {
-            return Err(SnapshotError::Chain("the state lists no memory layers".into()).into());
-        };
-        if full.kind != LayerKind::Full || deltas.iter().any(|l| l.kind != LayerKind::Delta) {
-            return Err(
-                SnapshotError::Chain("layers must be one full image, then deltas".into()).into(),
-            );
-        }
-        if full.bytes != snap.mem_size {
+        let (snap, mem) = load_snapshot(dir)?;
+        Vm::resume(mem, &snap, port, console, time)
+    }
+
+    /// A VM resumed on memory that already holds its pages (a snapshot's, or the replica a
+    /// backup kept hot), from `snap`'s vCPU and device state; its clock starts where `time`
+    /// says. Nothing has run if it fails.
+    pub fn resume(
+        mem: GuestMem,
+        snap: &VmSnapshot,
+        port: Box<dyn NetPort>,
+        console: Option<&Path>,
+        time: GuestTime,
+    ) -> Result<Vm, VmError> {
+        let size = memory::size(&mem);
+        if size != snap.mem_size {
             return Err(SnapshotError::Chain(format!(
-                "the full layer has {} bytes, memory is {}",
-                full.bytes, snap.mem_size
+                "the memory holds {size} bytes, the state says {}",
+                snap.mem_size
             ))
             .into());
-        }
-        for layer in &snap.layers {
-            snapshot::verify_layer(dir, layer)?;
-        }
-        let deltas = deltas
-            .iter()
-            .map(|l| snapshot::read_delta(dir, l, snap.mem_size))
-            .collect::<Result<Vec<_>, _>>()?;
-        let full_path = dir.join(&full.file);
-        let file = std::fs::File::open(&full_path).map_err(|source| SnapshotError::Io {
-            path: full_path,
-            source,
-        })?;
-        let mem = memory::from_file(file, snap.mem_size)?;
-        for (page, data) in deltas.iter().flatten() {
-            mem.write_slice(data, GuestAddress(page * PAGE_SIZE))
-                .map_err(|e| VmError::GuestMemory(e.to_string()))?;
         }
         let parts = create_kvm(&mem)?;
         vcpu::restore(&parts.vcpu, &snap.vcpu)?;
@@ -439,7 +472,7 @@ impl Vm {
             parts,
             mem,
             net,
-            time.guest_ns_now(&snap),
+            time.guest_ns_now(snap),
             (snap.vm_id, snap.save_seq),
             console,
         )?;

@@ -44,6 +44,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Bgp { json, quick }) => bench::bgp(json, quick),
         Command::Bench(BenchCommand::Gateway { json, quick }) => bench::gateway(json, quick),
         Command::Bench(BenchCommand::Failover { json, trials }) => bench::failover(json, trials),
+        Command::Bench(BenchCommand::HotStandby { json, trials, mib }) => {
+            bench::hot_standby(json, trials, mib)
+        }
         Command::Replicate(command) => replicate::receive(command),
         Command::Store(command) => replicate::store(command),
         Command::Replay(command) => replay::run(command),

@@ -46,6 +46,7 @@ pub fn receive(command: ReplicateCommand) -> anyhow::Result<ExitCode> {
         tls,
         priority: priority.into(),
         on_commit: None,
+        hot: Default::default(),
     };
     backup::serve(
         listener,

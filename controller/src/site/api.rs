@@ -13,6 +13,7 @@
 //! a request not answered in 10 s 408, and a client that takes over 5 s to send its headers
 //! (slowloris) is disconnected; none of them holds up the daemon.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,7 +36,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use super::failover::{Event, Input};
+use super::failover::{Event, Input, Timeline};
 
 /// Largest request body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -55,6 +56,12 @@ pub struct GroupCommand {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabel {
     pub group: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    pub group: String,
+    pub step: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,7 +85,7 @@ pub struct Metrics {
     pub group_serving: Family<GroupLabel, Gauge>,
     pub group_term: Family<GroupLabel, Gauge>,
     pub takeovers: Family<GroupLabel, Counter>,
-    pub takeover_ms: Family<GroupLabel, Gauge>,
+    pub takeover_step_ms: Family<StepLabel, Gauge<f64, AtomicU64>>,
     pub epochs_committed: Family<GroupLabel, Gauge>,
     pub pause_p99_us: Family<GroupLabel, Gauge>,
     pub bytes_replicated: Family<GroupLabel, Gauge>,
@@ -93,6 +100,33 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The steps of group `group`'s last takeover (those that happened).
+    pub fn set_takeover_steps(&self, group: &str, t: &Timeline) {
+        let steps = [
+            ("suspicion", t.suspicion_ms),
+            ("witness_confirmed", t.witness_confirmed_ms),
+            ("restore_start", Some(t.restore_start_ms)),
+            ("announce_sent", Some(t.announce_sent_ms)),
+            ("vm_serving", t.vm_serving_ms),
+            ("replay_done", t.replay_done_ms),
+            ("first_frame_out", t.first_frame_out_ms),
+        ];
+        for (step, ms) in steps {
+            let label = StepLabel {
+                group: group.to_owned(),
+                step: step.to_owned(),
+            };
+            match ms {
+                Some(ms) => {
+                    self.takeover_step_ms.get_or_create(&label).set(ms);
+                }
+                None => {
+                    self.takeover_step_ms.remove(&label);
+                }
+            }
+        }
+    }
+
     fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("secondsite");
         r.register(
@@ -111,9 +145,9 @@ impl Metrics {
             self.takeovers.clone(),
         );
         r.register(
-            "takeover_ms",
-            "The last takeover: its start to the VMs serving, in ms",
-            self.takeover_ms.clone(),
+            "takeover_step_ms",
+            "The last takeover here: each step, in ms from its first sign (suspicion)",
+            self.takeover_step_ms.clone(),
         );
         r.register(
             "epochs_committed",

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 use super::api::{self, ApiState, GroupCommand, GroupLabel, PathLabel, PeerLabel, ReasonLabel};
 use super::dataplane::DataPlane;
-use super::failover::{Event, Failover, Input, Output, Standing, UpstreamView};
+use super::failover::{Event, Failover, Input, Output, Standing, Timeline, UpstreamView};
 use super::heartbeat::{Liveness, Monitor, MonitorConfig};
 use super::plan::{self, GroupPlan, SitePlan};
 use super::state::StateDir;
@@ -54,6 +54,8 @@ struct Daemon {
     state: StateDir,
     machines: BTreeMap<String, Failover>,
     upstream_views: BTreeMap<String, UpstreamView>,
+    /// Each group's last takeover here, step by step (for status).
+    last_takeover: BTreeMap<String, Timeline>,
     sessions: Vec<(IpAddr, UpstreamSession)>,
     speaker: Speaker,
     data: Arc<DataPlane>,
@@ -183,6 +185,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         state,
         machines,
         upstream_views: BTreeMap::new(),
+        last_takeover: BTreeMap::new(),
         sessions,
         speaker,
         data,
@@ -414,21 +417,23 @@ impl Daemon {
         let Some(machine) = self.machines.get_mut(group) else {
             return Vec::new();
         };
-        let takeover_started = machine.takeover_started();
         let outputs = machine.handle(Instant::now(), input);
         let mut events = Vec::new();
         for output in outputs {
             if let Output::Event(event) = &output {
-                if let (Event::TakeoverDone { .. }, Some(started)) = (event, takeover_started) {
-                    let label = GroupLabel {
-                        group: group.to_owned(),
-                    };
-                    let metrics = &self.api.metrics;
-                    metrics.takeovers.get_or_create(&label).inc();
-                    metrics
-                        .takeover_ms
-                        .get_or_create(&label)
-                        .set(started.elapsed().as_millis() as i64);
+                match event {
+                    Event::TakeoverDone { .. } => {
+                        let label = GroupLabel {
+                            group: group.to_owned(),
+                        };
+                        self.api.metrics.takeovers.get_or_create(&label).inc();
+                    }
+                    Event::Timeline(timeline) => {
+                        self.api.metrics.set_takeover_steps(group, timeline);
+                        self.last_takeover
+                            .insert(group.to_owned(), timeline.clone());
+                    }
+                    _ => {}
                 }
                 events.push(event.clone());
             }
@@ -501,6 +506,7 @@ impl Daemon {
                         "serving": m.serving(),
                         "upstream": self.upstream_views.get(name),
                         "replica_epoch": m.replica(),
+                        "last_takeover": self.last_takeover.get(name),
                         "replication": self.data.group_status(name),
                     }),
                 )

@@ -1,47 +1,49 @@
 //! The site's data plane, as the failover machines drive it:
 //!
 //! ```text
-//!  receiver (always): the other site's checkpoints and traffic logs -> the store
-//!                     each commit -> Input::Replica(epoch)
+//!  receiver (always): the other site's checkpoints and traffic logs -> the store, and the
+//!                     replicas kept hot in memory; each commit -> Input::Replica(epoch)
 //!  per group: a tap per VM, carrying the group's gateway address (the same IP and MAC at both
 //!             sites); the site routes between the taps and its uplink
 //!    Replicate -> boot the VMs behind their gateways, replicate them to the other site
 //!                 (its events -> Input::Protected)
-//!    Restore   -> rebuild every VM from the newest committed epoch, replay the traffic log
-//!                 (a thread) -> Input::Restored
+//!    Restore   -> rebuild every VM from the newest committed epoch (the replica the receiver
+//!                 kept hot: no copy; the store if it has none), replay the traffic log, then
+//!                 replicate the group back to the other site (a thread) -> Input::Restored,
+//!                 ReplayDone, FirstFrameOut; the sender's events -> Input::Protected
 //!    Receive   -> stop the VMs (the other site runs the group); hold the taps open, keeping
 //!                 the frames that come early (the upstream may move first) for the restore
-//!    Pause / Resume
-//! ```
 //!    PauseAtEpoch -> pause the VMs, wait until the first epoch captured after is committed
 //!                 -> Input::FinalEpochCommitted (a switchover's handover)
-//! Not built yet: replicating a group this site took over back to the other site when it
-//! returns (it runs unprotected until then; so a switchover goes one way).
+//!    Pause / Resume / ServeUnprotected
+//! ```
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use secondsite_policy::Policy;
 use secondsite_policy::model::{Group, Site};
+use secondsite_replay::{OnStep, ReplayStep};
 use secondsite_replicator::backup::{self, ReceiverConfig, group_store};
 use secondsite_replicator::codec::CodecConfig;
+use secondsite_replicator::hot::HotStandby;
 use secondsite_replicator::primary::Event as ReplicationEvent;
 use secondsite_replicator::store::Store;
 use secondsite_replicator::tls::{self, TlsFiles};
 use secondsite_vmm::{Bell, Command, NetPort, Tap, Vm};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::failover::{Input, Output};
+use super::failover::{Input, Output, Restoration};
 use crate::runtime::group::{GroupVmConfig, gateway_config, group_vms, sender_config};
 use crate::runtime::port::open_port;
 use crate::runtime::protect::{GroupVm, Protected};
-use crate::runtime::restore::StoreRestore;
+use crate::runtime::restore::{Checkpoint, Feed, StoreRestore, resume};
 
 /// Inputs for the failover machines, by group.
 pub type Inputs = UnboundedSender<(String, Input)>;
@@ -164,13 +166,50 @@ fn tls_files(site: &Site, base_dir: &Path) -> Option<TlsFiles> {
 /// The site's data plane.
 #[allow(missing_debug_implementations)]
 pub struct DataPlane {
+    uplink: Uplink,
+    store_dir: PathBuf,
+    groups: HashMap<String, Arc<Mutex<GroupData>>>,
+    /// The replicas the receiver keeps in memory, for a takeover to run on.
+    hot: Arc<HotStandby>,
+}
+
+/// Where this site replicates the groups it runs: the other site's receiver; and where the
+/// machines' inputs go.
+#[derive(Clone)]
+struct Uplink {
     site: String,
     /// Mutual TLS toward the other site's receiver (the policy's `replication.tls`).
     client_tls: Option<Arc<rustls::ClientConfig>>,
-    store_dir: PathBuf,
     peer_listen: std::net::SocketAddr,
-    groups: HashMap<String, Arc<Mutex<GroupData>>>,
     inputs: Inputs,
+}
+
+impl Uplink {
+    /// Runs group `name`'s VMs (each behind its gateway) replicated to the other site: the
+    /// sender's events drive the gateways, and the machine hears `Protected` as they change.
+    fn protect(&self, name: &str, group: &Group, vms: Vec<GroupVm>) -> anyhow::Result<Protected> {
+        let sender = sender_config(group, &self.site, self.peer_listen, self.client_tls.clone());
+        let running = Protected::start(vms, Some(sender), None)?;
+        if let Some(replication) = &running.replication {
+            let events = replication.subscribe();
+            let (inputs, group) = (self.inputs.clone(), name.to_owned());
+            std::thread::Builder::new()
+                .name("protection".into())
+                .spawn(move || {
+                    let mut protected = None;
+                    for event in events {
+                        let now = !matches!(event, ReplicationEvent::Unprotected { .. });
+                        if protected != Some(now) {
+                            protected = Some(now);
+                            if inputs.send((group.clone(), Input::Protected(now))).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                })?;
+        }
+        Ok(running)
+    }
 }
 
 /// The tap of VM `vm` of the group at `group_index` in the policy (interface names are at
@@ -277,12 +316,15 @@ impl DataPlane {
             None => None,
         };
         let plane = DataPlane {
-            site: site.into(),
-            client_tls,
+            uplink: Uplink {
+                site: site.into(),
+                client_tls,
+                peer_listen: peer.replication.listen.0,
+                inputs,
+            },
             store_dir: me.store.path.clone(),
-            peer_listen: peer.replication.listen.0,
             groups,
-            inputs,
+            hot: Arc::default(),
         };
         plane.start_receiver(me, server_tls)?;
         Ok(plane)
@@ -294,20 +336,19 @@ impl DataPlane {
         me: &Site,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> anyhow::Result<()> {
+        let inputs = &self.uplink.inputs;
         for name in self.groups.keys() {
             let dir = group_store(&self.store_dir, name);
             if let Ok(store) = Store::open_read_only(&dir)
                 && let Some(epoch) = store.latest()
             {
-                let _ = self
-                    .inputs
-                    .send((name.clone(), Input::Replica(Some(epoch))));
+                let _ = inputs.send((name.clone(), Input::Replica(Some(epoch))));
             }
         }
         let listen = me.replication.listen.0;
         let listener =
             TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
-        let inputs = self.inputs.clone();
+        let inputs = inputs.clone();
         let config = ReceiverConfig {
             store_dir: self.store_dir.clone(),
             durable: true,
@@ -318,6 +359,7 @@ impl DataPlane {
             on_commit: Some(Arc::new(move |group: &str, epoch: u64| {
                 let _ = inputs.send((group.to_owned(), Input::Replica(Some(epoch))));
             })),
+            hot: self.hot.clone(),
         };
         std::thread::Builder::new()
             .name("receiver".into())
@@ -356,8 +398,8 @@ impl DataPlane {
             }
             Output::Pause => each_vm(data, Command::Pause),
             Output::Resume => each_vm(data, Command::Resume),
-            Output::Restore { epoch } => {
-                self.restore(group, data.clone(), *epoch);
+            Output::Restore { epoch, planned } => {
+                self.restore(group, data.clone(), *epoch, *planned);
                 Ok(())
             }
             Output::PauseAtEpoch => self.final_epoch(group, data),
@@ -369,14 +411,10 @@ impl DataPlane {
     }
 
     /// Boots the group's VMs behind their gateways and replicates them to the other site
-    /// (nothing if they run: a group taken over runs unprotected until that is built).
+    /// (nothing if they run: a group restored here is replicated from its restore).
     fn replicate(&self, name: &str, data: &Arc<Mutex<GroupData>>) -> anyhow::Result<()> {
         let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
         if data.running.is_some() {
-            eprintln!(
-                "secondsite: group {name}: replicating a group taken over back to the other \
-                 site is not built yet: it runs unprotected"
-            );
             return Ok(());
         }
         release_taps(&mut data);
@@ -397,35 +435,11 @@ impl DataPlane {
                 gateway,
             });
         }
-        let sender = sender_config(
-            &data.group,
-            &self.site,
-            self.peer_listen,
-            self.client_tls.clone(),
-        );
-        let running = Protected::start(vms, Some(sender), None)?;
-        if let Some(replication) = &running.replication {
-            let events = replication.subscribe();
-            let (inputs, group) = (self.inputs.clone(), name.to_owned());
-            std::thread::Builder::new()
-                .name("protection".into())
-                .spawn(move || {
-                    let mut protected = None;
-                    for event in events {
-                        let now = !matches!(event, ReplicationEvent::Unprotected { .. });
-                        if protected != Some(now) {
-                            protected = Some(now);
-                            if inputs.send((group.clone(), Input::Protected(now))).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                })?;
-        }
+        let running = self.uplink.protect(name, &data.group, vms)?;
         eprintln!(
-            "secondsite: group {name}: {} VMs running, replicated to {}",
+            "secondsite: group {name}: {} VMs booted, replicated to {}",
             running.members.len(),
-            self.peer_listen
+            self.uplink.peer_listen
         );
         data.running = Some(running);
         Ok(())
@@ -444,7 +458,7 @@ impl DataPlane {
             .context("the group is not replicated from here")?;
         // Anything the guest did is in every epoch captured after the pause.
         let last = replication.status().captured + 1;
-        let (inputs, group) = (self.inputs.clone(), name.to_owned());
+        let (inputs, group) = (self.uplink.inputs.clone(), name.to_owned());
         std::thread::Builder::new()
             .name("final-epoch".into())
             .spawn(move || {
@@ -462,14 +476,22 @@ impl DataPlane {
 
     /// Rebuilds the group from its newest committed epoch (or `epoch`) with its log replayed,
     /// on a thread; says `Restored` when the VMs run.
-    fn restore(&self, name: &str, data: Arc<Mutex<GroupData>>, epoch: Option<u64>) {
+    fn restore(&self, name: &str, data: Arc<Mutex<GroupData>>, epoch: Option<u64>, planned: bool) {
         let store = group_store(&self.store_dir, name);
-        let (inputs, name) = (self.inputs.clone(), name.to_owned());
+        let (uplink, name, hot) = (self.uplink.clone(), name.to_owned(), self.hot.clone());
         let spawned = std::thread::Builder::new()
             .name("restore".into())
             .spawn(move || {
-                let result = restore_group(&store, &data, epoch);
-                let _ = inputs.send((name, Input::Restored(result.map_err(|e| format!("{e:#}")))));
+                let takeover = Takeover {
+                    name: &name,
+                    store: &store,
+                    hot: &hot,
+                    epoch,
+                    planned,
+                };
+                let result = restore_group(&takeover, &data, &uplink);
+                let result = Input::Restored(result.map_err(|e| format!("{e:#}")));
+                let _ = uplink.inputs.send((name, result));
             });
         if let Err(e) = spawned {
             eprintln!("secondsite: cannot start a restore: {e}");
@@ -537,25 +559,76 @@ impl DataPlane {
     }
 }
 
-fn restore_group(store: &Path, data: &Mutex<GroupData>, epoch: Option<u64>) -> anyhow::Result<u64> {
+/// A takeover at this site: the group, its store and hot replicas, the epoch asked for (a
+/// handover's final one: that or a newer one; the newest committed if `None`), and whether the
+/// other site handed it over (planned).
+struct Takeover<'a> {
+    name: &'a str,
+    store: &'a Path,
+    hot: &'a HotStandby,
+    epoch: Option<u64>,
+    planned: bool,
+}
+
+/// Rebuilds the group: from the replicas the receiver kept hot when they hold the epoch (the
+/// VMs run on their pages, nothing copied), from the store otherwise; the traffic log
+/// replayed, then the frames held while standing by. Each VM goes on behind a gateway that
+/// numbers on in its checkpoint's log, and the group is replicated to the other site: after a
+/// handover its output is held until the other site holds the group's first (full) epoch;
+/// after the loss of the other site it runs unprotected until that site returns and has it.
+/// The machine hears `ReplayDone` once every VM has taken its frames, `FirstFrameOut` when
+/// one first sends.
+fn restore_group(
+    takeover: &Takeover<'_>,
+    data: &Mutex<GroupData>,
+    uplink: &Uplink,
+) -> anyhow::Result<Restoration> {
+    let Takeover {
+        name,
+        store,
+        hot,
+        epoch,
+        planned,
+    } = *takeover;
+    let started = Instant::now();
     let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(mut running) = data.running.take() {
         let _ = running.stop();
     }
-    let epoch = match epoch {
-        Some(e) => e,
-        None => Store::open_read_only(store)
-            .with_context(|| format!("cannot open {}", store.display()))?
-            .latest()
-            .with_context(|| format!("{} holds no checkpoint", store.display()))?,
+    let (epoch, mut hot_vms) = match hot.take(name, epoch) {
+        Some(taken) => (
+            taken.epoch,
+            taken
+                .vms
+                .into_iter()
+                .map(|v| (v.vm, v))
+                .collect::<HashMap<_, _>>(),
+        ),
+        None => {
+            let epoch = match epoch {
+                Some(e) => e,
+                None => Store::open_read_only(store)
+                    .with_context(|| format!("cannot open {}", store.display()))?
+                    .latest()
+                    .with_context(|| format!("{} holds no checkpoint", store.display()))?,
+            };
+            (epoch, HashMap::new())
+        }
     };
-    let restore = StoreRestore {
+    let from_store = StoreRestore {
         store,
         epoch: Some(epoch),
         replay: true,
     };
+    let macs: HashSet<[u8; 6]> = data.vms.iter().map(|v| v.config.mac).collect();
     let mut vms = Vec::new();
-    let mut replayed = 0;
+    let (mut replayed, mut hot_count) = (0, 0);
+    let steps = Arc::new(TakeoverSteps {
+        vms_replaying: AtomicUsize::new(data.vms.len()),
+        sent: AtomicBool::new(false),
+        group: name.to_owned(),
+        inputs: uplink.inputs.clone(),
+    });
     let mut holders = std::mem::take(&mut data.holders).into_iter();
     for (vm, tap) in data.vms.iter().zip(&data.taps) {
         // The frames that came for the VM while the site stood by go to it after the log.
@@ -573,18 +646,72 @@ fn restore_group(store: &Path, data: &Mutex<GroupData>, epoch: Option<u64>) -> a
                 held.len()
             );
         }
-        let restored = restore
-            .vm_on(vm.index, port, held, None)
+        let checkpoint = match hot_vms.remove(&vm.index) {
+            Some(replica) => {
+                hot_count += 1;
+                Checkpoint::hot(epoch, replica)
+            }
+            None => from_store.checkpoint(vm.index),
+        }
+        .with_context(|| format!("VM {}", vm.name))?;
+        let feed = Feed {
+            log: Some(store),
+            held,
+            on_step: Some(steps.clone().telling()),
+            gateway: Some(gateway_config(&data.group, macs.clone())),
+        };
+        let restored = resume(checkpoint, vm.index, feed, port, None)
             .with_context(|| format!("VM {}", vm.name))?;
+        if let (false, Some(gateway)) = (planned, &restored.gateway) {
+            gateway.run_unprotected("taking over from a lost site: no backup until it returns");
+        }
         replayed += restored.replayed as u64;
         vms.push(GroupVm {
             vm: restored.vm,
             index: vm.index,
-            gateway: None,
+            gateway: restored.gateway,
         });
     }
-    data.running = Some(Protected::start(vms, None, None)?);
-    Ok(replayed)
+    data.running = Some(uplink.protect(name, &data.group, vms)?);
+    eprintln!(
+        "secondsite: group {name}: running from epoch {epoch} in {:.1} ms ({hot_count} of {} \
+         VMs from the hot replica, the rest from the store), {replayed} logged frames replayed; \
+         replicated to {}",
+        started.elapsed().as_secs_f64() * 1e3,
+        data.vms.len(),
+        uplink.peer_listen
+    );
+    Ok(Restoration {
+        epoch,
+        replayed,
+        hot: hot_count == data.vms.len(),
+    })
+}
+
+/// A takeover's VMs' replay steps, gathered for the group's machine.
+struct TakeoverSteps {
+    vms_replaying: AtomicUsize,
+    sent: AtomicBool,
+    group: String,
+    inputs: Inputs,
+}
+
+impl TakeoverSteps {
+    /// What one VM's replay port tells.
+    fn telling(self: Arc<Self>) -> OnStep {
+        Box::new(move |step| {
+            let input = match step {
+                ReplayStep::Drained if self.vms_replaying.fetch_sub(1, Ordering::AcqRel) == 1 => {
+                    Input::ReplayDone
+                }
+                ReplayStep::FirstSent if !self.sent.swap(true, Ordering::AcqRel) => {
+                    Input::FirstFrameOut
+                }
+                _ => return,
+            };
+            let _ = self.inputs.send((self.group.clone(), input));
+        })
+    }
 }
 
 /// Holds the group's taps open while it stands by (once).

@@ -126,8 +126,12 @@ pub enum Input {
     /// standby, the newest committed epoch of the replica we hold (`None`: none yet).
     Protected(bool),
     Replica(Option<u64>),
-    /// The restore (and the log's replay) ended.
-    Restored(Result<u64, String>),
+    /// The restore ended: the VMs run (or it failed).
+    Restored(Result<Restoration, String>),
+    /// The restored VMs have taken every logged and held frame.
+    ReplayDone,
+    /// A restored VM sent its first frame out.
+    FirstFrameOut,
     /// Handing over: every epoch up to `epoch` is committed at the other site, the VMs paused.
     FinalEpochCommitted(u64),
     /// Operators. `force`: the operator vouches that the other site is down (fenced by hand),
@@ -140,15 +144,102 @@ pub enum Input {
     Tick,
 }
 
+/// What the data plane reports when a takeover's VMs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restoration {
+    pub epoch: u64,
+    /// Logged frames queued for the VMs to replay.
+    pub replayed: u64,
+    /// From the replicas kept in memory (no copy); else from the store.
+    pub hot: bool,
+}
+
+/// One takeover, step by step: each step's time in ms from the first (`None`: it did not
+/// happen, or not within [`TIMELINE_WAIT`] of the restore's start).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timeline {
+    pub term: u64,
+    pub planned: bool,
+    pub epoch: Option<u64>,
+    pub hot: Option<bool>,
+    pub replayed: Option<u64>,
+    /// The first sign that the peer was gone: its heartbeats silent, or the upstream's
+    /// withdrawal of its route (0; `None` for a planned takeover, which starts at the restore).
+    pub suspicion_ms: Option<f64>,
+    /// Silent and the witness agreeing: the peer is gone (the grace runs from here).
+    pub witness_confirmed_ms: Option<f64>,
+    pub restore_start_ms: f64,
+    /// Announced as the active site (with the restore's start: the route propagates meanwhile).
+    pub announce_sent_ms: f64,
+    pub vm_serving_ms: Option<f64>,
+    pub replay_done_ms: Option<f64>,
+    pub first_frame_out_ms: Option<f64>,
+    /// When this event was made: its journal time less this is the first step's.
+    pub emitted_ms: f64,
+}
+
+/// How long after its restore started a takeover's timeline waits for its last steps.
+pub const TIMELINE_WAIT: Duration = Duration::from_secs(10);
+
+/// A takeover's timeline being gathered.
+#[derive(Debug, Clone, Copy)]
+struct PendingTimeline {
+    term: u64,
+    planned: bool,
+    origin: Instant,
+    suspicion: Option<Instant>,
+    confirmed: Option<Instant>,
+    restore_start: Instant,
+    restored: Option<(Instant, Restoration)>,
+    replay_done: Option<Instant>,
+    first_frame_out: Option<Instant>,
+}
+
+impl PendingTimeline {
+    fn complete(&self) -> bool {
+        self.restored.is_some() && self.replay_done.is_some() && self.first_frame_out.is_some()
+    }
+
+    fn finish(&self, now: Instant) -> Timeline {
+        let ms = |at: Instant| round_ms(at.saturating_duration_since(self.origin));
+        let restoration = self.restored.map(|(_, r)| r);
+        Timeline {
+            term: self.term,
+            planned: self.planned,
+            epoch: restoration.map(|r| r.epoch),
+            hot: restoration.map(|r| r.hot),
+            replayed: restoration.map(|r| r.replayed),
+            suspicion_ms: self.suspicion.map(ms),
+            witness_confirmed_ms: self.confirmed.map(ms),
+            restore_start_ms: ms(self.restore_start),
+            announce_sent_ms: ms(self.restore_start),
+            // A VM that sent was serving: its first frame out may be heard before the
+            // restore's end (they come from different threads).
+            vm_serving_ms: self
+                .restored
+                .map(|(at, _)| ms(self.first_frame_out.map_or(at, |first| first.min(at)))),
+            replay_done_ms: self.replay_done.map(ms),
+            first_frame_out_ms: self.first_frame_out.map(ms),
+            emitted_ms: ms(now),
+        }
+    }
+}
+
+fn round_ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
 /// What the driver does.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Output {
     /// Write the standing to the state dir before anything that follows.
     Persist(Standing),
     /// Restore the hot replica (its newest committed epoch, or `epoch`), replay the traffic log,
-    /// and report `Restored`.
+    /// and report `Restored`; then replicate the group to the other site, which handed it over
+    /// (`planned`: output waits until it holds the group) or is lost (run unprotected).
     Restore {
         epoch: Option<u64>,
+        planned: bool,
     },
     /// Announce the group's prefixes as the active site, or as the backup (prepended), or
     /// tagged GRACEFUL_SHUTDOWN (RFC 8326) while handing over.
@@ -173,7 +264,7 @@ pub enum Output {
 }
 
 /// A decision, for the journal and the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     PeerLost,
     PeerBack,
@@ -190,6 +281,9 @@ pub enum Event {
     TakeoverFailed {
         reason: String,
     },
+    /// A takeover's steps, once its VMs serve and have sent out (or [`TIMELINE_WAIT`] after
+    /// its restore began).
+    Timeline(Timeline),
     /// Serving without a backup, as the site that holds the upstream.
     ServingUnprotected,
     Protected,
@@ -259,8 +353,13 @@ pub struct Failover {
     state: State,
     standing: Standing,
     facts: Facts,
-    /// When the current takeover began (for its timeline).
+    /// When the current takeover began.
     takeover_started: Option<Instant>,
+    /// The first sign that the peer is gone, and when the witness confirmed it, while so.
+    first_sign: Option<Instant>,
+    confirmed_at: Option<Instant>,
+    /// The last takeover's timeline, until it is told.
+    timeline: Option<PendingTimeline>,
     /// Told to serve unprotected since the peer was last seen (said once).
     unprotected: bool,
     /// A takeover was refused for want of a replica (said once, until one comes).
@@ -276,6 +375,9 @@ impl Failover {
             standing,
             facts: Facts::default(),
             takeover_started: None,
+            first_sign: None,
+            confirmed_at: None,
+            timeline: None,
             unprotected: false,
             no_replica_said: false,
         }
@@ -365,6 +467,16 @@ impl Failover {
                 self.facts.replica = *epoch;
                 self.no_replica_said = false;
             }
+            Input::ReplayDone => {
+                if let Some(t) = &mut self.timeline {
+                    t.replay_done.get_or_insert(now);
+                }
+            }
+            Input::FirstFrameOut => {
+                if let Some(t) = &mut self.timeline {
+                    t.first_frame_out.get_or_insert(now);
+                }
+            }
             _ => {}
         }
         self.facts.witness_since = self
@@ -377,8 +489,35 @@ impl Failover {
         };
         self.facts.alone_since = (self.facts.peer_silent && self.holds_upstream())
             .then(|| self.facts.alone_since.unwrap_or(now));
+        let suspect = self.facts.peer_silent || self.facts.witness_since.is_some();
+        self.first_sign = suspect.then(|| self.first_sign.unwrap_or(now));
+        self.confirmed_at = self.peer_gone().then(|| self.confirmed_at.unwrap_or(now));
+        self.transition(now, input, peer_was_silent, &mut out);
+        self.tell_timeline(now, &mut out);
+        out
+    }
+
+    /// Says the last takeover's timeline once its steps are in, or it waited long enough.
+    fn tell_timeline(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let Some(pending) = self.timeline else {
+            return;
+        };
+        if pending.complete() || now.duration_since(pending.restore_start) >= TIMELINE_WAIT {
+            self.timeline = None;
+            out.push(Output::Event(Event::Timeline(pending.finish(now))));
+        }
+    }
+
+    /// The state's answer to `input` (the facts already updated).
+    fn transition(
+        &mut self,
+        now: Instant,
+        input: Input,
+        peer_was_silent: bool,
+        out: &mut Vec<Output>,
+    ) {
         match (self.state, input) {
-            (State::Starting, _) => self.start(now, &mut out),
+            (State::Starting, _) => self.start(now, out),
 
             (State::Standby, Input::PeerSeen(peer)) => {
                 if peer.term > self.standing.term {
@@ -391,12 +530,12 @@ impl Failover {
                     final_epoch: Some(epoch),
                 } = peer.state
                 {
-                    self.take_over(now, true, Some(epoch), &mut out);
+                    self.take_over(now, true, Some(epoch), out);
                 }
             }
             (State::Standby, Input::Failover { force }) => {
                 if force || self.held_for_grace(self.facts.gone_since, now) {
-                    self.take_over(now, false, None, &mut out);
+                    self.take_over(now, false, None, out);
                 } else {
                     out.push(refused(
                         "failover",
@@ -410,24 +549,28 @@ impl Failover {
             )),
             (State::Standby, _) => {
                 if self.config.automatic && self.held_for_grace(self.facts.gone_since, now) {
-                    self.take_over(now, false, None, &mut out);
+                    self.take_over(now, false, None, out);
                 } else if self.facts.peer_silent && !peer_was_silent && !self.peer_gone() {
                     out.push(Output::Event(Event::WitnessDisagrees));
                 }
             }
 
-            (State::TakingOver { .. }, Input::Restored(Ok(replayed))) => {
+            (State::TakingOver { .. }, Input::Restored(Ok(restoration))) => {
                 self.state = State::Active;
+                if let Some(t) = &mut self.timeline {
+                    t.restored = Some((now, restoration));
+                }
                 out.push(Output::AnnounceNeighbours);
                 out.push(Output::Event(Event::TakeoverDone {
                     term: self.standing.term,
-                    replayed,
+                    replayed: restoration.replayed,
                 }));
                 self.takeover_started = None;
-                self.after_becoming_active(&mut out);
+                self.after_becoming_active(out);
             }
             (State::TakingOver { .. }, Input::Restored(Err(reason))) => {
                 self.takeover_started = None;
+                self.timeline = None;
                 self.standing.active = false;
                 out.push(Output::Persist(self.standing));
                 self.state = State::Standby;
@@ -436,7 +579,7 @@ impl Failover {
             }
             // Mid-takeover the site is as good as active: cut off from both, it fences (the
             // restored VM stays paused); a peer that outranks it keeps the group.
-            (State::TakingOver { .. }, _) => self.check_active(&mut out),
+            (State::TakingOver { .. }, _) => self.check_active(out),
 
             (State::Active, Input::Switchover) => {
                 if self
@@ -459,7 +602,7 @@ impl Failover {
             (State::Active, Input::Failover { .. }) => {
                 out.push(refused("failover", "this site is already the active one"))
             }
-            (State::Active, _) => self.check_active(&mut out),
+            (State::Active, _) => self.check_active(out),
 
             (State::HandingOver { .. }, Input::FinalEpochCommitted(epoch)) => {
                 self.state = State::HandingOver {
@@ -472,14 +615,14 @@ impl Failover {
                     && matches!(peer.state, PeerState::TakingOver | PeerState::Active)
                     && peer.term > self.standing.term
                 {
-                    self.step_down(peer.term, &mut out);
+                    self.step_down(peer.term, out);
                 } else if self.facts.peer_silent {
                     // The peer vanished mid-handover: serve on, as any active site that loses
                     // its peer would, if we still hold the upstream.
                     self.state = State::Active;
                     out.push(Output::Resume);
                     out.push(Output::AnnounceActive);
-                    self.check_active(&mut out);
+                    self.check_active(out);
                 }
             }
 
@@ -502,18 +645,17 @@ impl Failover {
                     // A peer that serves the group keeps it (whatever the terms: resuming next
                     // to it would run the group twice); one that does not gives it back.
                     if peer_serves {
-                        self.step_down(peer.term, &mut out);
+                        self.step_down(peer.term, out);
                     } else {
                         self.state = State::Active;
                         out.push(Output::Resume);
                         out.push(Output::AnnounceActive);
                         out.push(Output::Event(Event::Resumed));
-                        self.after_becoming_active(&mut out);
+                        self.after_becoming_active(out);
                     }
                 }
             }
         }
-        out
     }
 
     /// Starting: the remembered standing decides, once the peer is heard or known silent. A
@@ -619,6 +761,21 @@ impl Failover {
         out.push(Output::Persist(self.standing));
         self.state = State::TakingOver { planned };
         self.takeover_started = Some(now);
+        let (suspicion, confirmed) = match planned {
+            true => (None, None),
+            false => (self.first_sign, self.confirmed_at),
+        };
+        self.timeline = Some(PendingTimeline {
+            term: self.standing.term,
+            planned,
+            origin: suspicion.unwrap_or(now),
+            suspicion,
+            confirmed,
+            restore_start: now,
+            restored: None,
+            replay_done: None,
+            first_frame_out: None,
+        });
         out.push(Output::Event(Event::TakeoverStarted {
             term: self.standing.term,
             planned,
@@ -626,7 +783,7 @@ impl Failover {
         // Announced at once: traffic the upstream moves early is held at the gateway and
         // delivered after the replay, and the route's propagation overlaps the restore.
         out.push(Output::AnnounceActive);
-        out.push(Output::Restore { epoch });
+        out.push(Output::Restore { epoch, planned });
     }
 
     fn step_down(&mut self, peer_term: u64, out: &mut Vec<Output>) {

@@ -43,6 +43,17 @@ pub struct VmSnapshot {
     pub layers: Vec<LayerInfo>,
 }
 
+impl VmSnapshot {
+    /// The state a checkpoint carries (the JSON of a [`crate::Capture`]), without layers:
+    /// what a backup keeps beside a replica's memory.
+    pub fn from_checkpoint_state(state_json: &[u8]) -> Result<VmSnapshot, SnapshotError> {
+        serde_json::from_slice(state_json).map_err(|e| SnapshotError::Decode {
+            path: "checkpoint state".into(),
+            detail: e.to_string(),
+        })
+    }
+}
+
 /// The file name of a snapshot's full memory layer when there is one layer.
 pub const FULL_LAYER: &str = "memory-000001.full";
 
@@ -50,11 +61,7 @@ pub const FULL_LAYER: &str = "memory-000001.full";
 /// [`crate::Capture`] carries) into a snapshot directory that `Vm::restore` accepts.
 pub fn assemble(dir: &std::path::Path, state_json: &[u8]) -> Result<(), SnapshotError> {
     let path = dir.join(FULL_LAYER);
-    let mut snap: VmSnapshot =
-        serde_json::from_slice(state_json).map_err(|e| SnapshotError::Decode {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
+    let mut snap = VmSnapshot::from_checkpoint_state(state_json)?;
     let (bytes, crc32) = file_crc32(&path)?;
     snap.layers = vec![LayerInfo {
         file: FULL_LAYER.into(),

@@ -23,11 +23,13 @@ const PORT: u16 = 6379;
 mod bgp;
 mod failover;
 mod gateway;
+mod hot_standby;
 mod replication;
 
 pub use bgp::bgp;
 pub use failover::failover;
 pub use gateway::gateway;
+pub use hot_standby::hot_standby;
 pub use replication::replication;
 
 /// Re-runs this command in a private network namespace (`unshare --net`), unless it already is

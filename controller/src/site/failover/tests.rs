@@ -15,6 +15,15 @@ fn config(primary: bool) -> Config {
     }
 }
 
+/// A restore that went well, with `replayed` logged frames, from the hot replica.
+fn restored(replayed: u64) -> Restoration {
+    Restoration {
+        epoch: 5,
+        replayed,
+        hot: true,
+    }
+}
+
 fn peer(state: PeerState, term: u64) -> Input {
     Input::PeerSeen(PeerGroup { state, term })
 }
@@ -131,12 +140,15 @@ fn the_primary_silent_and_withdrawn_upstream_is_taken_over() {
                 planned: false
             }),
             Output::AnnounceActive,
-            Output::Restore { epoch: None },
+            Output::Restore {
+                epoch: None,
+                planned: false
+            },
         ]
     );
     assert_eq!(b.takeover_started(), Some(t));
     assert!(!b.serving(), "not before the replica runs");
-    let out = b.handle(t, Input::Restored(Ok(17)));
+    let out = b.handle(t, Input::Restored(Ok(restored(17))));
     assert_eq!(b.state(), State::Active);
     assert!(b.serving());
     assert!(out.contains(&Output::AnnounceNeighbours));
@@ -148,6 +160,74 @@ fn the_primary_silent_and_withdrawn_upstream_is_taken_over() {
         events(&out).contains(&&Event::ServingUnprotected),
         "no backup yet, and it holds the upstream"
     );
+}
+
+#[test]
+fn a_takeover_is_told_as_one_timeline_with_every_step() {
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    let mut b = standby_backup(t0);
+    // Suspicion: the upstream withdraws the peer's route first (BFD), then heartbeats stop.
+    b.handle(ms(100), upstream(true, PeerRoute::None));
+    b.handle(ms(250), Input::PeerSilent);
+    let out = b.handle(ms(550), Input::Tick);
+    assert!(out.contains(&Output::Restore {
+        epoch: None,
+        planned: false
+    }));
+    let no_timeline = |out: &[Output]| !events(out).iter().any(|e| matches!(e, Event::Timeline(_)));
+    assert!(no_timeline(
+        &b.handle(ms(560), Input::Restored(Ok(restored(3))))
+    ));
+    assert!(no_timeline(&b.handle(ms(561), Input::ReplayDone)));
+    let out = b.handle(ms(575), Input::FirstFrameOut);
+    let timeline = events(&out)
+        .into_iter()
+        .find_map(|e| match e {
+            Event::Timeline(t) => Some(t.clone()),
+            _ => None,
+        })
+        .expect("the last step completes the timeline");
+    assert_eq!(
+        timeline,
+        Timeline {
+            term: 1,
+            planned: false,
+            epoch: Some(5),
+            hot: Some(true),
+            replayed: Some(3),
+            suspicion_ms: Some(0.0),
+            witness_confirmed_ms: Some(150.0),
+            restore_start_ms: 450.0,
+            announce_sent_ms: 450.0,
+            vm_serving_ms: Some(460.0),
+            replay_done_ms: Some(461.0),
+            first_frame_out_ms: Some(475.0),
+            emitted_ms: 475.0,
+        }
+    );
+    // Told once.
+    assert!(no_timeline(&b.handle(ms(600), Input::FirstFrameOut)));
+}
+
+#[test]
+fn a_timeline_missing_steps_is_told_after_its_wait() {
+    let t = Instant::now();
+    let mut b = taking_over(t);
+    let started = b.takeover_started().expect("taking over");
+    b.handle(started, Input::Restored(Ok(restored(0))));
+    // The VM never sends: the timeline goes out without that step.
+    assert!(
+        b.handle(started + TIMELINE_WAIT / 2, Input::Tick)
+            .is_empty()
+    );
+    let out = b.handle(started + TIMELINE_WAIT, Input::Tick);
+    let [Event::Timeline(timeline)] = events(&out)[..] else {
+        panic!("one timeline: {out:?}");
+    };
+    assert_eq!(timeline.first_frame_out_ms, None);
+    assert_eq!(timeline.replay_done_ms, None);
+    assert!(timeline.vm_serving_ms.is_some());
 }
 
 #[test]
@@ -340,7 +420,7 @@ fn of_two_active_sites_the_older_term_stands_down() {
     assert!(events(&out).contains(&&Event::SteppedDown { peer_term: 2 }));
     // An older one claiming the group changes nothing.
     let mut b = taking_over(t);
-    b.handle(t, Input::Restored(Ok(0)));
+    b.handle(t, Input::Restored(Ok(restored(0))));
     b.handle(t, peer(PeerState::Active, 0));
     assert_eq!(b.state(), State::Active);
 }
@@ -362,14 +442,17 @@ fn a_planned_switchover_hands_the_final_epoch_over_and_back() {
     a.handle(t, Input::FinalEpochCommitted(42));
     let out = b.handle(t, Input::PeerSeen(a.view()));
     assert_eq!(b.state(), State::TakingOver { planned: true });
-    assert!(out.contains(&Output::Restore { epoch: Some(42) }));
+    assert!(out.contains(&Output::Restore {
+        epoch: Some(42),
+        planned: true
+    }));
     a.handle(t, Input::PeerSeen(b.view()));
     assert_eq!(
         a.state(),
         State::Standby,
         "site-a steps down as site-b takes over"
     );
-    b.handle(t, Input::Restored(Ok(0)));
+    b.handle(t, Input::Restored(Ok(restored(0))));
     b.handle(t, Input::PeerSeen(a.view()));
     b.handle(t, Input::Protected(true));
     assert_eq!(b.state(), State::Active);
@@ -675,7 +758,7 @@ impl World {
                         // The replica runs from here on, unless paused meanwhile.
                         self.sites[i].running = !self.sites[i].restore_paused;
                         self.check();
-                        self.feed(i, Input::Restored(Ok(0)));
+                        self.feed(i, Input::Restored(Ok(restored(0))));
                     } else {
                         self.feed(i, Input::Restored(Err("failed".into())));
                     }
