@@ -10,6 +10,7 @@ use netgauze_bgp_pkt::capabilities::{
     BgpCapability, FourOctetAsCapability, MultiProtocolExtensionsCapability,
 };
 use netgauze_bgp_pkt::community::Community;
+use netgauze_bgp_pkt::iana::RouteRefreshSubcode;
 use netgauze_bgp_pkt::nlri::{Ipv4Unicast, Ipv4UnicastAddress, Ipv6Unicast, Ipv6UnicastAddress};
 use netgauze_bgp_pkt::notification::{BgpNotificationMessage, CeaseError, MessageHeaderError};
 use netgauze_bgp_pkt::open::{BgpOpenMessage, BgpOpenMessageParameter};
@@ -17,6 +18,7 @@ use netgauze_bgp_pkt::path_attribute::{
     As4PathSegment, AsPath, AsPathSegmentType, Communities, MpReach, MpUnreach,
     MultiExitDiscriminator, NextHop, Origin, PathAttribute, PathAttributeValue,
 };
+use netgauze_bgp_pkt::route_refresh::BgpRouteRefreshMessage;
 use netgauze_bgp_pkt::update::BgpUpdateMessage;
 use netgauze_bgp_pkt::wire::deserializer::BgpParsingContext;
 use netgauze_iana::address_family::AddressType;
@@ -291,6 +293,19 @@ fn ipv6_nlri(net: ipnet::Ipv6Net) -> Ipv6UnicastAddress {
 }
 
 /// A Cease NOTIFICATION (RFC 4486 subcodes).
+/// A ROUTE-REFRESH (RFC 2918) asking the peer to send its IPv4 or IPv6 unicast routes again.
+pub fn route_refresh(ipv6: bool) -> BgpMessage {
+    let family = if ipv6 {
+        AddressType::Ipv6Unicast
+    } else {
+        AddressType::Ipv4Unicast
+    };
+    BgpMessage::RouteRefresh(BgpRouteRefreshMessage::new(
+        family,
+        RouteRefreshSubcode::NormalRequest,
+    ))
+}
+
 pub fn cease_shutdown() -> BgpMessage {
     BgpMessage::Notification(BgpNotificationMessage::CeaseError(
         CeaseError::AdministrativeShutdown {

@@ -85,6 +85,10 @@ pub enum Input<'a> {
     BfdDown,
     Announce(Announcement),
     Withdraw(IpNet),
+    /// Keep these routes from now on (a reloaded policy): those no longer kept leave the
+    /// Adj-RIB-In; for those newly kept, dropped when they came, the peer is asked to send
+    /// its routes again (ROUTE-REFRESH, RFC 2918) if it can.
+    Keep(RibFilter),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -293,6 +297,7 @@ impl Session {
                     self.receive(now, bytes, &mut out);
                 }
             }
+            Input::Keep(keep) => self.keep(keep, &mut out),
             Input::BfdDown => {
                 if matches!(
                     self.state,
@@ -325,6 +330,38 @@ impl Session {
             }
         }
         out
+    }
+
+    fn keep(&mut self, keep: RibFilter, out: &mut Vec<Output>) {
+        let widened = match (&self.config.keep, &keep) {
+            (_, RibFilter::All) => self.config.keep != RibFilter::All,
+            (RibFilter::All, RibFilter::Within(_)) => false,
+            (RibFilter::Within(old), RibFilter::Within(new)) => {
+                new.iter().any(|p| !old.iter().any(|o| o.contains(p)))
+            }
+        };
+        self.config.keep = keep;
+        let dropped: Vec<IpNet> = self
+            .rib_in
+            .routes()
+            .filter(|r| !self.config.keep.keeps(&r.prefix))
+            .map(|r| r.prefix)
+            .collect();
+        for prefix in &dropped {
+            self.rib_in.remove(prefix);
+        }
+        if !dropped.is_empty() {
+            out.push(Output::RibChanged {
+                announced: Vec::new(),
+                withdrawn: dropped,
+            });
+        }
+        let can_refresh = self.peer.as_ref().is_some_and(|p| p.route_refresh);
+        if widened && self.state == State::Established && can_refresh {
+            for ipv6 in [false, true] {
+                self.send(&message::route_refresh(ipv6), out);
+            }
+        }
     }
 
     pub fn on_timer(&mut self, now: Instant) -> Vec<Output> {
@@ -990,6 +1027,31 @@ mod tests {
         assert_eq!(reply[18..21], [3, 6, 10], "Cease, BFD Down (RFC 9384)");
         assert_eq!(ours.state(), State::Idle);
         assert!(ours.rib_in().is_empty());
+    }
+
+    #[test]
+    fn a_changed_filter_drops_what_it_no_longer_keeps_and_asks_again_for_what_it_now_does() {
+        let now = Instant::now();
+        let (mut ours, mut theirs) = established_pair(now);
+        // The pair's route, 203.0.113.0/24, is kept (every route is, by default).
+        let route: IpNet = "203.0.113.0/24".parse().unwrap();
+        assert!(theirs.rib_in().get(&route).is_some());
+        let narrow = RibFilter::Within(vec!["198.51.100.0/24".parse().unwrap()]);
+        let out = theirs.handle(now, Input::Keep(narrow));
+        assert!(out.contains(&Output::RibChanged {
+            announced: vec![],
+            withdrawn: vec![route],
+        }));
+        assert!(theirs.rib_in().get(&route).is_none());
+        assert!(sent(&out).is_empty(), "narrowing asks nothing of the peer");
+        // Widened again: a ROUTE-REFRESH per family (type 5), and the peer (which announced
+        // route refresh) sends the route again.
+        let wide = RibFilter::Within(vec!["203.0.112.0/22".parse().unwrap()]);
+        let refresh = sent(&theirs.handle(now, Input::Keep(wide)));
+        assert_eq!(refresh.len(), 2 * 23, "{refresh:?}");
+        assert_eq!((refresh[18], refresh[23 + 18]), (5, 5), "ROUTE-REFRESH");
+        exchange(&mut theirs, &mut ours, now, refresh);
+        assert!(theirs.rib_in().get(&route).is_some(), "sent again and kept");
     }
 
     #[test]

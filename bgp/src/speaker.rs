@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use std::os::fd::AsFd;
 
 use crate::bfd::{self, BfdConfig, BfdSession, BfdState, Diagnostic};
-use crate::route::{Announcement, Route};
+use crate::route::{Announcement, RibFilter, Route};
 use crate::session::{ConnId, Counters, Input, Output, Session, SessionConfig, State};
 use crate::sockopt;
 
@@ -46,6 +46,8 @@ pub struct PeerConfig {
 pub enum Command {
     Announce(Announcement),
     Withdraw(IpNet),
+    /// Keep these routes from now on (see `session::Input::Keep`).
+    Keep(RibFilter),
     /// Cease NOTIFICATION to every peer, then end.
     Stop,
 }
@@ -411,6 +413,7 @@ impl PeerTask {
                         }
                         Some(Request::Command(Command::Announce(a))) => outputs.extend(self.session.handle(now, Input::Announce(a))),
                         Some(Request::Command(Command::Withdraw(p))) => outputs.extend(self.session.handle(now, Input::Withdraw(p))),
+                        Some(Request::Command(Command::Keep(k))) => outputs.extend(self.session.handle(now, Input::Keep(k))),
                         Some(Request::Command(Command::Stop)) | None => {
                             outputs.extend(self.session.handle(now, Input::Stop));
                             stopping = true;

@@ -11,11 +11,16 @@
 //!   first move, and no write is lost either way.
 //! - After a site loss, site-a returns as site-b's backup, is resynchronised, and takes the
 //!   group back with a switchover.
+//! - A reloaded policy (SIGHUP, the API) adds a group, changes a rate and removes the group
+//!   again while the client's connection goes on; an invalid one, or one that needs a
+//!   restart, changes nothing.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use secondsite_lab::{Connection, GUEST, TwoSites, privileged, wait_until};
+use secondsite_lab::{
+    Connection, DB_GUEST, GUEST, TwoSites, privileged, wait_until, with_group_db,
+};
 use serde_json::Value;
 
 const SECONDSITE: &str = env!("CARGO_BIN_EXE_secondsite");
@@ -297,6 +302,92 @@ fn a_planned_switchover_and_back_moves_the_group_with_no_write_lost() {
         timeline["hot"], true,
         "site-a ran on its hot replica: {timeline}"
     );
+}
+
+/// `secondsite policy reload` asked of the site in `ns`: its success and what it printed.
+fn reload(ns: &secondsite_lab::Netns) -> (bool, String) {
+    let out = ns
+        .command(SECONDSITE)
+        .args(["policy", "reload"])
+        .output()
+        .expect("runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_reloaded_policy_adds_and_removes_a_group_and_changes_a_rate_in_place() {
+    if !privileged("a_reloaded_policy_adds_and_removes_a_group_and_changes_a_rate_in_place") {
+        return;
+    }
+    let run = start();
+    let (mut conn, last) = counting(&run, 5);
+    let file = run._dir.path().join("policy.yaml");
+    let original = std::fs::read_to_string(&file).expect("the policy");
+    let (site_a, site_b) = (&run.sites.lab.lab.site_a, &run.sites.lab.lab.site_b);
+
+    // Not valid, or needing a restart: refused, nothing changes.
+    std::fs::write(&file, original.replace("misses: 3", "misses: many")).expect("writes");
+    let (ok, said) = reload(site_a);
+    assert!(!ok && said.contains("not valid"), "{said}");
+    std::fs::write(&file, original.replace("misses: 3", "misses: 4")).expect("writes");
+    let (ok, said) = reload(site_a);
+    assert!(!ok && said.contains("heartbeats"), "{said}");
+
+    // A group added and a rate changed: SIGHUP at site-a, the API at site-b.
+    let faster = original.replacen("interval_ms: 25", "interval_ms: 40", 1);
+    std::fs::write(&file, with_group_db(&faster)).expect("writes");
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &run.sites.a.proc.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let (ok, said) = reload(site_b);
+    assert!(ok && said.contains("\"db\""), "{said}");
+    let added = wait_until(Duration::from_secs(30), || {
+        run.sites.a.group_state("db") == "Active"
+            && run.sites.b.group_state("db") == "Standby"
+            && run.sites.b.status()["groups"]["db"]["replica_epoch"].is_u64()
+            // Site-b's Adj-RIB-In keeps the new prefix now: it sees site-a's route.
+            && run.sites.b.status()["groups"]["db"]["upstream"]["peer_route"] == "Active"
+    });
+    assert!(added.is_some(), "{}", run.sites.logs());
+    let pong = run
+        .sites
+        .lab
+        .client
+        .exec("redis-cli", &["-h", DB_GUEST, "PING"])
+        .expect("redis-cli");
+    assert!(String::from_utf8_lossy(&pong.stdout).contains("PONG"));
+    // Web's replication restarted at 40 ms epochs under the client's connection.
+    let (last, _) = count_on(&run, &mut conn, last, 5, Duration::from_secs(10));
+    let logs = run.sites.logs();
+    assert!(
+        logs.contains("replicating group web (1 VMs) to 10.9.0.2:7800 every 40 ms"),
+        "{logs}"
+    );
+
+    // And removed again: its VM stopped, its route withdrawn, its tap gone.
+    std::fs::write(&file, &original).expect("writes");
+    assert!(reload(site_a).0 && reload(site_b).0);
+    let tap_gone = || {
+        site_a
+            .exec("ip", &["-o", "link"])
+            .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains("ss1v0"))
+    };
+    let removed = wait_until(Duration::from_secs(20), || {
+        run.sites.a.status()["groups"].get("db").is_none()
+            && !run
+                .sites
+                .lab
+                .lab
+                .upstream_fib("198.51.100.0/24")
+                .contains("198.51.100.0/24")
+            && tap_gone()
+    });
+    assert!(removed.is_some(), "{}", run.sites.logs());
+    count_on(&run, &mut conn, last, 3, Duration::from_secs(10));
 }
 
 #[test]

@@ -28,7 +28,9 @@ mod topology;
 pub use netns::{Netns, veth};
 pub use proc::Proc;
 pub use routers::{Bird, Frr, Gobgp, SpeakerProc, UpstreamLab, wait_until};
-pub use sites::{Connection, GUEST, SiteDaemon, SiteLab, TwoSites, policy};
+pub use sites::{
+    Connection, DB_GUEST, GUEST, SiteDaemon, SiteLab, TwoSites, policy, with_group_db,
+};
 pub use topology::{GroupSite, VmSite};
 
 /// Whether privileged tests can run here. Skips (false, with a message) when not root; panics

@@ -128,6 +128,30 @@ failover:
     file
 }
 
+/// The second group's guest in [`with_group_db`].
+pub const DB_GUEST: &str = "198.51.100.10";
+
+/// [`policy`]'s text with a second group, `db` (198.51.100.0/24, announced as `web`'s prefix
+/// is), whose VM is at [`DB_GUEST`].
+pub fn with_group_db(policy: &str) -> String {
+    let policy = policy.replacen(
+        "prefixes:\n",
+        "prefixes:\n  - prefix: 198.51.100.0/24\n    announce:\n      - site: site-a\n      \
+         - site: site-b\n        prepend: 2\n",
+        1,
+    );
+    policy.replacen(
+        "groups:\n",
+        &format!(
+            "groups:\n  - name: db\n    primary: site-a\n    backup: site-b\n    prefixes: \
+             [198.51.100.0/24]\n    vms:\n      - name: db-1\n        memory_mib: 64\n        \
+             mac: 52:54:00:12:34:57\n        addresses: [{DB_GUEST}]\n    checkpoint:\n      \
+             interval_ms: 25\n      ack: memory\n    inbound_log: sync\n    output_commit: true\n"
+        ),
+        1,
+    )
+}
+
 /// `secondsite run` (the binary at `exe`) for `site` in `ns`, its state in DIR/SITE-state,
 /// its log in DIR/SITE.log; killed on drop.
 #[derive(Debug)]

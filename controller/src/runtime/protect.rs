@@ -30,6 +30,8 @@ pub struct Protected {
     pub members: Vec<Member>,
     pub replication: Option<Arc<Replication>>,
     pub gateways: Vec<Arc<Gateway>>,
+    /// The VM (its number in the group) of each gateway.
+    gateway_vms: Vec<u32>,
     log_links: Vec<LogLink>,
 }
 
@@ -52,46 +54,55 @@ impl Protected {
                 handle: Arc::new(vm.spawn_on(vcpu_cpus)?),
             });
         }
-        let mut log_links = Vec::new();
-        let replication = match replication {
-            Some(config) => {
-                eprintln!(
-                    "secondsite: replicating group {} ({} VMs) to {} every {} ms",
-                    config.group,
-                    members.len(),
-                    config.peer,
-                    config.epoch_ms
-                );
-                let replication = Arc::new(Replication::start(members.clone(), config.clone()));
-                if !gateways.is_empty() {
-                    secondsite_gateway::follow(
-                        replication.subscribe(),
-                        gateways.iter().map(|(_, g)| g.clone()).collect(),
-                    )?;
-                }
-                for (vm, gateway) in &gateways {
-                    if let Some(on) = &config.on_output {
-                        gateway.ring_on_output(on.waiting.clone());
-                    }
-                    let link = LogLinkConfig {
-                        peer: config.peer,
-                        tls: config.tls.clone(),
-                        site: config.site.clone(),
-                        group: config.group.clone(),
-                        vm: *vm,
-                    };
-                    log_links.push(LogLink::start(gateway.clone(), link)?);
-                }
-                Some(replication)
-            }
-            None => None,
-        };
-        Ok(Protected {
+        let mut running = Protected {
             members,
-            replication,
+            replication: None,
+            gateway_vms: gateways.iter().map(|(vm, _)| *vm).collect(),
             gateways: gateways.into_iter().map(|(_, g)| g).collect(),
-            log_links,
-        })
+            log_links: Vec::new(),
+        };
+        if let Some(config) = replication {
+            running.replicate(config)?;
+        }
+        Ok(running)
+    }
+
+    /// Replicates the running group as `config` says, in place of any replication before (a
+    /// changed policy): its first epoch is a full one, and output waits for it meanwhile.
+    pub fn replicate(&mut self, config: SenderConfig) -> anyhow::Result<()> {
+        if let Some(old) = self.replication.take() {
+            old.stop();
+        }
+        for link in &mut self.log_links {
+            link.stop();
+        }
+        self.log_links.clear();
+        eprintln!(
+            "secondsite: replicating group {} ({} VMs) to {} every {} ms",
+            config.group,
+            self.members.len(),
+            config.peer,
+            config.epoch_ms
+        );
+        let replication = Arc::new(Replication::start(self.members.clone(), config.clone()));
+        if !self.gateways.is_empty() {
+            secondsite_gateway::follow(replication.subscribe(), self.gateways.clone())?;
+        }
+        for (vm, gateway) in self.gateway_vms.iter().zip(&self.gateways) {
+            if let Some(on) = &config.on_output {
+                gateway.ring_on_output(on.waiting.clone());
+            }
+            let link = LogLinkConfig {
+                peer: config.peer,
+                tls: config.tls.clone(),
+                site: config.site.clone(),
+                group: config.group.clone(),
+                vm: *vm,
+            };
+            self.log_links.push(LogLink::start(gateway.clone(), link)?);
+        }
+        self.replication = Some(replication);
+        Ok(())
     }
 
     /// The VMs that have stopped by themselves (exited or crashed), with their state.

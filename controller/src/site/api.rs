@@ -6,7 +6,9 @@
 //!  GET  /metrics                                  Prometheus text
 //!  POST /v1/groups/{g}/switchover                 ──┐ a command to the group's failover
 //!  POST /v1/groups/{g}/failover  {"force": bool}  ──┘ machine, answered with its events
-//!  POST /v1/policy/reload                         501: not built yet
+//!  POST /v1/policy/reload                         the policy file read again: what changed
+//!                                                 (200), why nothing did (400 invalid, 409
+//!                                                 needs a restart)
 //! ```
 //! A bearer token (the policy's `api.token_file`) guards every route: 401 without it, 403 with
 //! another. Errors are `{"error": "..."}`. Headers over 16 KiB get 431, a body over 64 KiB 413,
@@ -37,6 +39,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use super::failover::{Event, Input, Timeline};
+use super::reload::{Changes, ReloadError};
 
 /// Largest request body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -53,9 +56,22 @@ pub struct GroupCommand {
     pub reply: oneshot::Sender<Option<Vec<Event>>>,
 }
 
+/// What the API asks of the daemon's loop.
+#[derive(Debug)]
+pub enum DaemonRequest {
+    Group(GroupCommand),
+    /// Read the policy file again and apply what changed.
+    Reload(oneshot::Sender<Result<Changes, ReloadError>>),
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabel {
     pub group: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -97,6 +113,7 @@ pub struct Metrics {
     pub heartbeats_lost: Family<PathLabel, Gauge>,
     pub heartbeats_refused: Family<ReasonLabel, Gauge>,
     pub bgp_session_up: Family<PeerLabel, Gauge>,
+    pub policy_reloads: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -204,6 +221,11 @@ impl Metrics {
             "The BGP session with the upstream is established",
             self.bgp_session_up.clone(),
         );
+        r.register(
+            "policy_reloads",
+            "Policy reloads, by result (applied, invalid, needs_restart)",
+            self.policy_reloads.clone(),
+        );
         r
     }
 }
@@ -217,13 +239,13 @@ pub struct ApiState {
     /// Journal entries as they are written.
     pub events: broadcast::Sender<String>,
     pub metrics: Metrics,
-    pub commands: mpsc::UnboundedSender<GroupCommand>,
+    pub commands: mpsc::UnboundedSender<DaemonRequest>,
 }
 
 impl ApiState {
     pub fn new(
         token: Option<String>,
-        commands: mpsc::UnboundedSender<GroupCommand>,
+        commands: mpsc::UnboundedSender<DaemonRequest>,
     ) -> Arc<ApiState> {
         Arc::new(ApiState {
             token,
@@ -296,11 +318,11 @@ async fn get_group(State(state): State<Arc<ApiState>>, Path(group): Path<String>
 /// Sends `input` to `group`'s machine; 200 with its events, 409 if it refused.
 async fn command(state: &ApiState, group: String, input: Input) -> Response {
     let (reply, answer) = oneshot::channel();
-    let sent = state.commands.send(GroupCommand {
+    let sent = state.commands.send(DaemonRequest::Group(GroupCommand {
         group: group.clone(),
         input,
         reply,
-    });
+    }));
     if sent.is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
     }
@@ -356,11 +378,17 @@ async fn post_failover(
     command(&state, group, Input::Failover { force }).await
 }
 
-async fn post_reload() -> Response {
-    error(
-        StatusCode::NOT_IMPLEMENTED,
-        "reloading the policy is not built yet: restart the daemon",
-    )
+async fn post_reload(State(state): State<Arc<ApiState>>) -> Response {
+    let (reply, answer) = oneshot::channel();
+    if state.commands.send(DaemonRequest::Reload(reply)).is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
+    }
+    match answer.await {
+        Ok(Ok(changes)) => axum::Json(json!({ "changes": changes })).into_response(),
+        Ok(Err(e @ ReloadError::Invalid(_))) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Ok(Err(e @ ReloadError::NeedsRestart(_))) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"),
+    }
 }
 
 async fn get_events(State(state): State<Arc<ApiState>>) -> Response {

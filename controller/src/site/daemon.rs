@@ -12,7 +12,8 @@
 //!        Restore, Replicate, Receive, Pause, Resume ──> data plane  <──────────────────┘
 //! ```
 //! SIGTERM or SIGINT: Cease to the BGP peers, each replicated group paused and its last epoch
-//! committed at the other site, the VMs stopped, the taps removed.
+//! committed at the other site, the VMs stopped, the taps removed. SIGHUP (or `POST
+//! /v1/policy/reload`): the policy file read again, what changed applied (see `reload`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -25,15 +26,20 @@ use secondsite_bgp::route::Route;
 use secondsite_bgp::session::State as SessionState;
 use secondsite_bgp::speaker::{Command as BgpCommand, Event as BgpEvent, Speaker};
 use secondsite_policy::Policy;
+use secondsite_policy::model::Group;
 use secondsite_vmm::clock::unix_ns;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::api::{self, ApiState, GroupCommand, GroupLabel, PathLabel, PeerLabel, ReasonLabel};
+use super::api::{
+    self, ApiState, DaemonRequest, GroupLabel, PathLabel, PeerLabel, ReasonLabel, ResultLabel,
+};
 use super::dataplane::DataPlane;
+use super::failover::State as GroupState;
 use super::failover::{Event, Failover, Input, Output, Standing, Timeline, UpstreamView};
 use super::heartbeat::{Liveness, Monitor, MonitorConfig};
 use super::plan::{self, GroupPlan, SitePlan};
+use super::reload::{self, Changes, ReloadError};
 use super::state::StateDir;
 use super::witness::{self, GRACEFUL_SHUTDOWN, UpstreamSession};
 
@@ -61,10 +67,44 @@ struct Daemon {
     data: Arc<DataPlane>,
     /// The data plane's work, done in order on a thread of its own: booting, restoring and
     /// stopping VMs takes time the event loop (heartbeats above all) must not wait for.
-    data_work: std::sync::mpsc::Sender<(String, Output)>,
+    data_work: std::sync::mpsc::Sender<Work>,
+    /// The policy running, and its file (read again on a reload).
+    policy: Policy,
+    policy_file: PathBuf,
+    base_dir: PathBuf,
     monitor: Monitor,
     refused_logged: u64,
     api: Arc<ApiState>,
+}
+
+/// The data plane's work, in order, on its thread.
+enum Work {
+    /// A machine's output for a group.
+    Apply(String, Output),
+    /// A reloaded policy added, removed or changed (its checkpoint settings) a group.
+    Add(Group),
+    Remove(String),
+    Reconfigure(Group),
+}
+
+impl Work {
+    fn run(self, data: &DataPlane) {
+        let (group, result) = match self {
+            Work::Apply(group, output) => {
+                data.apply(&group, &output);
+                return;
+            }
+            Work::Add(group) => (group.name.to_string(), data.add_group(&group)),
+            Work::Remove(group) => {
+                data.remove_group(&group);
+                return;
+            }
+            Work::Reconfigure(group) => (group.name.to_string(), data.reconfigure(&group)),
+        };
+        if let Err(e) = result {
+            eprintln!("secondsite: group {group}: the reloaded policy: {e:#}");
+        }
+    }
 }
 
 /// A random number for this start of the daemon (its heartbeats' boot number).
@@ -98,14 +138,14 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let data = Arc::new(tokio::task::block_in_place(|| {
         DataPlane::start(&config.policy, &config.site, &base_dir, inputs_tx.clone())
     })?);
-    let (data_work, work) = std::sync::mpsc::channel::<(String, Output)>();
+    let (data_work, work) = std::sync::mpsc::channel::<Work>();
     let worker = {
         let data = data.clone();
         std::thread::Builder::new()
             .name("dataplane".into())
             .spawn(move || {
-                for (group, output) in work {
-                    data.apply(&group, &output);
+                for job in work {
+                    job.run(&data);
                 }
             })?
     };
@@ -113,7 +153,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         Some(file) => Some(String::from_utf8_lossy(&plan::read_secret(file)?).into_owned()),
         None => None,
     };
-    let (commands_tx, mut commands) = mpsc::unbounded_channel::<GroupCommand>();
+    let (commands_tx, mut commands) = mpsc::unbounded_channel::<DaemonRequest>();
     let api_state = ApiState::new(token, commands_tx);
     let api_listener = tokio::net::TcpListener::bind(plan.api_listen)
         .await
@@ -193,9 +233,13 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         monitor,
         refused_logged: 0,
         api: api_state,
+        policy: config.policy,
+        policy_file: config.policy_file,
+        base_dir,
     };
     let mut tick = tokio::time::interval(daemon.plan.heartbeat_interval);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         // A confirmation that will have held for its grace time is acted on at once.
         let now = Instant::now();
@@ -224,12 +268,20 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             Some((group, input)) = inputs.recv() => {
                 daemon.feed(&group, input);
             }
-            Some(command) = commands.recv() => {
-                let events = daemon
-                    .machines
-                    .contains_key(&command.group)
-                    .then(|| daemon.feed(&command.group, command.input));
-                let _ = command.reply.send(events);
+            Some(request) = commands.recv() => match request {
+                DaemonRequest::Group(command) => {
+                    let events = daemon
+                        .machines
+                        .contains_key(&command.group)
+                        .then(|| daemon.feed(&command.group, command.input));
+                    let _ = command.reply.send(events);
+                }
+                DaemonRequest::Reload(reply) => {
+                    let _ = reply.send(daemon.reload());
+                }
+            },
+            _ = hangup.recv() => {
+                let _ = daemon.reload();
             }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
@@ -392,6 +444,11 @@ impl Daemon {
             }
             BgpEvent::Bfd { .. } => return,
         }
+        self.update_upstream_views();
+    }
+
+    /// Tells each group's machine the upstream's view of its prefixes, where it changed.
+    fn update_upstream_views(&mut self) {
         let updates: Vec<(String, UpstreamView)> = self
             .plan
             .groups
@@ -410,6 +467,128 @@ impl Daemon {
             self.upstream_views.insert(name.clone(), view);
             self.feed(&name, Input::Upstream(view));
         }
+    }
+
+    /// Reads the policy file again and applies what changed (SIGHUP, `POST /v1/policy/reload`);
+    /// all of it or, when something needs a restart or the file is not valid, nothing.
+    fn reload(&mut self) -> Result<Changes, ReloadError> {
+        let result = self.apply_reloaded_policy();
+        let label = match &result {
+            Ok(changes) => {
+                eprintln!(
+                    "secondsite: policy reloaded from {}: {}",
+                    self.policy_file.display(),
+                    serde_json::to_string(changes).unwrap_or_default()
+                );
+                "applied"
+            }
+            Err(e) => {
+                eprintln!("secondsite: policy reload refused, nothing changed: {e}");
+                match e {
+                    ReloadError::Invalid(_) => "invalid",
+                    ReloadError::NeedsRestart(_) => "needs_restart",
+                }
+            }
+        };
+        self.api
+            .metrics
+            .policy_reloads
+            .get_or_create(&ResultLabel {
+                result: label.into(),
+            })
+            .inc();
+        result
+    }
+
+    fn apply_reloaded_policy(&mut self) -> Result<Changes, ReloadError> {
+        let report = secondsite_policy::check_file(&self.policy_file);
+        let Some(policy) = report.policy else {
+            let file = self.policy_file.display().to_string();
+            let errors: Vec<String> = report
+                .diagnostics
+                .iter()
+                .filter(|d| d.is_error())
+                .map(|d| d.render(&file))
+                .collect();
+            return Err(ReloadError::Invalid(errors.join("; ")));
+        };
+        let site = self.plan.site.clone();
+        let changes =
+            reload::diff(&self.policy, &policy, &site).map_err(ReloadError::NeedsRestart)?;
+        let plan = plan::plan(&policy, &site, &self.base_dir)
+            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let group_model = |name: &str| {
+            policy
+                .groups
+                .iter()
+                .find(|g| g.name.as_str() == name)
+                .cloned()
+        };
+        // The data plane first: what the machines then ask of it follows in order.
+        for name in &changes.removed {
+            if let Some(old) = self.group(name) {
+                for prefix in &old.prefixes {
+                    self.speaker.command(BgpCommand::Withdraw(*prefix));
+                }
+            }
+            self.machines.remove(name);
+            self.upstream_views.remove(name);
+            self.last_takeover.remove(name);
+            let _ = self.data_work.send(Work::Remove(name.clone()));
+        }
+        for name in &changes.added {
+            if let Some(group) = group_model(name) {
+                let _ = self.data_work.send(Work::Add(group));
+            }
+        }
+        for name in &changes.checkpoint {
+            if let Some(group) = group_model(name) {
+                let _ = self.data_work.send(Work::Reconfigure(group));
+            }
+        }
+        let keep_changed = self.plan.bgp.first().map(|p| &p.session.keep)
+            != plan.bgp.first().map(|p| &p.session.keep);
+        self.plan = plan;
+        self.policy = policy;
+        for name in &changes.added {
+            if let Some(g) = self.group(name) {
+                let standing = self
+                    .state
+                    .standing(&g.name)
+                    .unwrap_or(Standing::initial(g.primary_here));
+                let machine = Failover::new(g.failover, standing);
+                self.machines.insert(name.clone(), machine);
+            }
+        }
+        if changes.failover {
+            for g in &self.plan.groups {
+                if let Some(machine) = self.machines.get_mut(&g.name) {
+                    machine.reconfigure(g.failover);
+                }
+            }
+        }
+        if keep_changed && let Some(keep) = self.plan.bgp.first().map(|p| p.session.keep.clone()) {
+            self.speaker.command(BgpCommand::Keep(keep));
+        }
+        if changes.announcements {
+            for g in &self.plan.groups {
+                let state = self.machines.get(&g.name).map(Failover::state);
+                match state {
+                    Some(GroupState::Active | GroupState::TakingOver { .. }) => {
+                        self.announce(&g.active, &[])
+                    }
+                    Some(GroupState::Standby) => self.announce(&g.standby, &[]),
+                    Some(GroupState::HandingOver { .. }) => {
+                        self.announce(&g.active, &[GRACEFUL_SHUTDOWN])
+                    }
+                    Some(GroupState::Starting | GroupState::Fenced) | None => {}
+                }
+            }
+        }
+        // The new groups learn the upstream's view (the sessions kept no route of theirs until
+        // now: asked again, their routes come as updates).
+        self.update_upstream_views();
+        Ok(changes)
     }
 
     /// One input to a group's machine, and what it answers carried out; its events.
@@ -462,7 +641,7 @@ impl Daemon {
             }
             Output::Event(event) => self.record(group, &event),
             other => {
-                let _ = self.data_work.send((group.to_owned(), other));
+                let _ = self.data_work.send(Work::Apply(group.to_owned(), other));
             }
         }
     }

@@ -23,7 +23,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -33,7 +33,7 @@ use secondsite_replay::{OnStep, ReplayStep};
 use secondsite_replicator::backup::{self, ReceiverConfig, group_store};
 use secondsite_replicator::codec::CodecConfig;
 use secondsite_replicator::hot::HotStandby;
-use secondsite_replicator::primary::Event as ReplicationEvent;
+use secondsite_replicator::primary::{Event as ReplicationEvent, SenderConfig};
 use secondsite_replicator::store::Store;
 use secondsite_replicator::tls::{self, TlsFiles};
 use secondsite_vmm::{Bell, Command, NetPort, Tap, Vm};
@@ -57,6 +57,36 @@ struct GroupData {
     /// While the site stands by: each VM's tap held open, keeping the frames that come for
     /// it (the upstream may move before the takeover), for the restored VM.
     holders: Vec<Holder>,
+}
+
+impl GroupData {
+    /// Group `group`'s network at this site: a tap per VM (named after `index`) carrying the
+    /// gateway address, and a route to the VM's own address through it.
+    fn build(index: usize, group: &Group) -> anyhow::Result<GroupData> {
+        let vms = group_vms(group)?;
+        let mut taps = Vec::new();
+        for vm in &vms {
+            let tap = tap_name(index, vm.index);
+            make_tap(&tap, vm.gateway(), vm.prefix_len)
+                .with_context(|| format!("group {}: the tap of VM {}", group.name, vm.name))?;
+            // Only the VM's own address goes to its tap: the prefix may hold several.
+            ip(&[
+                "route",
+                "replace",
+                &format!("{}/32", vm.config.ipv4),
+                "dev",
+                &tap,
+            ])?;
+            taps.push(tap);
+        }
+        Ok(GroupData {
+            group: group.clone(),
+            vms,
+            taps,
+            running: None,
+            holders: Vec::new(),
+        })
+    }
 }
 
 /// Frames kept for a VM not yet restored, at most.
@@ -168,7 +198,9 @@ fn tls_files(site: &Site, base_dir: &Path) -> Option<TlsFiles> {
 pub struct DataPlane {
     uplink: Uplink,
     store_dir: PathBuf,
-    groups: HashMap<String, Arc<Mutex<GroupData>>>,
+    groups: RwLock<HashMap<String, Arc<Mutex<GroupData>>>>,
+    /// The number of the next group's taps (a reloaded policy adds groups).
+    next_index: AtomicUsize,
     /// The replicas the receiver keeps in memory, for a takeover to run on.
     hot: Arc<HotStandby>,
 }
@@ -185,30 +217,43 @@ struct Uplink {
 }
 
 impl Uplink {
+    fn sender_config(&self, group: &Group) -> SenderConfig {
+        sender_config(group, &self.site, self.peer_listen, self.client_tls.clone())
+    }
+
     /// Runs group `name`'s VMs (each behind its gateway) replicated to the other site: the
     /// sender's events drive the gateways, and the machine hears `Protected` as they change.
     fn protect(&self, name: &str, group: &Group, vms: Vec<GroupVm>) -> anyhow::Result<Protected> {
-        let sender = sender_config(group, &self.site, self.peer_listen, self.client_tls.clone());
-        let running = Protected::start(vms, Some(sender), None)?;
-        if let Some(replication) = &running.replication {
-            let events = replication.subscribe();
-            let (inputs, group) = (self.inputs.clone(), name.to_owned());
-            std::thread::Builder::new()
-                .name("protection".into())
-                .spawn(move || {
-                    let mut protected = None;
-                    for event in events {
-                        let now = !matches!(event, ReplicationEvent::Unprotected { .. });
-                        if protected != Some(now) {
-                            protected = Some(now);
-                            if inputs.send((group.clone(), Input::Protected(now))).is_err() {
-                                return;
-                            }
+        let running = Protected::start(vms, Some(self.sender_config(group)), None)?;
+        self.watch(name, &running);
+        Ok(running)
+    }
+
+    /// Tells the machine of `name` whether the other site holds the running group, as the
+    /// sender's events change it (from a thread, until the sender ends).
+    fn watch(&self, name: &str, running: &Protected) {
+        let Some(replication) = &running.replication else {
+            return;
+        };
+        let events = replication.subscribe();
+        let (inputs, group) = (self.inputs.clone(), name.to_owned());
+        let spawned = std::thread::Builder::new()
+            .name("protection".into())
+            .spawn(move || {
+                let mut protected = None;
+                for event in events {
+                    let now = !matches!(event, ReplicationEvent::Unprotected { .. });
+                    if protected != Some(now) {
+                        protected = Some(now);
+                        if inputs.send((group.clone(), Input::Protected(now))).is_err() {
+                            return;
                         }
                     }
-                })?;
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("secondsite: group {name}: cannot watch its replication: {e}");
         }
-        Ok(running)
     }
 }
 
@@ -279,31 +324,9 @@ impl DataPlane {
             if group.primary != me.name && group.backup != me.name {
                 continue;
             }
-            let vms = group_vms(group)?;
-            let mut taps = Vec::new();
-            for vm in &vms {
-                let tap = tap_name(index, vm.index);
-                make_tap(&tap, vm.gateway(), vm.prefix_len)
-                    .with_context(|| format!("group {}: the tap of VM {}", group.name, vm.name))?;
-                // Only the VM's own address goes to its tap: the prefix may hold several.
-                ip(&[
-                    "route",
-                    "replace",
-                    &format!("{}/32", vm.config.ipv4),
-                    "dev",
-                    &tap,
-                ])?;
-                taps.push(tap);
-            }
             groups.insert(
                 group.name.to_string(),
-                Arc::new(Mutex::new(GroupData {
-                    group: group.clone(),
-                    vms,
-                    taps,
-                    running: None,
-                    holders: Vec::new(),
-                })),
+                Arc::new(Mutex::new(GroupData::build(index, group)?)),
             );
         }
         let tls = tls_files(me, base_dir);
@@ -323,7 +346,8 @@ impl DataPlane {
                 inputs,
             },
             store_dir: me.store.path.clone(),
-            groups,
+            next_index: AtomicUsize::new(policy.groups.len()),
+            groups: RwLock::new(groups),
             hot: Arc::default(),
         };
         plane.start_receiver(me, server_tls)?;
@@ -337,12 +361,12 @@ impl DataPlane {
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> anyhow::Result<()> {
         let inputs = &self.uplink.inputs;
-        for name in self.groups.keys() {
-            let dir = group_store(&self.store_dir, name);
+        for name in self.group_names() {
+            let dir = group_store(&self.store_dir, &name);
             if let Ok(store) = Store::open_read_only(&dir)
                 && let Some(epoch) = store.latest()
             {
-                let _ = inputs.send((name.clone(), Input::Replica(Some(epoch))));
+                let _ = inputs.send((name, Input::Replica(Some(epoch))));
             }
         }
         let listen = me.replication.listen.0;
@@ -377,11 +401,67 @@ impl DataPlane {
         Ok(())
     }
 
+    fn group(&self, name: &str) -> Option<Arc<Mutex<GroupData>>> {
+        self.groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn group_names(&self) -> Vec<String> {
+        let groups = self.groups.read().unwrap_or_else(|e| e.into_inner());
+        groups.keys().cloned().collect()
+    }
+
+    /// A group a reloaded policy added: its network built (its machine decides the rest).
+    pub fn add_group(&self, group: &Group) -> anyhow::Result<()> {
+        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        let data = GroupData::build(index, group)?;
+        self.groups
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(group.name.to_string(), Arc::new(Mutex::new(data)));
+        Ok(())
+    }
+
+    /// A group a reloaded policy removed: its VMs stopped, its network taken down (its store
+    /// stays).
+    pub fn remove_group(&self, name: &str) {
+        let removed = self
+            .groups
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(data) = removed {
+            take_down(&data);
+        }
+    }
+
+    /// A group whose checkpoint settings changed: replicated anew with them if it runs here.
+    pub fn reconfigure(&self, group: &Group) -> anyhow::Result<()> {
+        let Some(data) = self.group(group.name.as_str()) else {
+            return Ok(());
+        };
+        let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
+        data.group = group.clone();
+        let Some(running) = data.running.as_mut() else {
+            return Ok(());
+        };
+        if running.replication.is_some() {
+            let config = self.uplink.sender_config(group);
+            running.replicate(config)?;
+            self.uplink.watch(group.name.as_str(), running);
+        }
+        Ok(())
+    }
+
     /// Carries out `output` for `group`.
     pub fn apply(&self, group: &str, output: &Output) {
-        let Some(data) = self.groups.get(group) else {
+        let Some(data) = self.group(group) else {
             return;
         };
+        let data = &data;
         let result = match output {
             Output::Replicate => self.replicate(group, data),
             Output::Receive => {
@@ -501,7 +581,7 @@ impl DataPlane {
     /// The group's replication and gateway figures while its VMs run here: epochs committed,
     /// pause p99, bytes sent; frames held, log lag (of its first VM's gateway).
     pub fn group_status(&self, group: &str) -> serde_json::Value {
-        let Some(data) = self.groups.get(group) else {
+        let Some(data) = self.group(group) else {
             return serde_json::Value::Null;
         };
         // Busy (booting, restoring, stopping): no figures this time rather than a wait.
@@ -528,7 +608,8 @@ impl DataPlane {
     /// Stops every VM (the daemon is stopping): a replicated group is paused first and its last
     /// epoch committed at the other site (for up to 5 s), so that nothing it did is lost.
     pub fn stop(&self) {
-        for (name, data) in &self.groups {
+        let groups = std::mem::take(&mut *self.groups.write().unwrap_or_else(|e| e.into_inner()));
+        for (name, data) in groups {
             let replication = data
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -536,7 +617,7 @@ impl DataPlane {
                 .as_ref()
                 .and_then(|r| r.replication.clone());
             if let Some(replication) = replication
-                && each_vm(data, Command::Pause).is_ok()
+                && each_vm(&data, Command::Pause).is_ok()
             {
                 let last = replication.status().captured + 1;
                 let committed = replication.wait_committed(last, Duration::from_secs(5));
@@ -549,12 +630,7 @@ impl DataPlane {
                     }
                 );
             }
-            stop(data);
-            let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
-            release_taps(&mut data);
-            for tap in &data.taps {
-                let _ = ip(&["link", "del", tap]);
-            }
+            take_down(&data);
         }
     }
 }
@@ -726,6 +802,23 @@ fn hold_taps(data: &Mutex<GroupData>) -> anyhow::Result<()> {
     }
     data.holders = holders;
     Ok(())
+}
+
+/// The group's VMs stopped, its taps let go and removed.
+fn take_down(data: &Mutex<GroupData>) {
+    stop(data);
+    let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
+    release_taps(&mut data);
+    for (vm, tap) in data.vms.iter().zip(&data.taps) {
+        let _ = ip(&[
+            "route",
+            "del",
+            &format!("{}/32", vm.config.ipv4),
+            "dev",
+            tap,
+        ]);
+        let _ = ip(&["link", "del", tap]);
+    }
 }
 
 fn stop(data: &Mutex<GroupData>) {

@@ -387,6 +387,11 @@ impl Failover {
         self.state
     }
 
+    /// A reloaded policy's settings for the group (mode, witness, grace), from now on.
+    pub fn reconfigure(&mut self, config: Config) {
+        self.config = config;
+    }
+
     pub fn standing(&self) -> Standing {
         self.standing
     }

@@ -10,6 +10,7 @@
 //! - `heartbeat`: authenticated UDP heartbeats between the sites, per path: liveness, RTT, loss.
 //! - `witness`: the upstream's view of the other site's announcement, from our Adj-RIB-In.
 //! - `plan`: the policy as one site's runtime configuration.
+//! - `reload`: what a changed policy changes for the site, and what would need a restart.
 //! - `state`: the state dir: each group's standing, the journal of decisions.
 //! - `dataplane`: the receiver, each group's taps and VMs, as the machines drive them.
 //! - `daemon`: `secondsite run`, the event loop that ties them together.
@@ -20,5 +21,6 @@ pub mod dataplane;
 pub mod failover;
 pub mod heartbeat;
 pub mod plan;
+pub mod reload;
 pub mod state;
 pub mod witness;

@@ -10,14 +10,14 @@ use super::*;
 const TOKEN: &str = "s3cret";
 
 /// The API on an ephemeral loopback port; the daemon's side answers commands for `web`:
-/// a switchover is refused, a failover done.
+/// a switchover is refused, a failover done; a reload finds the policy needs a restart.
 fn start() -> (SocketAddr, Arc<ApiState>, tokio::runtime::Runtime) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("a runtime");
-    let (tx, mut rx) = mpsc::unbounded_channel::<GroupCommand>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<DaemonRequest>();
     let state = ApiState::new(Some(TOKEN.into()), tx);
     *state.status.lock().expect("status") = json!({
         "site": "site-b",
@@ -29,7 +29,16 @@ fn start() -> (SocketAddr, Arc<ApiState>, tokio::runtime::Runtime) {
     let addr = listener.local_addr().expect("an address");
     runtime.spawn(serve(listener, router(state.clone())));
     runtime.spawn(async move {
-        while let Some(command) = rx.recv().await {
+        while let Some(request) = rx.recv().await {
+            let command = match request {
+                DaemonRequest::Group(command) => command,
+                DaemonRequest::Reload(reply) => {
+                    let _ = reply.send(Err(ReloadError::NeedsRestart(vec![
+                        "the heartbeats".into(),
+                    ])));
+                    continue;
+                }
+            };
             let events = (command.group == "web").then(|| match command.input {
                 Input::Switchover => vec![Event::Refused {
                     command: "switchover".into(),
@@ -106,7 +115,9 @@ fn every_route_answers_and_errors_are_json_with_the_right_code() {
     assert_eq!(code, 409, "a refusal is a conflict: {body}");
     assert!(body.contains("ask the active site"), "{body}");
     assert_eq!(post("/v1/groups/nope/switchover", "").0, 404);
-    assert_eq!(post("/v1/policy/reload", "").0, 501);
+    let (code, body) = post("/v1/policy/reload", "");
+    assert_eq!(code, 409, "a reload that needs a restart: {body}");
+    assert!(body.contains("the heartbeats"), "{body}");
 }
 
 #[test]
