@@ -44,6 +44,17 @@ impl Netns {
         &self.name
     }
 
+    /// Moves the calling thread into the namespace: what it then runs (`ip`, sockets) works
+    /// there. For a test thread that builds what the daemon builds, as the daemon would.
+    pub fn enter_on_this_thread(&self) -> io::Result<()> {
+        let file = std::fs::File::open(format!("/run/netns/{}", self.name))?;
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&file),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )?;
+        Ok(())
+    }
+
     /// `ip -n NS ARGS...`
     pub fn ip(&self, args: &[&str]) -> io::Result<()> {
         run(Command::new("ip").args(["-n", &self.name]).args(args)).map(drop)

@@ -3,7 +3,7 @@
 //! gives its side of the VM's tap at both sites).
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,9 @@ pub struct GroupVmConfig {
     /// The guest's IPv4 prefix length and network, where its gateway lives.
     pub prefix_len: u8,
     pub network: Ipv4Addr,
+    /// Its IPv6 addresses in the group's prefixes (routed to it, announced after a restore;
+    /// the test guest itself speaks IPv4 only).
+    pub ipv6: Vec<Ipv6Addr>,
 }
 
 impl GroupVmConfig {
@@ -75,6 +78,14 @@ pub fn group_vms(group: &Group) -> anyhow::Result<Vec<GroupVmConfig>> {
             image: vm.image.clone(),
             prefix_len,
             network,
+            ipv6: vm
+                .addresses
+                .iter()
+                .filter_map(|a| match a {
+                    IpAddr::V6(v6) if group.prefixes.iter().any(|p| p.contains(a)) => Some(*v6),
+                    _ => None,
+                })
+                .collect(),
             name,
         });
     }

@@ -7,12 +7,13 @@
 //!  Checkpoint + the traffic log after its RX cursor + frames held ──> resume ──> RestoredVm
 //! ```
 
+use std::net::Ipv6Addr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use secondsite_gateway::announce::{ANNOUNCE_AT_MS, gratuitous_arp};
+use secondsite_gateway::announce::{ANNOUNCE_AT_MS, gratuitous_arp, unsolicited_na};
 use secondsite_gateway::{Gateway, GatewayConfig};
 use secondsite_replay::{LogRecord, OnStep, ReadEnd, ReplayPort, TrafficLog, traffic_dir};
 use secondsite_replicator::hot::HotVm;
@@ -125,6 +126,9 @@ pub struct Feed<'a> {
     /// in the log of the checkpoint, after the last frame replayed (its `log_id` and
     /// `log_after` are set here).
     pub gateway: Option<GatewayConfig>,
+    /// The VM's IPv6 addresses, announced with unsolicited neighbour advertisements (its IPv4
+    /// one, from the guest's boot page, with gratuitous ARP).
+    pub ipv6: Vec<Ipv6Addr>,
 }
 
 /// Resumes VM `vm` from `checkpoint` on `tap_port`, fed first what `feed` says, then live
@@ -141,6 +145,7 @@ pub fn resume(
         held,
         on_step,
         gateway,
+        ipv6,
     } = feed;
     let Checkpoint {
         epoch,
@@ -184,9 +189,12 @@ pub fn resume(
             None => "no replay".to_owned(),
         }
     );
-    if let Some((mac, ip)) = restored.guest_address() {
-        announce(announcer, mac, ip);
+    let mut frames = Vec::new();
+    if let Some((_, ip)) = restored.guest_address() {
+        frames.push(gratuitous_arp(state.net.mac, ip));
     }
+    frames.extend(ipv6.iter().map(|ip| unsolicited_na(state.net.mac, *ip)));
+    announce(announcer, frames);
     Ok(RestoredVm {
         vm: restored,
         epoch,
@@ -223,16 +231,21 @@ pub fn logged_after(
     Ok(replay.frames)
 }
 
-/// Sends gratuitous ARPs for the restored VM on its tap, from a thread, at QEMU's spacing.
-fn announce(mut tap: Tap, mac: [u8; 6], ip: std::net::Ipv4Addr) {
-    let frame = gratuitous_arp(mac, ip);
+/// Sends the restored VM's announcements (gratuitous ARP, unsolicited NAs) on its tap, from a
+/// thread, at QEMU's spacing.
+fn announce(mut tap: Tap, frames: Vec<Vec<u8>>) {
+    if frames.is_empty() {
+        return;
+    }
     let _ = std::thread::Builder::new()
         .name("announce".into())
         .spawn(move || {
             let started = Instant::now();
             for at in ANNOUNCE_AT_MS {
                 std::thread::sleep(Duration::from_millis(at).saturating_sub(started.elapsed()));
-                let _ = tap.send(&frame);
+                for frame in &frames {
+                    let _ = tap.send(frame);
+                }
             }
         });
 }

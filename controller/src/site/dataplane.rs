@@ -19,9 +19,8 @@
 //! ```
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command as Process;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -40,6 +39,7 @@ use secondsite_vmm::{Bell, Command, NetPort, Tap, Vm};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::failover::{Input, Output, Restoration};
+use super::network::GroupNetwork;
 use crate::runtime::group::{GroupVmConfig, gateway_config, group_vms, sender_config};
 use crate::runtime::port::open_port;
 use crate::runtime::protect::{GroupVm, Protected};
@@ -52,7 +52,7 @@ pub type Inputs = UnboundedSender<(String, Input)>;
 struct GroupData {
     group: Group,
     vms: Vec<GroupVmConfig>,
-    taps: Vec<String>,
+    network: GroupNetwork,
     running: Option<Protected>,
     /// While the site stands by: each VM's tap held open, keeping the frames that come for
     /// it (the upstream may move before the takeover), for the restored VM.
@@ -60,29 +60,14 @@ struct GroupData {
 }
 
 impl GroupData {
-    /// Group `group`'s network at this site: a tap per VM (named after `index`) carrying the
-    /// gateway address, and a route to the VM's own address through it.
+    /// Group `group` at this site, its network built (see `network`).
     fn build(index: usize, group: &Group) -> anyhow::Result<GroupData> {
         let vms = group_vms(group)?;
-        let mut taps = Vec::new();
-        for vm in &vms {
-            let tap = tap_name(index, vm.index);
-            make_tap(&tap, vm.gateway(), vm.prefix_len)
-                .with_context(|| format!("group {}: the tap of VM {}", group.name, vm.name))?;
-            // Only the VM's own address goes to its tap: the prefix may hold several.
-            ip(&[
-                "route",
-                "replace",
-                &format!("{}/32", vm.config.ipv4),
-                "dev",
-                &tap,
-            ])?;
-            taps.push(tap);
-        }
+        let network = GroupNetwork::build(index, group, &vms)?;
         Ok(GroupData {
             group: group.clone(),
             vms,
-            taps,
+            network,
             running: None,
             holders: Vec::new(),
         })
@@ -255,47 +240,6 @@ impl Uplink {
             eprintln!("secondsite: group {name}: cannot watch its replication: {e}");
         }
     }
-}
-
-/// The tap of VM `vm` of the group at `group_index` in the policy (interface names are at
-/// most 15 bytes).
-fn tap_name(group_index: usize, vm: u32) -> String {
-    format!("ss{group_index}v{vm}")
-}
-
-/// The site's side of every VM tap: one locally administered MAC, the same at both sites.
-const GATEWAY_MAC: &str = "02:53:53:00:00:01";
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Process::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run ip")?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// Creates tap `name` with the gateway address `gateway/prefix_len` (again if it is there).
-fn make_tap(name: &str, gateway: Ipv4Addr, prefix_len: u8) -> anyhow::Result<()> {
-    let _ = ip(&["link", "del", name]);
-    ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
-    ip(&["link", "set", name, "address", GATEWAY_MAC])?;
-    ip(&[
-        "addr",
-        "add",
-        &format!("{gateway}/{prefix_len}"),
-        "dev",
-        name,
-        "noprefixroute",
-    ])?;
-    ip(&["link", "set", name, "up"])?;
-    Ok(())
 }
 
 impl DataPlane {
@@ -500,7 +444,7 @@ impl DataPlane {
         release_taps(&mut data);
         let macs: HashSet<[u8; 6]> = data.vms.iter().map(|v| v.config.mac).collect();
         let mut vms = Vec::new();
-        for (vm, tap) in data.vms.iter().zip(&data.taps) {
+        for (vm, tap) in data.vms.iter().zip(&data.network.taps) {
             let image = match &vm.image {
                 Some(path) => std::fs::read(path)
                     .with_context(|| format!("VM {}: cannot read {}", vm.name, path.display()))?,
@@ -706,7 +650,7 @@ fn restore_group(
         inputs: uplink.inputs.clone(),
     });
     let mut holders = std::mem::take(&mut data.holders).into_iter();
-    for (vm, tap) in data.vms.iter().zip(&data.taps) {
+    for (vm, tap) in data.vms.iter().zip(&data.network.taps) {
         // The frames that came for the VM while the site stood by go to it after the log.
         let (port, held) = match holders.next() {
             Some(holder) => holder.finish()?,
@@ -735,6 +679,7 @@ fn restore_group(
             held,
             on_step: Some(steps.clone().telling()),
             gateway: Some(gateway_config(&data.group, macs.clone())),
+            ipv6: vm.ipv6.clone(),
         };
         let restored = resume(checkpoint, vm.index, feed, port, None)
             .with_context(|| format!("VM {}", vm.name))?;
@@ -797,7 +742,7 @@ fn hold_taps(data: &Mutex<GroupData>) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut holders = Vec::new();
-    for tap in &data.taps {
+    for tap in &data.network.taps {
         holders.push(Holder::start(tap)?);
     }
     data.holders = holders;
@@ -809,16 +754,7 @@ fn take_down(data: &Mutex<GroupData>) {
     stop(data);
     let mut data = data.lock().unwrap_or_else(|e| e.into_inner());
     release_taps(&mut data);
-    for (vm, tap) in data.vms.iter().zip(&data.taps) {
-        let _ = ip(&[
-            "route",
-            "del",
-            &format!("{}/32", vm.config.ipv4),
-            "dev",
-            tap,
-        ]);
-        let _ = ip(&["link", "del", tap]);
-    }
+    data.network.take_down();
 }
 
 fn stop(data: &Mutex<GroupData>) {

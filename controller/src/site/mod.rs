@@ -12,7 +12,8 @@
 //! - `plan`: the policy as one site's runtime configuration.
 //! - `reload`: what a changed policy changes for the site, and what would need a restart.
 //! - `state`: the state dir: each group's standing, the journal of decisions.
-//! - `dataplane`: the receiver, each group's taps and VMs, as the machines drive them.
+//! - `dataplane`: the receiver, each group's VMs, as the machines drive them.
+//! - `network`: each group's taps (a bridge for several VMs), gateway addresses and routes.
 //! - `daemon`: `secondsite run`, the event loop that ties them together.
 
 pub mod api;
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod failover;
 pub mod heartbeat;
+pub mod network;
 pub mod plan;
 pub mod reload;
 pub mod state;
