@@ -33,7 +33,7 @@ pub use sites::{
 };
 pub use topology::{GroupSite, VmSite};
 
-/// Whether privileged tests can run here. Skips (false, with a message) when not root; panics
+/// Whether privileged tests can run here. Skips (false, see [`skip`]) when not root; panics
 /// when they must run (`SECONDSITE_REQUIRE_PRIVILEGED=1`) but cannot.
 pub fn privileged(test: &str) -> bool {
     let root = std::fs::read_to_string("/proc/self/status")
@@ -50,8 +50,25 @@ pub fn privileged(test: &str) -> bool {
             panic!("{test}: needs root and /dev/kvm (SECONDSITE_REQUIRE_PRIVILEGED=1)")
         }
         (false, false) => {
-            eprintln!("skipping {test}: needs root and /dev/kvm (run scripts/test.sh as root)");
+            skip(
+                test,
+                "needs root and /dev/kvm (run scripts/test.sh as root)",
+            );
             false
         }
+    }
+}
+
+/// Says that `test` skipped, and why: on stderr, and as a line in the file
+/// `SECONDSITE_SKIPS` names (scripts/test.sh counts them as skipped, not passed).
+pub fn skip(test: &str, why: &str) {
+    eprintln!("skipping {test}: {why}");
+    if let Some(file) = std::env::var_os("SECONDSITE_SKIPS") {
+        use std::io::Write;
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+            .and_then(|mut f| writeln!(f, "{test}: {why}"));
     }
 }

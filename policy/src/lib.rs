@@ -114,7 +114,7 @@ pub fn check_str(text: &str, base_dir: &Path) -> Report {
 }
 
 /// The policy text as plain JSON (YAML parsed, aliases and merge keys expanded), unchecked:
-/// what the JSON Schema validates.
+/// what the JSON Schema validates. Any YAML file reads so (the lab's containerlab topology).
 pub fn yaml_to_json(text: &str) -> Result<serde_json::Value, Diagnostic> {
     let parsed = yaml::parse(text)?;
     let (value, _, mut errors) = source_map::to_json(&parsed.root);
