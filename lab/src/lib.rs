@@ -19,12 +19,14 @@
 
 #![forbid(unsafe_code)]
 
+mod delay;
 mod netns;
 mod proc;
 mod routers;
 mod sites;
 mod topology;
 
+pub use delay::DelayLine;
 pub use netns::{Netns, veth};
 pub use proc::Proc;
 pub use routers::{Bird, Frr, Gobgp, SpeakerProc, UpstreamLab, wait_until};
