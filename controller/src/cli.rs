@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use secondsite_vmm::affinity::CpuList;
 
 /// secondsite: disaster recovery for whole servers, by continuous VM checkpoints and BGP.
@@ -41,6 +41,10 @@ pub enum Command {
     /// Measure secondsite's parts and print the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The lab: containerlab/secondsite.clab.yml built with network namespaces (an upstream
+    /// router, two sites running `secondsite run`, a client, a WAN link).
+    #[command(subcommand)]
+    Lab(LabCommand),
     /// The backup side of replication.
     #[command(subcommand)]
     Replicate(ReplicateCommand),
@@ -314,6 +318,50 @@ pub struct ReplayRunArgs {
     /// Without --tap: stop this long after the last frame was replayed.
     #[arg(long, default_value_t = 500)]
     pub linger_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Builds the lab in the background and waits until both sites have settled their roles.
+    Up(LabArgs),
+    /// Stops every process the lab started and removes its namespaces and links.
+    Down(LabDirArgs),
+    /// The lab's nodes, its sites' daemons and each group's state at each site.
+    Status(LabDirArgs),
+    /// (Run by `lab up`.) Builds the lab and keeps it until SIGTERM.
+    #[command(hide = true)]
+    Keep(LabArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LabDirArgs {
+    /// Where the lab keeps its files, logs and state.
+    #[arg(long, default_value = "/run/secondsite-lab")]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LabArgs {
+    /// The topology (containerlab's format).
+    #[arg(long, default_value = "containerlab/secondsite.clab.yml")]
+    pub topology: PathBuf,
+    /// The upstream's router.
+    #[arg(long, value_enum, default_value = "bird")]
+    pub upstream: UpstreamRouter,
+    /// One-way delay of the WAN link between the sites, in ms.
+    #[arg(long, default_value_t = 0.0)]
+    pub wan_delay_ms: f64,
+    /// Bandwidth cap of the WAN link, in Mbit/s.
+    #[arg(long)]
+    pub wan_mbit: Option<u32>,
+    #[command(flatten)]
+    pub dir: LabDirArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UpstreamRouter {
+    Bird,
+    Frr,
 }
 
 #[derive(Debug, Subcommand)]

@@ -50,10 +50,14 @@ fn tap_in(ns: &Netns, name: &str) -> io::Result<tun::Device> {
 }
 
 impl DelayLine {
-    /// A link between interface `name` of `a` and the same of `b`, each direction delayed by
+    /// A link between interface `a_if` of `a` and `b_if` of `b`, each direction delayed by
     /// `one_way`.
-    pub fn start(a: &Netns, b: &Netns, name: &str, one_way: Duration) -> io::Result<DelayLine> {
-        let (tap_a, tap_b) = (Arc::new(tap_in(a, name)?), Arc::new(tap_in(b, name)?));
+    pub fn start(
+        (a, a_if): (&Netns, &str),
+        (b, b_if): (&Netns, &str),
+        one_way: Duration,
+    ) -> io::Result<DelayLine> {
+        let (tap_a, tap_b) = (Arc::new(tap_in(a, a_if)?), Arc::new(tap_in(b, b_if)?));
         let stop = Arc::new(AtomicBool::new(false));
         let carried = Arc::new(Carried::default());
         let mut threads = Vec::new();

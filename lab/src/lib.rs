@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod clab;
 mod delay;
 mod netns;
 mod proc;
@@ -27,7 +28,7 @@ mod sites;
 mod topology;
 
 pub use delay::DelayLine;
-pub use netns::{Netns, veth};
+pub use netns::{Netns, veth, veth_pair};
 pub use proc::Proc;
 pub use routers::{Bird, Frr, Gobgp, SpeakerProc, UpstreamLab, wait_until};
 pub use sites::{

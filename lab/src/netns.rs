@@ -122,6 +122,13 @@ pub fn veth(
     b_if: &str,
     b_addr: &str,
 ) -> io::Result<()> {
+    veth_pair(a, a_if, b, b_if)?;
+    a.ip(&["addr", "add", a_addr, "dev", a_if])?;
+    b.ip(&["addr", "add", b_addr, "dev", b_if])
+}
+
+/// A veth pair between `a` (as `a_if`) and `b` (as `b_if`), both ends up, unaddressed.
+pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> io::Result<()> {
     run(Command::new("ip").args([
         "link",
         "add",
@@ -136,8 +143,6 @@ pub fn veth(
         "netns",
         b.name(),
     ]))?;
-    a.ip(&["addr", "add", a_addr, "dev", a_if])?;
-    b.ip(&["addr", "add", b_addr, "dev", b_if])?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])
 }

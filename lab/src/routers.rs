@@ -176,6 +176,17 @@ impl Bird {
             text.push_str("}\n");
         }
         std::fs::write(&config, text)?;
+        // A full table takes BIRD a while to read.
+        Self::start_config(
+            ns,
+            dir,
+            Duration::from_secs(10 + u64::from(routes) / 20_000),
+        )
+    }
+
+    /// BIRD with the config already at `dir/bird.conf`, up within `startup`.
+    pub fn start_config(ns: &Netns, dir: &Path, startup: Duration) -> io::Result<Bird> {
+        let config = dir.join("bird.conf");
         let ctl = dir.join("bird.ctl");
         let log = std::fs::File::create(dir.join("bird.log"))?;
         let mut cmd = ns.command("bird");
@@ -191,8 +202,6 @@ impl Bird {
             .stderr(log);
         let proc = Proc::spawn(&mut cmd, "bird")?;
         let bird = Bird { proc, ctl };
-        // A full table takes BIRD a while to read.
-        let startup = Duration::from_secs(10 + u64::from(routes) / 20_000);
         if wait_until(startup, || {
             bird.birdc(&["show", "status"]).contains("Daemon is up")
         })
@@ -240,24 +249,38 @@ impl Frr {
     /// With `bfd`: bfdd runs too, at 100 ms x 3 toward both sites, tied to the BGP sessions.
     pub fn start_with(ns: &Netns, dir: &Path, bfd: bool) -> io::Result<Frr> {
         std::fs::create_dir_all(dir)?;
-        // The daemons run as user frr: their files must be its, and their sockets live in
-        // /var/run/frr/NAME (NAME: the namespace's, unique to this run).
-        let vty_name = ns.name().to_owned();
-        let run_dir = PathBuf::from(format!("/var/run/frr/{vty_name}"));
-        std::fs::create_dir_all(&run_dir)?;
         std::fs::write(dir.join("zebra.conf"), Self::ZEBRA)?;
         std::fs::write(dir.join("bgpd.conf"), switch_lines(Self::BGPD, "!BFD", bfd))?;
         std::fs::write(dir.join("bfdd.conf"), Self::BFDD)?;
-        run(Command::new("chown")
-            .args(["-R", "frr:frr"])
-            .arg(dir)
-            .arg(&run_dir))?;
-        let mut procs = Vec::new();
         let daemons: &[&str] = if bfd {
             &["zebra", "bfdd", "bgpd"]
         } else {
             &["zebra", "bgpd"]
         };
+        Self::start_daemons(ns, dir, daemons)
+    }
+
+    /// FRR's `daemons` with one integrated config, `frr.conf` in `dir` (as FRR's container
+    /// image reads /etc/frr/frr.conf): each daemon reads its own sections of it.
+    pub fn start_integrated(ns: &Netns, dir: &Path, daemons: &[&'static str]) -> io::Result<Frr> {
+        for daemon in daemons {
+            std::fs::copy(dir.join("frr.conf"), dir.join(format!("{daemon}.conf")))?;
+        }
+        Self::start_daemons(ns, dir, daemons)
+    }
+
+    /// `daemons`, each from `dir/DAEMON.conf`, in that order.
+    fn start_daemons(ns: &Netns, dir: &Path, daemons: &[&'static str]) -> io::Result<Frr> {
+        // The daemons run as user frr: their files must be its, and their sockets live in
+        // /var/run/frr/NAME (NAME: the namespace's, unique to this run).
+        let vty_name = ns.name().to_owned();
+        let run_dir = PathBuf::from(format!("/var/run/frr/{vty_name}"));
+        std::fs::create_dir_all(&run_dir)?;
+        run(Command::new("chown")
+            .args(["-R", "frr:frr"])
+            .arg(dir)
+            .arg(&run_dir))?;
+        let mut procs = Vec::new();
         for &daemon in daemons {
             let log = std::fs::File::create(dir.join(format!("{daemon}.log")))?;
             let mut cmd = ns.command(&format!("/usr/lib/frr/{daemon}"));

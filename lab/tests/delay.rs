@@ -15,7 +15,7 @@ fn one_way_delays(delay: Duration) -> Vec<f64> {
         Netns::new("wan-a").expect("ns"),
         Netns::new("wan-b").expect("ns"),
     );
-    let line = DelayLine::start(&a, &b, "eth2", delay).expect("the delay line");
+    let line = DelayLine::start((&a, "eth2"), (&b, "eth2"), delay).expect("the delay line");
     a.ip(&["addr", "add", "10.9.0.1/30", "dev", "eth2"])
         .expect("address");
     b.ip(&["addr", "add", "10.9.0.2/30", "dev", "eth2"])
@@ -109,7 +109,8 @@ fn the_capped_link_carries_what_its_token_bucket_allows() {
         Netns::new("cap-a").expect("ns"),
         Netns::new("cap-b").expect("ns"),
     );
-    let _line = DelayLine::start(&a, &b, "eth2", Duration::from_millis(1)).expect("the line");
+    let _line =
+        DelayLine::start((&a, "eth2"), (&b, "eth2"), Duration::from_millis(1)).expect("the line");
     a.ip(&["addr", "add", "10.9.0.1/30", "dev", "eth2"])
         .expect("address");
     b.ip(&["addr", "add", "10.9.0.2/30", "dev", "eth2"])

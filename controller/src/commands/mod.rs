@@ -4,6 +4,7 @@ mod api;
 mod bench;
 mod bgp;
 mod group;
+mod lab;
 mod policy;
 mod replay;
 mod replicate;
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use secondsite_vmm::affinity::CpuList;
 
-use crate::cli::{BenchCommand, Cli, Command, GroupCommand, PlacementArgs};
+use crate::cli::{BenchCommand, Cli, Command, GroupCommand, LabCommand, PlacementArgs};
 
 /// Exit status for "the input is wrong" (bad policy), as distinct from a failure to run (1).
 pub const EXIT_INVALID_INPUT: u8 = 2;
@@ -34,6 +35,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(crate::cli::PolicyCommand::Reload { api }) => api::reload(&api),
         Command::Policy(command) => policy::run(command),
         Command::Vm(command) => vm::run(command),
+        Command::Lab(LabCommand::Up(args)) => lab::up(&args),
+        Command::Lab(LabCommand::Down(args)) => lab::down(&args),
+        Command::Lab(LabCommand::Status(args)) => lab::status(&args),
+        Command::Lab(LabCommand::Keep(args)) => lab::keep(&args),
         Command::Bench(BenchCommand::Vm { json, quick }) => bench::vm(json, quick),
         Command::Bench(BenchCommand::Replication {
             json,

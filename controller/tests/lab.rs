@@ -1,0 +1,149 @@
+//! `secondsite lab up|status|down` on the project's topology (containerlab/secondsite.clab.yml):
+//! the lab comes up with both sites settled, the client reaches the guest through the upstream
+//! (BIRD, or FRR), the WAN link carries the configured delay, and `lab down` leaves no process,
+//! namespace or tap behind.
+
+use std::path::Path;
+use std::process::Command;
+
+use secondsite_lab::privileged;
+use serde_json::Value;
+
+const SECONDSITE: &str = env!("CARGO_BIN_EXE_secondsite");
+
+fn topology() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../containerlab/secondsite.clab.yml")
+        .display()
+        .to_string()
+}
+
+fn lab(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(SECONDSITE)
+        .arg("lab")
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .output()
+        .expect("runs secondsite lab");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// The lab's namespaces by node, from its description.
+fn namespaces(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("lab.json")).expect("lab.json");
+    serde_json::from_str(&text).expect("JSON")
+}
+
+fn in_ns(ns: &str, program: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Brings the lab up with `extra` options, checks it, takes it down, checks nothing is left.
+fn up_check_down(extra: &[&str], check: impl Fn(&Value)) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    let topology = topology();
+    let mut args = vec!["up", "--topology", topology.as_str()];
+    args.extend_from_slice(extra);
+    let (ok, said) = lab(&run, &args);
+    // Down whatever happens next, then judge.
+    let description = ok.then(|| namespaces(&run));
+    let checked = description
+        .as_ref()
+        .map(|d| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(d))));
+    let (down, said_down) = lab(&run, &["down"]);
+    assert!(ok, "lab up: {said}");
+    assert!(down, "lab down: {said_down}");
+    if let Some(Err(panic)) = checked {
+        std::panic::resume_unwind(panic);
+    }
+    let description = description.expect("described");
+    let keeper = description["keeper_pid"].as_u64().expect("keeper");
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        !listed.contains(&format!("ss{keeper}-")),
+        "no namespace of the lab is left: {listed}"
+    );
+    for node in description["nodes"].as_object().into_iter().flatten() {
+        if let Some(pid) = node.1["daemon_pid"].as_u64() {
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "{}'s secondsite run is gone",
+                node.0
+            );
+        }
+    }
+    assert!(
+        !Path::new(&format!("/proc/{keeper}")).exists(),
+        "the keeper is gone"
+    );
+    let (_, status) = lab(&run, &["status"]);
+    assert!(status.contains("no lab is up"), "{status}");
+}
+
+#[test]
+fn the_lab_comes_up_with_bird_serves_the_client_over_a_delayed_wan_and_goes_down_clean() {
+    if !privileged(
+        "the_lab_comes_up_with_bird_serves_the_client_over_a_delayed_wan_and_goes_down_clean",
+    ) {
+        return;
+    }
+    up_check_down(&["--wan-delay-ms", "5", "--wan-mbit", "100"], |lab| {
+        let ns = |node: &str| {
+            lab["nodes"][node]["namespace"]
+                .as_str()
+                .expect("ns")
+                .to_owned()
+        };
+        let client = ns("client");
+        let answered = secondsite_lab::wait_until(std::time::Duration::from_secs(20), || {
+            in_ns(&client, "redis-cli", &["-h", "203.0.113.10", "PING"]).contains("PONG")
+        });
+        assert!(answered.is_some(), "the guest answers the client");
+        assert_eq!(
+            in_ns(&client, "redis-cli", &["-h", "203.0.113.10", "INCR", "n"]).trim(),
+            "1"
+        );
+        let upstream = in_ns(&ns("upstream"), "ip", &["route", "show", "203.0.113.0/24"]);
+        assert!(
+            upstream.contains("via 10.0.1.2"),
+            "site-a holds the prefix: {upstream}"
+        );
+        // The WAN link's round trip is at least twice the one-way delay (UDP heartbeats aside,
+        // a TCP connect from site-a to site-b's replication port takes one).
+        let started = std::time::Instant::now();
+        let connected = in_ns(&ns("site-a"), "nc", &["-z", "-w", "2", "10.9.0.2", "7800"]);
+        let rtt = started.elapsed();
+        drop(connected);
+        assert!(rtt >= std::time::Duration::from_millis(10), "{rtt:?}");
+    });
+}
+
+#[test]
+fn the_lab_comes_up_with_frr_as_the_upstream() {
+    if !privileged("the_lab_comes_up_with_frr_as_the_upstream") {
+        return;
+    }
+    up_check_down(&["--upstream", "frr"], |lab| {
+        let client = lab["nodes"]["client"]["namespace"].as_str().expect("ns");
+        let answered = secondsite_lab::wait_until(std::time::Duration::from_secs(20), || {
+            in_ns(client, "redis-cli", &["-h", "203.0.113.10", "PING"]).contains("PONG")
+        });
+        assert!(
+            answered.is_some(),
+            "the guest answers the client through FRR"
+        );
+    });
+}
