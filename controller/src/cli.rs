@@ -328,9 +328,45 @@ pub enum LabCommand {
     Down(LabDirArgs),
     /// The lab's nodes, its sites' daemons and each group's state at each site.
     Status(LabDirArgs),
+    /// A failure in a lab of its own (per trial), with real clients: an INCR loop over one
+    /// connection and redis-benchmark; the client's gap, violations, throughput, whether two
+    /// sites were ever active, the takeover's timeline. Exits 1 if an invariant broke.
+    Scenario(ScenarioArgs),
     /// (Run by `lab up`.) Builds the lab and keeps it until SIGTERM.
     #[command(hide = true)]
     Keep(LabArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ScenarioArgs {
+    pub scenario: ScenarioName,
+    #[arg(long, default_value_t = 1)]
+    pub trials: usize,
+    /// Print one JSON object (every trial, the summary) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// site-loss: site-a's processes are stopped (SIGSTOP: a hung site), not killed.
+    #[arg(long)]
+    pub freeze: bool,
+    #[command(flatten)]
+    pub build: LabBuildArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScenarioName {
+    /// Site-a dies (or hangs, with --freeze) and its links are cut, under load.
+    SiteLoss,
+    /// Only the WAN link between the sites goes down, for ten detection times.
+    WanPartition,
+}
+
+impl ScenarioName {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScenarioName::SiteLoss => "site-loss",
+            ScenarioName::WanPartition => "wan-partition",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -342,6 +378,15 @@ pub struct LabDirArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct LabArgs {
+    #[command(flatten)]
+    pub build: LabBuildArgs,
+    #[command(flatten)]
+    pub dir: LabDirArgs,
+}
+
+/// What lab to build.
+#[derive(Debug, Clone, Args)]
+pub struct LabBuildArgs {
     /// The topology (containerlab's format).
     #[arg(long, default_value = "containerlab/secondsite.clab.yml")]
     pub topology: PathBuf,
@@ -354,8 +399,6 @@ pub struct LabArgs {
     /// Bandwidth cap of the WAN link, in Mbit/s.
     #[arg(long)]
     pub wan_mbit: Option<u32>,
-    #[command(flatten)]
-    pub dir: LabDirArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

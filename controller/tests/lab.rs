@@ -1,7 +1,9 @@
 //! `secondsite lab up|status|down` on the project's topology (containerlab/secondsite.clab.yml):
 //! the lab comes up with both sites settled, the client reaches the guest through the upstream
 //! (BIRD, or FRR), the WAN link carries the configured delay, and `lab down` leaves no process,
-//! namespace or tap behind.
+//! namespace or tap behind. `secondsite lab scenario`: site-loss (BIRD) and wan-partition, one
+//! trial each, their invariants held (no INCR out of sequence, the connection survived, never
+//! two active sites, the roles where they must be).
 
 use std::path::Path;
 use std::process::Command;
@@ -146,4 +148,56 @@ fn the_lab_comes_up_with_frr_as_the_upstream() {
             "the guest answers the client through FRR"
         );
     });
+}
+
+/// `secondsite lab scenario ARGS --json`: its report, after checking it passed.
+fn scenario(args: &[&str]) -> Value {
+    let topology = topology();
+    let out = Command::new(SECONDSITE)
+        .args(["lab", "scenario"])
+        .args(args)
+        .args(["--json", "--topology", &topology])
+        .output()
+        .expect("runs secondsite lab scenario");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(
+        out.status.success(),
+        "{}\n{report}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trial = &report["trials"][0];
+    assert_eq!(trial["sequence_violations"], 0, "{report}");
+    assert_eq!(trial["connection_survived"], true, "{report}");
+    assert_eq!(trial["two_sites_active"], false, "{report}");
+    assert!(trial["state_samples"].as_u64() > Some(50), "{report}");
+    report
+}
+
+#[test]
+fn scenario_site_loss_with_bird_keeps_the_clients_connection() {
+    if !privileged("scenario_site_loss_with_bird_keeps_the_clients_connection") {
+        return;
+    }
+    let report = scenario(&["site-loss"]);
+    let trial = &report["trials"][0];
+    assert_eq!(trial["state_after"]["site-b"], "Active", "{report}");
+    assert_eq!(trial["timeline"]["hot"], true, "{report}");
+    assert!(
+        trial["upstream_route_after"]
+            .as_str()
+            .unwrap_or("")
+            .contains("10.0.2.2")
+    );
+    eprintln!("site-loss (BIRD): gap {} ms", trial["client_gap_ms"]);
+}
+
+#[test]
+fn scenario_wan_partition_moves_nothing() {
+    if !privileged("scenario_wan_partition_moves_nothing") {
+        return;
+    }
+    let report = scenario(&["wan-partition"]);
+    let trial = &report["trials"][0];
+    assert_eq!(trial["state_after"]["site-a"], "Active", "{report}");
+    assert_eq!(trial["state_after"]["site-b"], "Standby", "{report}");
 }

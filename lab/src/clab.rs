@@ -394,6 +394,37 @@ impl Lab {
         }
     }
 
+    /// Node `name` dies: its `secondsite run` killed (SIGKILL), and with `freeze` every other
+    /// process in it stopped (SIGSTOP: a hung site, not a dead one).
+    pub fn kill_node(&mut self, name: &str, freeze: bool) {
+        if let Some(daemon) = self.daemons.get_mut(name) {
+            if freeze {
+                let _ = std::process::Command::new("kill")
+                    .args(["-STOP", &daemon.id().to_string()])
+                    .status();
+            } else {
+                daemon.kill();
+            }
+        }
+        if let Some(ns) = self.namespaces.get(name)
+            && freeze
+        {
+            ns.signal_processes("STOP");
+        }
+    }
+
+    /// Takes node `name`'s interfaces `interfaces` down (`up`: back up).
+    pub fn set_links(&self, name: &str, interfaces: &[&str], up: bool) -> io::Result<()> {
+        let ns = self
+            .namespaces
+            .get(name)
+            .ok_or_else(|| io::Error::other(format!("no node {name}")))?;
+        for interface in interfaces {
+            ns.ip(&["link", "set", interface, if up { "up" } else { "down" }])?;
+        }
+        Ok(())
+    }
+
     /// The namespace of node `name`.
     pub fn ns(&self, name: &str) -> Option<&Netns> {
         self.namespaces.get(name)
@@ -416,6 +447,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // A frozen node's processes could not die: let them run to their end.
+        for ns in self.namespaces.values() {
+            ns.signal_processes("CONT");
+        }
         // Daemons first (the sites' taps and VMs go with them), then everything else.
         self.daemons.clear();
     }

@@ -92,12 +92,19 @@ impl Netns {
 
     /// Kills every process running in the namespace.
     pub fn kill_processes(&self) {
+        self.signal_processes("KILL");
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `KILL`...) to every process running in the namespace.
+    pub fn signal_processes(&self, signal: &str) {
         if let Ok(out) = Command::new("ip")
             .args(["netns", "pids", &self.name])
             .output()
         {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
+                let _ = Command::new("kill")
+                    .args([&format!("-{signal}"), pid])
+                    .status();
             }
         }
     }

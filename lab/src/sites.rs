@@ -367,4 +367,19 @@ impl Connection {
         let line = self.line_within(wait)?;
         line.strip_prefix(':').and_then(|n| n.parse().ok())
     }
+
+    /// INCRs until a reply reaches `to` (the guest may need a moment to answer the first);
+    /// the last reply, or an error if none came within 30 s.
+    pub fn count_to(&mut self, to: i64) -> std::io::Result<i64> {
+        let started = std::time::Instant::now();
+        let mut last = 0;
+        while last < to {
+            match self.incr(Duration::from_secs(5)) {
+                Some(n) => last = n,
+                None if started.elapsed() < Duration::from_secs(30) => {}
+                None => return Err(std::io::Error::other("the guest never answered the client")),
+            }
+        }
+        Ok(last)
+    }
 }

@@ -39,6 +39,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lab(LabCommand::Down(args)) => lab::down(&args),
         Command::Lab(LabCommand::Status(args)) => lab::status(&args),
         Command::Lab(LabCommand::Keep(args)) => lab::keep(&args),
+        Command::Lab(LabCommand::Scenario(args)) => lab::scenario(&args),
         Command::Bench(BenchCommand::Vm { json, quick }) => bench::vm(json, quick),
         Command::Bench(BenchCommand::Replication {
             json,

@@ -454,10 +454,12 @@ impl Daemon {
             .groups
             .iter()
             .map(|g| {
+                let ours: Vec<std::net::IpAddr> = g.active.iter().map(|a| a.next_hop).collect();
                 let view = witness::upstream_view(
                     self.sessions.iter().map(|(_, s)| s),
                     &g.prefixes,
                     self.plan.peer_as,
+                    &ours,
                 );
                 (g.name.clone(), view)
             })

@@ -3,11 +3,14 @@
 //! more-specifics: see `RibFilter`).
 //!
 //! A site announces a prefix unprepended while it is active and prepended while it is the
-//! backup; the upstream passes the other site's route on to us (BIRD's `export all`; it never
-//! sends a site its own route back). So, for each prefix, a route whose AS path ends in the
-//! other site's AS once is that site active, twice or more is that site standing by, and no
-//! route is that site gone (or its announcement not exported to us: see `docs/failover.md`
-//! for what the upstream must send).
+//! backup; the upstream passes the other site's route on to us (BIRD's `export all`). So, for
+//! each prefix, a route whose AS path ends in the other site's AS once is that site active,
+//! twice or more is that site standing by, and no route is that site gone (or its announcement
+//! not exported to us: see `docs/failover.md` for what the upstream must send). BIRD never
+//! sends a site its own route back; FRR does, with our own address as its next hop (the peer
+//! shares our subnet): such a route is ours, not the other site's, and is not read.
+
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use secondsite_bgp::route::Route;
@@ -25,9 +28,13 @@ pub struct UpstreamSession {
     pub routes: Vec<Route>,
 }
 
-/// How the route for `prefix` in `routes` shows the site of AS `peer_as`.
-fn peer_route(routes: &[Route], prefix: &IpNet, peer_as: u32) -> PeerRoute {
-    let Some(route) = routes.iter().find(|r| r.prefix == *prefix) else {
+/// How the route for `prefix` in `routes` shows the site of AS `peer_as` (a route whose next
+/// hop is one of `ours` is our own, sent back).
+fn peer_route(routes: &[Route], prefix: &IpNet, peer_as: u32, ours: &[IpAddr]) -> PeerRoute {
+    let Some(route) = routes
+        .iter()
+        .find(|r| r.prefix == *prefix && !r.next_hop.is_some_and(|hop| ours.contains(&hop)))
+    else {
         return PeerRoute::None;
     };
     let trailing = route
@@ -47,11 +54,13 @@ fn peer_route(routes: &[Route], prefix: &IpNet, peer_as: u32) -> PeerRoute {
 
 /// The upstream's view for a group announcing `prefixes`, whose other site is AS `peer_as`:
 /// connected if any session is established; the other site's route as the strongest any
-/// session shows for any of the prefixes (active over standby over none).
+/// session shows for any of the prefixes (active over standby over none). `ours`: our own
+/// next hops (the routes that carry one are ours).
 pub fn upstream_view<'a>(
     sessions: impl Iterator<Item = &'a UpstreamSession> + Clone,
     prefixes: &[IpNet],
     peer_as: u32,
+    ours: &[IpAddr],
 ) -> UpstreamView {
     let rank = |r: PeerRoute| match r {
         PeerRoute::None => 0,
@@ -61,7 +70,11 @@ pub fn upstream_view<'a>(
     let peer_route = sessions
         .clone()
         .filter(|s| s.established)
-        .flat_map(|s| prefixes.iter().map(|p| peer_route(&s.routes, p, peer_as)))
+        .flat_map(|s| {
+            prefixes
+                .iter()
+                .map(|p| peer_route(&s.routes, p, peer_as, ours))
+        })
         .max_by_key(|r| rank(*r))
         .unwrap_or(PeerRoute::None);
     UpstreamView {
@@ -92,7 +105,28 @@ mod tests {
             established: true,
             routes,
         };
-        upstream_view([session].iter(), &prefixes, PEER_AS)
+        upstream_view([session].iter(), &prefixes, PEER_AS, &[])
+    }
+
+    #[test]
+    fn our_own_route_sent_back_is_not_the_other_sites() {
+        // FRR sends a site its own announcement back, with the site's address as next hop.
+        let own: IpAddr = "10.0.2.2".parse().unwrap();
+        let mut ours = route("203.0.113.0/24", &[65000, 65001, 65001]);
+        ours.next_hop = Some(own);
+        let session = UpstreamSession {
+            established: true,
+            routes: vec![ours],
+        };
+        let prefixes = ["203.0.113.0/24".parse().unwrap()];
+        let view = upstream_view([session.clone()].iter(), &prefixes, PEER_AS, &[own]);
+        assert_eq!(view.peer_route, PeerRoute::None);
+        let view = upstream_view([session].iter(), &prefixes, PEER_AS, &[]);
+        assert_eq!(
+            view.peer_route,
+            PeerRoute::Standby,
+            "without knowing it is ours"
+        );
     }
 
     #[test]
@@ -132,13 +166,13 @@ mod tests {
             established: true,
             routes: vec![route("203.0.113.0/24", &[65000, 65001, 65001])],
         };
-        let view = upstream_view([down.clone(), standby].iter(), &prefixes, PEER_AS);
+        let view = upstream_view([down.clone(), standby].iter(), &prefixes, PEER_AS, &[]);
         assert_eq!(
             view.peer_route,
             PeerRoute::Standby,
             "a session down shows nothing"
         );
-        let view = upstream_view([down].iter(), &prefixes, PEER_AS);
+        let view = upstream_view([down].iter(), &prefixes, PEER_AS, &[]);
         assert!(!view.connected);
         assert_eq!(view.peer_route, PeerRoute::None);
     }

@@ -5,6 +5,7 @@
 //!                       builds the lab ──> DIR/lab.json ──> waits for SIGTERM ──> takes it down
 //!  lab up waits for DIR/lab.json and both sites' roles; lab down: SIGTERM to the keeper, wait
 //!  lab status: DIR/lab.json and each site's status.json
+//!  lab scenario NAME: a lab of its own per trial, clients, a failure, figures (`scenario`)
 //! ```
 //! Only the keeper's own processes are stopped, by their pid (its namespaces and what runs in
 //! them go with it): a `secondsite` the user runs elsewhere is never touched.
@@ -20,7 +21,10 @@ use anyhow::{Context, bail};
 use secondsite_lab::clab::{Lab, LabOptions, Router, Topology};
 use serde_json::{Value, json};
 
-use crate::cli::{LabArgs, LabDirArgs, UpstreamRouter};
+use crate::cli::{LabArgs, LabBuildArgs, LabDirArgs, UpstreamRouter};
+
+mod scenario;
+pub use scenario::scenario;
 
 const KEEPER_PID: &str = "keeper.pid";
 const LAB_JSON: &str = "lab.json";
@@ -40,7 +44,7 @@ fn keeper_pid(dir: &Path) -> Option<u32> {
 }
 
 /// `--state-dir X` of a site's daemon, as the lab rewrote it.
-fn state_dir_of(lab: &Lab, topology: &Topology, node: &str) -> Option<PathBuf> {
+pub(super) fn state_dir_of(lab: &Lab, topology: &Topology, node: &str) -> Option<PathBuf> {
     let exec = &topology.nodes.get(node)?.exec;
     let line = exec.iter().find(|l| l.contains("--state-dir"))?;
     let path = line
@@ -50,6 +54,25 @@ fn state_dir_of(lab: &Lab, topology: &Topology, node: &str) -> Option<PathBuf> {
         .next()?;
     // The container path under the node's directory, as its binds place it.
     Some(lab.node_dir(node).join(path.trim_start_matches('/')))
+}
+
+/// The topology `build` names, and how to build it in `run_dir`.
+pub(super) fn read_lab(
+    build: &LabBuildArgs,
+    run_dir: &Path,
+) -> anyhow::Result<(Topology, LabOptions)> {
+    let topology = Topology::read(&build.topology)?;
+    let options = LabOptions {
+        router: match build.upstream {
+            UpstreamRouter::Bird => Router::Bird,
+            UpstreamRouter::Frr => Router::Frr,
+        },
+        wan_delay: Duration::from_secs_f64(build.wan_delay_ms.max(0.0) / 1e3),
+        wan_mbit: build.wan_mbit,
+        secondsite: std::env::current_exe()?,
+        run_dir: run_dir.to_owned(),
+    };
+    Ok((topology, options))
 }
 
 /// Builds the lab and keeps it until SIGTERM, SIGINT or SIGHUP.
@@ -65,17 +88,7 @@ pub fn keep(args: &LabArgs) -> anyhow::Result<ExitCode> {
     ] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
-    let topology = Topology::read(&args.topology)?;
-    let options = LabOptions {
-        router: match args.upstream {
-            UpstreamRouter::Bird => Router::Bird,
-            UpstreamRouter::Frr => Router::Frr,
-        },
-        wan_delay: Duration::from_secs_f64(args.wan_delay_ms.max(0.0) / 1e3),
-        wan_mbit: args.wan_mbit,
-        secondsite: std::env::current_exe()?,
-        run_dir: dir.clone(),
-    };
+    let (topology, options) = read_lab(&args.build, dir)?;
     let result = Lab::up(&topology, &options);
     let lab = match result {
         Ok(lab) => lab,
@@ -100,10 +113,10 @@ pub fn keep(args: &LabArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     let description = json!({
-        "topology": std::fs::canonicalize(&args.topology)?,
-        "upstream": format!("{:?}", args.upstream).to_lowercase(),
-        "wan_delay_ms": args.wan_delay_ms,
-        "wan_mbit": args.wan_mbit,
+        "topology": std::fs::canonicalize(&args.build.topology)?,
+        "upstream": format!("{:?}", args.build.upstream).to_lowercase(),
+        "wan_delay_ms": args.build.wan_delay_ms,
+        "wan_mbit": args.build.wan_mbit,
         "keeper_pid": std::process::id(),
         "nodes": nodes,
     });
@@ -171,10 +184,10 @@ pub fn up(args: &LabArgs) -> anyhow::Result<ExitCode> {
             dir.display()
         );
     }
-    if !args.topology.is_file() {
+    if !args.build.topology.is_file() {
         bail!(
             "no topology at {} (run from the repository, or give --topology)",
-            args.topology.display()
+            args.build.topology.display()
         );
     }
     std::fs::create_dir_all(dir)?;
@@ -183,10 +196,13 @@ pub fn up(args: &LabArgs) -> anyhow::Result<ExitCode> {
     let mut keeper = Command::new(std::env::current_exe()?);
     keeper
         .args(["lab", "keep", "--topology"])
-        .arg(&args.topology)
-        .args(["--upstream", &format!("{:?}", args.upstream).to_lowercase()])
+        .arg(&args.build.topology)
+        .args([
+            "--upstream",
+            &format!("{:?}", args.build.upstream).to_lowercase(),
+        ])
         .arg("--wan-delay-ms")
-        .arg(args.wan_delay_ms.to_string())
+        .arg(args.build.wan_delay_ms.to_string())
         .arg("--dir")
         .arg(dir)
         .stdin(Stdio::null())
@@ -194,12 +210,15 @@ pub fn up(args: &LabArgs) -> anyhow::Result<ExitCode> {
         .stderr(log)
         // Its own process group: a Ctrl-C meant for `lab up` does not take the lab down.
         .process_group(0);
-    if let Some(mbit) = args.wan_mbit {
+    if let Some(mbit) = args.build.wan_mbit {
         keeper.arg("--wan-mbit").arg(mbit.to_string());
     }
     let mut child = keeper.spawn().context("cannot start the lab's keeper")?;
     let started = Instant::now();
-    eprintln!("secondsite lab: building {} ...", args.topology.display());
+    eprintln!(
+        "secondsite lab: building {} ...",
+        args.build.topology.display()
+    );
     let description = loop {
         if let Some(status) = child.try_wait()? {
             bail!("the lab did not come up ({status}):\n{}", log_tail(dir));
