@@ -1,7 +1,7 @@
 //! `secondsite lab up|status|down` on the project's topology (containerlab/secondsite.clab.yml):
 //! the lab comes up with both sites settled, the client reaches the guest through the upstream
 //! (BIRD, or FRR), the WAN link carries the configured delay, and `lab down` leaves no process,
-//! namespace or tap behind. `secondsite lab scenario`: site-loss (BIRD) and wan-partition, one
+//! namespace or tap behind. `secondsite lab scenario`: site-loss (BIRD, FRR) and wan-partition, one
 //! trial each, their invariants held (no INCR out of sequence, the connection survived, never
 //! two active sites, the roles where they must be).
 
@@ -189,6 +189,18 @@ fn scenario_site_loss_with_bird_keeps_the_clients_connection() {
             .contains("10.0.2.2")
     );
     eprintln!("site-loss (BIRD): gap {} ms", trial["client_gap_ms"]);
+}
+
+#[test]
+fn scenario_site_loss_with_frr_keeps_the_clients_connection() {
+    if !privileged("scenario_site_loss_with_frr_keeps_the_clients_connection") {
+        return;
+    }
+    let report = scenario(&["site-loss", "--upstream", "frr"]);
+    assert_eq!(
+        report["trials"][0]["state_after"]["site-b"], "Active",
+        "{report}"
+    );
 }
 
 #[test]

@@ -454,7 +454,10 @@ impl Daemon {
             .groups
             .iter()
             .map(|g| {
-                let ours: Vec<std::net::IpAddr> = g.active.iter().map(|a| a.next_hop).collect();
+                let ours = witness::Ours {
+                    next_hops: g.active.iter().map(|a| a.next_hop).collect(),
+                    tag: self.plan.site_tag,
+                };
                 let view = witness::upstream_view(
                     self.sessions.iter().map(|(_, s)| s),
                     &g.prefixes,

@@ -73,6 +73,8 @@ pub struct SitePlan {
     pub groups: Vec<GroupPlan>,
     pub api_listen: SocketAddr,
     pub api_token_file: Option<PathBuf>,
+    /// The community this site's announcements carry ([`site_tag`]).
+    pub site_tag: Option<u32>,
 }
 
 /// The site's BGP sessions as the policy gives them (relative file names are relative to
@@ -143,10 +145,24 @@ pub fn policy_announcements(policy: &Policy, site: &Site) -> Result<Vec<Announce
     let mut out = Vec::new();
     for prefix in &policy.prefixes {
         for a in prefix.announce.iter().filter(|a| a.site == site.name) {
-            out.push(announcement(site, prefix.prefix.0, a.prepend, a.med, a)?);
+            out.push(announcement(
+                site,
+                prefix.prefix.0,
+                a.prepend,
+                a.med,
+                a,
+                None,
+            )?);
         }
     }
     Ok(out)
+}
+
+/// The community every announcement of the policy's site number `index` carries (`AS:65024+n`,
+/// with a 2-octet AS): the witness knows its own routes by it when an upstream sends a site its
+/// own announcement back (FRR does), the two sites being in one AS.
+pub fn site_tag(local_as: u32, index: usize) -> Option<u32> {
+    (local_as <= 0xffff && index < 0x100).then(|| (local_as << 16) | (0xfe00 + index as u32))
 }
 
 fn announcement(
@@ -155,6 +171,7 @@ fn announcement(
     prepend: u8,
     med: Option<u32>,
     policy: &secondsite_policy::model::Announcement,
+    tag: Option<u32>,
 ) -> Result<Announcement, PlanError> {
     let next_hop = uplink_address(site, matches!(prefix, IpNet::V4(_))).ok_or_else(|| {
         PlanError::NoNextHop {
@@ -162,7 +179,7 @@ fn announcement(
             prefix,
         }
     })?;
-    let communities = policy.communities.iter().map(|c| c.0).collect();
+    let communities = policy.communities.iter().map(|c| c.0).chain(tag).collect();
     Announcement::new(prefix, next_hop, prepend, med, communities).map_err(PlanError::Announcement)
 }
 
@@ -179,6 +196,12 @@ pub fn plan(policy: &Policy, site: &str, base_dir: &Path) -> Result<SitePlan, Pl
         .iter()
         .find(|s| s.name.as_str() != site)
         .ok_or_else(|| PlanError::NoSuchSite(format!("other than {site}")))?;
+    let index = policy
+        .sites
+        .iter()
+        .position(|s| s.name == me.name)
+        .unwrap_or(0);
+    let tag = site_tag(me.bgp.local_as, index);
     let witness = match policy.failover.witness {
         PolicyWitness::UpstreamBgp => Witness::UpstreamBgp,
         PolicyWitness::None => Witness::None,
@@ -221,13 +244,14 @@ pub fn plan(policy: &Policy, site: &str, base_dir: &Path) -> Result<SitePlan, Pl
                 .max()
                 .unwrap_or(0)
                 .max(1);
-            active.push(announcement(me, prefix.prefix.0, 0, mine.med, mine)?);
+            active.push(announcement(me, prefix.prefix.0, 0, mine.med, mine, tag)?);
             standby.push(announcement(
                 me,
                 prefix.prefix.0,
                 mine.prepend.max(backup_prepend),
                 mine.med,
                 mine,
+                tag,
             )?);
         }
         groups.push(GroupPlan {
@@ -268,6 +292,7 @@ pub fn plan(policy: &Policy, site: &str, base_dir: &Path) -> Result<SitePlan, Pl
         groups,
         api_listen: me.api.listen.0,
         api_token_file: me.api.token_file.as_ref().map(|f| base_dir.join(f)),
+        site_tag: tag,
     })
 }
 
@@ -301,9 +326,14 @@ mod tests {
                 "the policy's backup prepends 2"
             );
         }
-        // MED and communities are the site's own in both forms.
+        // MED and communities are the site's own in both forms, with its site tag (site-b is
+        // the policy's second site: 65001:65025).
         assert_eq!(gb.active[0].med, Some(50));
-        assert_eq!(gb.standby[0].communities, vec![(65001 << 16) | 200]);
+        assert_eq!(
+            gb.standby[0].communities,
+            vec![(65001 << 16) | 200, (65001 << 16) | 0xfe01]
+        );
+        assert_eq!(ga.active[0].communities, vec![(65001 << 16) | 0xfe00]);
         assert_eq!(ga.active[0].next_hop, "10.0.1.2".parse::<IpAddr>().unwrap());
         assert_eq!(
             ga.active[1].next_hop,

@@ -7,8 +7,9 @@
 //! each prefix, a route whose AS path ends in the other site's AS once is that site active,
 //! twice or more is that site standing by, and no route is that site gone (or its announcement
 //! not exported to us: see `docs/failover.md` for what the upstream must send). BIRD never
-//! sends a site its own route back; FRR does, with our own address as its next hop (the peer
-//! shares our subnet): such a route is ours, not the other site's, and is not read.
+//! sends a site its own route back; FRR does, and both sites are in one AS: a route carrying
+//! our site's community (`plan::site_tag`) or our own address as its next hop is ours, not
+//! the other site's, and is not read.
 
 use std::net::IpAddr;
 
@@ -28,12 +29,28 @@ pub struct UpstreamSession {
     pub routes: Vec<Route>,
 }
 
-/// How the route for `prefix` in `routes` shows the site of AS `peer_as` (a route whose next
-/// hop is one of `ours` is our own, sent back).
-fn peer_route(routes: &[Route], prefix: &IpNet, peer_as: u32, ours: &[IpAddr]) -> PeerRoute {
+/// What marks a route as our own announcement sent back: our next hops, our site's community.
+#[derive(Debug, Clone, Default)]
+pub struct Ours {
+    pub next_hops: Vec<IpAddr>,
+    pub tag: Option<u32>,
+}
+
+impl Ours {
+    fn is_ours(&self, route: &Route) -> bool {
+        route
+            .next_hop
+            .is_some_and(|hop| self.next_hops.contains(&hop))
+            || self.tag.is_some_and(|tag| route.communities.contains(&tag))
+    }
+}
+
+/// How the route for `prefix` in `routes` shows the site of AS `peer_as` (our own sent back is
+/// not read).
+fn peer_route(routes: &[Route], prefix: &IpNet, peer_as: u32, ours: &Ours) -> PeerRoute {
     let Some(route) = routes
         .iter()
-        .find(|r| r.prefix == *prefix && !r.next_hop.is_some_and(|hop| ours.contains(&hop)))
+        .find(|r| r.prefix == *prefix && !ours.is_ours(r))
     else {
         return PeerRoute::None;
     };
@@ -54,13 +71,13 @@ fn peer_route(routes: &[Route], prefix: &IpNet, peer_as: u32, ours: &[IpAddr]) -
 
 /// The upstream's view for a group announcing `prefixes`, whose other site is AS `peer_as`:
 /// connected if any session is established; the other site's route as the strongest any
-/// session shows for any of the prefixes (active over standby over none). `ours`: our own
-/// next hops (the routes that carry one are ours).
+/// session shows for any of the prefixes (active over standby over none), our own routes
+/// (`ours`) left out.
 pub fn upstream_view<'a>(
     sessions: impl Iterator<Item = &'a UpstreamSession> + Clone,
     prefixes: &[IpNet],
     peer_as: u32,
-    ours: &[IpAddr],
+    ours: &Ours,
 ) -> UpstreamView {
     let rank = |r: PeerRoute| match r {
         PeerRoute::None => 0,
@@ -105,28 +122,37 @@ mod tests {
             established: true,
             routes,
         };
-        upstream_view([session].iter(), &prefixes, PEER_AS, &[])
+        upstream_view([session].iter(), &prefixes, PEER_AS, &Ours::default())
     }
 
     #[test]
     fn our_own_route_sent_back_is_not_the_other_sites() {
-        // FRR sends a site its own announcement back, with the site's address as next hop.
+        // FRR sends a site its own announcement back: known by our community, or by our
+        // address as next hop (a third-party next hop kept).
         let own: IpAddr = "10.0.2.2".parse().unwrap();
-        let mut ours = route("203.0.113.0/24", &[65000, 65001, 65001]);
-        ours.next_hop = Some(own);
-        let session = UpstreamSession {
-            established: true,
-            routes: vec![ours],
-        };
+        let tag = (65001 << 16) | 0xfe01;
         let prefixes = ["203.0.113.0/24".parse().unwrap()];
-        let view = upstream_view([session.clone()].iter(), &prefixes, PEER_AS, &[own]);
-        assert_eq!(view.peer_route, PeerRoute::None);
-        let view = upstream_view([session].iter(), &prefixes, PEER_AS, &[]);
-        assert_eq!(
-            view.peer_route,
-            PeerRoute::Standby,
-            "without knowing it is ours"
-        );
+        for (next_hop, communities) in [(Some(own), vec![]), (None, vec![tag])] {
+            let mut back = route("203.0.113.0/24", &[65000, 65001, 65001]);
+            back.next_hop = next_hop;
+            back.communities = communities;
+            let session = UpstreamSession {
+                established: true,
+                routes: vec![back],
+            };
+            let ours = Ours {
+                next_hops: vec![own],
+                tag: Some(tag),
+            };
+            let view = upstream_view([session.clone()].iter(), &prefixes, PEER_AS, &ours);
+            assert_eq!(view.peer_route, PeerRoute::None);
+            let view = upstream_view([session].iter(), &prefixes, PEER_AS, &Ours::default());
+            assert_eq!(
+                view.peer_route,
+                PeerRoute::Standby,
+                "without knowing it is ours"
+            );
+        }
     }
 
     #[test]
@@ -166,13 +192,18 @@ mod tests {
             established: true,
             routes: vec![route("203.0.113.0/24", &[65000, 65001, 65001])],
         };
-        let view = upstream_view([down.clone(), standby].iter(), &prefixes, PEER_AS, &[]);
+        let view = upstream_view(
+            [down.clone(), standby].iter(),
+            &prefixes,
+            PEER_AS,
+            &Ours::default(),
+        );
         assert_eq!(
             view.peer_route,
             PeerRoute::Standby,
             "a session down shows nothing"
         );
-        let view = upstream_view([down].iter(), &prefixes, PEER_AS, &[]);
+        let view = upstream_view([down].iter(), &prefixes, PEER_AS, &Ours::default());
         assert!(!view.connected);
         assert_eq!(view.peer_route, PeerRoute::None);
     }
