@@ -91,6 +91,15 @@ fn a_lost_site_is_taken_over_and_the_clients_connection_goes_on() {
     }
     let mut run = start();
     let (mut conn, last) = counting(&run, 20);
+    // Site-b holds the replica whole in memory, ready.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            run.sites.b.status()["groups"]["web"]["hot_replica_epoch"].is_u64()
+        })
+        .is_some(),
+        "{}",
+        run.sites.b.status()
+    );
     let before = Instant::now();
     run.sites.lose_site_a().expect("cuts site-a");
     let (last, _) = count_on(&run, &mut conn, last, 1, Duration::from_secs(30));

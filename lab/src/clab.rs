@@ -394,17 +394,14 @@ impl Lab {
         }
     }
 
-    /// Node `name` dies: its `secondsite run` killed (SIGKILL), and with `freeze` every other
-    /// process in it stopped (SIGSTOP: a hung site, not a dead one).
-    pub fn kill_node(&mut self, name: &str, freeze: bool) {
-        if let Some(daemon) = self.daemons.get_mut(name) {
-            if freeze {
-                let _ = std::process::Command::new("kill")
-                    .args(["-STOP", &daemon.id().to_string()])
-                    .status();
-            } else {
-                daemon.kill();
-            }
+    /// Node `name` dies: its `secondsite run` killed (SIGKILL), or with `freeze` it and every
+    /// other process in the node stopped (SIGSTOP: a hung site, not a dead one).
+    pub fn kill_node(&self, name: &str, freeze: bool) {
+        if let Some(daemon) = self.daemons.get(name) {
+            let signal = if freeze { "-STOP" } else { "-KILL" };
+            let _ = std::process::Command::new("kill")
+                .args([signal, &daemon.id().to_string()])
+                .status();
         }
         if let Some(ns) = self.namespaces.get(name)
             && freeze

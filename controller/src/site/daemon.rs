@@ -690,6 +690,7 @@ impl Daemon {
                         "serving": m.serving(),
                         "upstream": self.upstream_views.get(name),
                         "replica_epoch": m.replica(),
+                        "hot_replica_epoch": self.data.hot_epoch(name),
                         "last_takeover": self.last_takeover.get(name),
                         "replication": self.data.group_status(name),
                     }),

@@ -522,6 +522,11 @@ impl DataPlane {
         }
     }
 
+    /// The epoch of the group's replica held whole in memory here, ready for a takeover.
+    pub fn hot_epoch(&self, group: &str) -> Option<u64> {
+        self.hot.epoch(group)
+    }
+
     /// The group's replication and gateway figures while its VMs run here: epochs committed,
     /// pause p99, bytes sent; frames held, log lag (of its first VM's gateway).
     pub fn group_status(&self, group: &str) -> serde_json::Value {

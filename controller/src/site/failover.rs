@@ -353,8 +353,6 @@ pub struct Failover {
     state: State,
     standing: Standing,
     facts: Facts,
-    /// When the current takeover began.
-    takeover_started: Option<Instant>,
     /// The first sign that the peer is gone, and when the witness confirmed it, while so.
     first_sign: Option<Instant>,
     confirmed_at: Option<Instant>,
@@ -374,7 +372,6 @@ impl Failover {
             state: State::Starting,
             standing,
             facts: Facts::default(),
-            takeover_started: None,
             first_sign: None,
             confirmed_at: None,
             timeline: None,
@@ -435,7 +432,10 @@ impl Failover {
 
     /// Since when the current takeover runs, if one does.
     pub fn takeover_started(&self) -> Option<Instant> {
-        self.takeover_started
+        match self.state {
+            State::TakingOver { .. } => self.timeline.map(|t| t.restore_start),
+            _ => None,
+        }
     }
 
     /// The transition function: what `input`, arriving at `now`, makes the site do.
@@ -570,11 +570,9 @@ impl Failover {
                     term: self.standing.term,
                     replayed: restoration.replayed,
                 }));
-                self.takeover_started = None;
                 self.after_becoming_active(out);
             }
             (State::TakingOver { .. }, Input::Restored(Err(reason))) => {
-                self.takeover_started = None;
                 self.timeline = None;
                 self.standing.active = false;
                 out.push(Output::Persist(self.standing));
@@ -734,7 +732,6 @@ impl Failover {
                 out.push(Output::Event(Event::ServingUnprotected));
             }
         } else {
-            self.takeover_started = None;
             self.state = State::Fenced;
             out.push(Output::Pause);
             out.push(Output::Withdraw);
@@ -765,7 +762,6 @@ impl Failover {
         };
         out.push(Output::Persist(self.standing));
         self.state = State::TakingOver { planned };
-        self.takeover_started = Some(now);
         let (suspicion, confirmed) = match planned {
             true => (None, None),
             false => (self.first_sign, self.confirmed_at),

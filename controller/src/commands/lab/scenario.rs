@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use secondsite_lab::clab::{Lab, Router};
+use secondsite_lab::clab::Lab;
 use secondsite_lab::{Connection, GUEST, wait_until};
 use secondsite_vmm::clock::unix_ns;
 use serde_json::{Value, json};
@@ -81,36 +81,19 @@ fn serving_now(dir: &Path, daemon: Option<u32>) -> bool {
     running && group_state(dir) == "Active"
 }
 
-/// How many unprepended (active) announcements of the group's prefix the upstream holds.
-fn upstream_active_paths(router: Router, run_dir: &Path, ns: &str) -> usize {
-    let output = |cmd: &mut Command| {
-        cmd.output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    };
-    match router {
-        Router::Bird => output(
-            Command::new("birdc")
-                .arg("-s")
-                .arg(run_dir.join("upstream/bird/bird.ctl"))
-                .args(["show", "route", "for", "203.0.113.0/24", "all"]),
-        )
-        .lines()
-        .filter(|l| l.trim() == "BGP.as_path: 65001")
-        .count(),
-        Router::Frr => {
-            output(Command::new("vtysh").args(["-N", ns, "-c", "show ip bgp 203.0.113.0/24"]))
-                .lines()
-                .filter(|l| l.trim() == "65001")
-                .count()
-        }
-    }
+/// How many unprepended (active) announcements of the group's prefix the upstream's RIB holds
+/// (BIRD prints each path's `BGP.as_path: ...`, FRR each path's AS path on a line of its own).
+fn active_paths(rib: &str) -> usize {
+    rib.lines()
+        .map(|l| l.trim().trim_start_matches("BGP.as_path:").trim())
+        .filter(|path| *path == "65001")
+        .count()
 }
 
 /// One trial: the lab, the clients, the failure, the figures.
 fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
     let (topology, options) = read_lab(&args.build, run_dir)?;
-    let mut lab = Lab::up(&topology, &options)?;
+    let lab = Lab::up(&topology, &options)?;
     let state = |node: &str| -> anyhow::Result<PathBuf> {
         state_dir_of(&lab, &topology, node).with_context(|| format!("{node}'s state dir"))
     };
@@ -188,12 +171,12 @@ fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
         scope.spawn({
             let (watched, stop) = (watched.clone(), stop.clone());
             let (a, b) = (state_a.clone(), state_b.clone());
-            let (router, upstream) = (options.router, upstream_ns.clone());
+            let lab = &lab;
             let (pid_a, pid_b) = (daemon_a, daemon_b);
             move || {
                 while !stop.load(Ordering::Relaxed) {
                     let both = serving_now(&a, pid_a) && serving_now(&b, pid_b);
-                    let rib = upstream_active_paths(router, run_dir, &upstream);
+                    let rib = active_paths(&lab.upstream_rib("203.0.113.0/24"));
                     let mut w = watched.lock().unwrap_or_else(|e| e.into_inner());
                     w.samples += 1;
                     w.both_active += u64::from(both);
