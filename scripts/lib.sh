@@ -5,8 +5,10 @@
 # redis-benchmark) and netcat-openbsd as real clients of the test guest; redis-server as the
 # yardstick of `secondsite bench vm`; bird2, frr and gobgpd as the real upstream routers the BGP
 # speaker is tested against (their services stay off: the lab starts them in namespaces);
-# tshark reads the traffic log's pcapng exports.
-APT_PACKAGES=(iproute2 util-linux redis-tools redis-server netcat-openbsd procps bird2 frr gobgpd tshark)
+# tshark reads the traffic log's pcapng exports; fonts-dejavu-core is the font the lab's report
+# pictures (PNG) are drawn with.
+APT_PACKAGES=(iproute2 util-linux redis-tools redis-server netcat-openbsd procps bird2 frr gobgpd tshark
+    fonts-dejavu-core)
 
 install_missing_packages() {
     local missing=()

@@ -332,6 +332,9 @@ pub enum LabCommand {
     /// connection and redis-benchmark; the client's gap, violations, throughput, whether two
     /// sites were ever active, the takeover's timeline. Exits 1 if an invariant broke.
     Scenario(ScenarioArgs),
+    /// The demo: the lab comes up, a client works, site-a dies; the failover's timeline, the
+    /// client's connection and counter, and where the report and its picture are.
+    Demo(DemoArgs),
     /// (Run by `lab up`.) Builds the lab and keeps it until SIGTERM.
     #[command(hide = true)]
     Keep(LabArgs),
@@ -345,9 +348,26 @@ pub struct ScenarioArgs {
     /// Print one JSON object (every trial, the summary) instead of text.
     #[arg(long)]
     pub json: bool,
-    /// site-loss: site-a's processes are stopped (SIGSTOP: a hung site), not killed.
+    /// site-loss, return: site-a's processes are stopped (SIGSTOP: a hung site), not killed.
     #[arg(long)]
     pub freeze: bool,
+    /// Write DIR/report.md, the scenario's timeline picture (DIR/NAME.svg and .png) and its
+    /// figures (DIR/NAME.json).
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+    /// Keep each trial's files (the sites' logs, journals and state, the router's log) in
+    /// TMPDIR/secondsite-scenario-PID/trial-N rather than removing them.
+    #[arg(long)]
+    pub keep_files: bool,
+    #[command(flatten)]
+    pub build: LabBuildArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Where the report and its picture go.
+    #[arg(long, default_value = "/tmp/secondsite-demo")]
+    pub report: PathBuf,
     #[command(flatten)]
     pub build: LabBuildArgs,
 }
@@ -358,6 +378,15 @@ pub enum ScenarioName {
     SiteLoss,
     /// Only the WAN link between the sites goes down, for ten detection times.
     WanPartition,
+    /// Site-a's uplink goes down and comes back: for half the BFD detection time, then for
+    /// seven times it.
+    UpstreamFlap,
+    /// Site-b dies; site-a goes on unprotected; site-b comes back and is protecting again.
+    BackupLoss,
+    /// A planned switchover to site-b and back.
+    Switchover,
+    /// Site-loss, then site-a comes back as the backup, resyncs, and the group switches back.
+    Return,
 }
 
 impl ScenarioName {
@@ -365,6 +394,10 @@ impl ScenarioName {
         match self {
             ScenarioName::SiteLoss => "site-loss",
             ScenarioName::WanPartition => "wan-partition",
+            ScenarioName::UpstreamFlap => "upstream-flap",
+            ScenarioName::BackupLoss => "backup-loss",
+            ScenarioName::Switchover => "switchover",
+            ScenarioName::Return => "return",
         }
     }
 }

@@ -3,7 +3,8 @@
 //! (BIRD, or FRR), the WAN link carries the configured delay, and `lab down` leaves no process,
 //! namespace or tap behind. `secondsite lab scenario`: site-loss (BIRD, FRR) and wan-partition, one
 //! trial each, their invariants held (no INCR out of sequence, the connection survived, never
-//! two active sites, the roles where they must be).
+//! two active sites, the roles where they must be); backup-loss and switchover (with its report
+//! and picture) too.
 
 use std::path::Path;
 use std::process::Command;
@@ -181,7 +182,7 @@ fn scenario_site_loss_with_bird_keeps_the_clients_connection() {
     let report = scenario(&["site-loss"]);
     let trial = &report["trials"][0];
     assert_eq!(trial["state_after"]["site-b"], "Active", "{report}");
-    assert_eq!(trial["timeline"]["hot"], true, "{report}");
+    assert_eq!(trial["takeover_steps"]["hot"], true, "{report}");
     assert!(
         trial["upstream_route_after"]
             .as_str()
@@ -201,6 +202,50 @@ fn scenario_site_loss_with_frr_keeps_the_clients_connection() {
         report["trials"][0]["state_after"]["site-b"], "Active",
         "{report}"
     );
+}
+
+#[test]
+fn scenario_backup_loss_goes_on_unprotected_and_protection_resumes() {
+    if !privileged("scenario_backup_loss_goes_on_unprotected_and_protection_resumes") {
+        return;
+    }
+    let report = scenario(&["backup-loss"]);
+    let trial = &report["trials"][0];
+    assert_eq!(trial["state_after"]["site-a"], "Active", "{report}");
+    assert!(
+        trial["protection_resumed_ms"].as_f64() < Some(30_000.0),
+        "{report}"
+    );
+}
+
+#[test]
+fn scenario_switchover_there_and_back_keeps_the_clients_connection() {
+    if !privileged("scenario_switchover_there_and_back_keeps_the_clients_connection") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report_dir = dir.path().display().to_string();
+    let report = scenario(&["switchover", "--report", &report_dir]);
+    let moves = report["trials"][0]["moves"].as_array().expect("moves");
+    assert_eq!(moves.len(), 2, "{report}");
+    assert!(moves.iter().all(|m| m["active_ms"].is_f64()), "{report}");
+    assert_eq!(
+        report["trials"][0]["takeovers"].as_array().map(Vec::len),
+        Some(2)
+    );
+    // The report and its picture, written.
+    let md = std::fs::read_to_string(dir.path().join("report.md")).expect("report.md");
+    assert!(
+        md.contains("![timeline of trial 1](switchover.png)"),
+        "{md}"
+    );
+    let svg = std::fs::read_to_string(dir.path().join("switchover.svg")).expect("svg");
+    assert!(
+        svg.contains("switchover asked of site-a"),
+        "the step is marked"
+    );
+    let png = std::fs::read(dir.path().join("switchover.png")).expect("png");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }
 
 #[test]

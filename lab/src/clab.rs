@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -209,13 +210,24 @@ enum Running {
     Frr(Frr),
 }
 
+/// A `secondsite` daemon the lab started, and how to start it again.
+#[derive(Debug)]
+struct Daemon {
+    proc: Proc,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
 /// The lab, up; down on drop (the daemons stopped, then the router, the links, the namespaces).
 #[derive(Debug)]
 pub struct Lab {
-    daemons: BTreeMap<String, Proc>,
+    /// By node; behind a lock so a scenario can restart one while watchers read the others.
+    daemons: Mutex<BTreeMap<String, Daemon>>,
+    secondsite: PathBuf,
     _router: Option<Running>,
     _delay: Option<DelayLine>,
     namespaces: BTreeMap<String, Netns>,
+    links: Vec<[Endpoint; 2]>,
     run_dir: PathBuf,
 }
 
@@ -277,10 +289,12 @@ impl Lab {
     pub fn up(topology: &Topology, options: &LabOptions) -> io::Result<Lab> {
         std::fs::create_dir_all(&options.run_dir)?;
         let mut lab = Lab {
-            daemons: BTreeMap::new(),
+            daemons: Mutex::new(BTreeMap::new()),
+            secondsite: options.secondsite.clone(),
             _router: None,
             _delay: None,
             namespaces: BTreeMap::new(),
+            links: topology.links.clone(),
             run_dir: options.run_dir.clone(),
         };
         for name in topology.nodes.keys() {
@@ -338,14 +352,11 @@ impl Lab {
         for line in &node.exec {
             let line = rewrite(line, &rules);
             if let Some((args, log)) = background_secondsite(&line) {
-                let log = std::fs::File::create(&log)?;
-                let mut cmd = ns.command(&options.secondsite.display().to_string());
-                cmd.args(&args)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(log);
-                self.daemons
-                    .insert(name.to_owned(), Proc::spawn(&mut cmd, "secondsite run")?);
+                let log = PathBuf::from(log);
+                std::fs::File::create(&log)?;
+                let proc = self.spawn_daemon(ns, &args, &log)?;
+                self.daemons()
+                    .insert(name.to_owned(), Daemon { proc, args, log });
             } else {
                 ns.exec("sh", &["-c", &line])?;
             }
@@ -384,6 +395,38 @@ impl Lab {
         Ok(())
     }
 
+    fn daemons(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Daemon>> {
+        self.daemons.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts `secondsite ARGS` in `ns`, its output appended to `log`.
+    fn spawn_daemon(&self, ns: &Netns, args: &[String], log: &Path) -> io::Result<Proc> {
+        let log = std::fs::OpenOptions::new().append(true).open(log)?;
+        let mut cmd = ns.command(&self.secondsite.display().to_string());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        Proc::spawn(&mut cmd, "secondsite run")
+    }
+
+    /// Node `name` comes back: whatever of it still runs goes on (SIGCONT), its daemon, if
+    /// still there, is killed, and a new one starts as its exec line says, on the same state.
+    pub fn restart_daemon(&self, name: &str) -> io::Result<u32> {
+        let ns = self
+            .namespaces
+            .get(name)
+            .ok_or_else(|| io::Error::other(format!("no node {name}")))?;
+        ns.signal_processes("CONT");
+        let mut daemons = self.daemons();
+        let daemon = daemons
+            .get_mut(name)
+            .ok_or_else(|| io::Error::other(format!("node {name} runs no daemon")))?;
+        daemon.proc.kill();
+        daemon.proc = self.spawn_daemon(ns, &daemon.args, &daemon.log)?;
+        Ok(daemon.proc.id())
+    }
+
     /// The upstream router's routes for `prefix`, as it shows them (`birdc show route all`,
     /// `vtysh show ip bgp`): who announces it, with what path.
     pub fn upstream_rib(&self, prefix: &str) -> String {
@@ -397,10 +440,10 @@ impl Lab {
     /// Node `name` dies: its `secondsite run` killed (SIGKILL), or with `freeze` it and every
     /// other process in the node stopped (SIGSTOP: a hung site, not a dead one).
     pub fn kill_node(&self, name: &str, freeze: bool) {
-        if let Some(daemon) = self.daemons.get(name) {
+        if let Some(pid) = self.daemon_pid(name) {
             let signal = if freeze { "-STOP" } else { "-KILL" };
             let _ = std::process::Command::new("kill")
-                .args([signal, &daemon.id().to_string()])
+                .args([signal, &pid.to_string()])
                 .status();
         }
         if let Some(ns) = self.namespaces.get(name)
@@ -422,6 +465,40 @@ impl Lab {
         Ok(())
     }
 
+    /// Node `name`'s link on `interface` goes silent (`silent`: and back): its carrier stays
+    /// up at both ends, so nothing but BFD or the hold timer can tell, and every packet that
+    /// arrives at either end over it is dropped (an `iif` blackhole rule on each end: this
+    /// kernel has no tc classifiers).
+    pub fn set_link_silent(&self, name: &str, interface: &str, silent: bool) -> io::Result<()> {
+        let link = self
+            .links
+            .iter()
+            .find(|l| l.iter().any(|e| e.node == name && e.interface == interface))
+            .ok_or_else(|| io::Error::other(format!("no link at {name}:{interface}")))?;
+        for end in link {
+            let ns = &self.namespaces[&end.node];
+            // Before the `local` table's rule (priority 0, moved behind it once), or the
+            // node's own traffic (BGP, BFD) would still be delivered.
+            if ns
+                .ip(&["rule", "add", "priority", "100", "lookup", "local"])
+                .is_ok()
+            {
+                ns.ip(&["rule", "del", "priority", "0", "lookup", "local"])?;
+            }
+            let verb = if silent { "add" } else { "del" };
+            ns.ip(&[
+                "rule",
+                verb,
+                "iif",
+                &end.interface,
+                "blackhole",
+                "priority",
+                "10",
+            ])?;
+        }
+        Ok(())
+    }
+
     /// The namespace of node `name`.
     pub fn ns(&self, name: &str) -> Option<&Netns> {
         self.namespaces.get(name)
@@ -433,7 +510,7 @@ impl Lab {
 
     /// The pid of the `secondsite run` the lab started on node `name`.
     pub fn daemon_pid(&self, name: &str) -> Option<u32> {
-        self.daemons.get(name).map(Proc::id)
+        self.daemons().get(name).map(|d| d.proc.id())
     }
 
     /// Where node `name`'s files are (`RUN/NODE`).
@@ -449,7 +526,7 @@ impl Drop for Lab {
             ns.signal_processes("CONT");
         }
         // Daemons first (the sites' taps and VMs go with them), then everything else.
-        self.daemons.clear();
+        self.daemons().clear();
     }
 }
 

@@ -23,12 +23,13 @@ pub mod clab;
 mod delay;
 mod netns;
 mod proc;
+pub mod report;
 mod routers;
 mod sites;
 mod topology;
 
 pub use delay::DelayLine;
-pub use netns::{Netns, veth, veth_pair};
+pub use netns::{Netns, remove_namespaces_of_this_process, veth, veth_pair};
 pub use proc::Proc;
 pub use routers::{Bird, Frr, Gobgp, SpeakerProc, UpstreamLab, wait_until};
 pub use sites::{
@@ -46,8 +47,7 @@ pub fn privileged(test: &str) -> bool {
         })
         .unwrap_or(false);
     let kvm = std::path::Path::new("/dev/kvm").exists();
-    let required = std::env::var("SECONDSITE_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
-    match (root && kvm, required) {
+    match (root && kvm, must_run_privileged()) {
         (true, _) => true,
         (false, true) => {
             panic!("{test}: needs root and /dev/kvm (SECONDSITE_REQUIRE_PRIVILEGED=1)")
@@ -60,6 +60,11 @@ pub fn privileged(test: &str) -> bool {
             false
         }
     }
+}
+
+/// Whether every test must run here, none skip (`SECONDSITE_REQUIRE_PRIVILEGED=1`, as CI sets).
+pub fn must_run_privileged() -> bool {
+    std::env::var("SECONDSITE_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1")
 }
 
 /// Says that `test` skipped, and why: on stderr, and as a line in the file

@@ -154,6 +154,24 @@ pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> io::Result<()>
     b.ip(&["link", "set", b_if, "up"])
 }
 
+/// Stops every process in, and deletes, each namespace this process made: for a run that is
+/// interrupted (SIGINT, SIGTERM) and exits without unwinding to the guards.
+pub fn remove_namespaces_of_this_process() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    let ours = format!("{PREFIX}{}-", std::process::id());
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(name) = line.split_whitespace().next()
+            && name.starts_with(&ours)
+        {
+            drop(Netns {
+                name: name.to_owned(),
+            });
+        }
+    }
+}
+
 /// Deletes namespaces left by earlier runs whose process no longer exists.
 fn sweep_stale() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {

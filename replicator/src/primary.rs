@@ -520,6 +520,10 @@ fn epoch_clock(
     let mut waiting_since: Option<Instant> = None;
     let mut last_capture = Instant::now();
     let mut for_output = false;
+    // A backup that came back behind this link's first epoch (its store older than what was
+    // captured before the link was lost) acknowledges from this link's epochs on: the window
+    // counts from them, or the clock would wait for acknowledgements that never come.
+    let link_start = epoch;
     while !link_done.load(Ordering::Relaxed) && !shared.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now < next {
@@ -557,7 +561,7 @@ fn epoch_clock(
             shared.update(|s| s.early_raises += 1);
         }
         // Not yet shipped: in the queue, or being encoded (so the queue never fills).
-        let for_acks = epoch >= committed + WINDOW;
+        let for_acks = epoch >= committed.max(link_start) + WINDOW;
         if for_acks || epoch >= shipped + QUEUE_DEPTH {
             let since = *waiting_since.get_or_insert_with(|| {
                 shared.update(|s| {

@@ -70,13 +70,8 @@ fn next_event(events: &std::sync::mpsc::Receiver<Event>) -> Event {
         .expect("an event within 20 s")
 }
 
-#[test]
-fn subscribers_hear_commits_the_loss_of_the_backup_and_the_resynchronisation() {
-    if !secondsite_lab::privileged(
-        "subscribers_hear_commits_the_loss_of_the_backup_and_the_resynchronisation",
-    ) {
-        return;
-    }
+/// A test VM replicated to `peer` every 20 ms.
+fn replicate_to(peer: std::net::SocketAddr) -> Replication {
     let config = VmConfig {
         mem_size: 64 << 20,
         mac: [0x52, 0x54, 0, 0, 0, 1],
@@ -91,14 +86,7 @@ fn subscribers_hear_commits_the_loss_of_the_backup_and_the_resynchronisation() {
         .expect("boots")
         .spawn()
         .expect("spawns");
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binds");
-    let peer = listener.local_addr().expect("address");
-    let backup = std::thread::spawn(move || {
-        let first = serve_link(&listener, 0, 5);
-        // The backup kept epochs up to `first`; the second link numbers on after it.
-        serve_link(&listener, first, 5)
-    });
-    let replication = Replication::start(
+    Replication::start(
         vec![Member {
             vm: 0,
             handle: Arc::new(vm),
@@ -114,7 +102,24 @@ fn subscribers_hear_commits_the_loss_of_the_backup_and_the_resynchronisation() {
             priority: Priority::Normal,
             on_output: None,
         },
-    );
+    )
+}
+
+#[test]
+fn subscribers_hear_commits_the_loss_of_the_backup_and_the_resynchronisation() {
+    if !secondsite_lab::privileged(
+        "subscribers_hear_commits_the_loss_of_the_backup_and_the_resynchronisation",
+    ) {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binds");
+    let peer = listener.local_addr().expect("address");
+    let backup = std::thread::spawn(move || {
+        let first = serve_link(&listener, 0, 5);
+        // The backup kept epochs up to `first`; the second link numbers on after it.
+        serve_link(&listener, first, 5)
+    });
+    let replication = replicate_to(peer);
     let events = replication.subscribe();
     let mut committed = Vec::new();
     let mut synced = Vec::new();
@@ -154,5 +159,35 @@ fn subscribers_hear_commits_the_loss_of_the_backup_and_the_resynchronisation() {
     );
     let last = backup.join().expect("the scripted backup");
     assert!(last > full);
+    replication.stop();
+}
+
+/// A backup that comes back behind (its daemon restarted on a store older than the epochs the
+/// primary captured meanwhile, more than the window of unacknowledged epochs) is resynchronised:
+/// the clock counts its window from the new link's first epoch, not from the backup's last.
+#[test]
+fn a_backup_that_comes_back_behind_is_resynchronised() {
+    if !secondsite_lab::privileged("a_backup_that_comes_back_behind_is_resynchronised") {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binds");
+    let peer = listener.local_addr().expect("address");
+    let backup = std::thread::spawn(move || {
+        // More than the window's 16 epochs acknowledged, then the backup is lost...
+        serve_link(&listener, 0, 24);
+        // ... and comes back holding epoch 1 only.
+        serve_link(&listener, 1, 5)
+    });
+    let replication = replicate_to(peer);
+    let events = replication.subscribe();
+    let mut resyncs = Vec::new();
+    while resyncs.len() < 2 {
+        if let Event::Resynced { epoch } = next_event(&events) {
+            resyncs.push(epoch);
+        }
+    }
+    assert!(resyncs[1] > 24, "numbers never go back: {resyncs:?}");
+    assert!(backup.join().expect("the scripted backup") > resyncs[1]);
+    assert_eq!(replication.status().resyncs, 1);
     replication.stop();
 }

@@ -40,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lab(LabCommand::Status(args)) => lab::status(&args),
         Command::Lab(LabCommand::Keep(args)) => lab::keep(&args),
         Command::Lab(LabCommand::Scenario(args)) => lab::scenario(&args),
+        Command::Lab(LabCommand::Demo(args)) => lab::demo(&args),
         Command::Bench(BenchCommand::Vm { json, quick }) => bench::vm(json, quick),
         Command::Bench(BenchCommand::Replication {
             json,

@@ -5,7 +5,9 @@
 //!                       builds the lab ──> DIR/lab.json ──> waits for SIGTERM ──> takes it down
 //!  lab up waits for DIR/lab.json and both sites' roles; lab down: SIGTERM to the keeper, wait
 //!  lab status: DIR/lab.json and each site's status.json
-//!  lab scenario NAME: a lab of its own per trial, clients, a failure, figures (`scenario`)
+//!  lab scenario NAME: a lab of its own per trial, clients, a failure, figures (`scenario`),
+//!  summarized, with --report DIR written with its picture (`report`)
+//!  lab demo: one site-loss trial, told as a story (`demo`)
 //! ```
 //! Only the keeper's own processes are stopped, by their pid (its namespaces and what runs in
 //! them go with it): a `secondsite` the user runs elsewhere is never touched.
@@ -23,7 +25,10 @@ use serde_json::{Value, json};
 
 use crate::cli::{LabArgs, LabBuildArgs, LabDirArgs, UpstreamRouter};
 
+mod demo;
+mod report;
 mod scenario;
+pub use demo::demo;
 pub use scenario::scenario;
 
 const KEEPER_PID: &str = "keeper.pid";

@@ -1,17 +1,22 @@
-//! `secondsite lab scenario NAME [--trials N] [--json]`: a failure in the lab, with real clients,
-//! each trial in a lab built afresh from the topology.
+//! `secondsite lab scenario NAME [--trials N] [--json] [--report DIR]`: a failure in the lab,
+//! with real clients, each trial in a lab built afresh from the topology.
 //!
 //! ```text
 //!  lab up ─> sites settled, guest answering ─> clients: an INCR loop over one TCP connection
 //!  (every reply checked, each request's latency kept) + redis-benchmark rounds back to back
-//!  ─> the failure ─> watchers: the upstream's FIB, both sites' states every 20 ms
+//!  ─> the scenario's steps, each marked ─> watchers: the upstream's FIB (`ip monitor route` in
+//!  its namespace), its RIB and both sites' states every 20 ms
 //!  ─> the trial's figures: the client's gap, violations, the connection, throughput before,
-//!     during and after, whether two sites were ever active, site-b's takeover timeline
+//!     during and after, whether two sites were ever active, the takeovers' timelines
+//!  ─> summary, invariants (`report`: report.md and the timeline picture)
 //! ```
-//! Scenarios built: `site-loss` (site-a's daemon killed, or with `--freeze` every process of it
-//! stopped, and its links cut) and `wan-partition` (only the WAN link down, for ten times the
-//! detection time: nothing may move).
+//! Scenarios: `site-loss` (site-a's daemon killed, or with `--freeze` every process of it
+//! stopped, and its links cut), `wan-partition` (only the WAN link down, for ten times the
+//! detection time: nothing may move), `upstream-flap` (site-a's uplink down and back, shorter
+//! and longer than BFD's detection), `backup-loss` (site-b dies and comes back), `switchover`
+//! (planned, there and back) and `return` (site-loss, site-a back as the backup, switch back).
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,14 +25,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use secondsite_lab::clab::Lab;
-use secondsite_lab::{Connection, GUEST, wait_until};
+use secondsite_lab::{Connection, GUEST, Proc, wait_until};
 use secondsite_vmm::clock::unix_ns;
 use serde_json::{Value, json};
 
+use super::report;
 use super::{read_lab, state_dir_of};
 use crate::cli::{ScenarioArgs, ScenarioName};
 
-fn unix_ms() -> f64 {
+/// The group and prefix of the lab's policy (containerlab/secondsite.yaml).
+const GROUP: &str = "web";
+const PREFIX: &str = "203.0.113.0/24";
+/// Each site's next hop as the upstream sees it.
+const VIA_A: &str = "via 10.0.1.2";
+const VIA_B: &str = "via 10.0.2.2";
+/// BFD's detection time in the lab's policy (100 ms x 3), and the heartbeats' (the same).
+const DETECTION: Duration = Duration::from_millis(300);
+
+pub(super) fn unix_ms() -> f64 {
     unix_ns() as f64 / 1e6
 }
 
@@ -43,7 +58,27 @@ struct Watched {
     /// announcements of it.
     both_active: u64,
     upstream_two_active: u64,
+    /// The upstream's RIB when it first held two active announcements.
+    two_active_rib: Option<String>,
     samples: u64,
+    /// (unix ms, line) of each change of the prefix's route in the upstream's FIB.
+    fib: Vec<(f64, String)>,
+}
+
+/// A site's status.json, if written at `since` (unix ms) or later: a dead daemon's last
+/// status is not the new one's.
+fn status_since(dir: &Path, since: f64) -> Value {
+    let file = dir.join("status.json");
+    let written = std::fs::metadata(&file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64() * 1e3);
+    if written.is_some_and(|w| w >= since) {
+        status(dir)
+    } else {
+        Value::Null
+    }
 }
 
 /// A site's status.json.
@@ -55,10 +90,22 @@ fn status(dir: &Path) -> Value {
 }
 
 fn group_state(dir: &Path) -> String {
-    status(dir)["groups"]["web"]["state"]
+    status(dir)["groups"][GROUP]["state"]
         .as_str()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// The site stands by with a replica kept hot: it is protecting the group.
+fn protecting(dir: &Path) -> bool {
+    protecting_since(dir, 0.0)
+}
+
+/// [`protecting`], as said at `since` or later.
+fn protecting_since(dir: &Path, since: f64) -> bool {
+    let status = status_since(dir, since);
+    let group = &status["groups"][GROUP];
+    group["state"] == "Standby" && group["hot_replica_epoch"].is_u64()
 }
 
 /// The site serves the group now: its daemon runs (not dead, not stopped: their last word does
@@ -81,40 +128,300 @@ fn serving_now(dir: &Path, daemon: Option<u32>) -> bool {
     running && group_state(dir) == "Active"
 }
 
-/// How many unprepended (active) announcements of the group's prefix the upstream's RIB holds
-/// (BIRD prints each path's `BGP.as_path: ...`, FRR each path's AS path on a line of its own).
+/// How many active announcements of the group's prefix the upstream's RIB holds: paths with
+/// the unprepended AS path and without GRACEFUL_SHUTDOWN (65535:0, a site handing over). BIRD
+/// starts each path with a `unicast [` line and prints `BGP.as_path: ...` and
+/// `BGP.community: (65535,0) ...`; FRR starts each with its AS path on a line of its own, and
+/// prints `Community: graceful-shutdown ...`.
 fn active_paths(rib: &str) -> usize {
-    rib.lines()
-        .map(|l| l.trim().trim_start_matches("BGP.as_path:").trim())
-        .filter(|path| *path == "65001")
+    // (unprepended, graceful shutdown) of each path.
+    let mut paths: Vec<(bool, bool)> = Vec::new();
+    for line in rib.lines() {
+        let line = line.trim();
+        let first = line.split([',', ' ']).next().unwrap_or("");
+        let frr_path = !first.is_empty() && first.chars().all(|c| c.is_ascii_digit());
+        if line.contains("unicast [") || frr_path {
+            paths.push((false, false));
+        }
+        let Some(path) = paths.last_mut() else {
+            continue;
+        };
+        let as_path = if frr_path {
+            line.split(',').next().unwrap_or("").trim()
+        } else {
+            line.strip_prefix("BGP.as_path:").unwrap_or("").trim()
+        };
+        path.0 |= as_path == "65001";
+        path.1 |= ["(65535,0)", "65535:0", "graceful-shutdown"]
+            .iter()
+            .any(|c| line.contains(c));
+    }
+    paths
+        .iter()
+        .filter(|(active, gshut)| *active && !gshut)
         .count()
 }
 
-/// One trial: the lab, the clients, the failure, the figures.
+/// A trial's lab and what its steps write down.
+struct Trial<'a> {
+    lab: &'a Lab,
+    state_a: PathBuf,
+    state_b: PathBuf,
+    watched: &'a Mutex<Watched>,
+    /// (unix ms, what) of each step the scenario took.
+    marks: Mutex<Vec<(f64, String)>>,
+}
+
+impl Trial<'_> {
+    fn mark(&self, what: &str) -> f64 {
+        let at = unix_ms();
+        eprintln!("lab scenario: {what}");
+        self.marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((at, what.to_owned()));
+        at
+    }
+
+    fn state_dir(&self, site: &str) -> &Path {
+        if site == "site-a" {
+            &self.state_a
+        } else {
+            &self.state_b
+        }
+    }
+
+    /// Waits up to `within` for `site` to be `state` (`"Protecting"`: standing by with a hot
+    /// replica); the time it took, in ms from `since`.
+    fn wait_for(&self, site: &str, state: &str, since: f64, within: Duration) -> Option<f64> {
+        let dir = self.state_dir(site);
+        wait_until(within, || match state {
+            "Protecting" => protecting_since(dir, since),
+            state => status_since(dir, since)["groups"][GROUP]["state"] == state,
+        })
+        .map(|_| round(unix_ms() - since))
+    }
+
+    /// The first change of the upstream's FIB from `since` on that routes via `via`; in ms from
+    /// `since`, waiting up to `within` for it.
+    fn fib_moved(&self, via: &str, since: f64, within: Duration) -> Option<f64> {
+        let seen = || {
+            self.watched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .fib
+                .iter()
+                .find(|(at, line)| *at >= since && line.contains(via) && !line.starts_with("Del"))
+                .map(|(at, _)| round(at - since))
+        };
+        seen().or_else(|| wait_until(within, || seen().is_some()).and_then(|_| seen()))
+    }
+
+    /// `secondsite group switchover web`, asked of the site daemon at `site`.
+    fn switchover(&self, site: &str) -> anyhow::Result<()> {
+        let ns = self.lab.ns(site).context("no such site")?;
+        let asked = ns
+            .command(&std::env::current_exe()?.display().to_string())
+            .args(["group", "switchover", GROUP])
+            .output()?;
+        if !asked.status.success() {
+            bail!(
+                "switchover asked of {site}: {}",
+                String::from_utf8_lossy(&asked.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Site `site` dies (or hangs) and its links are cut.
+    fn lose(&self, site: &str, freeze: bool) -> anyhow::Result<f64> {
+        let at = self.mark(&format!(
+            "{site} {}, its links cut",
+            if freeze { "frozen" } else { "killed" }
+        ));
+        self.lab.kill_node(site, freeze);
+        self.lab.set_links(site, &["eth1", "eth2"], false)?;
+        Ok(at)
+    }
+
+    /// Site `site` comes back: links up, a new daemon on its old state.
+    fn bring_back(&self, site: &str) -> anyhow::Result<f64> {
+        // The dead daemon's last status is not the new one's.
+        let _ = std::fs::remove_file(self.state_dir(site).join("status.json"));
+        self.lab.set_links(site, &["eth1", "eth2"], true)?;
+        self.lab.restart_daemon(site)?;
+        Ok(self.mark(&format!("{site} back (links up, daemon restarted)")))
+    }
+
+    /// The scenario's steps; its own figures.
+    fn run(&self, scenario: ScenarioName, freeze: bool) -> anyhow::Result<Value> {
+        const LONG: Duration = Duration::from_secs(30);
+        let figures = match scenario {
+            ScenarioName::SiteLoss => {
+                let lost = self.lose("site-a", freeze)?;
+                let fib = self.fib_moved(VIA_B, lost, LONG);
+                std::thread::sleep(Duration::from_secs(3)); // load after
+                json!({ "upstream_fib_ms": fib })
+            }
+            ScenarioName::WanPartition => {
+                self.lab.set_links("site-a", &["eth2"], false)?;
+                self.mark("WAN link down");
+                std::thread::sleep(DETECTION * 10);
+                self.lab.set_links("site-a", &["eth2"], true)?;
+                self.mark("WAN link up");
+                std::thread::sleep(Duration::from_secs(2));
+                json!({})
+            }
+            ScenarioName::UpstreamFlap => {
+                let mut flaps = Vec::new();
+                for (what, down) in [("short", DETECTION / 2), ("long", DETECTION * 7)] {
+                    self.lab.set_link_silent("site-a", "eth1", true)?;
+                    let at = self.mark(&format!("site-a's uplink silent ({what})"));
+                    std::thread::sleep(down);
+                    self.lab.set_link_silent("site-a", "eth1", false)?;
+                    let up = self.mark(&format!("site-a's uplink back ({} ms)", down.as_millis()));
+                    // The route back at site-a (after a short flap, it may never have left).
+                    let back = wait_until(LONG, || upstream_route(self.lab).contains(VIA_A))
+                        .map(|_| round(unix_ms() - up));
+                    let left = self.fib_moved(VIA_B, at, Duration::ZERO);
+                    flaps.push(json!({
+                        "flap": what, "down_ms": down.as_millis() as u64,
+                        "fib_left_site_a_ms": left,
+                        "fib_at_site_a_again_ms": back,
+                    }));
+                    std::thread::sleep(Duration::from_secs(3));
+                }
+                json!({ "flaps": flaps })
+            }
+            ScenarioName::BackupLoss => {
+                let lost = self.lose("site-b", false)?;
+                std::thread::sleep(Duration::from_secs(3));
+                let back = self.bring_back("site-b")?;
+                let resumed = self.wait_for("site-b", "Protecting", back, LONG);
+                if resumed.is_some() {
+                    self.mark("site-b protecting again");
+                }
+                std::thread::sleep(Duration::from_secs(2));
+                json!({
+                    "protection_resumed_ms": resumed,
+                    "unprotected_ms": round(unix_ms() - lost),
+                })
+            }
+            ScenarioName::Switchover => {
+                let mut moves = Vec::new();
+                for (from, to) in [("site-a", "site-b"), ("site-b", "site-a")] {
+                    let asked = self.mark(&format!("switchover asked of {from}"));
+                    self.switchover(from)?;
+                    let active = self.wait_for(to, "Active", asked, LONG);
+                    let fib =
+                        self.fib_moved(if to == "site-a" { VIA_A } else { VIA_B }, asked, LONG);
+                    let protected = self.wait_for(from, "Protecting", asked, LONG);
+                    if protected.is_some() {
+                        self.mark(&format!("{from} protecting {to}"));
+                    }
+                    moves.push(json!({
+                        "to": to, "active_ms": active, "upstream_fib_ms": fib,
+                        "protected_ms": protected,
+                    }));
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                json!({ "moves": moves })
+            }
+            ScenarioName::Return => {
+                let lost = self.lose("site-a", freeze)?;
+                let taken = self.wait_for("site-b", "Active", lost, LONG);
+                std::thread::sleep(Duration::from_secs(2));
+                let back = self.bring_back("site-a")?;
+                let resynced = self.wait_for("site-a", "Protecting", back, LONG);
+                if resynced.is_some() {
+                    self.mark("site-a resynced, protecting site-b");
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                let asked = self.mark("switchover asked of site-b");
+                self.switchover("site-b")?;
+                let home = self.wait_for("site-a", "Active", asked, LONG);
+                self.wait_for("site-b", "Protecting", asked, LONG);
+                std::thread::sleep(Duration::from_secs(2));
+                json!({
+                    "taken_over_ms": taken, "resynced_ms": resynced, "switched_back_ms": home,
+                })
+            }
+        };
+        Ok(figures)
+    }
+}
+
+/// `ip monitor route` in the upstream's namespace: each change of the prefix's route, stamped
+/// as it is read.
+fn watch_fib(lab: &Lab, watched: Arc<Mutex<Watched>>) -> anyhow::Result<Proc> {
+    let ns = lab.ns("upstream").context("no upstream")?;
+    let mut monitor = Proc::spawn(
+        ns.command("ip")
+            .args(["monitor", "route"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "ip monitor route",
+    )?;
+    let out = monitor.child().stdout.take().context("its output")?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(PREFIX) {
+                let mut w = watched.lock().unwrap_or_else(|e| e.into_inner());
+                w.fib.push((unix_ms(), line));
+            }
+        }
+    });
+    Ok(monitor)
+}
+
+/// One trial: the lab, the clients, the scenario, the figures.
 fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
     let (topology, options) = read_lab(&args.build, run_dir)?;
+    eprintln!(
+        "lab scenario: bringing the lab up ({} nodes, {:?} upstream)",
+        topology.nodes.len(),
+        args.build.upstream
+    );
     let lab = Lab::up(&topology, &options)?;
     let state = |node: &str| -> anyhow::Result<PathBuf> {
         state_dir_of(&lab, &topology, node).with_context(|| format!("{node}'s state dir"))
     };
     let (state_a, state_b) = (state("site-a")?, state("site-b")?);
     let settled = wait_until(Duration::from_secs(60), || {
-        group_state(&state_a) == "Active"
-            && group_state(&state_b) == "Standby"
-            && status(&state_b)["groups"]["web"]["replica_epoch"].is_u64()
+        group_state(&state_a) == "Active" && protecting(&state_b)
     });
     if settled.is_none() {
         bail!("the sites did not settle (site-a Active, site-b Standby with a replica)");
     }
-    let (daemon_a, daemon_b) = (lab.daemon_pid("site-a"), lab.daemon_pid("site-b"));
+    // FRR installs the route a few seconds after its sessions come up.
+    if wait_until(Duration::from_secs(30), || {
+        upstream_route(&lab).contains(VIA_A)
+    })
+    .is_none()
+    {
+        bail!("the upstream did not route the prefix to site-a within 30 s");
+    }
     let client = lab.ns("client").context("no client node")?;
     let mut conn = Connection::open(client, GUEST, 6379)?;
     let mut last = conn.count_to(20)?;
+    eprintln!(
+        "lab scenario: the client's connection counts (INCR) to {last}, every reply checked; \
+         redis-benchmark puts load on"
+    );
     let watched = Arc::new(Mutex::new(Watched::default()));
+    let _monitor = watch_fib(&lab, watched.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
     let client_ns = client.name().to_owned();
-    let upstream_ns = lab.ns("upstream").context("no upstream")?.name().to_owned();
-    let (figures, lost_at) = std::thread::scope(|scope| -> anyhow::Result<(Value, f64)> {
+    let steps = Trial {
+        lab: &lab,
+        state_a: state_a.clone(),
+        state_b: state_b.clone(),
+        watched: &watched,
+        marks: Mutex::new(Vec::new()),
+    };
+    let (figures, survived) = std::thread::scope(|scope| -> anyhow::Result<(Value, bool)> {
         // The INCR loop: every reply the previous one plus one.
         let incr = scope.spawn({
             let (watched, stop) = (watched.clone(), stop.clone());
@@ -172,67 +479,88 @@ fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
             let (watched, stop) = (watched.clone(), stop.clone());
             let (a, b) = (state_a.clone(), state_b.clone());
             let lab = &lab;
-            let (pid_a, pid_b) = (daemon_a, daemon_b);
             move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let both = serving_now(&a, pid_a) && serving_now(&b, pid_b);
-                    let rib = active_paths(&lab.upstream_rib("203.0.113.0/24"));
+                    let both = serving_now(&a, lab.daemon_pid("site-a"))
+                        && serving_now(&b, lab.daemon_pid("site-b"));
+                    let rib = lab.upstream_rib(PREFIX);
+                    let two = active_paths(&rib) > 1;
                     let mut w = watched.lock().unwrap_or_else(|e| e.into_inner());
                     w.samples += 1;
                     w.both_active += u64::from(both);
-                    w.upstream_two_active += u64::from(rib > 1);
+                    w.upstream_two_active += u64::from(two);
+                    if two && w.two_active_rib.is_none() {
+                        w.two_active_rib = Some(format!("at {} (unix ms):\n{rib}", unix_ms()));
+                    }
                     drop(w);
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
         });
         std::thread::sleep(Duration::from_secs(2)); // load before
-        let lost_at = unix_ms();
-        let fib_moved = match args.scenario {
-            ScenarioName::SiteLoss => {
-                lab.kill_node("site-a", args.freeze);
-                lab.set_links("site-a", &["eth1", "eth2"], false)?;
-                let moved = wait_until(Duration::from_secs(30), || {
-                    upstream_route(&upstream_ns).contains("via 10.0.2.2")
-                })
-                .map(|_| unix_ms());
-                std::thread::sleep(Duration::from_secs(3)); // load after
-                moved
-            }
-            ScenarioName::WanPartition => {
-                lab.set_links("site-a", &["eth2"], false)?;
-                // Ten times the heartbeats' detection time (300 ms): nothing may move.
-                std::thread::sleep(Duration::from_secs(3));
-                lab.set_links("site-a", &["eth2"], true)?;
-                std::thread::sleep(Duration::from_secs(2));
-                None
-            }
-        };
+        let figures = steps.run(args.scenario, args.freeze);
         stop.store(true, Ordering::Relaxed);
         let survived = incr.join().unwrap_or(false);
-        let upstream_now = upstream_route(&upstream_ns);
-        Ok((
-            json!({
-                "connection_survived": survived,
-                "upstream_fib_ms": fib_moved.map(|t| round(t - lost_at)),
-                "upstream_route_after": upstream_now,
-            }),
-            lost_at,
-        ))
+        Ok((figures?, survived))
     })?;
-    let journal_b = std::fs::read_to_string(state_b.join("events.jsonl")).unwrap_or_default();
-    let timeline = journal_b
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|e| e["event"].get("Timeline").is_some());
+    let marks = steps.marks.into_inner().unwrap_or_else(|e| e.into_inner());
+    let takeovers: Vec<(f64, Value)> = [&state_a, &state_b]
+        .iter()
+        .flat_map(|dir| {
+            let journal = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
+            journal
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter_map(|e| {
+                    let timeline = e["event"].get("Timeline")?.clone();
+                    let origin = e["unix_ms"].as_f64()? - timeline["emitted_ms"].as_f64()?;
+                    let site = e["site"].as_str().unwrap_or("").to_owned();
+                    let mut timeline = timeline;
+                    timeline["site"] = json!(site);
+                    Some((origin, timeline))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut takeovers = takeovers;
+    takeovers.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let upstream_after = upstream_route(&lab);
     let state_after = (group_state(&state_a), group_state(&state_b));
+    // The FIB's changes from here on are the lab going down.
+    let ended = unix_ms();
     drop(lab);
-    let w = watched.lock().unwrap_or_else(|e| e.into_inner());
-    // The client's gap: the longest wait for a reply from the failure on.
+    let mut w = watched.lock().unwrap_or_else(|e| e.into_inner());
+    w.fib.retain(|(at, _)| *at <= ended);
+    let failed_at = marks.first().map_or_else(unix_ms, |(at, _)| *at);
+    Ok(figures_of(
+        &w,
+        failed_at,
+        &marks,
+        &takeovers,
+        figures,
+        survived,
+        json!({ "site-a": state_after.0, "site-b": state_after.1 }),
+        upstream_after,
+    ))
+}
+
+/// The trial's JSON: times in ms from the scenario's first step (`failed_at`).
+#[allow(clippy::too_many_arguments)]
+fn figures_of(
+    w: &Watched,
+    failed_at: f64,
+    marks: &[(f64, String)],
+    takeovers: &[(f64, Value)],
+    scenario_figures: Value,
+    survived: bool,
+    state_after: Value,
+    upstream_after: String,
+) -> Value {
+    // The client's gap: the longest wait for a reply from the first step on.
     let gap = w
         .requests
         .iter()
-        .filter(|(at, latency, _)| at + latency >= lost_at)
+        .filter(|(at, latency, _)| at + latency >= failed_at)
         .map(|(_, latency, _)| *latency)
         .fold(0.0, f64::max);
     let phase = |from: f64, to: f64| -> Option<f64> {
@@ -244,62 +572,67 @@ fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
             .collect();
         (!rates.is_empty()).then(|| round(rates.iter().sum::<f64>() / rates.len() as f64))
     };
-    let recovered = lost_at + gap;
-    let mut figures = figures;
-    let map = figures.as_object_mut().expect("an object");
-    map.insert("client_gap_ms".into(), json!(round(gap)));
-    map.insert("requests".into(), json!(w.requests.len()));
-    map.insert(
-        "load_rounds".into(),
-        json!(
-            w.rounds
-                .iter()
-                .map(|(s, e, r)| [round(s - lost_at), round(e - lost_at), round(*r)])
-                .collect::<Vec<_>>()
-        ),
-    );
-    map.insert("sequence_violations".into(), json!(w.violations));
-    map.insert(
-        "two_sites_active".into(),
-        json!(w.both_active > 0 || w.upstream_two_active > 0),
-    );
-    map.insert(
-        "two_active_samples".into(),
-        json!({ "sites": w.both_active, "upstream_rib": w.upstream_two_active }),
-    );
-    map.insert("state_samples".into(), json!(w.samples));
-    map.insert(
-        "set_per_s".into(),
-        json!({
-            "before": phase(0.0, lost_at),
-            "during": w.rounds.iter().find(|(s, e, _)| *s < recovered && *e > lost_at).map(|r| round(r.2)),
+    let last_mark = marks.last().map_or(failed_at, |(at, _)| *at);
+    let recovered = (failed_at + gap).max(last_mark);
+    let rel = |at: f64| round(at - failed_at);
+    // Each takeover from the trial on, its steps placed on the trial's clock.
+    let takeovers: Vec<Value> = takeovers
+        .iter()
+        .filter(|(origin, _)| *origin >= failed_at - 1_000.0)
+        .map(|(origin, t)| {
+            let mut t = t.clone();
+            t["started_ms"] = json!(rel(*origin));
+            t
+        })
+        .collect();
+    let replies = || w.requests.iter().filter_map(|(_, _, reply)| *reply);
+    let mut figures = json!({
+        "connection_survived": survived,
+        "counter": { "first": replies().next(), "last": replies().next_back() },
+        "client_gap_ms": round(gap),
+        "requests": w.requests.len(),
+        "sequence_violations": w.violations,
+        "two_sites_active": w.both_active > 0 || w.upstream_two_active > 0,
+        "two_active_samples": { "sites": w.both_active, "upstream_rib": w.upstream_two_active },
+        "two_active_rib": w.two_active_rib,
+        "state_samples": w.samples,
+        "set_per_s": {
+            "before": phase(0.0, failed_at),
+            "during": w.rounds.iter()
+                .find(|(s, e, _)| *s < recovered && *e > failed_at)
+                .map(|r| round(r.2)),
             "after": phase(recovered, f64::MAX),
-        }),
-    );
-    map.insert(
-        "state_after".into(),
-        json!({ "site-a": state_after.0, "site-b": state_after.1 }),
-    );
-    map.insert(
-        "timeline".into(),
-        timeline.map_or(Value::Null, |e| e["event"]["Timeline"].clone()),
-    );
-    map.insert(
-        "latency_ms".into(),
-        json!(
-            w.requests
-                .iter()
-                .map(|(at, latency, _)| [round(at - lost_at), round(*latency)])
-                .collect::<Vec<_>>()
-        ),
-    );
-    Ok(figures)
+        },
+        "state_after": state_after,
+        "upstream_route_after": upstream_after,
+        "steps": marks.iter().map(|(at, what)| json!([rel(*at), what])).collect::<Vec<_>>(),
+        "upstream_fib_changes": w.fib.iter()
+            .filter(|(at, _)| *at >= failed_at - 1_000.0)
+            .map(|(at, line)| json!([rel(*at), line]))
+            .collect::<Vec<_>>(),
+        "takeovers": takeovers,
+        "load_rounds": w.rounds.iter()
+            .map(|(s, e, r)| [rel(*s), rel(*e), round(*r)])
+            .collect::<Vec<_>>(),
+        "latency_ms": w.requests.iter()
+            .map(|(at, latency, _)| [rel(*at), round(*latency)])
+            .collect::<Vec<_>>(),
+    });
+    if let (Some(map), Value::Object(extra)) = (figures.as_object_mut(), scenario_figures) {
+        map.extend(extra);
+    }
+    figures
 }
 
-fn upstream_route(ns: &str) -> String {
-    Command::new("ip")
-        .args(["-n", ns, "route", "show", "203.0.113.0/24"])
-        .output()
+/// The prefix's route in the upstream's FIB now.
+fn upstream_route(lab: &Lab) -> String {
+    lab.ns("upstream")
+        .and_then(|ns| {
+            ns.command("ip")
+                .args(["route", "show", PREFIX])
+                .output()
+                .ok()
+        })
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
 }
@@ -315,12 +648,8 @@ fn parse_rps(out: &str) -> Option<f64> {
         .ok()
 }
 
-fn round(x: f64) -> f64 {
+pub(super) fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
-}
-
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    (!sorted.is_empty()).then(|| sorted[((sorted.len() - 1) as f64 * p).round() as usize])
 }
 
 /// What must hold for the scenario to pass.
@@ -339,24 +668,79 @@ fn invariants(name: ScenarioName, t: &Value) -> Vec<String> {
         broken.push("two sites were active at once".into());
     }
     let (a, b) = (&t["state_after"]["site-a"], &t["state_after"]["site-b"]);
+    let expected = match name {
+        ScenarioName::SiteLoss => ("", "Active"),
+        _ => ("Active", "Standby"),
+    };
+    if (!expected.0.is_empty() && a != expected.0) || b != expected.1 {
+        broken.push(format!(
+            "site-a ended {a} and site-b {b} (expected {}{})",
+            if expected.0.is_empty() {
+                String::new()
+            } else {
+                format!("site-a {}, ", expected.0)
+            },
+            format_args!("site-b {}", expected.1)
+        ));
+    }
+    let missing = |what: &str, value: &Value| {
+        value
+            .is_null()
+            .then(|| format!("{what} did not happen within 30 s"))
+    };
     match name {
-        ScenarioName::SiteLoss if b != "Active" => {
-            broken.push(format!("site-b did not take over (it is {b})"))
+        ScenarioName::BackupLoss => {
+            broken.extend(missing("protection resuming", &t["protection_resumed_ms"]))
         }
-        ScenarioName::WanPartition if a != "Active" || b != "Standby" => {
-            broken.push(format!("the roles moved: site-a {a}, site-b {b}"))
+        ScenarioName::Return => {
+            broken.extend(missing("site-a's resync", &t["resynced_ms"]));
+            broken.extend(missing("the switch back", &t["switched_back_ms"]));
+        }
+        ScenarioName::UpstreamFlap => {
+            for f in t["flaps"].as_array().into_iter().flatten() {
+                broken.extend(missing(
+                    &format!("the route's return after the {} flap", f["flap"]),
+                    &f["fib_at_site_a_again_ms"],
+                ));
+            }
+        }
+        ScenarioName::Switchover => {
+            for m in t["moves"].as_array().into_iter().flatten() {
+                broken.extend(missing(
+                    &format!("the switchover to {}", m["to"].as_str().unwrap_or("?")),
+                    &m["active_ms"],
+                ));
+            }
         }
         _ => {}
     }
     broken
 }
 
-pub fn scenario(args: &ScenarioArgs) -> anyhow::Result<ExitCode> {
+/// Ctrl-C (or SIGTERM, SIGHUP) mid-scenario: the lab's namespaces, with every process in them,
+/// and the trials' files go before the process exits (it does not unwind to the lab's guards).
+fn clean_up_on_interrupt(scratch: PathBuf) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            eprintln!("lab scenario: interrupted: taking the lab down");
+            secondsite_lab::remove_namespaces_of_this_process();
+            let _ = std::fs::remove_dir_all(&scratch);
+            std::process::exit(128 + signal);
+        }
+    });
+    Ok(())
+}
+
+/// Runs the scenario's trials; the report (written to `--report DIR` if given).
+pub(super) fn run_trials(args: &ScenarioArgs) -> anyhow::Result<Value> {
     let scratch = std::env::temp_dir().join(format!("secondsite-scenario-{}", std::process::id()));
+    clean_up_on_interrupt(scratch.clone())?;
     let mut trials = Vec::new();
     for n in 0..args.trials {
         let result = trial(args, &scratch.join(format!("trial-{n}")));
-        if result.is_err() {
+        if result.is_err() && !args.keep_files {
             let _ = std::fs::remove_dir_all(&scratch);
         }
         let result = result?;
@@ -380,65 +764,77 @@ pub fn scenario(args: &ScenarioArgs) -> anyhow::Result<ExitCode> {
         );
         trials.push((result, broken));
     }
-    let _ = std::fs::remove_dir_all(&scratch);
-    let mut gaps: Vec<f64> = trials
-        .iter()
-        .filter_map(|(t, _)| t["client_gap_ms"].as_f64())
-        .collect();
-    gaps.sort_by(f64::total_cmp);
-    let survived = trials
-        .iter()
-        .filter(|(t, _)| t["connection_survived"] == true)
-        .count();
-    let violations: u64 = trials
-        .iter()
-        .filter_map(|(t, _)| t["sequence_violations"].as_u64())
-        .sum();
-    let failed: Vec<String> = trials
-        .iter()
-        .enumerate()
-        .flat_map(|(i, (_, b))| b.iter().map(move |m| format!("trial {}: {m}", i + 1)))
-        .collect();
-    let report = json!({
-        "scenario": args.scenario.name(),
-        "upstream": format!("{:?}", args.build.upstream).to_lowercase(),
-        "wan_delay_ms": args.build.wan_delay_ms,
-        "trials": trials.iter().map(|(t, _)| t).collect::<Vec<_>>(),
-        "summary": {
-            "client_gap_ms": {
-                "median": percentile(&gaps, 0.5).map(round),
-                "p95": percentile(&gaps, 0.95).map(round),
-                "worst": gaps.last().copied().map(round),
-            },
-            "connections_survived": format!("{survived} of {}", trials.len()),
-            "sequence_violations": violations,
-            "invariants_broken": failed,
-        },
-    });
+    if args.keep_files {
+        eprintln!(
+            "lab scenario: the trials' files are in {}",
+            scratch.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    let report = report::summarize(args, &trials);
+    if let Some(dir) = &args.report {
+        let written = report::write(dir, &report)?;
+        eprintln!("lab scenario: report in {}", written.display());
+    }
+    Ok(report)
+}
+
+/// Whether every invariant held in every trial.
+pub(super) fn passed(report: &Value) -> bool {
+    report["summary"]["invariants_broken"]
+        .as_array()
+        .is_some_and(Vec::is_empty)
+}
+
+pub fn scenario(args: &ScenarioArgs) -> anyhow::Result<ExitCode> {
+    let report = run_trials(args)?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        let s = &report["summary"];
-        outln!(
-            "lab scenario {} ({} upstream, WAN {} ms), {} trials: client gap median {} / p95 {} / \
-             worst {} ms; connections survived {}; {} sequence violations",
-            args.scenario.name(),
-            report["upstream"].as_str().unwrap_or(""),
-            args.build.wan_delay_ms,
-            args.trials,
-            s["client_gap_ms"]["median"],
-            s["client_gap_ms"]["p95"],
-            s["client_gap_ms"]["worst"],
-            s["connections_survived"].as_str().unwrap_or(""),
-            violations
-        );
-        for line in &failed {
-            outln!("BROKEN {line}");
-        }
+        outln!("{}", report::text(&report));
     }
-    Ok(if failed.is_empty() {
+    Ok(if passed(&report) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::active_paths;
+
+    #[test]
+    fn the_upstreams_rib_counts_unprepended_paths_not_handing_over() {
+        let bird = "Table master4:
+203.0.113.0/24       unicast [site_b 10:00:01.000] * (100) [AS65001i]
+\tvia 10.0.2.2 on eth2
+\tBGP.as_path: 65001
+\tBGP.community: (65001,65025)
+                     unicast [site_a 10:00:00.000] (0) [AS65001i]
+\tvia 10.0.1.2 on eth1
+\tBGP.as_path: 65001
+\tBGP.community: (65001,65024) (65535,0)
+";
+        assert_eq!(active_paths(bird), 1);
+        assert_eq!(active_paths(&bird.replace(" (65535,0)", "")), 2);
+        let frr = "BGP routing table entry for 203.0.113.0/24, version 3
+Paths: (2 available, best #1, table default)
+  65001
+    10.0.1.2 from 10.0.1.2 (10.0.1.2)
+      Origin IGP, valid, external, best (Older Path)
+      Community: 65001:65024
+  65001 65001 65001
+    10.0.2.2 from 10.0.2.2 (10.0.2.2)
+      Origin IGP, valid, external
+      Community: 65001:65025
+";
+        assert_eq!(active_paths(frr), 1);
+        assert_eq!(active_paths(&frr.replace("65001 65001 65001", "65001")), 2);
+        assert_eq!(
+            active_paths(&frr.replace("Community: 65001:65024", "Community: graceful-shutdown")),
+            0
+        );
+    }
 }
