@@ -228,6 +228,8 @@ pub struct Lab {
     _delay: Option<DelayLine>,
     namespaces: BTreeMap<String, Netns>,
     links: Vec<[Endpoint; 2]>,
+    /// Each node's `ip route` exec lines: what the kernel removes when a link goes down.
+    routes: BTreeMap<String, Vec<String>>,
     run_dir: PathBuf,
 }
 
@@ -295,6 +297,7 @@ impl Lab {
             _delay: None,
             namespaces: BTreeMap::new(),
             links: topology.links.clone(),
+            routes: BTreeMap::new(),
             run_dir: options.run_dir.clone(),
         };
         for name in topology.nodes.keys() {
@@ -359,6 +362,9 @@ impl Lab {
                     .insert(name.to_owned(), Daemon { proc, args, log });
             } else {
                 ns.exec("sh", &["-c", &line])?;
+                if line.starts_with("ip route") {
+                    self.routes.entry(name.to_owned()).or_default().push(line);
+                }
             }
         }
         if node.role == Role::Upstream {
@@ -453,7 +459,9 @@ impl Lab {
         }
     }
 
-    /// Takes node `name`'s interfaces `interfaces` down (`up`: back up).
+    /// Takes node `name`'s interfaces `interfaces` down (`up`: back up, and its `ip route`
+    /// exec lines again: the kernel removed the routes through a link that went down, as a
+    /// site's network configuration would put them back).
     pub fn set_links(&self, name: &str, interfaces: &[&str], up: bool) -> io::Result<()> {
         let ns = self
             .namespaces
@@ -461,6 +469,11 @@ impl Lab {
             .ok_or_else(|| io::Error::other(format!("no node {name}")))?;
         for interface in interfaces {
             ns.ip(&["link", "set", interface, if up { "up" } else { "down" }])?;
+        }
+        if up {
+            for line in self.routes.get(name).into_iter().flatten() {
+                ns.exec("sh", &["-c", line])?;
+            }
         }
         Ok(())
     }

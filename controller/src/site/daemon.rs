@@ -37,7 +37,7 @@ use super::api::{
 use super::dataplane::DataPlane;
 use super::failover::State as GroupState;
 use super::failover::{Event, Failover, Input, Output, Standing, Timeline, UpstreamView};
-use super::heartbeat::{Liveness, Monitor, MonitorConfig};
+use super::heartbeat::{Liveness, Monitor, MonitorConfig, ReplicationSigns};
 use super::plan::{self, GroupPlan, SitePlan};
 use super::reload::{self, Changes, ReloadError};
 use super::state::StateDir;
@@ -73,6 +73,10 @@ struct Daemon {
     policy_file: PathBuf,
     base_dir: PathBuf,
     monitor: Monitor,
+    /// Replication moving, the other sign that the other site lives.
+    replication_signs: ReplicationSigns,
+    /// The heartbeats are silent and replication is not (said once per such spell).
+    heartbeats_alone_silent: bool,
     refused_logged: u64,
     api: Arc<ApiState>,
 }
@@ -231,6 +235,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         data,
         data_work,
         monitor,
+        replication_signs: ReplicationSigns::default(),
+        heartbeats_alone_silent: false,
         refused_logged: 0,
         api: api_state,
         policy: config.policy,
@@ -386,8 +392,27 @@ impl Daemon {
             let beat = self.monitor.heartbeat(i, now, unix_ns(), views.clone());
             let _ = sockets[i].send_to(&beat, path.peer).await;
         }
-        let silent = self.monitor.liveness(now) == Liveness::Silent;
         let names: Vec<String> = self.machines.keys().cloned().collect();
+        for name in &names {
+            // Where this site is active: the other site acknowledging epochs. (The backup's
+            // suspicion needs no such check: its witness, the upstream, must agree too.)
+            let committed = self.data.group_status(name)["committed"].as_u64();
+            self.replication_signs.note(name, committed, now);
+        }
+        let heartbeats_silent = self.monitor.liveness(now) == Liveness::Silent;
+        let replicating = self
+            .replication_signs
+            .moved_within(now, self.monitor.detection());
+        if heartbeats_silent && replicating != self.heartbeats_alone_silent {
+            self.heartbeats_alone_silent = replicating;
+            if replicating {
+                eprintln!(
+                    "secondsite: heartbeats from {} silent, but its replication moves: not silent",
+                    self.plan.peer_site
+                );
+            }
+        }
+        let silent = heartbeats_silent && !replicating;
         for name in names {
             if silent {
                 self.feed(&name, Input::PeerSilent);
@@ -539,6 +564,7 @@ impl Daemon {
             self.machines.remove(name);
             self.upstream_views.remove(name);
             self.last_takeover.remove(name);
+            self.replication_signs.forget(name);
             let _ = self.data_work.send(Work::Remove(name.clone()));
         }
         for name in &changes.added {

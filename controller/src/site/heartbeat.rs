@@ -402,6 +402,11 @@ impl Monitor {
         Ok(beat.groups)
     }
 
+    /// How long the peer may be silent before it is.
+    pub fn detection(&self) -> Duration {
+        self.detection
+    }
+
     /// Whether the peer is alive now.
     pub fn liveness(&self, now: Instant) -> Liveness {
         let fresh = |at: Instant| now.saturating_duration_since(at) < self.detection;
@@ -431,6 +436,46 @@ impl Monitor {
 
     pub fn refused(&self) -> Refused {
         self.refused
+    }
+}
+
+/// The other site's second sign of life, for a site that is active: its groups' replication
+/// moving (epochs the other site acknowledged). On a loaded host the heartbeats can fall
+/// silent for a detection time while the other site is there, acknowledging: the active site
+/// would then run unprotected for nothing (nothing else checks that suspicion; a backup's is
+/// checked by its witness). As with Corosync's redundant rings, silence must hold on every
+/// path, and replication is one. Sans-IO: the daemon notes each group's progress at each tick.
+#[derive(Debug, Default)]
+pub struct ReplicationSigns {
+    /// Per group: its progress marker, and when it last changed (`None`: not since first seen).
+    groups: std::collections::BTreeMap<String, (u64, Option<Instant>)>,
+}
+
+impl ReplicationSigns {
+    /// Group `group`'s progress now (the last epoch the other site acknowledged; `None`: not
+    /// known this time).
+    pub fn note(&mut self, group: &str, progress: Option<u64>, now: Instant) {
+        let Some(progress) = progress else { return };
+        let (last, moved) = self
+            .groups
+            .entry(group.to_owned())
+            .or_insert((progress, None));
+        if *last != progress {
+            *last = progress;
+            *moved = Some(now);
+        }
+    }
+
+    /// Whether some group's replication moved within `window` of `now`.
+    pub fn moved_within(&self, now: Instant, window: Duration) -> bool {
+        self.groups
+            .values()
+            .any(|(_, moved)| moved.is_some_and(|at| now.saturating_duration_since(at) < window))
+    }
+
+    /// Forgets a group (removed by a reload).
+    pub fn forget(&mut self, group: &str) {
+        self.groups.remove(group);
     }
 }
 

@@ -204,3 +204,29 @@ proptest! {
         prop_assert!(Heartbeat::parse(&good, &key).is_err());
     }
 }
+
+#[test]
+fn replication_moving_is_a_sign_of_life_until_it_stops_for_the_detection_time() {
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    let window = Duration::from_millis(300);
+    let mut signs = ReplicationSigns::default();
+    signs.note("web", Some(10), ms(0));
+    assert!(
+        !signs.moved_within(ms(0), window),
+        "a first reading is no movement"
+    );
+    signs.note("web", None, ms(100));
+    signs.note("web", Some(14), ms(200));
+    assert!(signs.moved_within(ms(450), window));
+    signs.note("web", Some(14), ms(450));
+    assert!(
+        !signs.moved_within(ms(500), window),
+        "still for 300 ms: silent"
+    );
+    signs.note("db", Some(1), ms(500));
+    signs.note("db", Some(2), ms(600));
+    assert!(signs.moved_within(ms(700), window), "any group will do");
+    signs.forget("db");
+    assert!(!signs.moved_within(ms(700), window));
+}
