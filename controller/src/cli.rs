@@ -440,6 +440,16 @@ pub enum UpstreamRouter {
     Frr,
 }
 
+impl UpstreamRouter {
+    /// As the project spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamRouter::Bird => "BIRD",
+            UpstreamRouter::Frr => "FRR",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// The VMM: guest start time, pause latency, save/restore of 64 and 512 MiB guests,

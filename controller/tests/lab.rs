@@ -4,7 +4,7 @@
 //! namespace or tap behind. `secondsite lab scenario`: site-loss (BIRD, FRR) and wan-partition, one
 //! trial each, their invariants held (no INCR out of sequence, the connection survived, never
 //! two active sites, the roles where they must be); backup-loss and switchover (with its report
-//! and picture) too.
+//! and picture) too; an interrupted scenario leaves nothing behind.
 
 use std::path::Path;
 use std::process::Command;
@@ -70,15 +70,8 @@ fn up_check_down(extra: &[&str], check: impl Fn(&Value)) {
     }
     let description = description.expect("described");
     let keeper = description["keeper_pid"].as_u64().expect("keeper");
-    let listed = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip");
-    let listed = String::from_utf8_lossy(&listed.stdout);
-    assert!(
-        !listed.contains(&format!("ss{keeper}-")),
-        "no namespace of the lab is left: {listed}"
-    );
+    let left = namespaces_of(keeper as u32);
+    assert!(left.is_empty(), "no namespace of the lab is left: {left:?}");
     for node in description["nodes"].as_object().into_iter().flatten() {
         if let Some(pid) = node.1["daemon_pid"].as_u64() {
             assert!(
@@ -154,12 +147,22 @@ fn the_lab_comes_up_with_frr_as_the_upstream() {
 /// `secondsite lab scenario ARGS --json`: its report, after checking it passed.
 fn scenario(args: &[&str]) -> Value {
     let topology = topology();
-    let out = Command::new(SECONDSITE)
+    let run = Command::new(SECONDSITE)
         .args(["lab", "scenario"])
         .args(args)
         .args(["--json", "--topology", &topology])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("runs secondsite lab scenario");
+    let pid = run.id();
+    let out = run.wait_with_output().expect("it ends");
+    // Its lab is down: none of its namespaces is left (their processes went with them).
+    let left = namespaces_of(pid);
+    assert!(
+        left.is_empty(),
+        "no namespace of the scenario is left: {left:?}"
+    );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     assert!(
         out.status.success(),
@@ -171,6 +174,11 @@ fn scenario(args: &[&str]) -> Value {
     assert_eq!(trial["connection_survived"], true, "{report}");
     assert_eq!(trial["two_sites_active"], false, "{report}");
     assert!(trial["state_samples"].as_u64() > Some(50), "{report}");
+    // The sites' APIs were read: site-a served before the failure in every scenario.
+    assert!(
+        trial["serving_samples"]["site-a"].as_u64() > Some(10),
+        "{report}"
+    );
     report
 }
 
@@ -182,6 +190,10 @@ fn scenario_site_loss_with_bird_keeps_the_clients_connection() {
     let report = scenario(&["site-loss"]);
     let trial = &report["trials"][0];
     assert_eq!(trial["state_after"]["site-b"], "Active", "{report}");
+    assert!(
+        trial["serving_samples"]["site-b"].as_u64() > Some(10),
+        "{report}"
+    );
     assert_eq!(trial["takeover_steps"]["hot"], true, "{report}");
     assert!(
         trial["upstream_route_after"]
@@ -257,4 +269,90 @@ fn scenario_wan_partition_moves_nothing() {
     let trial = &report["trials"][0];
     assert_eq!(trial["state_after"]["site-a"], "Active", "{report}");
     assert_eq!(trial["state_after"]["site-b"], "Standby", "{report}");
+}
+
+/// A scenario interrupted (SIGINT, as Ctrl-C sends) takes its lab down: none of its namespaces,
+/// and none of the processes in them, outlive it.
+#[test]
+fn an_interrupted_scenario_leaves_nothing_behind() {
+    if !privileged("an_interrupted_scenario_leaves_nothing_behind") {
+        return;
+    }
+    let topology = topology();
+    let mut run = Command::new(SECONDSITE)
+        .args(["lab", "scenario", "site-loss", "--topology", &topology])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("runs secondsite lab scenario");
+    let pid = run.id();
+    let namespaces = || namespaces_of(pid);
+    // Mid-trial: the lab is up and the client's load (redis-benchmark) runs in its namespace.
+    let mut pids = Vec::new();
+    let running = secondsite_lab::wait_until(std::time::Duration::from_secs(60), || {
+        let all = namespaces();
+        let client_busy = all
+            .iter()
+            .any(|ns| ns.ends_with("-client") && !in_ns_pids(ns).is_empty());
+        pids = all.iter().flat_map(|ns| in_ns_pids(ns)).collect();
+        client_busy && pids.len() >= 4
+    });
+    assert!(running.is_some(), "the scenario's lab came up: {pids:?}");
+    Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let status = run.wait().expect("exits");
+    assert!(!status.success(), "interrupted: {status:?}");
+    assert_eq!(
+        namespaces(),
+        Vec::<String>::new(),
+        "no namespace of it is left"
+    );
+    // Killed (SIGKILL) as the namespaces went: gone once the kernel is done with them.
+    let alive = |pid: &String| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, s)| s.trim_start().starts_with('Z'))
+        })
+    };
+    let gone = secondsite_lab::wait_until(std::time::Duration::from_secs(5), || {
+        !pids.iter().any(alive)
+    });
+    let left: Vec<String> = pids
+        .iter()
+        .filter(|p| alive(p))
+        .map(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            format!("{p}: {}", String::from_utf8_lossy(&cmd).replace('\0', " "))
+        })
+        .collect();
+    assert!(gone.is_some(), "processes of its lab left: {left:?}");
+}
+
+/// The namespaces process `pid` made (`ss<pid>-<n>-<node>`) that are still there.
+fn namespaces_of(pid: u32) -> Vec<String> {
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
+    let ours = format!("ss{pid}-");
+    String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&ours))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn in_ns_pids(ns: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .expect("ip");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }

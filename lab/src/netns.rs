@@ -165,11 +165,18 @@ pub fn remove_namespaces_of_this_process() {
         if let Some(name) = line.split_whitespace().next()
             && name.starts_with(&ours)
         {
-            drop(Netns {
-                name: name.to_owned(),
-            });
+            remove_with_its_files(name);
         }
     }
+}
+
+/// Removes namespace `name` with what runs in it, and the FRR daemons' directory a router in it
+/// had (`/var/run/frr/NAME`, see `routers::Frr`): for a run that did not end by its guards.
+fn remove_with_its_files(name: &str) {
+    drop(Netns {
+        name: name.to_owned(),
+    });
+    let _ = std::fs::remove_dir_all(format!("/var/run/frr/{name}"));
 }
 
 /// Deletes namespaces left by earlier runs whose process no longer exists.
@@ -188,10 +195,7 @@ fn sweep_stale() {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let stale = Netns {
-                name: name.to_owned(),
-            };
-            drop(stale);
+            remove_with_its_files(name);
         }
     }
 }

@@ -627,7 +627,12 @@ impl Daemon {
         let Some(machine) = self.machines.get_mut(group) else {
             return Vec::new();
         };
+        let before = machine.state();
         let outputs = machine.handle(Instant::now(), input);
+        let changed = self
+            .machines
+            .get(group)
+            .is_some_and(|m| m.state() != before);
         let mut events = Vec::new();
         for output in outputs {
             if let Output::Event(event) = &output {
@@ -648,6 +653,11 @@ impl Daemon {
                 events.push(event.clone());
             }
             self.apply(group, output);
+        }
+        // A new state is told at once (status.json, the API), not at the next interval: a
+        // reader must never see a site that stepped down as still active beside the new one.
+        if changed {
+            self.write_status(Instant::now());
         }
         events
     }

@@ -11,12 +11,12 @@ use crate::cli::{DemoArgs, ScenarioArgs, ScenarioName};
 
 pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     outln!(
-        "secondsite lab demo: {} built with network namespaces: an upstream router ({:?}), two \
+        "secondsite lab demo: {} built with network namespaces: an upstream router ({}), two \
          sites running `secondsite run` (site-a active, site-b its hot standby), a client. The \
          client keeps one TCP connection to the protected VM and counts with INCR while \
          redis-benchmark loads it; then site-a is killed and its links cut.\n",
         args.build.topology.display(),
-        args.build.upstream,
+        args.build.upstream.name(),
     );
     let scenario = ScenarioArgs {
         scenario: ScenarioName::SiteLoss,

@@ -187,7 +187,7 @@ pub fn timeline_of(report: &Value, trial: &Value) -> Timeline {
             "from the store"
         };
         let steps = [
-            ("suspicion_ms", format!("{site}: the peer silent")),
+            ("suspicion_ms", format!("{site}: suspects the other site")),
             ("witness_confirmed_ms", format!("{site}: witness confirms")),
             ("vm_serving_ms", format!("{site}: VM serving ({hot})")),
             (
@@ -365,4 +365,58 @@ pub fn write(dir: &Path, report: &Value) -> anyhow::Result<PathBuf> {
         eprintln!("lab scenario: no picture: {e}");
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A site-loss trial as `lab scenario site-loss --trials 20 --json` recorded it (the median
+    /// one, trimmed to what the picture reads).
+    const RECORDED: &str = include_str!("testdata/site-loss-trial.json");
+
+    #[test]
+    fn the_picture_of_a_recorded_site_loss_is_an_svg_and_a_png_with_every_step_marked() {
+        let report: Value = serde_json::from_str(RECORDED).expect("the recording");
+        let trial = &report["trials"][0];
+        let timeline = timeline_of(&report, trial);
+        let marked: Vec<&str> = timeline.marks.iter().map(|(_, w)| w.as_str()).collect();
+        for step in [
+            "site-a killed, its links cut",
+            "site-b: suspects the other site",
+            "site-b: witness confirms",
+            "site-b: VM serving (hot replica)",
+            "site-b: first frame out",
+            "upstream FIB: via site-b",
+        ] {
+            assert!(marked.contains(&step), "{step} is marked: {marked:?}");
+        }
+        assert!(
+            timeline.marks.windows(2).all(|w| w[0].0 <= w[1].0),
+            "in time order"
+        );
+        assert_eq!(timeline.latency.len(), 547, "every request");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (svg, png) = match draw(&timeline, &dir.path().join("site-loss")) {
+            Ok(paths) => paths,
+            Err(e) if !secondsite_lab::must_run_privileged() => {
+                secondsite_lab::skip(
+                    "the_picture_of_a_recorded_site_loss_is_an_svg_and_a_png_with_every_step_marked",
+                    &e.to_string(),
+                );
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let svg = std::fs::read_to_string(svg).expect("svg");
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains(&timeline.title), "titled");
+        for step in marked {
+            assert!(svg.contains(step), "{step} is in the picture's legend");
+        }
+        let png = std::fs::read(png).expect("png");
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "the PNG signature");
+        assert_eq!(&png[12..16], b"IHDR");
+        assert!(png.len() > 10_000, "a picture, not a blank page");
+    }
 }

@@ -39,6 +39,8 @@ const PREFIX: &str = "203.0.113.0/24";
 /// Each site's next hop as the upstream sees it.
 const VIA_A: &str = "via 10.0.1.2";
 const VIA_B: &str = "via 10.0.2.2";
+/// Each site's API, on its namespace's loopback (the policy's default `api.listen`).
+const SITE_API: &str = "http://127.0.0.1:7080/v1/status";
 /// BFD's detection time in the lab's policy (100 ms x 3), and the heartbeats' (the same).
 const DETECTION: Duration = Duration::from_millis(300);
 
@@ -58,6 +60,9 @@ struct Watched {
     /// announcements of it.
     both_active: u64,
     upstream_two_active: u64,
+    /// Samples where site-a's, and site-b's, API said it served the group (the check above
+    /// sees each site serve, or it could not fail).
+    serving_samples: [u64; 2],
     /// The upstream's RIB when it first held two active announcements.
     two_active_rib: Option<String>,
     samples: u64,
@@ -108,24 +113,15 @@ fn protecting_since(dir: &Path, since: f64) -> bool {
     group["state"] == "Standby" && group["hot_replica_epoch"].is_u64()
 }
 
-/// The site serves the group now: its daemon runs (not dead, not stopped: their last word does
-/// not count), and its status, written every heartbeat interval, says Active.
-fn serving_now(dir: &Path, daemon: Option<u32>) -> bool {
-    let running = daemon.is_some_and(|pid| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let state = stat
-                    .rsplit_once(')')?
-                    .1
-                    .split_whitespace()
-                    .next()?
-                    .to_owned();
-                Some(!matches!(state.as_str(), "T" | "t" | "Z" | "X"))
-            })
-            .unwrap_or(false)
-    });
-    running && group_state(dir) == "Active"
+/// Whether the site daemon whose API `agent` reaches says it serves the group now. A dead or
+/// frozen daemon does not answer (within the agent's timeout): it does not serve.
+fn api_says_serving(agent: &ureq::Agent) -> bool {
+    let Ok(mut response) = agent.get(SITE_API).call() else {
+        return false;
+    };
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    serde_json::from_str::<Value>(&text)
+        .is_ok_and(|status| status["groups"][GROUP]["state"] == "Active")
 }
 
 /// How many active announcements of the group's prefix the upstream's RIB holds: paths with
@@ -380,9 +376,9 @@ fn watch_fib(lab: &Lab, watched: Arc<Mutex<Watched>>) -> anyhow::Result<Proc> {
 fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
     let (topology, options) = read_lab(&args.build, run_dir)?;
     eprintln!(
-        "lab scenario: bringing the lab up ({} nodes, {:?} upstream)",
+        "lab scenario: bringing the lab up ({} nodes, {} upstream)",
         topology.nodes.len(),
-        args.build.upstream
+        args.build.upstream.name()
     );
     let lab = Lab::up(&topology, &options)?;
     let state = |node: &str| -> anyhow::Result<PathBuf> {
@@ -474,20 +470,46 @@ fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
                 }
             }
         });
-        // Never two active sites: as the sites say, and as the upstream's RIB says.
+        // Never two active sites: as the sites' APIs say (each asked every 20 ms from a thread
+        // in the site's namespace), and as the upstream's RIB says.
+        let serving = [
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        ];
+        for (site, flag) in ["site-a", "site-b"].into_iter().zip(&serving) {
+            let ns = lab.ns(site).context("no such site")?;
+            let (flag, stop) = (flag.clone(), stop.clone());
+            scope.spawn(move || {
+                if let Err(e) = ns.enter_on_this_thread() {
+                    eprintln!("lab scenario: cannot watch {site}'s API: {e}");
+                    return;
+                }
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .timeout_global(Some(Duration::from_millis(100)))
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
+                while !stop.load(Ordering::Relaxed) {
+                    flag.store(api_says_serving(&agent), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
         scope.spawn({
             let (watched, stop) = (watched.clone(), stop.clone());
-            let (a, b) = (state_a.clone(), state_b.clone());
             let lab = &lab;
             move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let both = serving_now(&a, lab.daemon_pid("site-a"))
-                        && serving_now(&b, lab.daemon_pid("site-b"));
+                    let now = serving.each_ref().map(|s| s.load(Ordering::Relaxed));
+                    let both = now.iter().all(|s| *s);
                     let rib = lab.upstream_rib(PREFIX);
                     let two = active_paths(&rib) > 1;
                     let mut w = watched.lock().unwrap_or_else(|e| e.into_inner());
                     w.samples += 1;
                     w.both_active += u64::from(both);
+                    for (count, serving) in w.serving_samples.iter_mut().zip(now) {
+                        *count += u64::from(serving);
+                    }
                     w.upstream_two_active += u64::from(two);
                     if two && w.two_active_rib.is_none() {
                         w.two_active_rib = Some(format!("at {} (unix ms):\n{rib}", unix_ms()));
@@ -596,6 +618,7 @@ fn figures_of(
         "two_active_samples": { "sites": w.both_active, "upstream_rib": w.upstream_two_active },
         "two_active_rib": w.two_active_rib,
         "state_samples": w.samples,
+        "serving_samples": { "site-a": w.serving_samples[0], "site-b": w.serving_samples[1] },
         "set_per_s": {
             "before": phase(0.0, failed_at),
             "during": w.rounds.iter()
