@@ -10,11 +10,10 @@
 //!     during and after, whether two sites were ever active, the takeovers' timelines
 //!  ─> summary, invariants (`report`: report.md and the timeline picture)
 //! ```
-//! Scenarios: `site-loss` (site-a's daemon killed, or with `--freeze` every process of it
-//! stopped, and its links cut), `wan-partition` (only the WAN link down, for ten times the
-//! detection time: nothing may move), `upstream-flap` (site-a's uplink down and back, shorter
-//! and longer than BFD's detection), `backup-loss` (site-b dies and comes back), `switchover`
-//! (planned, there and back) and `return` (site-loss, site-a back as the backup, switch back).
+//! Here: the trial (lab, clients, watchers, figures) and the run of trials. `steps`: the
+//! scenarios themselves (`site-loss`, `wan-partition`, `upstream-flap`, `backup-loss`,
+//! `switchover`, `return`) and what must hold after each. `sites`: what the sites (status, API)
+//! and the upstream (RIB, FIB) say.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -31,7 +30,12 @@ use serde_json::{Value, json};
 
 use super::report;
 use super::{read_lab, state_dir_of};
-use crate::cli::{ScenarioArgs, ScenarioName};
+use sites::{active_paths, api_says_serving, group_state, protecting, upstream_route};
+use steps::{Trial, invariants};
+
+mod sites;
+mod steps;
+use crate::cli::ScenarioArgs;
 
 /// The group and prefix of the lab's policy (containerlab/secondsite.yaml).
 const GROUP: &str = "web";
@@ -68,283 +72,6 @@ struct Watched {
     samples: u64,
     /// (unix ms, line) of each change of the prefix's route in the upstream's FIB.
     fib: Vec<(f64, String)>,
-}
-
-/// A site's status.json, if written at `since` (unix ms) or later: a dead daemon's last
-/// status is not the new one's.
-fn status_since(dir: &Path, since: f64) -> Value {
-    let file = dir.join("status.json");
-    let written = std::fs::metadata(&file)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs_f64() * 1e3);
-    if written.is_some_and(|w| w >= since) {
-        status(dir)
-    } else {
-        Value::Null
-    }
-}
-
-/// A site's status.json.
-fn status(dir: &Path) -> Value {
-    std::fs::read_to_string(dir.join("status.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null)
-}
-
-fn group_state(dir: &Path) -> String {
-    status(dir)["groups"][GROUP]["state"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-/// The site stands by with a replica kept hot: it is protecting the group.
-fn protecting(dir: &Path) -> bool {
-    protecting_since(dir, 0.0)
-}
-
-/// [`protecting`], as said at `since` or later.
-fn protecting_since(dir: &Path, since: f64) -> bool {
-    let status = status_since(dir, since);
-    let group = &status["groups"][GROUP];
-    group["state"] == "Standby" && group["hot_replica_epoch"].is_u64()
-}
-
-/// Whether the site daemon whose API `agent` reaches says it serves the group now. A dead or
-/// frozen daemon does not answer (within the agent's timeout): it does not serve.
-fn api_says_serving(agent: &ureq::Agent) -> bool {
-    let Ok(mut response) = agent.get(SITE_API).call() else {
-        return false;
-    };
-    let text = response.body_mut().read_to_string().unwrap_or_default();
-    serde_json::from_str::<Value>(&text)
-        .is_ok_and(|status| status["groups"][GROUP]["state"] == "Active")
-}
-
-/// How many active announcements of the group's prefix the upstream's RIB holds: paths with
-/// the unprepended AS path and without GRACEFUL_SHUTDOWN (65535:0, a site handing over). BIRD
-/// starts each path with a `unicast [` line and prints `BGP.as_path: ...` and
-/// `BGP.community: (65535,0) ...`; FRR starts each with its AS path on a line of its own, and
-/// prints `Community: graceful-shutdown ...`.
-fn active_paths(rib: &str) -> usize {
-    // (unprepended, graceful shutdown) of each path.
-    let mut paths: Vec<(bool, bool)> = Vec::new();
-    for line in rib.lines() {
-        let line = line.trim();
-        let first = line.split([',', ' ']).next().unwrap_or("");
-        let frr_path = !first.is_empty() && first.chars().all(|c| c.is_ascii_digit());
-        if line.contains("unicast [") || frr_path {
-            paths.push((false, false));
-        }
-        let Some(path) = paths.last_mut() else {
-            continue;
-        };
-        let as_path = if frr_path {
-            line.split(',').next().unwrap_or("").trim()
-        } else {
-            line.strip_prefix("BGP.as_path:").unwrap_or("").trim()
-        };
-        path.0 |= as_path == "65001";
-        path.1 |= ["(65535,0)", "65535:0", "graceful-shutdown"]
-            .iter()
-            .any(|c| line.contains(c));
-    }
-    paths
-        .iter()
-        .filter(|(active, gshut)| *active && !gshut)
-        .count()
-}
-
-/// A trial's lab and what its steps write down.
-struct Trial<'a> {
-    lab: &'a Lab,
-    state_a: PathBuf,
-    state_b: PathBuf,
-    watched: &'a Mutex<Watched>,
-    /// (unix ms, what) of each step the scenario took.
-    marks: Mutex<Vec<(f64, String)>>,
-}
-
-impl Trial<'_> {
-    fn mark(&self, what: &str) -> f64 {
-        let at = unix_ms();
-        eprintln!("lab scenario: {what}");
-        self.marks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((at, what.to_owned()));
-        at
-    }
-
-    fn state_dir(&self, site: &str) -> &Path {
-        if site == "site-a" {
-            &self.state_a
-        } else {
-            &self.state_b
-        }
-    }
-
-    /// Waits up to `within` for `site` to be `state` (`"Protecting"`: standing by with a hot
-    /// replica); the time it took, in ms from `since`.
-    fn wait_for(&self, site: &str, state: &str, since: f64, within: Duration) -> Option<f64> {
-        let dir = self.state_dir(site);
-        wait_until(within, || match state {
-            "Protecting" => protecting_since(dir, since),
-            state => status_since(dir, since)["groups"][GROUP]["state"] == state,
-        })
-        .map(|_| round(unix_ms() - since))
-    }
-
-    /// The first change of the upstream's FIB from `since` on that routes via `via`; in ms from
-    /// `since`, waiting up to `within` for it.
-    fn fib_moved(&self, via: &str, since: f64, within: Duration) -> Option<f64> {
-        let seen = || {
-            self.watched
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .fib
-                .iter()
-                .find(|(at, line)| *at >= since && line.contains(via) && !line.starts_with("Del"))
-                .map(|(at, _)| round(at - since))
-        };
-        seen().or_else(|| wait_until(within, || seen().is_some()).and_then(|_| seen()))
-    }
-
-    /// `secondsite group switchover web`, asked of the site daemon at `site`.
-    fn switchover(&self, site: &str) -> anyhow::Result<()> {
-        let ns = self.lab.ns(site).context("no such site")?;
-        let asked = ns
-            .command(&std::env::current_exe()?.display().to_string())
-            .args(["group", "switchover", GROUP])
-            .output()?;
-        if !asked.status.success() {
-            bail!(
-                "switchover asked of {site}: {}",
-                String::from_utf8_lossy(&asked.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-
-    /// Site `site` dies (or hangs) and its links are cut.
-    fn lose(&self, site: &str, freeze: bool) -> anyhow::Result<f64> {
-        let at = self.mark(&format!(
-            "{site} {}, its links cut",
-            if freeze { "frozen" } else { "killed" }
-        ));
-        self.lab.kill_node(site, freeze);
-        self.lab.set_links(site, &["eth1", "eth2"], false)?;
-        Ok(at)
-    }
-
-    /// Site `site` comes back: links up, a new daemon on its old state.
-    fn bring_back(&self, site: &str) -> anyhow::Result<f64> {
-        // The dead daemon's last status is not the new one's.
-        let _ = std::fs::remove_file(self.state_dir(site).join("status.json"));
-        self.lab.set_links(site, &["eth1", "eth2"], true)?;
-        self.lab.restart_daemon(site)?;
-        Ok(self.mark(&format!("{site} back (links up, daemon restarted)")))
-    }
-
-    /// The scenario's steps; its own figures.
-    fn run(&self, scenario: ScenarioName, freeze: bool) -> anyhow::Result<Value> {
-        const LONG: Duration = Duration::from_secs(30);
-        let figures = match scenario {
-            ScenarioName::SiteLoss => {
-                let lost = self.lose("site-a", freeze)?;
-                let fib = self.fib_moved(VIA_B, lost, LONG);
-                std::thread::sleep(Duration::from_secs(3)); // load after
-                json!({ "upstream_fib_ms": fib })
-            }
-            ScenarioName::WanPartition => {
-                self.lab.set_links("site-a", &["eth2"], false)?;
-                self.mark("WAN link down");
-                std::thread::sleep(DETECTION * 10);
-                self.lab.set_links("site-a", &["eth2"], true)?;
-                self.mark("WAN link up");
-                std::thread::sleep(Duration::from_secs(2));
-                json!({})
-            }
-            ScenarioName::UpstreamFlap => {
-                let mut flaps = Vec::new();
-                for (what, down) in [("short", DETECTION / 2), ("long", DETECTION * 7)] {
-                    self.lab.set_link_silent("site-a", "eth1", true)?;
-                    let at = self.mark(&format!("site-a's uplink silent ({what})"));
-                    std::thread::sleep(down);
-                    self.lab.set_link_silent("site-a", "eth1", false)?;
-                    let up = self.mark(&format!("site-a's uplink back ({} ms)", down.as_millis()));
-                    // The route back at site-a (after a short flap, it may never have left).
-                    let back = wait_until(LONG, || upstream_route(self.lab).contains(VIA_A))
-                        .map(|_| round(unix_ms() - up));
-                    let left = self.fib_moved(VIA_B, at, Duration::ZERO);
-                    flaps.push(json!({
-                        "flap": what, "down_ms": down.as_millis() as u64,
-                        "fib_left_site_a_ms": left,
-                        "fib_at_site_a_again_ms": back,
-                    }));
-                    std::thread::sleep(Duration::from_secs(3));
-                }
-                json!({ "flaps": flaps })
-            }
-            ScenarioName::BackupLoss => {
-                let lost = self.lose("site-b", false)?;
-                std::thread::sleep(Duration::from_secs(3));
-                let back = self.bring_back("site-b")?;
-                let resumed = self.wait_for("site-b", "Protecting", back, LONG);
-                if resumed.is_some() {
-                    self.mark("site-b protecting again");
-                }
-                std::thread::sleep(Duration::from_secs(2));
-                json!({
-                    "protection_resumed_ms": resumed,
-                    "unprotected_ms": round(unix_ms() - lost),
-                })
-            }
-            ScenarioName::Switchover => {
-                let mut moves = Vec::new();
-                for (from, to) in [("site-a", "site-b"), ("site-b", "site-a")] {
-                    let asked = self.mark(&format!("switchover asked of {from}"));
-                    self.switchover(from)?;
-                    let active = self.wait_for(to, "Active", asked, LONG);
-                    let fib =
-                        self.fib_moved(if to == "site-a" { VIA_A } else { VIA_B }, asked, LONG);
-                    let protected = self.wait_for(from, "Protecting", asked, LONG);
-                    if protected.is_some() {
-                        self.mark(&format!("{from} protecting {to}"));
-                    }
-                    moves.push(json!({
-                        "to": to, "active_ms": active, "upstream_fib_ms": fib,
-                        "protected_ms": protected,
-                    }));
-                    std::thread::sleep(Duration::from_secs(2));
-                }
-                json!({ "moves": moves })
-            }
-            ScenarioName::Return => {
-                let lost = self.lose("site-a", freeze)?;
-                let taken = self.wait_for("site-b", "Active", lost, LONG);
-                std::thread::sleep(Duration::from_secs(2));
-                let back = self.bring_back("site-a")?;
-                let resynced = self.wait_for("site-a", "Protecting", back, LONG);
-                if resynced.is_some() {
-                    self.mark("site-a resynced, protecting site-b");
-                }
-                std::thread::sleep(Duration::from_secs(1));
-                let asked = self.mark("switchover asked of site-b");
-                self.switchover("site-b")?;
-                let home = self.wait_for("site-a", "Active", asked, LONG);
-                self.wait_for("site-b", "Protecting", asked, LONG);
-                std::thread::sleep(Duration::from_secs(2));
-                json!({
-                    "taken_over_ms": taken, "resynced_ms": resynced, "switched_back_ms": home,
-                })
-            }
-        };
-        Ok(figures)
-    }
 }
 
 /// `ip monitor route` in the upstream's namespace: each change of the prefix's route, stamped
@@ -647,19 +374,6 @@ fn figures_of(
     figures
 }
 
-/// The prefix's route in the upstream's FIB now.
-fn upstream_route(lab: &Lab) -> String {
-    lab.ns("upstream")
-        .and_then(|ns| {
-            ns.command("ip")
-                .args(["route", "show", PREFIX])
-                .output()
-                .ok()
-        })
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
 /// `SET: 12345.67 requests per second, p50=...` (redis-benchmark -q).
 fn parse_rps(out: &str) -> Option<f64> {
     out.split(['\r', '\n'])
@@ -673,71 +387,6 @@ fn parse_rps(out: &str) -> Option<f64> {
 
 pub(super) fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
-}
-
-/// What must hold for the scenario to pass.
-fn invariants(name: ScenarioName, t: &Value) -> Vec<String> {
-    let mut broken = Vec::new();
-    if t["sequence_violations"] != 0 {
-        broken.push(format!(
-            "{} INCR replies out of sequence",
-            t["sequence_violations"]
-        ));
-    }
-    if t["connection_survived"] != true {
-        broken.push("the client's connection did not survive".into());
-    }
-    if t["two_sites_active"] != false {
-        broken.push("two sites were active at once".into());
-    }
-    let (a, b) = (&t["state_after"]["site-a"], &t["state_after"]["site-b"]);
-    let expected = match name {
-        ScenarioName::SiteLoss => ("", "Active"),
-        _ => ("Active", "Standby"),
-    };
-    if (!expected.0.is_empty() && a != expected.0) || b != expected.1 {
-        broken.push(format!(
-            "site-a ended {a} and site-b {b} (expected {}{})",
-            if expected.0.is_empty() {
-                String::new()
-            } else {
-                format!("site-a {}, ", expected.0)
-            },
-            format_args!("site-b {}", expected.1)
-        ));
-    }
-    let missing = |what: &str, value: &Value| {
-        value
-            .is_null()
-            .then(|| format!("{what} did not happen within 30 s"))
-    };
-    match name {
-        ScenarioName::BackupLoss => {
-            broken.extend(missing("protection resuming", &t["protection_resumed_ms"]))
-        }
-        ScenarioName::Return => {
-            broken.extend(missing("site-a's resync", &t["resynced_ms"]));
-            broken.extend(missing("the switch back", &t["switched_back_ms"]));
-        }
-        ScenarioName::UpstreamFlap => {
-            for f in t["flaps"].as_array().into_iter().flatten() {
-                broken.extend(missing(
-                    &format!("the route's return after the {} flap", f["flap"]),
-                    &f["fib_at_site_a_again_ms"],
-                ));
-            }
-        }
-        ScenarioName::Switchover => {
-            for m in t["moves"].as_array().into_iter().flatten() {
-                broken.extend(missing(
-                    &format!("the switchover to {}", m["to"].as_str().unwrap_or("?")),
-                    &m["active_ms"],
-                ));
-            }
-        }
-        _ => {}
-    }
-    broken
 }
 
 /// Ctrl-C (or SIGTERM, SIGHUP) mid-scenario: the lab's namespaces, with every process in them,
@@ -822,42 +471,4 @@ pub fn scenario(args: &ScenarioArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::active_paths;
-
-    #[test]
-    fn the_upstreams_rib_counts_unprepended_paths_not_handing_over() {
-        let bird = "Table master4:
-203.0.113.0/24       unicast [site_b 10:00:01.000] * (100) [AS65001i]
-\tvia 10.0.2.2 on eth2
-\tBGP.as_path: 65001
-\tBGP.community: (65001,65025)
-                     unicast [site_a 10:00:00.000] (0) [AS65001i]
-\tvia 10.0.1.2 on eth1
-\tBGP.as_path: 65001
-\tBGP.community: (65001,65024) (65535,0)
-";
-        assert_eq!(active_paths(bird), 1);
-        assert_eq!(active_paths(&bird.replace(" (65535,0)", "")), 2);
-        let frr = "BGP routing table entry for 203.0.113.0/24, version 3
-Paths: (2 available, best #1, table default)
-  65001
-    10.0.1.2 from 10.0.1.2 (10.0.1.2)
-      Origin IGP, valid, external, best (Older Path)
-      Community: 65001:65024
-  65001 65001 65001
-    10.0.2.2 from 10.0.2.2 (10.0.2.2)
-      Origin IGP, valid, external
-      Community: 65001:65025
-";
-        assert_eq!(active_paths(frr), 1);
-        assert_eq!(active_paths(&frr.replace("65001 65001 65001", "65001")), 2);
-        assert_eq!(
-            active_paths(&frr.replace("Community: 65001:65024", "Community: graceful-shutdown")),
-            0
-        );
-    }
 }
