@@ -425,6 +425,7 @@ impl Failover {
         let since = match self.state {
             State::Standby if self.config.automatic => self.facts.gone_since,
             State::Starting if self.standing.active => self.facts.alone_since,
+            State::Active if !self.unprotected => self.facts.alone_since,
             _ => None,
         };
         since.map(|s| s + self.config.grace).filter(|at| *at > now)
@@ -570,7 +571,7 @@ impl Failover {
                     term: self.standing.term,
                     replayed: restoration.replayed,
                 }));
-                self.after_becoming_active(out);
+                self.after_becoming_active(now, out);
             }
             (State::TakingOver { .. }, Input::Restored(Err(reason))) => {
                 self.timeline = None;
@@ -582,7 +583,7 @@ impl Failover {
             }
             // Mid-takeover the site is as good as active: cut off from both, it fences (the
             // restored VM stays paused); a peer that outranks it keeps the group.
-            (State::TakingOver { .. }, _) => self.check_active(out),
+            (State::TakingOver { .. }, _) => self.check_active(now, out),
 
             (State::Active, Input::Switchover) => {
                 if self
@@ -605,7 +606,7 @@ impl Failover {
             (State::Active, Input::Failover { .. }) => {
                 out.push(refused("failover", "this site is already the active one"))
             }
-            (State::Active, _) => self.check_active(out),
+            (State::Active, _) => self.check_active(now, out),
 
             (State::HandingOver { .. }, Input::FinalEpochCommitted(epoch)) => {
                 self.state = State::HandingOver {
@@ -625,7 +626,7 @@ impl Failover {
                     self.state = State::Active;
                     out.push(Output::Resume);
                     out.push(Output::AnnounceActive);
-                    self.check_active(out);
+                    self.check_active(now, out);
                 }
             }
 
@@ -654,7 +655,7 @@ impl Failover {
                         out.push(Output::Resume);
                         out.push(Output::AnnounceActive);
                         out.push(Output::Event(Event::Resumed));
-                        self.after_becoming_active(out);
+                        self.after_becoming_active(now, out);
                     }
                 }
             }
@@ -670,7 +671,7 @@ impl Failover {
                 PeerState::Active | PeerState::TakingOver | PeerState::HandingOver { .. }
             );
             if !peer_serves && self.standing.active && self.outranks(peer) {
-                self.begin_active(out);
+                self.begin_active(now, out);
             } else {
                 let standing = Standing {
                     term: peer.term.max(self.standing.term),
@@ -686,18 +687,18 @@ impl Failover {
             // Nobody to ask: the site that was active resumes only if it holds the upstream;
             // the backup waits as the backup (it takes over by the usual rule).
             if self.standing.active && self.held_for_grace(self.facts.alone_since, now) {
-                self.begin_active(out);
+                self.begin_active(now, out);
             } else if !self.standing.active {
                 self.become_standby(out);
             }
         }
     }
 
-    fn begin_active(&mut self, out: &mut Vec<Output>) {
+    fn begin_active(&mut self, now: Instant, out: &mut Vec<Output>) {
         self.state = State::Active;
         out.push(Output::Resume);
         out.push(Output::AnnounceActive);
-        self.after_becoming_active(out);
+        self.after_becoming_active(now, out);
     }
 
     fn become_standby(&mut self, out: &mut Vec<Output>) {
@@ -707,13 +708,16 @@ impl Failover {
     }
 
     /// Just became active: replicate to the peer, and judge the situation at once.
-    fn after_becoming_active(&mut self, out: &mut Vec<Output>) {
+    fn after_becoming_active(&mut self, now: Instant, out: &mut Vec<Output>) {
         out.push(Output::Replicate);
-        self.check_active(out);
+        self.check_active(now, out);
     }
 
-    /// Active: step down for a newer active peer, fence when cut off from peer and upstream.
-    fn check_active(&mut self, out: &mut Vec<Output>) {
+    /// Active: step down for a newer active peer, fence when cut off from peer and upstream
+    /// (at once), serve unprotected when the peer is silent and this site holds the upstream
+    /// (once that has held for the grace time: heartbeats held up a moment on a loaded host
+    /// must not release output the backup may never hold; meanwhile output waits).
+    fn check_active(&mut self, now: Instant, out: &mut Vec<Output>) {
         if let Some(peer) = self.facts.peer {
             if matches!(peer.state, PeerState::Active | PeerState::TakingOver)
                 && self.peer_outranks(peer)
@@ -726,7 +730,10 @@ impl Failover {
             return;
         }
         if self.holds_upstream() {
-            if self.state == State::Active && !self.unprotected {
+            if self.state == State::Active
+                && !self.unprotected
+                && self.held_for_grace(self.facts.alone_since, now)
+            {
                 self.unprotected = true;
                 out.push(Output::ServeUnprotected);
                 out.push(Output::Event(Event::ServingUnprotected));

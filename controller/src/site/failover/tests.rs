@@ -106,7 +106,16 @@ fn the_inter_site_link_lost_while_the_primary_is_seen_upstream_moves_nothing() {
     assert!(!out_b.iter().any(|o| matches!(o, Output::Restore { .. })));
     let out_a = a.handle(t, Input::PeerSilent);
     assert_eq!(a.state(), State::Active, "site-a holds the upstream");
+    assert!(
+        !events(&out_a).contains(&&Event::ServingUnprotected),
+        "not at once: a heartbeat may just be late (output waits)"
+    );
+    assert_eq!(a.deadline(t), Some(t + GRACE), "a tick is due then");
+    assert!(a.handle(t + GRACE / 2, Input::Tick).is_empty());
+    let out_a = a.handle(t + GRACE, Input::Tick);
     assert!(events(&out_a).contains(&&Event::ServingUnprotected));
+    assert!(out_a.contains(&Output::ServeUnprotected));
+    assert_eq!(a.deadline(t + GRACE), None);
     // Long after: still nothing, whatever the timer says.
     let later = t + Duration::from_secs(60);
     assert!(b.handle(later, Input::Tick).is_empty());
@@ -816,4 +825,16 @@ fn the_simulated_world_fails_over_and_back() {
         world.sites[0].running && !world.sites[1].running,
         "and back"
     );
+}
+
+#[test]
+fn heartbeats_back_within_the_grace_keep_the_active_site_protected() {
+    let t = Instant::now();
+    let (mut a, b) = (active_primary(t), standby_backup(t));
+    assert!(!events(&a.handle(t, Input::PeerSilent)).contains(&&Event::ServingUnprotected));
+    // A heartbeat held up on a loaded host arrives after all.
+    let _ = a.handle(t + GRACE / 2, Input::PeerSeen(b.view()));
+    let out = a.handle(t + GRACE * 2, Input::Tick);
+    assert!(!out.contains(&Output::ServeUnprotected), "{out:?}");
+    assert_eq!(a.deadline(t + GRACE * 2), None);
 }
