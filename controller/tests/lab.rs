@@ -4,7 +4,7 @@
 //! namespace or tap behind. `secondsite lab scenario`: site-loss (BIRD, FRR) and wan-partition, one
 //! trial each, their invariants held (no INCR out of sequence, the connection survived, never
 //! two active sites, the roles where they must be); backup-loss and switchover (with its report
-//! and picture) too; an interrupted scenario leaves nothing behind.
+//! and picture) too; an interrupted scenario leaves nothing behind; `lab demo` tells its story.
 
 use std::path::Path;
 use std::process::Command;
@@ -355,4 +355,53 @@ fn in_ns_pids(ns: &str) -> Vec<String> {
         .split_whitespace()
         .map(str::to_owned)
         .collect()
+}
+
+/// `secondsite lab demo` (the README's first command, after its build) tells the failover and
+/// says the connection survived and no write was lost, writes its report and picture, and
+/// leaves none of its namespaces behind.
+#[test]
+fn the_demo_tells_the_failover_and_leaves_its_report() {
+    if !privileged("the_demo_tells_the_failover_and_leaves_its_report") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topology = topology();
+    let run = Command::new(SECONDSITE)
+        .args(["lab", "demo", "--topology", &topology, "--report"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs secondsite lab demo");
+    let pid = run.id();
+    let out = run.wait_with_output().expect("it ends");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "site-a killed, its links cut",
+        "site-b: VM serving (hot replica)",
+        "The client's connection survived",
+        "No write lost: yes",
+        "Never two active sites: yes",
+    ] {
+        assert!(said.contains(line), "{line}: {said}");
+    }
+    for file in [
+        "report.md",
+        "site-loss.svg",
+        "site-loss.png",
+        "site-loss.json",
+    ] {
+        assert!(dir.path().join(file).is_file(), "{file} written");
+    }
+    let left = namespaces_of(pid);
+    assert!(
+        left.is_empty(),
+        "no namespace of the demo is left: {left:?}"
+    );
 }

@@ -230,6 +230,15 @@ impl Replication {
             .clone()
     }
 
+    /// The newest epoch the backup acknowledged (without copying the whole status).
+    pub fn committed(&self) -> u64 {
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .committed
+    }
+
     /// Events from now on.
     pub fn subscribe(&self) -> Receiver<Event> {
         let (tx, rx) = mpsc::channel();

@@ -153,6 +153,7 @@ fn subscribers_hear_commits_the_loss_of_the_backup_and_the_resynchronisation() {
     );
     assert_eq!(next_event(&events), Event::Resynced { epoch: full });
     assert!(replication.wait_committed(full, Duration::from_secs(1)));
+    assert!(replication.committed() >= full);
     assert!(
         !replication.wait_committed(u64::MAX, Duration::from_millis(50)),
         "an epoch never acknowledged is never committed"

@@ -3,6 +3,7 @@
 mod api;
 mod bench;
 mod bgp;
+mod figures;
 mod group;
 mod lab;
 mod policy;

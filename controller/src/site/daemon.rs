@@ -396,8 +396,8 @@ impl Daemon {
         for name in &names {
             // Where this site is active: the other site acknowledging epochs. (The backup's
             // suspicion needs no such check: its witness, the upstream, must agree too.)
-            let committed = self.data.group_status(name)["committed"].as_u64();
-            self.replication_signs.note(name, committed, now);
+            self.replication_signs
+                .note(name, self.data.committed(name), now);
         }
         let heartbeats_silent = self.monitor.liveness(now) == Liveness::Silent;
         let replicating = self

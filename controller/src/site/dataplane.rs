@@ -527,6 +527,15 @@ impl DataPlane {
         self.hot.epoch(group)
     }
 
+    /// The last epoch the other site acknowledged of the group's VMs running here (`None`: not
+    /// running, not replicated, or busy this time).
+    pub fn committed(&self, group: &str) -> Option<u64> {
+        let data = self.group(group)?;
+        let data = data.try_lock().ok()?;
+        let replication = data.running.as_ref()?.replication.as_ref()?;
+        Some(replication.committed())
+    }
+
     /// The group's replication and gateway figures while its VMs run here: epochs committed,
     /// pause p99, bytes sent; frames held, log lag (of its first VM's gateway).
     pub fn group_status(&self, group: &str) -> serde_json::Value {

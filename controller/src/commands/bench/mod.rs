@@ -15,6 +15,8 @@ use secondsite_vmm::affinity::CpuList;
 use secondsite_vmm::{Reply, Tap, Vm, VmConfig, VmHandle};
 use serde_json::{Value, json};
 
+use super::figures::{parse_benchmark, percentile, round};
+
 const MARKER: &str = "SECONDSITE_BENCH_PRIVATE_NETNS";
 const TAP: &str = "ssbench0";
 const GUEST: [u8; 4] = [203, 0, 113, 10];
@@ -195,13 +197,6 @@ fn wait_serving(timeout: Duration) -> anyhow::Result<Duration> {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 fn summary(mut samples: Vec<f64>) -> Value {
     samples.sort_by(f64::total_cmp);
     json!({
@@ -210,10 +205,6 @@ fn summary(mut samples: Vec<f64>) -> Value {
         "p99": round(percentile(&samples, 0.99)),
         "max": round(samples.last().copied().unwrap_or(0.0)),
     })
-}
-
-fn round(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }
 
 fn measure_start(rounds: usize) -> anyhow::Result<Value> {
@@ -387,20 +378,6 @@ fn measure_harvest(counts: &[usize]) -> anyhow::Result<Value> {
     Ok(Value::Array(rows))
 }
 
-/// Parses `redis-benchmark -q` output: test name to requests per second.
-fn parse_benchmark(output: &str) -> Vec<(String, f64)> {
-    output
-        .split(['\n', '\r'])
-        .filter_map(|line| {
-            let (name, rest) = line.split_once(": ")?;
-            let rps = rest
-                .strip_suffix(" requests per second")
-                .or_else(|| rest.split(" requests per second").next())?;
-            Some((name.trim().to_owned(), rps.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 fn redis_benchmark(host: &str, port: u16, requests: usize) -> anyhow::Result<Vec<(String, f64)>> {
     // Bounded by `timeout`: a server that stops answering must not hang the benchmark.
     let out = run(Command::new("timeout").args([
@@ -527,32 +504,5 @@ fn print_report(r: &Value) {
             row["host_redis_server_rps"],
             row["guest_over_host"]
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_redis_benchmark_quiet_output() {
-        let out = "PING_INLINE: rps=0.0 (overall: -nan) avg_msec=-nan (overall: -nan)\r\
-                   PING_INLINE: 78125.00 requests per second, p50=0.551 msec\n\
-                   SET: 81967.21 requests per second, p50=0.551 msec\n";
-        assert_eq!(
-            parse_benchmark(out),
-            vec![
-                ("PING_INLINE".to_owned(), 78125.0),
-                ("SET".to_owned(), 81967.21)
-            ]
-        );
-    }
-
-    #[test]
-    fn percentiles_pick_from_sorted_samples() {
-        let s: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&s, 0.5), 51.0);
-        assert_eq!(percentile(&s, 0.99), 99.0);
-        assert_eq!(percentile(&[], 0.5), 0.0);
     }
 }

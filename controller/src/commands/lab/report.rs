@@ -14,20 +14,16 @@ use std::path::{Path, PathBuf};
 use secondsite_lab::report::{Timeline, draw};
 use serde_json::{Value, json};
 
-use super::scenario::round;
 use crate::cli::ScenarioArgs;
-
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    (!sorted.is_empty()).then(|| sorted[((sorted.len() - 1) as f64 * p).round() as usize])
-}
+use crate::commands::figures::{percentile, round};
 
 /// Median, p95 and worst (the largest) of the values present.
 fn spread(values: impl Iterator<Item = Option<f64>>) -> Value {
     let mut values: Vec<f64> = values.flatten().collect();
     values.sort_by(f64::total_cmp);
     json!({
-        "median": percentile(&values, 0.5).map(round),
-        "p95": percentile(&values, 0.95).map(round),
+        "median": (!values.is_empty()).then(|| round(percentile(&values, 0.5))),
+        "p95": (!values.is_empty()).then(|| round(percentile(&values, 0.95))),
         "worst": values.last().copied().map(round),
         "of": values.len(),
     })

@@ -30,6 +30,8 @@ use serde_json::{Value, json};
 
 use super::report;
 use super::{read_lab, state_dir_of};
+use crate::commands::figures::parse_benchmark;
+use crate::commands::figures::round;
 use sites::{active_paths, api_says_serving, group_state, protecting, upstream_route};
 use steps::{Trial, invariants};
 
@@ -189,7 +191,7 @@ fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
                         .output();
                     let rps = out
                         .ok()
-                        .and_then(|o| parse_rps(&String::from_utf8_lossy(&o.stdout)));
+                        .and_then(|o| set_per_s(&String::from_utf8_lossy(&o.stdout)));
                     if let Some(rps) = rps {
                         let mut w = watched.lock().unwrap_or_else(|e| e.into_inner());
                         w.rounds.push((start, unix_ms(), rps));
@@ -374,19 +376,12 @@ fn figures_of(
     figures
 }
 
-/// `SET: 12345.67 requests per second, p50=...` (redis-benchmark -q).
-fn parse_rps(out: &str) -> Option<f64> {
-    out.split(['\r', '\n'])
-        .filter_map(|l| l.trim().strip_prefix("SET:"))
-        .next_back()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-pub(super) fn round(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
+/// The SET test's requests per second in `redis-benchmark -q` output.
+fn set_per_s(out: &str) -> Option<f64> {
+    parse_benchmark(out)
+        .into_iter()
+        .rfind(|(test, _)| test == "SET")
+        .map(|(_, rps)| rps)
 }
 
 /// Ctrl-C (or SIGTERM, SIGHUP) mid-scenario: the lab's namespaces, with every process in them,

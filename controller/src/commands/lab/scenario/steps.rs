@@ -113,6 +113,17 @@ impl Trial<'_> {
         Ok(self.mark(&format!("{site} back (links up, daemon restarted)")))
     }
 
+    /// Site `site` comes back and protects the other again (marked `protecting`, if within
+    /// 30 s): the ms that took from its return.
+    fn bring_back_protecting(&self, site: &str, protecting: &str) -> anyhow::Result<Option<f64>> {
+        let back = self.bring_back(site)?;
+        let resumed = self.wait_for(site, "Protecting", back, Duration::from_secs(30));
+        if resumed.is_some() {
+            self.mark(protecting);
+        }
+        Ok(resumed)
+    }
+
     /// The scenario's steps; its own figures.
     pub fn run(&self, scenario: ScenarioName, freeze: bool) -> anyhow::Result<Value> {
         const LONG: Duration = Duration::from_secs(30);
@@ -156,11 +167,7 @@ impl Trial<'_> {
             ScenarioName::BackupLoss => {
                 let lost = self.lose("site-b", false)?;
                 std::thread::sleep(Duration::from_secs(3));
-                let back = self.bring_back("site-b")?;
-                let resumed = self.wait_for("site-b", "Protecting", back, LONG);
-                if resumed.is_some() {
-                    self.mark("site-b protecting again");
-                }
+                let resumed = self.bring_back_protecting("site-b", "site-b protecting again")?;
                 std::thread::sleep(Duration::from_secs(2));
                 json!({
                     "protection_resumed_ms": resumed,
@@ -191,11 +198,8 @@ impl Trial<'_> {
                 let lost = self.lose("site-a", freeze)?;
                 let taken = self.wait_for("site-b", "Active", lost, LONG);
                 std::thread::sleep(Duration::from_secs(2));
-                let back = self.bring_back("site-a")?;
-                let resynced = self.wait_for("site-a", "Protecting", back, LONG);
-                if resynced.is_some() {
-                    self.mark("site-a resynced, protecting site-b");
-                }
+                let resynced =
+                    self.bring_back_protecting("site-a", "site-a resynced, protecting site-b")?;
                 std::thread::sleep(Duration::from_secs(1));
                 let asked = self.mark("switchover asked of site-b");
                 self.switchover("site-b")?;
