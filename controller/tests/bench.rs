@@ -1,4 +1,4 @@
-//! `secondsite bench vm` runs end to end and reports every figure (a smoke run: the figures
+//! Each `secondsite bench` runs end to end and reports every figure (a smoke run: the figures
 //! themselves are for people to read, not for a test to judge on a shared machine).
 
 use std::sync::Mutex;
@@ -9,22 +9,32 @@ use serde_json::Value;
 /// The benchmarks measure the machine: run them one at a time, not beside each other.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-#[test]
-fn bench_vm_reports_every_figure() {
-    if !privileged("bench_vm_reports_every_figure") {
-        return;
+/// The report of `secondsite bench ARGS --json`, which must succeed, run for `test` alone;
+/// `None` where it cannot run (not root, no `/dev/kvm`: the test says skipped).
+fn bench_report(test: &str, args: &[&str]) -> Option<Value> {
+    if !privileged(test) {
+        return None;
     }
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_secondsite"))
-        .args(["bench", "vm", "--quick", "--json"])
+        .arg("bench")
+        .args(args)
+        .arg("--json")
         .output()
-        .expect("runs secondsite bench vm");
+        .unwrap_or_else(|e| panic!("runs secondsite bench {args:?}: {e}"));
     assert!(
         out.status.success(),
-        "bench failed: {}",
+        "bench {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    Some(serde_json::from_slice(&out.stdout).expect("one JSON object"))
+}
+
+#[test]
+fn bench_vm_reports_every_figure() {
+    let Some(report) = bench_report("bench_vm_reports_every_figure", &["vm", "--quick"]) else {
+        return;
+    };
     let positive = |v: &Value, what: &str| {
         let x = v
             .as_f64()
@@ -74,21 +84,58 @@ fn bench_vm_reports_every_figure() {
 }
 
 #[test]
-fn bench_replication_reports_every_workload() {
-    if !privileged("bench_replication_reports_every_workload") {
+fn bench_gateway_reports_every_path_with_the_cost_of_a_frame() {
+    let Some(report) = bench_report(
+        "bench_gateway_reports_every_path_with_the_cost_of_a_frame",
+        &["gateway", "--quick"],
+    ) else {
         return;
+    };
+    let paths = report["paths"].as_array().expect("paths");
+    assert_eq!(paths.len(), 6, "{report}");
+    assert_eq!(paths[0]["path"], "tap");
+    for row in paths {
+        let figure = |key: &str| {
+            row[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key} missing in {row}"))
+        };
+        assert!(figure("set_ops_per_s") > 0.0, "{row}");
+        for size in ["64", "1500"] {
+            assert!(figure(&format!("frames_per_s_{size}")) > 0.0, "{row}");
+            let cpu = &row[format!("cpu_us_per_frame_{size}")];
+            let part = |name: &str| cpu[name].as_f64().unwrap_or(f64::NAN);
+            // The VM thread works for every frame; the parts add up to the total.
+            assert!(part("vm_thread") > 0.0, "{row}");
+            let sum = part("vm_thread") + part("primary_other") + part("backup");
+            assert!((sum - part("total")).abs() < 0.05, "{row}");
+        }
+        if row["path"] == "tap" {
+            assert_eq!(
+                row["cpu_us_per_frame_64"]["backup"], 0.0,
+                "no backup: {row}"
+            );
+        } else if row["path"] == "output commit off, sync log" {
+            // Every frame the guest got was logged: the backup worked for it.
+            assert!(
+                row["cpu_us_per_frame_64"]["backup"].as_f64() > Some(0.0),
+                "{row}"
+            );
+        }
     }
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_secondsite"))
-        .args(["bench", "replication", "--quick", "--json"])
-        .output()
-        .expect("runs secondsite bench replication");
-    assert!(
-        out.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let targets = report["targets"].as_array().expect("targets");
+    assert_eq!(targets.len(), 4);
+    assert!(targets.iter().all(|t| t["met"].is_boolean()), "{targets:?}");
+}
+
+#[test]
+fn bench_replication_reports_every_workload() {
+    let Some(report) = bench_report(
+        "bench_replication_reports_every_workload",
+        &["replication", "--quick"],
+    ) else {
+        return;
+    };
     let rows = report["workloads"].as_array().expect("workloads");
     let seen: Vec<(String, u64)> = rows
         .iter()
@@ -142,20 +189,12 @@ fn bench_replication_reports_every_workload() {
 
 #[test]
 fn bench_bgp_reports_withdraw_times_codec_rate_and_memory() {
-    if !privileged("bench_bgp_reports_withdraw_times_codec_rate_and_memory") {
+    let Some(report) = bench_report(
+        "bench_bgp_reports_withdraw_times_codec_rate_and_memory",
+        &["bgp", "--quick"],
+    ) else {
         return;
-    }
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_secondsite"))
-        .args(["bench", "bgp", "--quick", "--json"])
-        .output()
-        .expect("runs secondsite bench bgp");
-    assert!(
-        out.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    };
     let routers: Vec<&str> = report["withdraw_to_fib_ms"]
         .as_array()
         .expect("per router")
@@ -189,20 +228,12 @@ fn bench_bgp_reports_withdraw_times_codec_rate_and_memory() {
 
 #[test]
 fn bench_failover_reports_every_step_of_a_site_loss() {
-    if !privileged("bench_failover_reports_every_step_of_a_site_loss") {
+    let Some(report) = bench_report(
+        "bench_failover_reports_every_step_of_a_site_loss",
+        &["failover", "--trials", "1"],
+    ) else {
         return;
-    }
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_secondsite"))
-        .args(["bench", "failover", "--trials", "1", "--json"])
-        .output()
-        .expect("runs secondsite bench failover");
-    assert!(
-        out.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    };
     for step in [
         "suspicion_ms",
         "witness_confirmed_ms",

@@ -12,7 +12,8 @@
 //!
 //! For each: redis-benchmark SET ops/s (50 clients, with and without `-P 16`), request
 //! latency p50/p99 (one client), frames/s into the guest for 64 B and 1500 B frames (a UDP
-//! flood from the host side of the tap, counted by the guest's RX counter), and the latency
+//! flood from the host side of the tap, counted by the guest's RX counter) with the CPU time
+//! each frame cost (the VM thread, the primary's other threads, the backup), and the latency
 //! added over the plain tap. The backup is `replicate receive --ack memory` on loopback.
 
 use std::net::UdpSocket;
@@ -133,26 +134,120 @@ fn rx_frames(running: &Protected) -> anyhow::Result<u64> {
     }
 }
 
+/// CPU nanoseconds the threads of process `pid` have run (their schedstat), by thread name,
+/// all but thread `except` (the load generator's own).
+fn threads_cpu_ns(pid: &str, except: Option<i32>) -> Vec<(String, u64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|task| except.is_none_or(|tid| task.file_name() != tid.to_string().as_str()))
+        .filter_map(|task| {
+            let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            let ran = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            Some((
+                name.trim().to_owned(),
+                ran.split_whitespace().next()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// CPU time used so far by the VM's path, in nanoseconds, split by who pays it.
+#[derive(Debug, Clone, Copy, Default)]
+struct PathCpu {
+    /// The VM's thread: the guest, its device, and the gateway's work on it.
+    vm_thread: u64,
+    /// The primary's other threads: the log link, replication, the epoch clock, ...
+    primary_other: u64,
+    /// The backup's receiver (in production, at the other site).
+    backup: u64,
+}
+
+impl PathCpu {
+    fn now(load_generator: i32, receiver_pid: &str) -> PathCpu {
+        let mut cpu = PathCpu::default();
+        for (name, ns) in threads_cpu_ns("self", Some(load_generator)) {
+            if name == "vcpu0" {
+                cpu.vm_thread += ns;
+            } else {
+                cpu.primary_other += ns;
+            }
+        }
+        cpu.backup = threads_cpu_ns(receiver_pid, None)
+            .iter()
+            .map(|(_, ns)| ns)
+            .sum();
+        cpu
+    }
+
+    /// Microseconds per frame of each part since `before`, for `frames` frames.
+    fn per_frame_us(&self, before: &PathCpu, frames: u64) -> Value {
+        let us = |now: u64, then: u64| round(now.saturating_sub(then) as f64 / 1e3 / frames as f64);
+        json!({
+            "total": us(self.vm_thread + self.primary_other + self.backup,
+                        before.vm_thread + before.primary_other + before.backup),
+            "vm_thread": us(self.vm_thread, before.vm_thread),
+            "primary_other": us(self.primary_other, before.primary_other),
+            "backup": us(self.backup, before.backup),
+        })
+    }
+}
+
+/// What a flood got through, and at what CPU cost.
+struct Flood {
+    frames_per_s: f64,
+    /// CPU microseconds a received frame cost, by part ([`PathCpu`]; the load generator is
+    /// not counted).
+    cpu_us_per_frame: Value,
+}
+
+/// Datagrams a `sendmmsg` call sends.
+const BURST: usize = 64;
+
 /// Frames per second the guest received while the host side sent UDP frames of
-/// `frame_bytes` as fast as it could for `seconds`.
-fn flood(running: &Protected, frame_bytes: usize, seconds: f64) -> anyhow::Result<f64> {
+/// `frame_bytes` as fast as it could for `seconds`. The load generator stands for clients on
+/// other machines: it sends 64 datagrams a system call and runs as `SCHED_IDLE`, so that on
+/// these two cores it takes the CPU the VM's path leaves rather than an equal share of it.
+fn flood(
+    running: &Protected,
+    receiver_pid: u32,
+    frame_bytes: usize,
+    seconds: f64,
+) -> anyhow::Result<Flood> {
     let payload = vec![0x5a; frame_bytes - 42]; // Ethernet 14, IPv4 20, UDP 8
     let socket = UdpSocket::bind("203.0.113.1:0").context("a UDP socket on the tap's side")?;
     socket.connect((std::net::Ipv4Addr::from(GUEST), 9))?;
+    let iov = [std::io::IoSlice::new(&payload)];
+    let mut controls: Vec<_> = (0..BURST)
+        .map(|_| rustix::net::SendAncillaryBuffer::default())
+        .collect();
+    let mut burst: Vec<_> = controls
+        .iter_mut()
+        .map(|control| rustix::net::MMsgHdr::new(&iov, control))
+        .collect();
+    let me = secondsite_replicator::sched::current_thread_id();
+    let receiver_pid = receiver_pid.to_string();
     let before = rx_frames(running)?;
+    let cpu_before = PathCpu::now(me, &receiver_pid);
     let started = Instant::now();
+    secondsite_replicator::sched::set_current_thread(true)?;
     while started.elapsed().as_secs_f64() < seconds {
-        for _ in 0..64 {
-            let _ = socket.send(&payload); // a full tap queue drops: what gets through counts
-        }
+        // A full tap queue drops: what gets through counts.
+        let _ = rustix::net::sendmmsg(&socket, &mut burst, rustix::net::SendFlags::empty());
     }
+    secondsite_replicator::sched::set_current_thread(false)?;
     // Frames in flight through the log land in a moment.
     std::thread::sleep(Duration::from_millis(200));
-    let received = rx_frames(running)? - before;
-    Ok(received as f64 / started.elapsed().as_secs_f64())
+    let received = (rx_frames(running)? - before).max(1);
+    Ok(Flood {
+        frames_per_s: received as f64 / started.elapsed().as_secs_f64(),
+        cpu_us_per_frame: PathCpu::now(me, &receiver_pid).per_frame_us(&cpu_before, received),
+    })
 }
 
-fn measure(path: &Path, quick: bool) -> anyhow::Result<Value> {
+fn measure(path: &Path, receiver_pid: u32, quick: bool) -> anyhow::Result<Value> {
     let console = scratch_dir()?.join("console.log");
     let gateway = path.gateway.map(|(output_commit, log)| GatewayConfig {
         output_commit,
@@ -218,9 +313,9 @@ fn measure(path: &Path, quick: bool) -> anyhow::Result<Value> {
         let lone_gateway = running.gateways.first().map(|g| g.status());
         let loaded = set_run(50, 1, n)?;
         let pipelined = set_run(50, 16, n * 4)?;
-        let flood_s = if quick { 0.5 } else { 2.0 };
-        let small = flood(&running, 64, flood_s)?;
-        let large = flood(&running, 1500, flood_s)?;
+        let flood_s = if quick { 0.5 } else { 4.0 };
+        let small = flood(&running, receiver_pid, 64, flood_s)?;
+        let large = flood(&running, receiver_pid, 1500, flood_s)?;
         let replication = running.replication.as_ref().map(|r| r.status());
         let gateway = running.gateways.first().map(|g| g.status());
         let lone_figure = |key: &str| lone_gateway.as_ref().map(|g| g[key].clone());
@@ -239,8 +334,10 @@ fn measure(path: &Path, quick: bool) -> anyhow::Result<Value> {
             "set_ops_per_s_p16": round(pipelined.rps),
             "loaded_latency_ms": { "p50": loaded.p50_ms, "p99": loaded.p99_ms },
             "latency_ms": { "p50": lone.p50_ms, "p99": lone.p99_ms },
-            "frames_per_s_64": round(small),
-            "frames_per_s_1500": round(large),
+            "frames_per_s_64": round(small.frames_per_s),
+            "frames_per_s_1500": round(large.frames_per_s),
+            "cpu_us_per_frame_64": small.cpu_us_per_frame,
+            "cpu_us_per_frame_1500": large.cpu_us_per_frame,
             "pause_us_p99": pause_p99,
             "output_checkpoints": replication.as_ref().map(|r| r.output_checkpoints),
             "epochs": replication.as_ref().map(|r| r.committed),
@@ -263,7 +360,7 @@ pub fn gateway(json_output: bool, quick: bool) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     for path in &PATHS {
         eprintln!("bench gateway: {}", path.name);
-        rows.push(measure(path, quick)?);
+        rows.push(measure(path, receiver.pid(), quick)?);
     }
     drop(receiver);
     let _ = std::fs::remove_dir_all(&scratch);
@@ -336,6 +433,27 @@ fn print_report(report: &Value) {
             row["added_latency_p50_ms"].as_f64().unwrap_or(0.0),
             row["frames_per_s_64"].as_f64().unwrap_or(0.0),
             row["frames_per_s_1500"].as_f64().unwrap_or(0.0),
+        );
+    }
+    outln!(
+        "CPU per received frame in the floods, us (VM thread + primary's other threads + backup):"
+    );
+    for row in report["paths"].as_array().into_iter().flatten() {
+        let cpu = |size: &str| {
+            let c = &row[format!("cpu_us_per_frame_{size}")];
+            format!(
+                "{:.2} ({:.2} + {:.2} + {:.2})",
+                c["total"].as_f64().unwrap_or(0.0),
+                c["vm_thread"].as_f64().unwrap_or(0.0),
+                c["primary_other"].as_f64().unwrap_or(0.0),
+                c["backup"].as_f64().unwrap_or(0.0)
+            )
+        };
+        outln!(
+            "  {:<52} 64 B {:<26} 1500 B {}",
+            row["path"].as_str().unwrap_or(""),
+            cpu("64"),
+            cpu("1500")
         );
     }
     for t in report["targets"].as_array().into_iter().flatten() {

@@ -80,7 +80,8 @@ impl Receiver {
         Ok(receiver)
     }
 
-    fn pid(&self) -> u32 {
+    /// The receiver's process id (for its CPU time).
+    pub(super) fn pid(&self) -> u32 {
         self.child.id()
     }
 
