@@ -51,10 +51,11 @@ const STALL_EXPECTED: Duration = Duration::from_secs(4);
 /// two-core machine, and trials of different modes at once would measure each other.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// The client's INCR loop: checks each reply; runs until it has `AFTER_RESTORE` replies after
-/// `killed` is set, a violation, or no reply for `stall`.
+/// The client's INCR loop: checks each reply (`answered` once the first came); runs until it
+/// has `AFTER_RESTORE` replies after `killed` is set, a violation, or no reply for `stall`.
 fn incr_loop(
     mut conn: Connection,
+    answered: Arc<AtomicBool>,
     killed: Arc<AtomicBool>,
     stall: Duration,
 ) -> (Vec<(Instant, bool)>, Option<String>) {
@@ -78,6 +79,7 @@ fn incr_loop(
             None => return (replies, Some(format!("not a counter reply: {line:?}"))),
         };
         replies.push((Instant::now(), was_killed));
+        answered.store(true, Ordering::Relaxed);
         if value != last + 1 {
             let what = if value <= last {
                 "went back"
@@ -109,7 +111,7 @@ struct Mode<'a> {
     stall: Duration,
 }
 
-/// One trial: a protected VM as `mode` says, killed `kill_after` into the client's loop, then
+/// One trial: a protected VM as `mode` says, killed `kill_after` after the client's first reply, then
 /// restored from the backup's store.
 fn trial(site: &VmSite, dir: &Path, mode: &Mode<'_>, kill_after: Duration) -> Trial {
     let (vm_args, restore_args) = (mode.vm_args, mode.restore_args);
@@ -125,11 +127,18 @@ fn trial(site: &VmSite, dir: &Path, mode: &Mode<'_>, kill_after: Duration) -> Tr
     let resets = tcp_resets(site);
     let conn = Connection::open(site);
     let killed = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicBool::new(false));
     let client = {
-        let killed = killed.clone();
+        let (answered, killed) = (answered.clone(), killed.clone());
         let stall = mode.stall;
-        std::thread::spawn(move || incr_loop(conn, killed, stall))
+        std::thread::spawn(move || incr_loop(conn, answered, killed, stall))
     };
+    // The loop's clock starts at its first reply (a loaded host once took 390 ms to the first
+    // one, and a kill before it tests nothing).
+    let started = Instant::now();
+    while !answered.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::thread::sleep(kill_after);
     vm.proc.kill(); // the primary site is lost
     killed.store(true, Ordering::Relaxed);
@@ -168,7 +177,7 @@ fn trial(site: &VmSite, dir: &Path, mode: &Mode<'_>, kill_after: Duration) -> Tr
     trial
 }
 
-/// `trials` trials of one mode, the kill moment drawn from 150 to 650 ms into the loop.
+/// `trials` trials of one mode, the kill moment drawn from 150 to 650 ms after the first reply.
 fn trials(mode: &Mode<'_>, trials: usize) -> Vec<Trial> {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let site = VmSite::new().expect("builds the namespaces");
