@@ -196,7 +196,7 @@ where
 mod tests {
     use super::*;
 
-    /// A site-loss as a scenario recorded it: a request every ~6 ms, the gap, the steps.
+    /// A site-loss like the ones a scenario records: a request every ~6 ms, the gap, the steps.
     fn recorded() -> Timeline {
         let mut latency: Vec<(f64, f64)> = (0..400)
             .map(|n| (-2.0 + f64::from(n) * 0.006, 0.4 + f64::from(n % 7) * 0.05))
@@ -221,7 +221,6 @@ mod tests {
     fn the_timeline_picture_is_a_valid_svg_and_png_with_every_mark() {
         let dir = tempfile::tempdir().expect("tempdir");
         let dir = std::env::var_os("KEEP_PICTURE").map_or(dir.path().to_owned(), PathBuf::from);
-        let dir = &dir;
         let timeline = recorded();
         let (svg, png) = match draw(&timeline, &dir.join("site-loss")) {
             Ok(paths) => paths,

@@ -30,7 +30,7 @@ use secondsite_vmm::{Reply, Vm};
 use serde_json::{Value, json};
 
 use super::replication::Receiver;
-use super::{GUEST, TAP, config, in_private_netns, round, scratch_dir, wait_serving};
+use super::{GUEST, TAP, config, in_private_netns, round, scratch_dir, threads_cpu, wait_serving};
 use secondsite::runtime::port::open_port;
 use secondsite::runtime::protect::{GroupVm, Protected};
 
@@ -134,26 +134,6 @@ fn rx_frames(running: &Protected) -> anyhow::Result<u64> {
     }
 }
 
-/// CPU nanoseconds the threads of process `pid` have run (their schedstat), by thread name,
-/// all but thread `except` (the load generator's own).
-fn threads_cpu_ns(pid: &str, except: Option<i32>) -> Vec<(String, u64)> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter(|task| except.is_none_or(|tid| task.file_name() != tid.to_string().as_str()))
-        .filter_map(|task| {
-            let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
-            let ran = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-            Some((
-                name.trim().to_owned(),
-                ran.split_whitespace().next()?.parse().ok()?,
-            ))
-        })
-        .collect()
-}
-
 /// CPU time used so far by the VM's path, in nanoseconds, split by who pays it.
 #[derive(Debug, Clone, Copy, Default)]
 struct PathCpu {
@@ -166,19 +146,19 @@ struct PathCpu {
 }
 
 impl PathCpu {
-    fn now(load_generator: i32, receiver_pid: &str) -> PathCpu {
+    fn now(load_generator: &str, receiver_pid: &str) -> PathCpu {
         let mut cpu = PathCpu::default();
-        for (name, ns) in threads_cpu_ns("self", Some(load_generator)) {
-            if name == "vcpu0" {
-                cpu.vm_thread += ns;
+        for thread in threads_cpu("self") {
+            if thread.tid == load_generator {
+                continue;
+            }
+            if thread.name == "vcpu0" {
+                cpu.vm_thread += thread.ran_ns;
             } else {
-                cpu.primary_other += ns;
+                cpu.primary_other += thread.ran_ns;
             }
         }
-        cpu.backup = threads_cpu_ns(receiver_pid, None)
-            .iter()
-            .map(|(_, ns)| ns)
-            .sum();
+        cpu.backup = threads_cpu(receiver_pid).iter().map(|t| t.ran_ns).sum();
         cpu
     }
 
@@ -227,10 +207,10 @@ fn flood(
         .iter_mut()
         .map(|control| rustix::net::MMsgHdr::new(&iov, control))
         .collect();
-    let me = secondsite_replicator::sched::current_thread_id();
+    let me = secondsite_replicator::sched::current_thread_id().to_string();
     let receiver_pid = receiver_pid.to_string();
     let before = rx_frames(running)?;
-    let cpu_before = PathCpu::now(me, &receiver_pid);
+    let cpu_before = PathCpu::now(&me, &receiver_pid);
     let started = Instant::now();
     secondsite_replicator::sched::set_current_thread(true)?;
     while started.elapsed().as_secs_f64() < seconds {
@@ -240,10 +220,11 @@ fn flood(
     secondsite_replicator::sched::set_current_thread(false)?;
     // Frames in flight through the log land in a moment.
     std::thread::sleep(Duration::from_millis(200));
-    let received = (rx_frames(running)? - before).max(1);
+    let received = rx_frames(running)? - before;
     Ok(Flood {
         frames_per_s: received as f64 / started.elapsed().as_secs_f64(),
-        cpu_us_per_frame: PathCpu::now(me, &receiver_pid).per_frame_us(&cpu_before, received),
+        cpu_us_per_frame: PathCpu::now(&me, &receiver_pid)
+            .per_frame_us(&cpu_before, received.max(1)),
     })
 }
 

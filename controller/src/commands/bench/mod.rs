@@ -229,6 +229,36 @@ fn cpu_seconds() -> anyhow::Result<f64> {
     Ok(ticks as f64 / 100.0)
 }
 
+/// One thread's CPU use so far (its `/proc/PID/task/TID/schedstat`).
+struct ThreadCpu {
+    tid: String,
+    name: String,
+    /// Nanoseconds on a CPU, and runnable but waiting for one.
+    ran_ns: u64,
+    waited_ns: u64,
+}
+
+/// The CPU use of each thread of process `pid` (`"self"`: this one).
+fn threads_cpu(pid: &str) -> Vec<ThreadCpu> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            let schedstat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            let mut ns = schedstat.split_whitespace().map(|f| f.parse::<u64>().ok());
+            Some(ThreadCpu {
+                tid: task.file_name().to_string_lossy().into_owned(),
+                name: name.trim().to_owned(),
+                ran_ns: ns.next()??,
+                waited_ns: ns.next()??,
+            })
+        })
+        .collect()
+}
+
 /// Resident MiB of this process outside the mapping of `guest_mib` (the guest's memory).
 fn rss_beyond_guest_mib(guest_mib: u64) -> anyhow::Result<f64> {
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;

@@ -414,24 +414,14 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
 impl CpuUse {
     fn now(receiver_pid: u32) -> CpuUse {
         let mut cpu = CpuUse::default();
-        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-            for task in tasks.flatten() {
-                let path = task.path().join("stat");
-                if let Some((comm, v)) = stat_fields(&path.to_string_lossy()) {
-                    match comm.as_str() {
-                        "vcpu0" => {
-                            cpu.vcpu += cpu_seconds(&v);
-                            // schedstat: time on a CPU, time waiting on a runqueue (ns), slices.
-                            cpu.vcpu_waiting +=
-                                std::fs::read_to_string(task.path().join("schedstat"))
-                                    .ok()
-                                    .and_then(|t| t.split_whitespace().nth(1)?.parse::<f64>().ok())
-                                    .map_or(0.0, |ns| ns / 1e9);
-                        }
-                        "replication" => cpu.sender += cpu_seconds(&v),
-                        _ => {}
-                    }
+        for thread in super::threads_cpu("self") {
+            match thread.name.as_str() {
+                "vcpu0" => {
+                    cpu.vcpu += thread.ran_ns as f64 / 1e9;
+                    cpu.vcpu_waiting += thread.waited_ns as f64 / 1e9;
                 }
+                "replication" => cpu.sender += thread.ran_ns as f64 / 1e9,
+                _ => {}
             }
         }
         cpu.receiver = process_cpu_seconds(receiver_pid).unwrap_or(0.0);

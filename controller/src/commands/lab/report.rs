@@ -82,7 +82,7 @@ pub fn summarize(args: &ScenarioArgs, trials: &[(Value, Vec<String>)]) -> Value 
         .collect();
     json!({
         "scenario": args.scenario.name(),
-        "upstream": format!("{:?}", args.build.upstream).to_lowercase(),
+        "upstream": args.build.upstream.name().to_lowercase(),
         "wan_delay_ms": args.build.wan_delay_ms,
         "wan_mbit": args.build.wan_mbit,
         "freeze": args.freeze,

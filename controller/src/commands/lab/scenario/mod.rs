@@ -17,7 +17,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,14 +30,13 @@ use serde_json::{Value, json};
 
 use super::report;
 use super::{read_lab, state_dir_of};
-use crate::commands::figures::parse_benchmark;
-use crate::commands::figures::round;
+use crate::cli::ScenarioArgs;
+use crate::commands::figures::{parse_benchmark, round};
 use sites::{active_paths, api_says_serving, group_state, protecting, upstream_route};
 use steps::{Trial, invariants};
 
 mod sites;
 mod steps;
-use crate::cli::ScenarioArgs;
 
 /// The group and prefix of the lab's policy (containerlab/secondsite.yaml).
 const GROUP: &str = "web";
@@ -138,7 +137,6 @@ fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
     let watched = Arc::new(Mutex::new(Watched::default()));
     let _monitor = watch_fib(&lab, watched.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
-    let client_ns = client.name().to_owned();
     let steps = Trial {
         lab: &lab,
         state_a: state_a.clone(),
@@ -178,14 +176,14 @@ fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
         });
         // The load: redis-benchmark rounds back to back.
         scope.spawn({
-            let (watched, stop, ns) = (watched.clone(), stop.clone(), client_ns.clone());
+            let (watched, stop) = (watched.clone(), stop.clone());
             move || {
                 while !stop.load(Ordering::Relaxed) {
                     let start = unix_ms();
                     // A round that cannot finish (the guest unreachable) ends after 10 s.
-                    let out = Command::new("ip")
-                        .args(["netns", "exec", &ns, "timeout", "10", "redis-benchmark"])
-                        .args(["-h", GUEST])
+                    let out = client
+                        .command("timeout")
+                        .args(["10", "redis-benchmark", "-h", GUEST])
                         .args(["-t", "set", "-n", "200", "-c", "4", "-q"])
                         .stdin(Stdio::null())
                         .output();
@@ -255,7 +253,7 @@ fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
         Ok((figures?, survived))
     })?;
     let marks = steps.marks.into_inner().unwrap_or_else(|e| e.into_inner());
-    let takeovers: Vec<(f64, Value)> = [&state_a, &state_b]
+    let mut takeovers: Vec<(f64, Value)> = [&state_a, &state_b]
         .iter()
         .flat_map(|dir| {
             let journal = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
@@ -263,17 +261,14 @@ fn trial(args: &ScenarioArgs, run_dir: &Path) -> anyhow::Result<Value> {
                 .lines()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                 .filter_map(|e| {
-                    let timeline = e["event"].get("Timeline")?.clone();
+                    let mut timeline = e["event"].get("Timeline")?.clone();
                     let origin = e["unix_ms"].as_f64()? - timeline["emitted_ms"].as_f64()?;
-                    let site = e["site"].as_str().unwrap_or("").to_owned();
-                    let mut timeline = timeline;
-                    timeline["site"] = json!(site);
+                    timeline["site"] = e["site"].clone();
                     Some((origin, timeline))
                 })
                 .collect::<Vec<_>>()
         })
         .collect();
-    let mut takeovers = takeovers;
     takeovers.sort_by(|a, b| a.0.total_cmp(&b.0));
     let upstream_after = upstream_route(&lab);
     let state_after = (group_state(&state_a), group_state(&state_b));

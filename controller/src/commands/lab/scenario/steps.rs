@@ -230,20 +230,16 @@ pub(super) fn invariants(name: ScenarioName, t: &Value) -> Vec<String> {
     if t["two_sites_active"] != false {
         broken.push("two sites were active at once".into());
     }
+    // After a site loss site-a is gone; after anything else it is the active site again.
     let (a, b) = (&t["state_after"]["site-a"], &t["state_after"]["site-b"]);
-    let expected = match name {
-        ScenarioName::SiteLoss => ("", "Active"),
-        _ => ("Active", "Standby"),
+    let (expected_a, expected_b) = match name {
+        ScenarioName::SiteLoss => (None, "Active"),
+        _ => (Some("Active"), "Standby"),
     };
-    if (!expected.0.is_empty() && a != expected.0) || b != expected.1 {
+    if expected_a.is_some_and(|e| a != e) || b != expected_b {
+        let site_a = expected_a.map_or(String::new(), |e| format!("site-a {e}, "));
         broken.push(format!(
-            "site-a ended {a} and site-b {b} (expected {}{})",
-            if expected.0.is_empty() {
-                String::new()
-            } else {
-                format!("site-a {}, ", expected.0)
-            },
-            format_args!("site-b {}", expected.1)
+            "site-a ended {a} and site-b {b} (expected {site_a}site-b {expected_b})"
         ));
     }
     let missing = |what: &str, value: &Value| {
