@@ -494,6 +494,13 @@ pub enum BenchCommand {
         /// Shorter measurements (for CI smoke runs).
         #[arg(long)]
         quick: bool,
+        /// Measure only these paths besides the plain tap (the reference): log-only,
+        /// commit-sync, commit-async, on-output, checkpoints-alone.
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<String>,
+        /// How long each UDP flood lasts, in seconds [default: 4, 0.5 with --quick].
+        #[arg(long)]
+        flood_seconds: Option<f64>,
     },
     /// The loss of a site in the namespace lab (BIRD with BFD, two `secondsite run`, a client
     /// with an INCR loop), each trial from scratch: suspicion, witness, restore and replay,

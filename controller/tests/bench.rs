@@ -109,6 +109,9 @@ fn bench_gateway_reports_every_path_with_the_cost_of_a_frame() {
             assert!(part("vm_thread") > 0.0, "{row}");
             let sum = part("vm_thread") + part("primary_other") + part("backup");
             assert!((sum - part("total")).abs() < 0.05, "{row}");
+            // The guest left to take frames and answer them (its ring holds 256).
+            let exits = row[format!("vm_thread_per_1000_frames_{size}")]["exits"].as_f64();
+            assert!(exits > Some(0.0), "{row}");
         }
         if row["path"] == "tap" {
             assert_eq!(

@@ -199,6 +199,16 @@ impl GatewayCore {
         self.inbound.has_ready()
     }
 
+    /// Whether the guest should be woken for frames ready for it ([`InboundLog::wake_for_ready`]).
+    pub fn wake_for_ready(&self) -> bool {
+        self.inbound.wake_for_ready()
+    }
+
+    /// Whether frames arriving from outside should wake the guest ([`InboundLog::watch_outside`]).
+    pub fn watch_outside(&self) -> bool {
+        self.inbound.watch_outside()
+    }
+
     /// The checkpoint of `epoch` is captured.
     pub fn seal(&mut self, epoch: u64, rx_cursor: u64, now: Instant) -> Moves {
         self.open_epoch = epoch + 1;

@@ -81,6 +81,10 @@ pub struct InboundLog {
     ack_us: VecDeque<u64>,
 }
 
+/// Acknowledged frames worth waking the guest for while more are on their way: half its
+/// receive ring.
+const WAKE_BATCH: usize = 128;
+
 /// Acknowledgement times kept for percentiles.
 const ACK_SAMPLES: usize = 4096;
 
@@ -199,6 +203,21 @@ impl InboundLog {
         !self.ready.is_empty()
     }
 
+    /// Whether the guest should be woken for the acknowledged frames: when enough wait to be
+    /// worth a wake, or when no other acknowledgement is coming (every frame taken is held by
+    /// the backup). Interrupt moderation, as a NIC's `rx-frames`: a flood's frames reach the
+    /// guest by the ring's half rather than by the acknowledgement, and a lone frame at once.
+    pub fn wake_for_ready(&self) -> bool {
+        !self.ready.is_empty() && (self.ready.len() >= WAKE_BATCH || self.unacked.is_empty())
+    }
+
+    /// Whether new frames from outside should wake the guest's thread. Not while (sync) frames
+    /// it took wait for their acknowledgement: that wakes it, and it takes what came meanwhile
+    /// then, one wake a batch rather than one per arriving burst.
+    pub fn watch_outside(&self) -> bool {
+        self.mode != LogMode::Sync || self.bypass || self.unacked.is_empty()
+    }
+
     /// From now on frames go to the guest unlogged, and those waiting for an acknowledgement
     /// go now (the decision to run unprotected).
     pub fn bypass(&mut self) {
@@ -268,6 +287,44 @@ mod tests {
         log.ack(2, 0);
         assert_eq!(log.next_for_guest(), Some((2, shared(2))));
         assert_eq!(log.lag(), 0);
+    }
+
+    #[test]
+    fn the_guest_is_woken_by_the_batch_or_once_nothing_else_is_coming() {
+        let mut log = InboundLog::new(LogMode::Sync, 0, 1 << 20);
+        assert!(
+            log.watch_outside(),
+            "nothing in flight: arrivals wake the guest"
+        );
+        for n in 0..WAKE_BATCH + 10 {
+            log.arrive(&frame(n as u8), 1, 0);
+        }
+        assert!(
+            !log.watch_outside(),
+            "frames in flight: their acknowledgement wakes it"
+        );
+        log.ack(1, 0);
+        assert!(!log.wake_for_ready(), "one frame ready, more on their way");
+        log.ack(WAKE_BATCH as u64, 0);
+        assert!(log.wake_for_ready(), "half a ring ready");
+        while log.next_for_guest().is_some() {}
+        log.ack(WAKE_BATCH as u64 + 1, 0);
+        assert!(!log.wake_for_ready());
+        log.ack(WAKE_BATCH as u64 + 10, 0);
+        assert!(log.wake_for_ready(), "the last acknowledgement wakes it");
+        assert!(log.watch_outside());
+        let mut async_log = InboundLog::new(LogMode::Async, 0, 1 << 20);
+        async_log.arrive(&frame(1), 1, 0);
+        assert!(
+            async_log.watch_outside(),
+            "async: the guest takes every frame at once"
+        );
+        log.arrive(&frame(1), 1, 0);
+        log.bypass();
+        assert!(
+            log.watch_outside() && log.wake_for_ready(),
+            "running unprotected"
+        );
     }
 
     #[test]

@@ -107,7 +107,7 @@ fn run_link(gateway: &Gateway, config: &LogLinkConfig, stop: &AtomicBool) -> Res
         }
         inbound.receive(&buf[..n]);
     };
-    gateway.core().log_linked(backup_has);
+    gateway.log_linked(backup_has);
     *gateway.log_link.lock().unwrap_or_else(|e| e.into_inner()) = (true, None);
     // Reads happen only once poll says the socket is readable; the short timeout keeps a
     // TLS record without application data (a session ticket) from holding the link up.

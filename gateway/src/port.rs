@@ -36,6 +36,8 @@ pub struct Gateway {
     wire: Mutex<Box<dyn NetPort>>,
     /// Rung for the VM thread: frames ready for the guest, or room to send again.
     readiness: Readiness,
+    /// Whether frames arriving on the inner port wake the VM thread ([`GatewayCore::watch_outside`]).
+    watching_outside: AtomicBool,
     /// Rung for the log link: frames to ship (once until it looks: `ship_rung`).
     ship: Bell,
     ship_rung: AtomicBool,
@@ -71,6 +73,7 @@ impl Gateway {
             core: Mutex::new(GatewayCore::new(config)),
             wire: Mutex::new(wire),
             readiness: Readiness::new(inner)?,
+            watching_outside: AtomicBool::new(true),
             ship: Bell::new()?,
             ship_rung: AtomicBool::new(false),
             events: Mutex::new(Vec::new()),
@@ -84,9 +87,9 @@ impl Gateway {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends what the core released and reports its events; rings the VM thread if the
-    /// guest may send again.
-    fn apply(&self, moves: Moves, was_full: bool) {
+    /// Sends what the core released and reports its events; rings the VM thread if `ring`
+    /// (the guest may send again, or frames wait for it).
+    fn apply(&self, moves: Moves, ring: bool) {
         if !moves.out.is_empty() {
             let mut wire = self.wire.lock().unwrap_or_else(|e| e.into_inner());
             for frame in &moves.out {
@@ -112,19 +115,34 @@ impl Gateway {
             }
             events.push(text);
         }
-        if was_full {
+        if ring {
             self.readiness.ring();
         }
     }
 
     /// Runs `step` on the core and applies what it returns.
     fn step(&self, step: impl FnOnce(&mut GatewayCore, Instant) -> Moves) {
-        let (moves, was_full) = {
+        let (moves, ring) = {
             let mut core = self.core();
             let was_full = !core.has_room();
-            (step(&mut core, Instant::now()), was_full)
+            let moves = step(&mut core, Instant::now());
+            self.follow_watch(&core);
+            (moves, was_full || core.wake_for_ready())
         };
-        self.apply(moves, was_full);
+        self.apply(moves, ring);
+    }
+
+    /// Makes the VM thread's wake-ups on frames from outside follow the core; called with the
+    /// core locked, so that the changes are made in the order the core's were.
+    fn follow_watch(&self, core: &GatewayCore) {
+        let watch = core.watch_outside();
+        if self.watching_outside.swap(watch, Ordering::Relaxed) != watch
+            && let Err(e) = self.readiness.watch_inner(watch)
+        {
+            // Not expected (the descriptors live as long as the gateway); the VM thread
+            // then wakes for every frame, as it would without the gateway.
+            (self.report)(&format!("{}: epoll: {e}", self.name));
+        }
     }
 
     /// Rings `waiting` whenever output is held from now on (checkpoints on output).
@@ -137,12 +155,17 @@ impl Gateway {
         self.step(|core, now| core.commit(epoch, now));
     }
 
+    /// A new log link is up, and its backup holds frames up to `backup_has`.
+    pub(crate) fn log_linked(&self, backup_has: u64) {
+        self.step(|core, _| {
+            core.log_linked(backup_has);
+            Moves::default()
+        });
+    }
+
     /// The backup holds the log up to frame `seq`: frames waiting for it go to the guest.
     pub fn log_acked(&self, seq: u64) {
         self.step(|core, now| core.log_acked(seq, now, unix_ns()));
-        if self.core().has_ready() {
-            self.readiness.ring();
-        }
     }
 
     /// The backup is lost: stall, or run unprotected, as configured.
@@ -269,10 +292,12 @@ impl NetPort for GatewayPort {
                 quieted = true;
                 continue;
             };
-            let arrival = self
-                .gateway
-                .core()
-                .from_outside(&buf[..received.len], unix_ns());
+            let arrival = {
+                let mut core = self.gateway.core();
+                let arrival = core.from_outside(&buf[..received.len], unix_ns());
+                self.gateway.follow_watch(&core);
+                arrival
+            };
             match arrival {
                 Arrival::Deliver(seq) => {
                     if seq.is_some() {

@@ -218,21 +218,26 @@ impl Bell {
 }
 
 /// What a port that wraps another offers as its [`NetPort::readable_fd`]: one descriptor that
-/// polls readable when the inner port's does or when the port rings its bell (frames of its
-/// own are ready, or it takes output again). An epoll set of the two.
+/// polls readable when the inner port's does (while it is watched) or when the port rings its
+/// bell (frames of its own are ready, or it takes output again). An epoll set of the two.
 #[derive(Debug)]
 pub struct Readiness {
     epoll: OwnedFd,
+    /// The inner port's descriptor (a duplicate: the same open file), as registered.
+    inner: OwnedFd,
     bell: Bell,
 }
 
 impl Readiness {
+    const INNER: u64 = 0;
+
     /// Readable when `inner` is, or after [`Readiness::ring`].
     pub fn new(inner: BorrowedFd<'_>) -> io::Result<Readiness> {
         use rustix::event::epoll;
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let inner = inner.try_clone_to_owned()?;
         let bell = Bell::new()?;
-        for (fd, n) in [(inner, 0), (bell.fd(), 1)] {
+        for (fd, n) in [(inner.as_fd(), Self::INNER), (bell.fd(), 1)] {
             epoll::add(
                 &epoll,
                 fd,
@@ -240,7 +245,7 @@ impl Readiness {
                 epoll::EventFlags::IN,
             )?;
         }
-        Ok(Readiness { epoll, bell })
+        Ok(Readiness { epoll, inner, bell })
     }
 
     /// Makes the descriptor readable until [`Readiness::quiet`].
@@ -251,6 +256,24 @@ impl Readiness {
     /// Ends a ring (the inner port's own readiness stays as it is).
     pub fn quiet(&self) {
         self.bell.quiet();
+    }
+
+    /// Whether the inner port's readiness counts (it does from the start): a port that will
+    /// be rung anyway, and reads the inner port then, need not wake for each frame.
+    pub fn watch_inner(&self, watch: bool) -> io::Result<()> {
+        use rustix::event::epoll;
+        let events = if watch {
+            epoll::EventFlags::IN
+        } else {
+            epoll::EventFlags::empty()
+        };
+        epoll::modify(
+            &self.epoll,
+            &self.inner,
+            epoll::EventData::new_u64(Self::INNER),
+            events,
+        )?;
+        Ok(())
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {

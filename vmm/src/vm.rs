@@ -172,7 +172,10 @@ pub struct VmStatus {
     pub mem_size: u64,
     pub guest_ns: u64,
     pub exits: u64,
+    /// The guest's waits for work, and how many of them slept (nothing was there to deliver).
     pub waits: u64,
+    #[serde(default)]
+    pub sleeps: u64,
     pub console_bytes: u64,
     pub tap: String,
     pub net: NetStats,
@@ -221,6 +224,7 @@ pub struct Vm {
     state: RunState,
     exits: u64,
     waits: u64,
+    sleeps: u64,
     kick: Arc<Kick>,
     /// KVM's dirty log (with hot pages left writable) and the VMM's bitmap.
     dirty: DirtyLog,
@@ -413,6 +417,7 @@ impl Vm {
             state: RunState::Running,
             exits: 0,
             waits: 0,
+            sleeps: 0,
             kick: Arc::new(Kick::new()?),
             staging: StagingPool::new(DEFAULT_MAX_KEPT_BYTES),
             dirty: parts.dirty,
@@ -658,6 +663,7 @@ impl Vm {
             guest_ns: self.clock.now_ns(),
             exits: self.exits,
             waits: self.waits,
+            sleeps: self.sleeps,
             console_bytes: self.console.bytes,
             tap: self.net.port().name().to_owned(),
             net: self.net.stats,
@@ -861,6 +867,7 @@ impl Vm {
         if timeout.is_zero() {
             return;
         }
+        self.sleeps += 1;
         let mut fds = [
             libc::pollfd {
                 fd: self.net.port().readable_fd().as_raw_fd(),

@@ -50,7 +50,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             shared_cpus,
         }) => bench::replication(json, quick, throughput_only, shared_cpus),
         Command::Bench(BenchCommand::Bgp { json, quick }) => bench::bgp(json, quick),
-        Command::Bench(BenchCommand::Gateway { json, quick }) => bench::gateway(json, quick),
+        Command::Bench(BenchCommand::Gateway {
+            json,
+            quick,
+            paths,
+            flood_seconds,
+        }) => bench::gateway(json, quick, &paths, flood_seconds),
         Command::Bench(BenchCommand::Failover { json, trials }) => bench::failover(json, trials),
         Command::Bench(BenchCommand::HotStandby { json, trials, mib }) => {
             bench::hot_standby(json, trials, mib)
