@@ -136,9 +136,13 @@ impl Gateway {
     /// core locked, so that the changes are made in the order the core's were.
     fn follow_watch(&self, core: &GatewayCore) {
         let watch = core.watch_outside();
-        if self.watching_outside.swap(watch, Ordering::Relaxed) != watch
-            && let Err(e) = self.readiness.watch_inner(watch)
-        {
+        // Read before written: the flag changes once a batch, and a write per frame would
+        // send its cache line between the VM thread's core and the log link's every time.
+        if self.watching_outside.load(Ordering::Relaxed) == watch {
+            return;
+        }
+        self.watching_outside.store(watch, Ordering::Relaxed);
+        if let Err(e) = self.readiness.watch_inner(watch) {
             // Not expected (the descriptors live as long as the gateway); the VM thread
             // then wakes for every frame, as it would without the gateway.
             (self.report)(&format!("{}: epoll: {e}", self.name));
@@ -222,6 +226,10 @@ impl Gateway {
     }
 }
 
+/// Bytes of frames taken into the log after which the log link is told, while the VM thread
+/// goes on taking more.
+const SHIP_BATCH_BYTES: usize = 64 * 1024;
+
 /// The VM's port: the gateway in front of the inner port it receives from.
 pub struct GatewayPort {
     gateway: Arc<Gateway>,
@@ -248,30 +256,11 @@ impl GatewayPort {
         let gateway = Gateway::new(config, wire, inner.readable_fd(), report)?;
         Ok((gateway.clone(), GatewayPort { gateway, inner }))
     }
-}
 
-impl NetPort for GatewayPort {
-    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        let now = Instant::now();
-        if self.gateway.core().from_guest(frame, now) {
-            return self
-                .gateway
-                .wire
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(frame);
-        }
-        if let Some(waiting) = self.gateway.output_waiting.get() {
-            waiting.ring();
-        }
-        Ok(())
-    }
-
-    fn can_send(&self) -> bool {
-        self.gateway.core().has_room()
-    }
-
-    fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
+    /// The next frame for the guest: an acknowledged logged one, or one from the inner port
+    /// that needs no acknowledgement; frames from it that do are logged on the way (`logged`:
+    /// their bytes the log link has not been told of).
+    fn next_frame(&mut self, buf: &mut [u8], logged: &mut usize) -> io::Result<Option<Received>> {
         let mut quieted = false;
         loop {
             if let Some((seq, frame)) = self.gateway.core().next_for_guest() {
@@ -301,19 +290,59 @@ impl NetPort for GatewayPort {
             match arrival {
                 Arrival::Deliver(seq) => {
                     if seq.is_some() {
-                        self.gateway.frames_to_ship();
+                        *logged += received.len;
                     }
                     return Ok(Some(Received {
                         len: received.len,
                         seq,
                     }));
                 }
-                Arrival::Waiting(_) => self.gateway.frames_to_ship(),
+                Arrival::Waiting(_) => {
+                    *logged += received.len;
+                    if *logged >= SHIP_BATCH_BYTES {
+                        self.gateway.frames_to_ship();
+                        *logged = 0;
+                    }
+                }
                 Arrival::Dropped => {}
             }
         }
     }
+}
 
+impl NetPort for GatewayPort {
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        let now = Instant::now();
+        if self.gateway.core().from_guest(frame, now) {
+            return self
+                .gateway
+                .wire
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(frame);
+        }
+        if let Some(waiting) = self.gateway.output_waiting.get() {
+            waiting.ring();
+        }
+        Ok(())
+    }
+
+    fn can_send(&self) -> bool {
+        self.gateway.core().has_room()
+    }
+
+    fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
+        let mut logged = 0;
+        let received = self.next_frame(buf, &mut logged);
+        // The log link hears of the frames this call logged once it has taken all it will
+        // (the whole queue of the inner port, in sync mode), or a batch's worth of them: one
+        // wake for many, rather than one for the first and more for those that came while
+        // it worked.
+        if logged > 0 {
+            self.gateway.frames_to_ship();
+        }
+        received
+    }
     fn readable_fd(&self) -> BorrowedFd<'_> {
         self.gateway.readiness.fd()
     }

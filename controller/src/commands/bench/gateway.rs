@@ -162,6 +162,8 @@ struct PathCpu {
     primary_other: u64,
     /// The backup's receiver (in production, at the other site).
     backup: u64,
+    /// The flood's sender (clients, in production; not part of the path's cost).
+    load_generator: u64,
 }
 
 impl PathCpu {
@@ -169,6 +171,7 @@ impl PathCpu {
         let mut cpu = PathCpu::default();
         for thread in threads_cpu("self") {
             if thread.tid == load_generator {
+                cpu.load_generator += thread.ran_ns;
                 continue;
             }
             if thread.name == "vcpu0" {
@@ -190,6 +193,7 @@ impl PathCpu {
             "vm_thread": us(self.vm_thread, before.vm_thread),
             "primary_other": us(self.primary_other, before.primary_other),
             "backup": us(self.backup, before.backup),
+            "load_generator": us(self.load_generator, before.load_generator),
         })
     }
 }
