@@ -234,6 +234,8 @@ const SHIP_BATCH_BYTES: usize = 64 * 1024;
 pub struct GatewayPort {
     gateway: Arc<Gateway>,
     inner: Box<dyn NetPort>,
+    /// Bytes of frames logged that the log link has not been told of yet.
+    untold: usize,
 }
 
 impl std::fmt::Debug for GatewayPort {
@@ -254,58 +256,25 @@ impl GatewayPort {
         report: EventLog,
     ) -> io::Result<(Arc<Gateway>, GatewayPort)> {
         let gateway = Gateway::new(config, wire, inner.readable_fd(), report)?;
-        Ok((gateway.clone(), GatewayPort { gateway, inner }))
+        Ok((
+            gateway.clone(),
+            GatewayPort {
+                gateway,
+                inner,
+                untold: 0,
+            },
+        ))
     }
 
-    /// The next frame for the guest: an acknowledged logged one, or one from the inner port
-    /// that needs no acknowledgement; frames from it that do are logged on the way (`logged`:
-    /// their bytes the log link has not been told of).
-    fn next_frame(&mut self, buf: &mut [u8], logged: &mut usize) -> io::Result<Option<Received>> {
-        let mut quieted = false;
-        loop {
-            if let Some((seq, frame)) = self.gateway.core().next_for_guest() {
-                let len = frame.len().min(buf.len());
-                buf[..len].copy_from_slice(&frame[..len]);
-                return Ok(Some(Received {
-                    len,
-                    seq: Some(seq),
-                }));
-            }
-            let Some(received) = self.inner.try_recv(buf)? else {
-                if quieted {
-                    return Ok(None);
-                }
-                // Nothing now: quiet the bell, then look once more (a frame acknowledged
-                // in between rang after the quiet, or is seen by the second look).
-                self.gateway.readiness.quiet();
-                quieted = true;
-                continue;
-            };
-            let arrival = {
-                let mut core = self.gateway.core();
-                let arrival = core.from_outside(&buf[..received.len], unix_ns());
-                self.gateway.follow_watch(&core);
-                arrival
-            };
-            match arrival {
-                Arrival::Deliver(seq) => {
-                    if seq.is_some() {
-                        *logged += received.len;
-                    }
-                    return Ok(Some(Received {
-                        len: received.len,
-                        seq,
-                    }));
-                }
-                Arrival::Waiting(_) => {
-                    *logged += received.len;
-                    if *logged >= SHIP_BATCH_BYTES {
-                        self.gateway.frames_to_ship();
-                        *logged = 0;
-                    }
-                }
-                Arrival::Dropped => {}
-            }
+    /// `bytes` more of frames were logged: the log link hears of them once the device has
+    /// taken what it will for now ([`NetPort::received_for_now`]), or a batch's worth of them
+    /// while it goes on: one wake for many frames, rather than one for the first and more
+    /// for those logged while it works.
+    fn logged(&mut self, bytes: usize) {
+        self.untold += bytes;
+        if self.untold >= SHIP_BATCH_BYTES {
+            self.gateway.frames_to_ship();
+            self.untold = 0;
         }
     }
 }
@@ -332,17 +301,54 @@ impl NetPort for GatewayPort {
     }
 
     fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
-        let mut logged = 0;
-        let received = self.next_frame(buf, &mut logged);
-        // The log link hears of the frames this call logged once it has taken all it will
-        // (the whole queue of the inner port, in sync mode), or a batch's worth of them: one
-        // wake for many, rather than one for the first and more for those that came while
-        // it worked.
-        if logged > 0 {
-            self.gateway.frames_to_ship();
+        let mut quieted = false;
+        loop {
+            if let Some((seq, frame)) = self.gateway.core().next_for_guest() {
+                let len = frame.len().min(buf.len());
+                buf[..len].copy_from_slice(&frame[..len]);
+                return Ok(Some(Received {
+                    len,
+                    seq: Some(seq),
+                }));
+            }
+            let Some(received) = self.inner.try_recv(buf)? else {
+                if quieted {
+                    return Ok(None);
+                }
+                // Nothing now: quiet the bell, then look once more (a frame acknowledged
+                // in between rang after the quiet, or is seen by the second look).
+                self.gateway.readiness.quiet();
+                quieted = true;
+                continue;
+            };
+            let arrival = {
+                let mut core = self.gateway.core();
+                let arrival = core.from_outside(&buf[..received.len], unix_ns());
+                self.gateway.follow_watch(&core);
+                arrival
+            };
+            if matches!(arrival, Arrival::Waiting(_) | Arrival::Deliver(Some(_))) {
+                self.logged(received.len);
+            }
+            match arrival {
+                Arrival::Deliver(seq) => {
+                    return Ok(Some(Received {
+                        len: received.len,
+                        seq,
+                    }));
+                }
+                Arrival::Waiting(_) | Arrival::Dropped => {}
+            }
         }
-        received
     }
+
+    fn received_for_now(&mut self) {
+        if self.untold > 0 {
+            self.gateway.frames_to_ship();
+            self.untold = 0;
+        }
+    }
+
     fn readable_fd(&self) -> BorrowedFd<'_> {
         self.gateway.readiness.fd()
     }

@@ -161,6 +161,10 @@ impl NetPort for ReplayPort {
         }))
     }
 
+    fn received_for_now(&mut self) {
+        self.inner.received_for_now();
+    }
+
     fn readable_fd(&self) -> BorrowedFd<'_> {
         self.readiness.fd()
     }

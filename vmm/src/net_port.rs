@@ -42,6 +42,9 @@ pub trait NetPort: Send {
     }
     /// Receives one frame into `buf` without blocking; `Ok(None)` when none is waiting.
     fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>>;
+    /// The device has taken the frames it will for now (its receive round is over, the guest
+    /// runs next): a port that works on frames in batches finishes the batch here.
+    fn received_for_now(&mut self) {}
     /// A descriptor that polls readable when a frame is waiting (or the port can take output
     /// again after refusing it).
     fn readable_fd(&self) -> BorrowedFd<'_>;

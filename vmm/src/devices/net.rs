@@ -270,6 +270,7 @@ impl NetDevice {
             }
             delivered += 1;
         }
+        self.port.received_for_now();
         if delivered > 0 {
             self.transport.signal_used();
         }
