@@ -91,6 +91,20 @@ fn bench_gateway_reports_every_path_with_the_cost_of_a_frame() {
     ) else {
         return;
     };
+    // The machine's page-cache write rates, new pages and cached ones, were measured.
+    for rate in ["new_pages_gb_per_s", "cached_pages_gb_per_s"] {
+        let gb_per_s = report["page_cache_write"][rate].as_f64();
+        assert!(gb_per_s > Some(0.0), "{rate}: {report}");
+    }
+    // The traffic log wrote into new files and over dropped segments.
+    for how in ["new_files", "over_spares"] {
+        let log = &report["traffic_log_1500"][how];
+        assert!(log["mb_per_s"].as_f64() > Some(0.0), "{how}: {report}");
+        assert!(
+            log["cpu_us_per_frame"].as_f64() > Some(0.0),
+            "{how}: {report}"
+        );
+    }
     let paths = report["paths"].as_array().expect("paths");
     assert_eq!(paths.len(), 6, "{report}");
     assert_eq!(paths[0]["path"], "tap");

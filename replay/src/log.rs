@@ -13,6 +13,16 @@
 //! of a new identity ([`TrafficLog::start`]); a checkpoint names the log its RX cursor counts
 //! in, and a replay reads only that one. The log is kept as long as the checkpoints it follows:
 //! [`TrafficLog::retain_after`] drops the segments every retained checkpoint has seen.
+//!
+//! A dropped segment is kept as a spare (`FIRST.spare`, at most [`SPARE_SEGMENTS`] a VM) and
+//! renamed to be the next segment, which is written over it, as PostgreSQL recycles its WAL
+//! segments: its pages are likely still in the page cache, and writing over cached pages costs
+//! less than allocating new ones (less than half the CPU a frame on our test machines, whose
+//! host takes back the memory they free). A segment's records follow one another in sequence,
+//! so a read stops at the first record that does not (what is left of the spare's old frames,
+//! which are all older); a segment is cut to its own bytes when the next one opens, and a
+//! writer's `open` cuts what is left in the last one. A log started anew drops its spares:
+//! their frames are numbered in another log.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -23,6 +33,9 @@ use crate::record::{LogBatch, LogRecord, RecordError};
 
 /// A segment is closed once it holds this much; retention drops whole segments.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
+
+/// Dropped segments a VM's log keeps to write its next ones over.
+pub const SPARE_SEGMENTS: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -70,7 +83,8 @@ struct Segment {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovery {
     pub frames: u64,
-    /// Bytes cut from the end of a segment (a torn or corrupt tail).
+    /// Bytes cut from the end of a segment (a torn or corrupt tail, or what was left of the
+    /// spare the last segment was written over).
     pub truncated_bytes: u64,
 }
 
@@ -85,6 +99,8 @@ struct VmLog {
     gaps: u64,
     /// The log's identity (`None`: written before identities, or not yet started).
     log_id: Option<u64>,
+    /// Dropped segments to write the next ones over (writers only).
+    spares: Vec<PathBuf>,
 }
 
 const LOG_ID: &str = "log-id";
@@ -115,6 +131,8 @@ pub struct TrafficLog {
     dir: PathBuf,
     vms: BTreeMap<u32, VmLog>,
     read_only: bool,
+    /// Dropped segments each VM keeps to write over ([`SPARE_SEGMENTS`]).
+    spare_segments: usize,
 }
 
 /// The traffic log directory of a group's store.
@@ -124,6 +142,10 @@ pub fn traffic_dir(group_store: &Path) -> PathBuf {
 
 fn segment_name(first_seq: u64) -> String {
     format!("{first_seq:020}.seg")
+}
+
+fn spare_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.spare")
 }
 
 impl TrafficLog {
@@ -140,6 +162,7 @@ impl TrafficLog {
                 dir: dir.to_owned(),
                 vms: BTreeMap::new(),
                 read_only: true,
+                spare_segments: SPARE_SEGMENTS,
             });
         }
         Ok(TrafficLog::scan(dir, true)?.0)
@@ -154,15 +177,16 @@ impl TrafficLog {
                 continue;
             };
             let vm_dir = entry.path();
-            let mut names: Vec<(u64, PathBuf)> = fs::read_dir(&vm_dir)
-                .map_err(io_at(&vm_dir))?
-                .flatten()
-                .filter_map(|e| {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    let first = n.strip_suffix(".seg")?.parse::<u64>().ok()?;
-                    Some((first, e.path()))
-                })
-                .collect();
+            let mut names: Vec<(u64, PathBuf)> = Vec::new();
+            let mut spares = Vec::new();
+            for e in fs::read_dir(&vm_dir).map_err(io_at(&vm_dir))?.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if let Some(first) = n.strip_suffix(".seg").and_then(|f| f.parse::<u64>().ok()) {
+                    names.push((first, e.path()));
+                } else if n.ends_with(".spare") && !read_only {
+                    spares.push(e.path());
+                }
+            }
             names.sort();
             let log_id = fs::read_to_string(vm_dir.join(LOG_ID))
                 .ok()
@@ -173,10 +197,15 @@ impl TrafficLog {
                 file: None,
                 gaps: 0,
                 log_id,
+                spares,
             };
-            let count = names.len();
-            for (i, (first_seq, path)) in names.into_iter().enumerate() {
-                let last = i + 1 == count;
+            let next_firsts: Vec<Option<u64>> = names
+                .iter()
+                .skip(1)
+                .map(|(first, _)| Some(*first))
+                .collect();
+            let next_firsts = next_firsts.into_iter().chain([None]);
+            for ((first_seq, path), next_first) in names.into_iter().zip(next_firsts) {
                 let mut segment = Segment {
                     path,
                     first_seq,
@@ -186,7 +215,7 @@ impl TrafficLog {
                     bytes: 0,
                 };
                 let mut previous = log.last_seq();
-                let (valid, len) = read_segment(&segment.path, |record| {
+                let (valid, len) = read_segment(&segment.path, first_seq, |record| {
                     if previous != 0 && record.seq != previous + 1 {
                         log.gaps += 1;
                     }
@@ -199,14 +228,21 @@ impl TrafficLog {
                 })?;
                 segment.bytes = valid;
                 if valid < len {
-                    if !last && read_only {
+                    // Bytes after the records: in the last segment, a torn tail (or what is
+                    // left of its spare); in another, what is left of its spare if the next
+                    // segment goes on from its last frame (a crash undid the cut), and
+                    // damage if frames are missing.
+                    let leftover = next_first == Some(segment.last_seq + 1);
+                    if next_first.is_some() && !leftover && read_only {
                         return Err(LogError::Corrupt {
                             path: segment.path,
                             offset: valid,
                             source: RecordError::Checksum,
                         });
                     }
-                    recovery.truncated_bytes += len - valid;
+                    if !leftover {
+                        recovery.truncated_bytes += len - valid;
+                    }
                     if !read_only {
                         let file = OpenOptions::new()
                             .write(true)
@@ -226,9 +262,17 @@ impl TrafficLog {
                 dir: dir.to_owned(),
                 vms,
                 read_only,
+                spare_segments: SPARE_SEGMENTS,
             },
             recovery,
         ))
+    }
+
+    /// Keeps `n` dropped segments a VM to write over, not [`SPARE_SEGMENTS`] (0: none; each
+    /// takes [`SEGMENT_BYTES`] of disk).
+    pub fn with_spare_segments(mut self, n: usize) -> TrafficLog {
+        self.spare_segments = n;
+        self
     }
 
     /// The newest frame held for VM `vm` (0: none).
@@ -248,8 +292,9 @@ impl TrafficLog {
         }
         let dir = self.dir.join(format!("vm-{vm}"));
         if let Some(old) = self.vms.remove(&vm) {
-            for segment in &old.segments {
-                fs::remove_file(&segment.path).map_err(io_at(&segment.path))?;
+            let spares = old.spares.iter();
+            for path in old.segments.iter().map(|s| &s.path).chain(spares) {
+                fs::remove_file(path).map_err(io_at(path))?;
             }
         }
         fs::create_dir_all(&dir).map_err(io_at(&dir))?;
@@ -267,6 +312,7 @@ impl TrafficLog {
                 file: None,
                 gaps: 0,
                 log_id: Some(log_id),
+                spares: Vec::new(),
             },
         );
         Ok(())
@@ -291,6 +337,7 @@ impl TrafficLog {
             file: None,
             gaps: 0,
             log_id: None,
+            spares: Vec::new(),
         });
         let mut last = log.last_seq();
         for (record, _) in batch.records() {
@@ -344,7 +391,8 @@ impl TrafficLog {
     }
 
     /// Drops VM `vm`'s segments whose frames are all at or before `seq` (every retained
-    /// checkpoint has seen them). The open segment stays.
+    /// checkpoint has seen them), keeping up to [`SPARE_SEGMENTS`] as spares. The open segment
+    /// stays.
     pub fn retain_after(&mut self, vm: u32, seq: u64) -> Result<usize, LogError> {
         if self.read_only {
             return Err(LogError::ReadOnly);
@@ -359,7 +407,13 @@ impl TrafficLog {
             .unwrap_or(log.segments.len().saturating_sub(1));
         let dropped: Vec<Segment> = log.segments.drain(..keep_from).collect();
         for segment in &dropped {
-            fs::remove_file(&segment.path).map_err(io_at(&segment.path))?;
+            if log.spares.len() < self.spare_segments {
+                let spare = log.dir.join(spare_name(segment.first_seq));
+                fs::rename(&segment.path, &spare).map_err(io_at(&segment.path))?;
+                log.spares.push(spare);
+            } else {
+                fs::remove_file(&segment.path).map_err(io_at(&segment.path))?;
+            }
         }
         Ok(dropped.len())
     }
@@ -380,7 +434,7 @@ impl TrafficLog {
         let mut end = ReadEnd::End;
         for segment in &log.segments[start..] {
             let mut stop = false;
-            read_segment(&segment.path, |record| {
+            read_segment(&segment.path, segment.first_seq, |record| {
                 if record.seq < expected {
                     return true;
                 }
@@ -501,16 +555,23 @@ fn write_to(log: &mut VmLog, bytes: &[u8]) -> Result<(), LogError> {
 }
 
 /// Opens the segment to append to: the last one, or (when it is full or there is none) a new
-/// one starting at `first_seq`.
+/// one starting at `first_seq`, written over a spare if there is one.
 fn open_segment(log: &mut VmLog, first_seq: u64, new: bool) -> Result<(), LogError> {
     fs::create_dir_all(&log.dir).map_err(io_at(&log.dir))?;
     if new || log.segments.is_empty() {
+        if let (Some(file), Some(full)) = (log.file.take(), log.segments.last()) {
+            // What is left of the spare it was written over goes with it.
+            file.set_len(full.bytes).map_err(io_at(&full.path))?;
+        }
         let path = log.dir.join(segment_name(first_seq));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_at(&path))?;
+        let file = match log.spares.pop() {
+            Some(spare) => {
+                fs::rename(&spare, &path).map_err(io_at(&spare))?;
+                OpenOptions::new().write(true).open(&path)
+            }
+            None => OpenOptions::new().create(true).append(true).open(&path),
+        }
+        .map_err(io_at(&path))?;
         File::open(&log.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_at(&log.dir))?;
@@ -535,20 +596,26 @@ fn open_segment(log: &mut VmLog, first_seq: u64, new: bool) -> Result<(), LogErr
     Ok(())
 }
 
-/// Reads the records of a segment in order, while `each` says so; returns the bytes of
-/// complete, valid records and the file's length.
+/// Reads the records of the segment whose first frame is `first_seq` in order, while `each`
+/// says so, up to the first that is not a record or does not follow the one before (what is
+/// left of the spare the segment was written over holds older frames); returns the bytes of
+/// the segment's own records and the file's length.
 fn read_segment(
     path: &Path,
+    first_seq: u64,
     mut each: impl FnMut(LogRecord) -> bool,
 ) -> Result<(u64, u64), LogError> {
     let mut file = File::open(path).map_err(io_at(path))?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).map_err(io_at(path))?;
     let mut at = 0usize;
+    let mut previous = first_seq.saturating_sub(1);
     while at < bytes.len() {
         match LogRecord::parse(&bytes[at..]) {
+            Ok((record, _)) if record.seq <= previous => break,
             Ok((record, len)) => {
                 at += len;
+                previous = record.seq;
                 if !each(record) {
                     break;
                 }
@@ -730,6 +797,128 @@ mod tests {
             1,
             "the open one stays"
         );
+    }
+
+    /// A record of `frame_len + 40` bytes, numbered `seq`.
+    fn sized(seq: u64, frame_len: usize) -> LogRecord {
+        LogRecord {
+            seq,
+            epoch: seq,
+            unix_ns: 0,
+            frame: vec![seq as u8; frame_len],
+        }
+    }
+
+    fn files_ending(dir: &Path, suffix: &str) -> usize {
+        fs::read_dir(dir)
+            .expect("reads the VM's directory")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(suffix))
+            .count()
+    }
+
+    #[test]
+    fn dropped_segments_are_written_over_and_their_old_frames_never_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vm_dir = dir.path().join("vm-0");
+        let (mut log, _) = TrafficLog::open(dir.path()).expect("opens");
+        let big_per_segment = SEGMENT_BYTES / 9040 + 1;
+        let small_per_segment = SEGMENT_BYTES.div_ceil(4040);
+        let mut seq = 0;
+        let mut append = |log: &mut TrafficLog, n: u64, frame_len: usize| {
+            for _ in 0..n {
+                seq += 1;
+                log.append(0, &LogBatch::of(&[sized(seq, frame_len)]))
+                    .expect("appends");
+            }
+            seq
+        };
+        append(&mut log, 3 * big_per_segment, 9000);
+        assert_eq!(log.retain_after(0, 2 * big_per_segment).expect("drops"), 2);
+        assert_eq!(files_ending(&vm_dir, ".spare"), SPARE_SEGMENTS);
+        // Smaller frames fill the next segment, so that its spare's bytes would go on after
+        // them; then big ones, so that the last segment's spare holds a whole older record
+        // where its new frames end (at 10 x 9040 bytes).
+        append(&mut log, small_per_segment, 4000);
+        let last = append(&mut log, 10, 9000);
+        assert_eq!(files_ending(&vm_dir, ".spare"), 0, "both written over");
+        assert_eq!(files_ending(&vm_dir, ".seg"), 3);
+        let first_kept = 2 * big_per_segment + 1;
+        let expected: Vec<u64> = (first_kept..=last).collect();
+        assert_eq!(
+            collect(&log, 0, first_kept),
+            (expected.clone(), ReadEnd::End)
+        );
+        // The closed segment was cut to its own records when the next one opened.
+        let closed = vm_dir.join(segment_name(3 * big_per_segment + 1));
+        assert_eq!(
+            fs::metadata(&closed).expect("closed segment").len(),
+            small_per_segment * 4040
+        );
+        drop(log);
+        // The last segment still holds its spare's old frames: a reader stops before them,
+        // and a writer's open cuts them.
+        let reader = TrafficLog::open_read_only(dir.path()).expect("reads");
+        assert_eq!(collect(&reader, 0, first_kept).0, expected);
+        let (mut log, recovery) = TrafficLog::open(dir.path()).expect("reopens");
+        assert_eq!(recovery.frames, expected.len() as u64);
+        assert_eq!(
+            recovery.truncated_bytes,
+            (big_per_segment - 10) * 9040,
+            "what was left of the spare"
+        );
+        assert_eq!(log.last_seq(0), last);
+        log.append(0, &LogBatch::of(&[sized(last + 1, 100)]))
+            .expect("appends after it");
+        assert_eq!(collect(&log, 0, last).0, vec![last, last + 1]);
+    }
+
+    #[test]
+    fn a_segment_whose_cut_a_crash_undid_reads_whole_and_damage_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut log, _) = TrafficLog::open(dir.path()).expect("opens");
+        let per_segment = SEGMENT_BYTES / 9040 + 1;
+        for seq in 1..=per_segment + 3 {
+            log.append(0, &LogBatch::of(&[sized(seq, 9000)]))
+                .expect("appends");
+        }
+        drop(log);
+        let first = dir.path().join("vm-0").join(segment_name(1));
+        let len = fs::metadata(&first).expect("segment").len();
+        // Old bytes after the first segment's records, the next segment going on from them.
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(&first)
+            .expect("opens the segment");
+        file.write_all(&[0x5a; 3000]).expect("leaves old bytes");
+        let reader = TrafficLog::open_read_only(dir.path()).expect("reads");
+        let (seqs, end) = collect(&reader, 0, 1);
+        assert_eq!((seqs.len() as u64, end), (per_segment + 3, ReadEnd::End));
+        // Damage that takes frames of a segment before another is refused.
+        file.set_len(len - 100).expect("tears");
+        let err = TrafficLog::open_read_only(dir.path()).expect_err("refused");
+        assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_log_started_anew_drops_its_spares() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vm_dir = dir.path().join("vm-0");
+        let (mut log, _) = TrafficLog::open(dir.path()).expect("opens");
+        log.start(0, 0xaa).expect("starts");
+        let per_segment = SEGMENT_BYTES / 9040 + 1;
+        for seq in 1..=2 * per_segment {
+            log.append(0, &LogBatch::of(&[sized(seq, 9000)]))
+                .expect("appends");
+        }
+        log.retain_after(0, per_segment).expect("drops");
+        drop(log);
+        // A writer adopts the spares it finds.
+        let (mut log, _) = TrafficLog::open(dir.path()).expect("reopens");
+        assert_eq!(files_ending(&vm_dir, ".spare"), 1);
+        log.start(0, 0xbb).expect("starts anew");
+        assert_eq!(files_ending(&vm_dir, ".spare"), 0);
+        assert_eq!(files_ending(&vm_dir, ".seg"), 0);
     }
 
     #[test]

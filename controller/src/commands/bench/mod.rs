@@ -259,6 +259,31 @@ fn threads_cpu(pid: &str) -> Vec<ThreadCpu> {
         .collect()
 }
 
+/// How fast this machine writes `mib` MiB into the page cache, in GB/s: into pages new to a
+/// file (as the backup's log writes do), and over the same pages once cached. A VM whose host
+/// takes back the memory it frees (free page reporting) pays for each new page on first
+/// touch, and a benchmark that writes a log pays with it: the pair tells a reader how cold the
+/// machine was.
+fn page_cache_write_rates(dir: &Path, mib: usize) -> anyhow::Result<Value> {
+    use std::io::Seek;
+    let path = dir.join("page-cache-probe");
+    let chunk = vec![0x5a_u8; 64 * 1024];
+    let mut file =
+        std::fs::File::create(&path).with_context(|| format!("creates {}", path.display()))?;
+    let mut pass = || -> std::io::Result<f64> {
+        file.rewind()?;
+        let started = Instant::now();
+        for _ in 0..mib * 16 {
+            file.write_all(&chunk)?;
+        }
+        Ok((mib << 20) as f64 / started.elapsed().as_secs_f64() / 1e9)
+    };
+    let rates = pass().and_then(|new| Ok((new, pass()?)));
+    let _ = std::fs::remove_file(&path);
+    let (new, cached) = rates.context("writes the page-cache probe")?;
+    Ok(json!({ "new_pages_gb_per_s": round(new), "cached_pages_gb_per_s": round(cached) }))
+}
+
 /// Resident MiB of this process outside the mapping of `guest_mib` (the guest's memory).
 fn rss_beyond_guest_mib(guest_mib: u64) -> anyhow::Result<f64> {
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
