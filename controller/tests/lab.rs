@@ -144,25 +144,32 @@ fn the_lab_comes_up_with_frr_as_the_upstream() {
     });
 }
 
-/// `secondsite lab scenario ARGS --json`: its report, after checking it passed.
-fn scenario(args: &[&str]) -> Value {
-    let topology = topology();
+/// Runs `secondsite ARGS` to its end, and checks that its lab is down: none of its namespaces
+/// is left (their processes went with them).
+fn run_leaving_no_namespace(args: &[&str]) -> std::process::Output {
     let run = Command::new(SECONDSITE)
-        .args(["lab", "scenario"])
         .args(args)
-        .args(["--json", "--topology", &topology])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("runs secondsite lab scenario");
+        .unwrap_or_else(|e| panic!("runs secondsite {args:?}: {e}"));
     let pid = run.id();
     let out = run.wait_with_output().expect("it ends");
-    // Its lab is down: none of its namespaces is left (their processes went with them).
     let left = namespaces_of(pid);
     assert!(
         left.is_empty(),
-        "no namespace of the scenario is left: {left:?}"
+        "no namespace of secondsite {args:?} is left: {left:?}"
     );
+    out
+}
+
+/// `secondsite lab scenario ARGS --json`: its report, after checking it passed.
+fn scenario(args: &[&str]) -> Value {
+    let topology = topology();
+    let mut run_args = vec!["lab", "scenario"];
+    run_args.extend_from_slice(args);
+    run_args.extend(["--json", "--topology", &topology]);
+    let out = run_leaving_no_namespace(&run_args);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     assert!(
         out.status.success(),
@@ -367,15 +374,15 @@ fn the_demo_tells_the_failover_and_leaves_its_report() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let topology = topology();
-    let run = Command::new(SECONDSITE)
-        .args(["lab", "demo", "--topology", &topology, "--report"])
-        .arg(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("runs secondsite lab demo");
-    let pid = run.id();
-    let out = run.wait_with_output().expect("it ends");
+    let report_dir = dir.path().to_string_lossy();
+    let out = run_leaving_no_namespace(&[
+        "lab",
+        "demo",
+        "--topology",
+        &topology,
+        "--report",
+        &report_dir,
+    ]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -399,9 +406,4 @@ fn the_demo_tells_the_failover_and_leaves_its_report() {
     ] {
         assert!(dir.path().join(file).is_file(), "{file} written");
     }
-    let left = namespaces_of(pid);
-    assert!(
-        left.is_empty(),
-        "no namespace of the demo is left: {left:?}"
-    );
 }

@@ -195,10 +195,6 @@ impl GatewayCore {
         self.inbound.next_for_guest()
     }
 
-    pub fn has_ready(&self) -> bool {
-        self.inbound.has_ready()
-    }
-
     /// Whether the guest should be woken for frames ready for it ([`InboundLog::wake_for_ready`]).
     pub fn wake_for_ready(&self) -> bool {
         self.inbound.wake_for_ready()

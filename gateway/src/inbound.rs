@@ -199,10 +199,6 @@ impl InboundLog {
         self.ready.pop_front().map(|f| (f.seq, f.frame))
     }
 
-    pub fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
-    }
-
     /// Whether the guest should be woken for the acknowledged frames: when enough wait to be
     /// worth a wake, or when no other acknowledgement is coming (every frame taken is held by
     /// the backup). Interrupt moderation, as a NIC's `rx-frames`: a flood's frames reach the

@@ -273,9 +273,13 @@ impl GatewayPort {
     fn logged(&mut self, bytes: usize) {
         self.untold += bytes;
         if self.untold >= SHIP_BATCH_BYTES {
-            self.gateway.frames_to_ship();
-            self.untold = 0;
+            self.tell_log_link();
         }
+    }
+
+    fn tell_log_link(&mut self) {
+        self.gateway.frames_to_ship();
+        self.untold = 0;
     }
 }
 
@@ -327,25 +331,25 @@ impl NetPort for GatewayPort {
                 self.gateway.follow_watch(&core);
                 arrival
             };
-            if matches!(arrival, Arrival::Waiting(_) | Arrival::Deliver(Some(_))) {
-                self.logged(received.len);
-            }
             match arrival {
                 Arrival::Deliver(seq) => {
+                    if seq.is_some() {
+                        self.logged(received.len);
+                    }
                     return Ok(Some(Received {
                         len: received.len,
                         seq,
                     }));
                 }
-                Arrival::Waiting(_) | Arrival::Dropped => {}
+                Arrival::Waiting(_) => self.logged(received.len),
+                Arrival::Dropped => {}
             }
         }
     }
 
     fn received_for_now(&mut self) {
         if self.untold > 0 {
-            self.gateway.frames_to_ship();
-            self.untold = 0;
+            self.tell_log_link();
         }
     }
 

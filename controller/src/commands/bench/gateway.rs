@@ -440,11 +440,12 @@ fn measure_traffic_log(dir: &std::path::Path, quick: bool) -> anyhow::Result<Val
     const KEEP: u64 = 20_000;
     let frames: u64 = if quick { 60_000 } else { 400_000 };
     let frame = vec![0x5a_u8; 1500];
-    let thread_cpu_ns = || -> u64 {
-        std::fs::read_to_string("/proc/thread-self/schedstat")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+    let me = secondsite_replicator::sched::current_thread_id().to_string();
+    let thread_cpu_ns = || {
+        threads_cpu("self")
+            .into_iter()
+            .find(|thread| thread.tid == me)
+            .map_or(0, |thread| thread.ran_ns)
     };
     let mut report = serde_json::Map::new();
     for (key, spares) in [("new_files", 0), ("over_spares", SPARE_SEGMENTS)] {
