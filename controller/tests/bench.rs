@@ -105,6 +105,24 @@ fn bench_gateway_reports_every_path_with_the_cost_of_a_frame() {
             "{how}: {report}"
         );
     }
+    // Any sync log's floor here, and the ratio it leaves: a frame costs the log something,
+    // a 1500 B frame more than a 64 B one, and the ceiling is a share of the tap's frames/s.
+    for pages in ["cached_pages", "new_pages"] {
+        let floor = |size: &str| {
+            report["sync_log_floor"][pages][size]["cpu_us_per_frame"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        };
+        assert!(floor("64") > 0.0, "{pages}: {report}");
+        assert!(floor("1500") > floor("64"), "{pages}: {report}");
+        for size in ["64", "1500"] {
+            let ceiling = report["sync_log_ceiling_over_tap"][pages][size].as_f64();
+            assert!(
+                ceiling > Some(0.0) && ceiling <= Some(1.0),
+                "{pages} {size}: {report}"
+            );
+        }
+    }
     let paths = report["paths"].as_array().expect("paths");
     assert_eq!(paths.len(), 6, "{report}");
     assert_eq!(paths[0]["path"], "tap");

@@ -259,6 +259,15 @@ fn threads_cpu(pid: &str) -> Vec<ThreadCpu> {
         .collect()
 }
 
+/// The CPU time the calling thread has run, in nanoseconds.
+fn this_thread_cpu_ns() -> u64 {
+    let me = secondsite_replicator::sched::current_thread_id().to_string();
+    threads_cpu("self")
+        .into_iter()
+        .find(|thread| thread.tid == me)
+        .map_or(0, |thread| thread.ran_ns)
+}
+
 /// How fast this machine writes `mib` MiB into the page cache, in GB/s: into pages new to a
 /// file (as the backup's log writes do), and over the same pages once cached. A VM whose host
 /// takes back the memory it frees (free page reporting) pays for each new page on first
