@@ -227,8 +227,11 @@ impl Gateway {
 }
 
 /// Bytes of frames taken into the log after which the log link is told, while the VM thread
-/// goes on taking more.
-const SHIP_BATCH_BYTES: usize = 64 * 1024;
+/// goes on taking more. A lone frame is told at the end of its receive round whatever this
+/// is; in a flood of 1500 B frames, 256 KiB rather than 64 made a third fewer shipments and
+/// acknowledgements, each a hand-off between threads: the log link's CPU a frame went from
+/// 1.74 to 1.28 us and the VM thread's from 4.45 to 4.16 (medians of 6 runs each).
+const SHIP_BATCH_BYTES: usize = 256 * 1024;
 
 /// The VM's port: the gateway in front of the inner port it receives from.
 pub struct GatewayPort {
