@@ -11,16 +11,20 @@ use secondsite_vmm::snapshot;
 
 mod support;
 
-use support::{Connection, control, redis, restore, start, tcp_resets, wait_until_serving};
+use support::{
+    Connection, Guest, control, guest, redis, restore, start, tcp_resets, wait_until_serving,
+};
 
 #[test]
 fn redis_cli_and_redis_benchmark_work_against_the_guest() {
-    if !privileged("redis_cli_and_redis_benchmark_work_against_the_guest") {
+    let Some(Guest {
+        site,
+        dir: _dir,
+        vm,
+    }) = guest("redis_cli_and_redis_benchmark_work_against_the_guest")
+    else {
         return;
-    }
-    let site = VmSite::new().expect("builds the namespaces");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let vm = start(&site, dir.path(), "64M");
+    };
     assert_eq!(redis(&site, &["set", "greeting", "hello"]), "OK");
     assert_eq!(redis(&site, &["get", "greeting"]), "hello");
     assert_eq!(redis(&site, &["incr", "visits"]), "1");
@@ -110,12 +114,11 @@ fn open_connections_survive_save_kill_and_restore_in_a_new_process() {
 
 #[test]
 fn incremental_save_holds_the_pages_the_guest_and_its_devices_wrote() {
-    if !privileged("incremental_save_holds_the_pages_the_guest_and_its_devices_wrote") {
+    let Some(Guest { site, dir, vm }) =
+        guest("incremental_save_holds_the_pages_the_guest_and_its_devices_wrote")
+    else {
         return;
-    }
-    let site = VmSite::new().expect("builds the namespaces");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let vm = start(&site, dir.path(), "64M");
+    };
     let snap = dir.path().join("snap");
     let snap_arg = snap.to_str().expect("utf-8");
     control(&vm.control, &["save", "--to", snap_arg]);
@@ -197,12 +200,14 @@ fn hot_pages(control_path: &Path) -> u64 {
 
 #[test]
 fn pages_written_every_epoch_stay_writable_yet_are_harvested_every_epoch() {
-    if !privileged("pages_written_every_epoch_stay_writable_yet_are_harvested_every_epoch") {
+    let Some(Guest {
+        site,
+        dir: _dir,
+        vm,
+    }) = guest("pages_written_every_epoch_stay_writable_yet_are_harvested_every_epoch")
+    else {
         return;
-    }
-    let site = VmSite::new().expect("builds the namespaces");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let vm = start(&site, dir.path(), "64M");
+    };
     // One key set over and over: the guest writes the same pages epoch after epoch.
     let mut load = site.client.command("redis-benchmark");
     load.args(["-h", VmSite::GUEST_IP, "-t", "set", "-n", "100000000", "-q"])
@@ -385,12 +390,14 @@ fn rss_kib(pid: u32, guest_kib: u64) -> (u64, u64) {
 
 #[test]
 fn an_idle_guest_uses_little_cpu_and_the_vmm_little_memory() {
-    if !privileged("an_idle_guest_uses_little_cpu_and_the_vmm_little_memory") {
+    let Some(Guest {
+        site: _site,
+        dir: _dir,
+        vm,
+    }) = guest("an_idle_guest_uses_little_cpu_and_the_vmm_little_memory")
+    else {
         return;
-    }
-    let site = VmSite::new().expect("builds the namespaces");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let vm = start(&site, dir.path(), "64M");
+    };
     std::thread::sleep(Duration::from_secs(1));
     let pid = vm.proc.id();
     let (t0, c0) = (Instant::now(), cpu_ticks(pid));
@@ -411,5 +418,54 @@ fn an_idle_guest_uses_little_cpu_and_the_vmm_little_memory() {
     assert!(
         overhead_mib < 30.0,
         "the VMM holds {overhead_mib:.1} MiB beyond guest memory"
+    );
+}
+
+#[test]
+fn the_guest_discards_datagrams_to_port_9_and_refuses_other_ports() {
+    let Some(Guest {
+        site,
+        dir: _dir,
+        vm,
+    }) = guest("the_guest_discards_datagrams_to_port_9_and_refuses_other_ports")
+    else {
+        return;
+    };
+    const DATAGRAMS: u64 = 50;
+    let frames = || {
+        let status = control(&vm.control, &["status"]);
+        let count = |key: &str| status["net"][key].as_u64().expect("a frame counter");
+        (count("rx_frames"), count("tx_frames"))
+    };
+    // Datagrams from the client's namespace (bash's /dev/udp), then the guest's counters once
+    // the last has had time to arrive and be answered.
+    let send_to = |port: u16| {
+        let script = format!(
+            "for i in $(seq {DATAGRAMS}); do echo x > /dev/udp/{}/{port}; done",
+            VmSite::GUEST_IP
+        );
+        let out = site
+            .client
+            .command("bash")
+            .args(["-c", &script])
+            .output()
+            .expect("runs bash");
+        assert!(out.status.success(), "{out:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let (rx0, tx0) = frames();
+    send_to(9);
+    let (rx1, tx1) = frames();
+    assert!(rx1 - rx0 >= DATAGRAMS, "the guest received {}", rx1 - rx0);
+    // Discarded: no ICMP unreachable for each (an ARP exchange at most).
+    assert!(tx1 - tx0 < 5, "the guest sent {} frames", tx1 - tx0);
+    // A port nothing serves: each datagram gets its ICMP port unreachable.
+    send_to(10);
+    let (rx2, tx2) = frames();
+    assert!(rx2 - rx1 >= DATAGRAMS, "the guest received {}", rx2 - rx1);
+    assert!(
+        tx2 - tx1 >= DATAGRAMS,
+        "the guest sent {} frames",
+        tx2 - tx1
     );
 }

@@ -10,6 +10,7 @@
 //!        loop ┌───────────────┴──────────────┐
 //!             │ iface.poll  (net::VirtioNet: RX used ring -> smoltcp -> TX avail ring)
 //!             │ server.serve (resp: parse commands, run them on the in-memory store)
+//!             │ discard.drain (UDP port 9: datagrams read and dropped)
 //!             │ memscan.step (dirty N MiB/s, for benchmarks)
 //!             └─ hypercall WAIT(deadline): the VMM sends queued TX, delivers RX, or sleeps
 //! ```
@@ -25,6 +26,7 @@ extern crate alloc;
 
 mod clock;
 mod console;
+mod discard;
 mod hypercall;
 mod memscan;
 mod net;
@@ -81,6 +83,7 @@ fn main(boot: &BootInfo) -> ! {
     }
     let mut sockets = SocketSet::new(alloc::vec::Vec::new());
     let mut server = server::Server::new(boot.resp_port, &mut sockets);
+    let mut discard = discard::Discard::new(&mut sockets);
     let mut memscan = memscan::MemScan::new(boot.memscan_mib_per_s);
     println!(
         "guest: RESP server listening on {ip}:{} (mac {mac}, {} MiB)",
@@ -91,6 +94,7 @@ fn main(boot: &BootInfo) -> ! {
         let now = clock::now();
         iface.poll(now, &mut device, &mut sockets);
         let served = server.serve(&mut sockets, &mut memscan);
+        discard.drain(&mut sockets);
         if served {
             // Replies were queued on sockets: turn them into frames before sleeping.
             iface.poll(clock::now(), &mut device, &mut sockets);

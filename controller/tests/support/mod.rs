@@ -21,6 +21,26 @@ pub struct Vm {
     pub console: PathBuf,
 }
 
+/// A 64 MiB guest started for the test `name` in namespaces of its own. Destructured as
+/// `Guest { site, dir, vm }`, the locals drop in the order that tears it down: the VM, its
+/// directory, the namespaces.
+pub struct Guest {
+    pub site: VmSite,
+    pub dir: tempfile::TempDir,
+    pub vm: Vm,
+}
+
+/// [`Guest`], or `None` when the test cannot run here (it says so: skipped).
+pub fn guest(name: &str) -> Option<Guest> {
+    if !secondsite_lab::privileged(name) {
+        return None;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vm = start(&site, dir.path(), "64M");
+    Some(Guest { site, dir, vm })
+}
+
 pub fn start(site: &VmSite, dir: &Path, mem: &str) -> Vm {
     start_with(site, dir, mem, &[])
 }

@@ -222,9 +222,10 @@ struct Flood {
 const BURST: usize = 64;
 
 /// Frames per second the guest received while the host side sent UDP frames of
-/// `frame_bytes` as fast as it could for `seconds`. The load generator stands for clients on
-/// other machines: it sends 64 datagrams a system call and runs as `SCHED_IDLE`, so that on
-/// these two cores it takes the CPU the VM's path leaves rather than an equal share of it.
+/// `frame_bytes` as fast as it could for `seconds`, to the guest's discard service (port 9:
+/// read and dropped, no reply). The load generator stands for clients on other machines: it
+/// sends 64 datagrams a system call and runs as `SCHED_IDLE`, so that on these two cores it
+/// takes the CPU the VM's path leaves rather than an equal share of it.
 fn flood(
     running: &Protected,
     receiver_pid: u32,
