@@ -14,7 +14,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use secondsite_replay::LogBatch;
 use secondsite_replicator::tls::Channel;
 use secondsite_replicator::wire::{LOG_VERSION, Link, MAX_LOG_RECORDS, Message, VERSION};
 
@@ -116,26 +115,20 @@ fn run_link(gateway: &Gateway, config: &LogLinkConfig, stop: &AtomicBool) -> Res
         .set_read_timeout(Some(Duration::from_millis(2)))
         .map_err(|e| e.to_string())?;
     let mut frames = Vec::new();
-    let mut batch = LogBatch::default();
     while !stop.load(Ordering::Relaxed) {
         gateway.shipping();
         let to_ship = gateway.core().to_ship();
         frames.clear();
         for chunk in to_ship.chunks(MAX_LOG_RECORDS) {
-            batch.clear();
-            for f in chunk {
-                batch.push(f.seq, f.epoch, f.unix_ns, &f.frame);
-            }
-            // The batch goes out as a message that owns it, and comes back for the next.
-            let message = Message::LogFrames {
-                vm: config.vm,
-                batch: std::mem::take(&mut batch),
-            };
-            out.emit_into(&message, &mut frames);
-            let Message::LogFrames { batch: used, .. } = message else {
-                unreachable!("built above")
-            };
-            batch = used;
+            // Each record is encoded straight into the outgoing bytes, from the frame the
+            // gateway shares.
+            out.emit_log_frames(
+                config.vm,
+                chunk
+                    .iter()
+                    .map(|f| (f.seq, f.epoch, f.unix_ns, &f.frame[..])),
+                &mut frames,
+            );
         }
         if !frames.is_empty() {
             channel

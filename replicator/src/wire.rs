@@ -464,13 +464,43 @@ impl Link {
     /// [`Link::emit`], appending the frame to `out` (a sender reuses one buffer per epoch
     /// rather than growing a new one for every frame).
     pub fn emit_into(&mut self, message: &Message, out: &mut Vec<u8>) {
+        let start = self.begin_frame(message.command(), out);
+        message.emit_payload(out);
+        self.finish_frame(start, out);
+    }
+
+    /// Appends a `LogFrames` frame of VM `vm`'s `records` (seq, epoch, arrival ns, frame) to
+    /// `out`: the bytes [`Link::emit_into`] makes of a [`Message::LogFrames`] holding them,
+    /// with each record encoded in place rather than into a batch first and copied (the log
+    /// link's copy of every logged frame).
+    pub fn emit_log_frames<'a>(
+        &mut self,
+        vm: u32,
+        records: impl ExactSizeIterator<Item = (u64, u64, u64, &'a [u8])>,
+        out: &mut Vec<u8>,
+    ) {
+        let start = self.begin_frame(CommandCode::LogFrames, out);
+        out.extend_from_slice(&vm.to_le_bytes());
+        out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+        for (seq, epoch, unix_ns, frame) in records {
+            secondsite_replay::record::encode(seq, epoch, unix_ns, frame, out);
+        }
+        self.finish_frame(start, out);
+    }
+
+    /// Appends a frame header for `command` (length and CRC to come); returns where it starts.
+    fn begin_frame(&self, command: CommandCode, out: &mut Vec<u8>) -> usize {
         let start = out.len();
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&self.version.to_le_bytes());
-        out.extend_from_slice(&(message.command() as u16).to_le_bytes());
+        out.extend_from_slice(&(command as u16).to_le_bytes());
         out.extend_from_slice(&self.next_out.to_le_bytes());
-        out.extend_from_slice(&[0u8; 8]); // length and CRC, filled below
-        message.emit_payload(out);
+        out.extend_from_slice(&[0u8; 8]); // length and CRC, filled by finish_frame
+        start
+    }
+
+    /// Fills in the length and CRC of the frame begun at `start`, whose payload follows it.
+    fn finish_frame(&mut self, start: usize, out: &mut [u8]) {
         let frame = &mut out[start..];
         let len = (frame.len() - HEADER_LEN) as u32;
         frame[16..20].copy_from_slice(&len.to_le_bytes());
@@ -664,6 +694,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn log_frames_encoded_in_place_are_the_bytes_of_the_message() {
+        let records = [
+            (42, 7, 1_700_000_000_000_000_000, vec![0xff; 60]),
+            (43, 8, 1_700_000_000_000_000_001, vec![0x08; 1514]),
+        ];
+        let message = Message::LogFrames {
+            vm: 1,
+            batch: LogBatch::of(
+                &records
+                    .iter()
+                    .map(|(seq, epoch, unix_ns, frame)| LogRecord {
+                        seq: *seq,
+                        epoch: *epoch,
+                        unix_ns: *unix_ns,
+                        frame: frame.clone(),
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        let (mut by_message, mut in_place) = (Link::default(), Link::default());
+        // Two frames each, so the sequence numbers move alike too; after other bytes in the
+        // buffer, as the log link appends several messages to one.
+        let mut expected = b"before".to_vec();
+        let mut got = expected.clone();
+        for _ in 0..2 {
+            by_message.emit_into(&message, &mut expected);
+            in_place.emit_log_frames(
+                1,
+                records
+                    .iter()
+                    .map(|(seq, epoch, unix_ns, frame)| (*seq, *epoch, *unix_ns, &frame[..])),
+                &mut got,
+            );
+        }
+        assert_eq!(got, expected);
     }
 
     #[test]
