@@ -199,12 +199,13 @@ impl TrafficLog {
                 log_id,
                 spares,
             };
+            // Each segment with the first frame of the one after it (none after the last).
             let next_firsts: Vec<Option<u64>> = names
                 .iter()
                 .skip(1)
                 .map(|(first, _)| Some(*first))
+                .chain([None])
                 .collect();
-            let next_firsts = next_firsts.into_iter().chain([None]);
             for ((first_seq, path), next_first) in names.into_iter().zip(next_firsts) {
                 let mut segment = Segment {
                     path,

@@ -21,13 +21,14 @@ pub struct Vm {
     pub console: PathBuf,
 }
 
-/// A 64 MiB guest started for the test `name` in namespaces of its own. Destructured as
-/// `Guest { site, dir, vm }`, the locals drop in the order that tears it down: the VM, its
-/// directory, the namespaces.
+/// A 64 MiB guest started for the test `name` in namespaces of its own. Its fields drop in
+/// the order that tears it down (the VM, its directory, the namespaces), and so do the locals
+/// of `let Guest { site, dir, vm } = ...` (bind every field: one left to `_` or `..` is
+/// dropped at once).
 pub struct Guest {
-    pub site: VmSite,
-    pub dir: tempfile::TempDir,
     pub vm: Vm,
+    pub dir: tempfile::TempDir,
+    pub site: VmSite,
 }
 
 /// [`Guest`], or `None` when the test cannot run here (it says so: skipped).
@@ -38,7 +39,7 @@ pub fn guest(name: &str) -> Option<Guest> {
     let site = VmSite::new().expect("builds the namespaces");
     let dir = tempfile::tempdir().expect("tempdir");
     let vm = start(&site, dir.path(), "64M");
-    Some(Guest { site, dir, vm })
+    Some(Guest { vm, dir, site })
 }
 
 pub fn start(site: &VmSite, dir: &Path, mem: &str) -> Vm {
