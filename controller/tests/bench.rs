@@ -142,20 +142,24 @@ fn bench_gateway_reports_every_path_with_the_cost_of_a_frame() {
             let sum = part("vm_thread") + part("primary_other") + part("backup");
             assert!((sum - part("total")).abs() < 0.05, "{row}");
             // The guest left to take frames and answer them (its ring holds 256).
-            let exits = row[format!("vm_thread_per_1000_frames_{size}")]["exits"].as_f64();
+            let exits = row[format!("per_1000_frames_{size}")]["exits"].as_f64();
             assert!(exits > Some(0.0), "{row}");
         }
+        let log_acks = row["per_1000_frames_64"]["log_acks"].as_f64();
         if row["path"] == "tap" {
             assert_eq!(
                 row["cpu_us_per_frame_64"]["backup"], 0.0,
                 "no backup: {row}"
             );
+            assert_eq!(log_acks, Some(0.0), "no log: {row}");
         } else if row["path"] == "output commit off, sync log" {
-            // Every frame the guest got was logged: the backup worked for it.
+            // Every frame the guest got was logged: the backup worked for it, and
+            // acknowledged it in batches (a thousand frames never take a thousand).
             assert!(
                 row["cpu_us_per_frame_64"]["backup"].as_f64() > Some(0.0),
                 "{row}"
             );
+            assert!(log_acks > Some(0.0) && log_acks < Some(1000.0), "{row}");
         }
     }
     let targets = report["targets"].as_array().expect("targets");

@@ -17,7 +17,8 @@
 //! ```
 //! [`core`] is the Sans-IO state machine ([`output`]: sch_plug-like buffer; [`inbound`]: the
 //! log's numbering and acknowledgements), tested without sockets or sleeps; [`port`] drives it
-//! as the VM's `NetPort`; [`log_link`] and [`follow`] are its two other threads.
+//! as the VM's `NetPort`; [`log_link`] and [`follow`] are its two other threads, and
+//! [`pacing`] says when the log link ships (at once, or a flood's frames gathered).
 
 #![forbid(unsafe_code)]
 
@@ -27,6 +28,7 @@ pub mod follow;
 pub mod inbound;
 pub mod log_link;
 pub mod output;
+pub mod pacing;
 pub mod port;
 
 pub use crate::core::{GatewayConfig, OnBackupLoss};

@@ -1,7 +1,8 @@
 //! The primary's end of a VM's traffic log link: ships the frames the gateway numbered to the
 //! backup's receiver and hands its acknowledgements back. Its own TCP connection, with the
 //! same mutual TLS as the checkpoint link, so a logged frame never waits behind a checkpoint
-//! batch; one thread that sleeps in poll(2) on the socket and the gateway's bell.
+//! batch; one thread that sleeps in poll(2) on the socket and the gateway's bell, and ships
+//! what waits at once, or a flood's frames gathered ([`crate::pacing`]).
 //!
 //! On every (re)connection the backup says which frame it holds last, and what follows it is
 //! sent (again): a frame is forgotten only once acknowledged.
@@ -11,12 +12,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use secondsite_replicator::tls::Channel;
 use secondsite_replicator::wire::{LOG_VERSION, Link, MAX_LOG_RECORDS, Message, VERSION};
 
+use crate::pacing::ShipPacing;
 use crate::port::Gateway;
 
 /// Where a VM's log goes.
@@ -115,37 +117,56 @@ fn run_link(gateway: &Gateway, config: &LogLinkConfig, stop: &AtomicBool) -> Res
         .set_read_timeout(Some(Duration::from_millis(2)))
         .map_err(|e| e.to_string())?;
     let mut frames = Vec::new();
+    let mut pacing = ShipPacing::default();
     while !stop.load(Ordering::Relaxed) {
-        gateway.shipping();
-        let to_ship = gateway.core().to_ship();
-        frames.clear();
-        for chunk in to_ship.chunks(MAX_LOG_RECORDS) {
-            // Each record is encoded straight into the outgoing bytes, from the frame the
-            // gateway shares.
-            out.emit_log_frames(
-                config.vm,
-                chunk
-                    .iter()
-                    .map(|f| (f.seq, f.epoch, f.unix_ns, &f.frame[..])),
-                &mut frames,
-            );
+        let now = Instant::now();
+        let ship_at = pacing.ship_at(now);
+        let gathering = ship_at > now;
+        if !gathering {
+            gateway.shipping();
+            let to_ship = gateway.core().to_ship();
+            frames.clear();
+            for chunk in to_ship.chunks(MAX_LOG_RECORDS) {
+                // Each record is encoded straight into the outgoing bytes, from the frame the
+                // gateway shares.
+                out.emit_log_frames(
+                    config.vm,
+                    chunk
+                        .iter()
+                        .map(|f| (f.seq, f.epoch, f.unix_ns, &f.frame[..])),
+                    &mut frames,
+                );
+            }
+            if !frames.is_empty() {
+                channel
+                    .write_all(&frames)
+                    .map_err(|e| format!("send: {e}"))?;
+                pacing.shipped(to_ship.len(), Instant::now());
+            }
         }
-        if !frames.is_empty() {
-            channel
-                .write_all(&frames)
-                .map_err(|e| format!("send: {e}"))?;
-        }
-        let (socket_ready, _) = {
+        let socket_ready = {
+            // While a flood's frames are gathered, only acknowledgements (or the end of the
+            // gathering) wake the link; the bell stays rung for when it ends.
+            let bell = if gathering {
+                PollFlags::empty()
+            } else {
+                PollFlags::IN
+            };
             let mut fds = [
                 PollFd::new(channel.tcp(), PollFlags::IN),
-                PollFd::from_borrowed_fd(gateway.ship_bell().fd(), PollFlags::IN),
+                PollFd::from_borrowed_fd(gateway.ship_bell().fd(), bell),
             ];
+            let wait = if gathering {
+                ship_at - now
+            } else {
+                Duration::from_millis(100)
+            };
             let timeout = Timespec {
-                tv_sec: 0,
-                tv_nsec: 100_000_000,
+                tv_sec: wait.as_secs() as _,
+                tv_nsec: wait.subsec_nanos() as _,
             };
             poll(&mut fds, Some(&timeout)).map_err(|e| format!("poll: {e}"))?;
-            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty())
+            !fds[0].revents().is_empty()
         };
         if !socket_ready {
             continue;

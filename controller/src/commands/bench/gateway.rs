@@ -13,8 +13,9 @@
 //! For each: redis-benchmark SET ops/s (50 clients, with and without `-P 16`), request
 //! latency p50/p99 (one client), frames/s into the guest for 64 B and 1500 B frames (a UDP
 //! flood from the host side of the tap, counted by the guest's RX counter) with the CPU time
-//! each frame cost (the VM thread, the primary's other threads, the backup), and the latency
-//! added over the plain tap. The backup is `replicate receive --ack memory` on loopback. First,
+//! each frame cost (the VM thread, the primary's other threads, the backup) and, per 1000
+//! frames, the VM thread's exits and sleeps and the log's acknowledgements and drops; and the
+//! latency added over the plain tap. The backup is `replicate receive --ack memory` on loopback. First,
 //! how fast the machine writes into new and into cached page-cache pages: the backup's log
 //! writes new ones, and on a VM whose host takes back freed memory they cost far more. Then
 //! the floor of any sync log here (its bytes over loopback TCP and into a file, nothing else)
@@ -141,12 +142,16 @@ fn set_run(clients: u32, pipeline: u32, requests: usize) -> anyhow::Result<SetRu
     }
 }
 
-/// The guest's received frames, and the VM thread's exits from the guest and sleeps.
+/// The guest's received frames, the VM thread's exits from the guest and sleeps, and its
+/// traffic log's acknowledgements (one per batch the backup wrote) and frames dropped because
+/// the log was full.
 #[derive(Debug, Clone, Copy)]
 struct GuestCounts {
     rx_frames: u64,
     exits: u64,
     sleeps: u64,
+    log_acks: u64,
+    log_dropped: u64,
 }
 
 fn guest_counts(running: &Protected) -> anyhow::Result<GuestCounts> {
@@ -158,9 +163,20 @@ fn guest_counts(running: &Protected) -> anyhow::Result<GuestCounts> {
             rx_frames: status.net.rx_frames,
             exits: status.exits,
             sleeps: status.sleeps,
+            log_acks: port_counter(&status, "log_acks"),
+            log_dropped: port_counter(&status, "log_dropped"),
         }),
         other => bail!("unexpected status reply {other:?}"),
     }
+}
+
+/// One of the port's counters (0 without a gateway).
+fn port_counter(status: &secondsite_vmm::VmStatus, key: &str) -> u64 {
+    status
+        .port
+        .as_ref()
+        .and_then(|port| port[key].as_u64())
+        .unwrap_or(0)
 }
 
 /// CPU time used so far by the VM's path, in nanoseconds, split by who pays it.
@@ -214,8 +230,9 @@ struct Flood {
     /// CPU microseconds a received frame cost, by part ([`PathCpu`]; the load generator is
     /// not counted).
     cpu_us_per_frame: Value,
-    /// How often the VM thread left the guest, and slept, per 1000 frames received.
-    vm_thread_per_1000_frames: Value,
+    /// Per 1000 frames received: how often the VM thread left the guest and slept, and the
+    /// log's acknowledgements and drops.
+    per_1000_frames: Value,
 }
 
 /// Datagrams a `sendmmsg` call sends.
@@ -261,9 +278,11 @@ fn flood(
     let per_1000 =
         |now: u64, then: u64| round((now - then) as f64 * 1000.0 / received.max(1) as f64);
     Ok(Flood {
-        vm_thread_per_1000_frames: json!({
+        per_1000_frames: json!({
             "exits": per_1000(after.exits, before.exits),
             "sleeps": per_1000(after.sleeps, before.sleeps),
+            "log_acks": per_1000(after.log_acks, before.log_acks),
+            "log_dropped": per_1000(after.log_dropped, before.log_dropped),
         }),
         frames_per_s: received as f64 / started.elapsed().as_secs_f64(),
         cpu_us_per_frame: PathCpu::now(&me, &receiver_pid)
@@ -367,8 +386,8 @@ fn measure(
             "frames_per_s_1500": round(large.frames_per_s),
             "cpu_us_per_frame_64": small.cpu_us_per_frame,
             "cpu_us_per_frame_1500": large.cpu_us_per_frame,
-            "vm_thread_per_1000_frames_64": small.vm_thread_per_1000_frames,
-            "vm_thread_per_1000_frames_1500": large.vm_thread_per_1000_frames,
+            "per_1000_frames_64": small.per_1000_frames,
+            "per_1000_frames_1500": large.per_1000_frames,
             "pause_us_p99": pause_p99,
             "output_checkpoints": replication.as_ref().map(|r| r.output_checkpoints),
             "epochs": replication.as_ref().map(|r| r.committed),
