@@ -505,7 +505,7 @@ impl<'a> Session<'a> {
     }
 
     /// Drops the logged frames every retained checkpoint has seen (those up to the RX cursors
-    /// of `oldest`, the oldest epoch kept).
+    /// of `oldest`, the oldest of the last `retain` epochs).
     fn drop_unneeded_traffic(&mut self, group: &str, oldest: u64) -> Result<(), BackupError> {
         self.rx_cursors = self.rx_cursors.split_off(&oldest);
         let Some(cursors) = self.rx_cursors.get(&oldest) else {
@@ -607,7 +607,10 @@ impl<'a> Session<'a> {
         store.append(&record, durable)?;
         group_replica.settle(epoch, states);
         drop(group_replica);
-        let oldest = store.epochs().first().copied().unwrap_or(epoch);
+        // The traffic log follows the last `retain` checkpoints, not the older ones a fold has
+        // yet to take: in a flood those are seconds of frames, and each segment kept is new
+        // pages to write rather than a spare's cached ones to write over.
+        let oldest = store.oldest_retained().unwrap_or(epoch);
         self.rx_cursors.insert(epoch, cursors);
         self.drop_unneeded_traffic(&group, oldest)?;
         if let Some(on_commit) = &self.config.on_commit {

@@ -370,6 +370,13 @@ impl Store {
         self.index.keys().copied().collect()
     }
 
+    /// The oldest of the last `retain` epochs: the oldest the store keeps restorable whatever
+    /// happens. Older ones wait for the next fold, restorable until it runs.
+    pub fn oldest_retained(&self) -> Option<u64> {
+        let older = self.index.len().saturating_sub(self.retain);
+        self.index.keys().nth(older).copied()
+    }
+
     pub fn latest(&self) -> Option<u64> {
         self.index.keys().next_back().copied()
     }
@@ -810,6 +817,23 @@ mod tests {
         let out = dir.join(format!("mem-{epoch}"));
         let (_, state) = store.materialize(0, epoch, &out).expect("materializes");
         (fs::read(out).expect("reads"), state)
+    }
+
+    #[test]
+    fn the_oldest_retained_epoch_is_the_oldest_of_the_last_retain() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = Store::open(dir.path(), 3).expect("opens");
+        assert_eq!(store.oldest_retained(), None);
+        store.append(&record(1, &[(0, 1)]), false).expect("appends");
+        assert_eq!(store.oldest_retained(), Some(1));
+        for epoch in 2..=10 {
+            store
+                .append(&record(epoch, &[(0, epoch as u8)]), false)
+                .expect("appends");
+        }
+        // Epochs 1 to 7 wait for a fold, still restorable; the last three are retained.
+        assert_eq!(store.epochs().first(), Some(&1));
+        assert_eq!(store.oldest_retained(), Some(8));
     }
 
     #[test]
