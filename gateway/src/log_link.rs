@@ -117,7 +117,7 @@ fn run_link(gateway: &Gateway, config: &LogLinkConfig, stop: &AtomicBool) -> Res
         .set_read_timeout(Some(Duration::from_millis(2)))
         .map_err(|e| e.to_string())?;
     let mut frames = Vec::new();
-    let mut pacing = ShipPacing::default();
+    let mut pacing = ShipPacing::new(gateway.core().config().log);
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         let ship_at = pacing.ship_at(now);

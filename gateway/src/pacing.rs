@@ -5,8 +5,9 @@
 //! rather than by the dozen.
 //!
 //! ```text
-//!  shipped(n frames at t) ──> n < FLOOD_FRAMES: the next ships at once
-//!                             n >= FLOOD_FRAMES: the next ships at t + GATHER at the earliest
+//!  sync log:  shipped(n frames at t) ──> n < FLOOD_FRAMES: the next ships at once
+//!                                        n >= FLOOD_FRAMES: the next at t + GATHER at the earliest
+//!  async log: shipped(any at t) ──> the next at t + GATHER at the earliest
 //! ```
 //! Every shipment costs each of the three threads it crosses (the log link, the backup's
 //! receiver, the VM's thread on the acknowledgement) a wake-up, tens of microseconds on a
@@ -14,6 +15,8 @@
 //! a 64 B flood by half (docs/gateway.md, "Gathering a flood's frames").
 
 use std::time::{Duration, Instant};
+
+use crate::inbound::LogMode;
 
 /// Frames in one shipment that mark a flood: more than a closed-loop client's request and
 /// its acknowledgements, fewer than half a flood's batch without gathering.
@@ -27,13 +30,26 @@ pub const FLOOD_FRAMES: usize = 32;
 pub const GATHER: Duration = Duration::from_micros(400);
 
 /// The log link's shipping cadence.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ShipPacing {
-    /// When the last shipment went, if it was a flood's.
+    /// Every shipment is gathered: an async log's frames reach the guest before they ship, so
+    /// gathering them makes no request wait; only an epoch's output, released once the log
+    /// holds its frames, may wait up to [`GATHER`] more, beside the milliseconds it waits for
+    /// its checkpoint.
+    always: bool,
+    /// When the last shipment went, if the next is gathered.
     flood_shipped_at: Option<Instant>,
 }
 
 impl ShipPacing {
+    /// The cadence for a log of `mode`.
+    pub fn new(mode: LogMode) -> ShipPacing {
+        ShipPacing {
+            always: mode == LogMode::Async,
+            flood_shipped_at: None,
+        }
+    }
+
     /// When the next shipment may go: `now`, or later while a flood is being gathered.
     pub fn ship_at(&self, now: Instant) -> Instant {
         self.flood_shipped_at
@@ -42,7 +58,7 @@ impl ShipPacing {
 
     /// A shipment of `frames` went at `now`.
     pub fn shipped(&mut self, frames: usize, now: Instant) {
-        self.flood_shipped_at = (frames >= FLOOD_FRAMES).then_some(now);
+        self.flood_shipped_at = (self.always || frames >= FLOOD_FRAMES).then_some(now);
     }
 }
 
@@ -52,7 +68,7 @@ mod tests {
 
     #[test]
     fn frames_that_come_one_by_one_ship_at_once() {
-        let mut pacing = ShipPacing::default();
+        let mut pacing = ShipPacing::new(LogMode::Sync);
         let t = Instant::now();
         assert_eq!(pacing.ship_at(t), t);
         pacing.shipped(1, t);
@@ -64,7 +80,7 @@ mod tests {
 
     #[test]
     fn a_flood_is_gathered_until_it_ends() {
-        let mut pacing = ShipPacing::default();
+        let mut pacing = ShipPacing::new(LogMode::Sync);
         let t = Instant::now();
         pacing.shipped(FLOOD_FRAMES, t);
         assert_eq!(pacing.ship_at(t), t + GATHER);
@@ -77,5 +93,14 @@ mod tests {
         pacing.shipped(2, t + GATHER * 2);
         let next = t + GATHER * 2 + Duration::from_micros(1);
         assert_eq!(pacing.ship_at(next), next);
+    }
+
+    #[test]
+    fn an_async_log_gathers_every_shipment() {
+        let mut pacing = ShipPacing::new(LogMode::Async);
+        let t = Instant::now();
+        assert_eq!(pacing.ship_at(t), t, "the first ships at once");
+        pacing.shipped(1, t);
+        assert_eq!(pacing.ship_at(t), t + GATHER);
     }
 }
