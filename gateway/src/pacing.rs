@@ -37,8 +37,8 @@ pub struct ShipPacing {
     /// holds its frames, may wait up to [`GATHER`] more, beside the milliseconds it waits for
     /// its checkpoint.
     always: bool,
-    /// When the last shipment went, if the next is gathered.
-    flood_shipped_at: Option<Instant>,
+    /// When the last shipment went, if the next is gathered (a flood's, or any for `always`).
+    gather_from: Option<Instant>,
 }
 
 impl ShipPacing {
@@ -46,19 +46,18 @@ impl ShipPacing {
     pub fn new(mode: LogMode) -> ShipPacing {
         ShipPacing {
             always: mode == LogMode::Async,
-            flood_shipped_at: None,
+            gather_from: None,
         }
     }
 
     /// When the next shipment may go: `now`, or later while a flood is being gathered.
     pub fn ship_at(&self, now: Instant) -> Instant {
-        self.flood_shipped_at
-            .map_or(now, |at| (at + GATHER).max(now))
+        self.gather_from.map_or(now, |at| (at + GATHER).max(now))
     }
 
     /// A shipment of `frames` went at `now`.
     pub fn shipped(&mut self, frames: usize, now: Instant) {
-        self.flood_shipped_at = (self.always || frames >= FLOOD_FRAMES).then_some(now);
+        self.gather_from = (self.always || frames >= FLOOD_FRAMES).then_some(now);
     }
 }
 

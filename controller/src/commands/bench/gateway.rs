@@ -15,9 +15,10 @@
 //! flood from the host side of the tap, counted by the guest's RX counter) with the CPU time
 //! each frame cost (the VM thread, the primary's other threads, the backup) and, per 1000
 //! frames, the VM thread's exits and sleeps and the log's acknowledgements and drops; and the
-//! latency added over the plain tap. The backup is `replicate receive --ack memory` on loopback. First,
-//! how fast the machine writes into new and into cached page-cache pages: the backup's log
-//! writes new ones, and on a VM whose host takes back freed memory they cost far more. Then
+//! latency added over the plain tap. The backup is `replicate receive --ack memory` on
+//! loopback. First, how fast the machine writes into new and into cached page-cache pages: the
+//! backup's log writes new ones, and on a VM whose host takes back freed memory they cost far
+//! more. Then
 //! the floor of any sync log here (its bytes over loopback TCP and into a file, nothing else)
 //! and the share of the tap's frames/s it leaves when the backup shares the cores.
 
