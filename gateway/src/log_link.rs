@@ -7,7 +7,7 @@
 //! On every (re)connection the backup says which frame it holds last, and what follows it is
 //! sent (again): a frame is forgotten only once acknowledged.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,7 +91,6 @@ fn run_link(gateway: &Gateway, config: &LogLinkConfig, stop: &AtomicBool) -> Res
     channel
         .write_all(&out.emit(&hello))
         .map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 64 * 1024];
     let backup_has = loop {
         match inbound.next_message().map_err(|e| e.to_string())? {
             Some(Message::LogHelloAck { version, last_seq }) => {
@@ -102,11 +101,13 @@ fn run_link(gateway: &Gateway, config: &LogLinkConfig, stop: &AtomicBool) -> Res
             Some(other) => return Err(format!("expected LogHelloAck, got {:?}", other.command())),
             None => {}
         }
-        let n = channel.read(&mut buf).map_err(|e| e.to_string())?;
-        if n == 0 {
+        if inbound
+            .receive_from(&mut channel)
+            .map_err(|e| e.to_string())?
+            == 0
+        {
             return Err("the backup closed the log link".into());
         }
-        inbound.receive(&buf[..n]);
     };
     gateway.log_linked(backup_has);
     *gateway.log_link.lock().unwrap_or_else(|e| e.into_inner()) = (true, None);
@@ -171,9 +172,9 @@ fn run_link(gateway: &Gateway, config: &LogLinkConfig, stop: &AtomicBool) -> Res
         if !socket_ready {
             continue;
         }
-        match channel.read(&mut buf) {
+        match inbound.receive_from(&mut channel) {
             Ok(0) => return Err("the backup closed the log link".into()),
-            Ok(n) => inbound.receive(&buf[..n]),
+            Ok(_) => {}
             Err(e)
                 if matches!(
                     e.kind(),

@@ -327,7 +327,7 @@ impl TrafficLog {
     /// Appends VM `vm`'s batch, whose frames must follow the last one held, as its bytes came
     /// (each record was checked when the batch was parsed or built). Written, not yet synced:
     /// see [`TrafficLog::sync`].
-    pub fn append(&mut self, vm: u32, batch: &LogBatch) -> Result<(), LogError> {
+    pub fn append<B: AsRef<[u8]>>(&mut self, vm: u32, batch: &LogBatch<B>) -> Result<(), LogError> {
         if self.read_only {
             return Err(LogError::ReadOnly);
         }

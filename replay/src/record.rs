@@ -136,10 +136,12 @@ fn check(bytes: &[u8]) -> Result<(RecordAt, usize), RecordError> {
 
 /// Records encoded back to back, as a `LogFrames` message carries them and a segment stores
 /// them: the primary encodes each frame once, the backup checks each once and writes the
-/// bytes as they came (no record is decoded into frames of its own on the way).
+/// bytes as they came (no record is decoded into frames of its own on the way). `B` holds the
+/// bytes: a `Vec` when the batch is built, or the slice of a received message when it is
+/// parsed, so the backup writes straight from the bytes it read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LogBatch {
-    bytes: Vec<u8>,
+pub struct LogBatch<B = Vec<u8>> {
+    bytes: B,
     records: Vec<RecordAt>,
 }
 
@@ -169,9 +171,11 @@ impl LogBatch {
         }
         batch
     }
+}
 
-    /// Checks `count` records filling `bytes` exactly, and keeps them.
-    pub fn parse(bytes: &[u8], count: usize) -> Result<LogBatch, BatchError> {
+impl<'a> LogBatch<&'a [u8]> {
+    /// Checks `count` records filling `bytes` exactly, and keeps them where they are.
+    pub fn parse(bytes: &'a [u8], count: usize) -> Result<LogBatch<&'a [u8]>, BatchError> {
         let mut records = Vec::with_capacity(count);
         let mut start = 0;
         for _ in 0..count {
@@ -183,12 +187,19 @@ impl LogBatch {
         if start != bytes.len() {
             return Err(BatchError::TrailingBytes);
         }
-        Ok(LogBatch {
-            bytes: bytes.to_vec(),
-            records,
-        })
+        Ok(LogBatch { bytes, records })
     }
 
+    /// The batch with bytes of its own.
+    pub fn to_owned(&self) -> LogBatch {
+        LogBatch {
+            bytes: self.bytes.to_vec(),
+            records: self.records.clone(),
+        }
+    }
+}
+
+impl<B: AsRef<[u8]>> LogBatch<B> {
     pub fn len(&self) -> usize {
         self.records.len()
     }
@@ -199,17 +210,18 @@ impl LogBatch {
 
     /// The encoded records, back to back.
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        self.bytes.as_ref()
     }
 
     /// Each record's header fields and encoded bytes, in order.
     pub fn records(&self) -> impl Iterator<Item = (RecordAt, &[u8])> + '_ {
-        self.records.iter().enumerate().map(|(i, at)| {
+        let bytes = self.bytes();
+        self.records.iter().enumerate().map(move |(i, at)| {
             let end = self
                 .records
                 .get(i + 1)
-                .map_or(self.bytes.len(), |next| next.start);
-            (*at, &self.bytes[at.start..end])
+                .map_or(bytes.len(), |next| next.start);
+            (*at, &bytes[at.start..end])
         })
     }
 
@@ -296,7 +308,12 @@ mod tests {
         assert_eq!(batch.len(), 3);
         assert_eq!(batch.to_records(), records);
         let parsed = LogBatch::parse(&encoded, 3).expect("a good batch");
-        assert_eq!(parsed, batch);
+        assert_eq!(parsed.to_owned(), batch);
+        assert_eq!(
+            parsed.bytes().as_ptr(),
+            encoded.as_ptr(),
+            "parsed where it lies"
+        );
         let seqs: Vec<u64> = parsed.records().map(|(at, _)| at.seq).collect();
         assert_eq!(seqs, [1, 2, 3]);
         assert_eq!(LogBatch::parse(&encoded, 2), Err(BatchError::TrailingBytes));

@@ -14,7 +14,7 @@
 //! are already waiting when one is acknowledged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -159,7 +159,6 @@ pub fn serve(listener: TcpListener, config: Arc<ReceiverConfig>, log: Log) {
 /// Reads a link's first message, which says what kind of link it is.
 fn first_message(mut stream: Channel) -> Result<(Message, Channel, Link), BackupError> {
     let mut link = Link::default();
-    let mut buf = [0u8; 4096];
     loop {
         match link.next_message() {
             Ok(Some(message)) => return Ok((message, stream, link)),
@@ -169,13 +168,11 @@ fn first_message(mut stream: Channel) -> Result<(Message, Channel, Link), Backup
                 return Err(e.into());
             }
         }
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
+        if link.receive_from(&mut stream)? == 0 {
             return Err(BackupError::Refused(
                 "the link closed before a Hello".into(),
             ));
         }
-        link.receive(&buf[..n]);
     }
 }
 
@@ -267,7 +264,6 @@ impl<'a> Session<'a> {
         mut stream: Channel,
         log: &dyn Fn(&str),
     ) -> Result<(), BackupError> {
-        let mut buf = vec![0u8; 1 << 20];
         let mut first = Some(first);
         loop {
             let next = match first.take() {
@@ -277,11 +273,9 @@ impl<'a> Session<'a> {
             let message = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => {
-                    let n = stream.read(&mut buf)?;
-                    if n == 0 {
+                    if self.link.receive_from(&mut stream)? == 0 {
                         return Ok(());
                     }
-                    self.link.receive(&buf[..n]);
                     continue;
                 }
                 Err(e) => {

@@ -8,7 +8,7 @@
 //! the primary reconnects, learns the last frame held and sends from the one after it.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,7 @@ use secondsite_replay::{TrafficLog, traffic_dir};
 
 use crate::backup::{BackupError, ReceiverConfig, check_group, group_store};
 use crate::tls::Channel;
-use crate::wire::{self, LOG_VERSION, Link, Message};
+use crate::wire::{self, CommandCode, LOG_VERSION, Link, Message};
 
 /// Log batches refused (out of order, malformed, corrupt).
 pub static LOG_REFUSED: AtomicU64 = AtomicU64::new(0);
@@ -119,38 +119,37 @@ pub(crate) fn serve_log_link(
     log(&format!(
         "log link from site {site}: group {group} VM {vm}, frames after {last_seq}"
     ));
-    let mut buf = vec![0u8; 1 << 20];
     loop {
         // Every batch the last read completed is written, then made durable and acknowledged
         // once: a primary that ships faster than the disk gets one ack per read, not one per
-        // batch.
+        // batch. Each batch is written from the bytes the read left in the link's buffer.
         let mut appended = false;
         loop {
-            let message = match link.next_message() {
-                Ok(Some(m)) => m,
+            let refused = |e: BackupError| {
+                LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
+                e
+            };
+            let frame = match link.next_frame() {
+                Ok(Some(frame)) => frame,
                 Ok(None) => break,
-                Err(e) => {
-                    LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
-                    return Err(e.into());
-                }
+                Err(e) => return Err(refused(e.into())),
             };
-            let Message::LogFrames { vm: from, batch } = message else {
-                LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
-                return Err(BackupError::Refused(format!(
+            if frame.command != CommandCode::LogFrames {
+                return Err(refused(BackupError::Refused(format!(
                     "{:?} on a log link",
-                    message.command()
-                )));
-            };
+                    frame.command
+                ))));
+            }
+            let (from, batch) =
+                wire::parse_log_frames(frame.payload).map_err(|e| refused(e.into()))?;
             if from != vm {
-                LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
-                return Err(BackupError::Refused(format!(
+                return Err(refused(BackupError::Refused(format!(
                     "frames of VM {from} on VM {vm}'s log link"
-                )));
+                ))));
             }
             let mut traffic = traffic.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = traffic.append(vm, &batch) {
-                LOG_REFUSED.fetch_add(1, Ordering::Relaxed);
-                return Err(BackupError::Refused(format!("traffic log: {e}")));
+                return Err(refused(BackupError::Refused(format!("traffic log: {e}"))));
             }
             appended = true;
         }
@@ -166,10 +165,8 @@ pub(crate) fn serve_log_link(
             };
             stream.write_all(&link.emit(&Message::LogAck { vm, seq }))?;
         }
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
+        if link.receive_from(&mut stream)? == 0 {
             return Ok(());
         }
-        link.receive(&buf[..n]);
     }
 }

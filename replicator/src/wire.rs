@@ -373,26 +373,11 @@ impl Message {
                 last_seq: r.u64()?,
             },
             CommandCode::LogFrames => {
-                let vm = r.u32()?;
-                let count = r.u32()? as usize;
-                if count == 0 || count > MAX_LOG_RECORDS {
-                    return Err(malformed("a batch of 1 to 4096 log records"));
+                let (vm, batch) = parse_log_frames(r.rest())?;
+                Message::LogFrames {
+                    vm,
+                    batch: batch.to_owned(),
                 }
-                let batch = LogBatch::parse(r.rest(), count).map_err(|e| WireError::Malformed {
-                    command,
-                    detail: match e {
-                        BatchError::TrailingBytes => "trailing bytes",
-                        BatchError::Record(RecordError::Checksum) => {
-                            "a log record's checksum is wrong"
-                        }
-                        BatchError::Record(RecordError::Truncated) => "a log record is truncated",
-                        BatchError::Record(RecordError::TooLarge(_)) => "a log record is too large",
-                        BatchError::Record(RecordError::BadMagic | RecordError::Version(_)) => {
-                            "not a log record"
-                        }
-                    },
-                })?;
-                Message::LogFrames { vm, batch }
             }
             CommandCode::LogAck => Message::LogAck {
                 vm: r.u32()?,
@@ -404,6 +389,31 @@ impl Message {
         }
         Ok(message)
     }
+}
+
+/// A `LogFrames` payload: the VM's number and its records, checked and left where they lie
+/// (the backup writes them to its log from the bytes it read).
+pub fn parse_log_frames(payload: &[u8]) -> Result<(u32, LogBatch<&[u8]>), WireError> {
+    let command = CommandCode::LogFrames;
+    let malformed = |detail| WireError::Malformed { command, detail };
+    let mut r = Fields::new(payload, |_| malformed("truncated"));
+    let vm = r.u32()?;
+    let count = r.u32()? as usize;
+    if count == 0 || count > MAX_LOG_RECORDS {
+        return Err(malformed("a batch of 1 to 4096 log records"));
+    }
+    let batch = LogBatch::parse(r.rest(), count).map_err(|e| {
+        malformed(match e {
+            BatchError::TrailingBytes => "trailing bytes",
+            BatchError::Record(RecordError::Checksum) => "a log record's checksum is wrong",
+            BatchError::Record(RecordError::Truncated) => "a log record is truncated",
+            BatchError::Record(RecordError::TooLarge(_)) => "a log record is too large",
+            BatchError::Record(RecordError::BadMagic | RecordError::Version(_)) => {
+                "not a log record"
+            }
+        })
+    })?;
+    Ok((vm, batch))
 }
 
 /// A length-prefixed (u16) UTF-8 string.
@@ -419,17 +429,36 @@ fn string<F: Fn(usize) -> WireError>(
 }
 
 /// One direction of a link: numbers outgoing frames, checks incoming ones. Sans-IO: bytes in,
-/// messages out; the transport owns the socket.
+/// messages out; the transport owns the socket (and may read straight into the link's buffer
+/// with [`Link::receive_from`]).
 #[derive(Debug)]
 pub struct Link {
     version: u16,
     next_out: u64,
     next_in: u64,
+    /// Received bytes: `inbox[taken..filled]` are not yet taken as messages; past `filled`
+    /// is room for the next read. The front is reclaimed only when a read needs the room, not
+    /// one message at a time: a read holding many small frames would move the rest of the
+    /// buffer once per frame.
     inbox: Vec<u8>,
-    /// Bytes at the front of `inbox` already taken as messages (dropped at the next
-    /// `receive`, not one message at a time: a read holding many small frames would move the
-    /// rest of the buffer once per frame).
     taken: usize,
+    filled: usize,
+}
+
+/// Room [`Link::receive_from`] makes for a read.
+const READ_ROOM: usize = 256 * 1024;
+
+/// A checked frame, its payload where it was received: [`Link::next_frame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub command: CommandCode,
+    pub payload: &'a [u8],
+}
+
+impl Frame<'_> {
+    pub fn parse(&self) -> Result<Message, WireError> {
+        Message::parse_payload(self.command, self.payload)
+    }
 }
 
 impl Default for Link {
@@ -440,6 +469,7 @@ impl Default for Link {
             next_in: 0,
             inbox: Vec::new(),
             taken: 0,
+            filled: 0,
         }
     }
 }
@@ -514,20 +544,56 @@ impl Link {
 
     /// Bytes received and not yet taken as messages (what is queued behind the last one).
     pub fn pending_bytes(&self) -> usize {
-        self.inbox.len() - self.taken
+        self.filled - self.taken
     }
 
     /// Adds received bytes.
     pub fn receive(&mut self, bytes: &[u8]) {
-        self.inbox.drain(..self.taken);
-        self.taken = 0;
-        self.inbox.extend_from_slice(bytes);
+        self.make_room(bytes.len());
+        self.inbox[self.filled..self.filled + bytes.len()].copy_from_slice(bytes);
+        self.filled += bytes.len();
+    }
+
+    /// Reads once from `from` into the link's buffer (no copy of the bytes on their way to
+    /// the messages made of them); the count read, 0 at the end of the stream.
+    pub fn receive_from(&mut self, from: &mut impl std::io::Read) -> std::io::Result<usize> {
+        self.make_room(READ_ROOM);
+        let n = from.read(&mut self.inbox[self.filled..])?;
+        self.filled += n;
+        Ok(n)
+    }
+
+    /// Makes room for `len` more bytes after `filled`: first by dropping what was taken, then
+    /// by growing (the buffer keeps its size between reads, so it is zeroed only once).
+    fn make_room(&mut self, len: usize) {
+        if self.taken == self.filled {
+            (self.taken, self.filled) = (0, 0);
+        }
+        if self.inbox.len() - self.filled >= len {
+            return;
+        }
+        if self.taken > 0 {
+            self.inbox.copy_within(self.taken..self.filled, 0);
+            (self.taken, self.filled) = (0, self.filled - self.taken);
+        }
+        if self.inbox.len() - self.filled < len {
+            self.inbox.reserve(self.filled + len - self.inbox.len());
+            self.inbox.resize(self.inbox.capacity(), 0);
+        }
     }
 
     /// The next complete message, `Ok(None)` if more bytes are needed. An error is final for
     /// the link: the transport closes it.
     pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
-        let inbox = &self.inbox[self.taken..];
+        self.next_frame()?.map(|frame| frame.parse()).transpose()
+    }
+
+    /// The next complete frame, checked (magic, version, command, length, checksum,
+    /// sequence) and taken, its payload not parsed: a receiver that keeps the payload's bytes
+    /// parses them in place. `Ok(None)` if more bytes are needed; an error is final for the
+    /// link.
+    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, WireError> {
+        let inbox = &self.inbox[self.taken..self.filled];
         if inbox.len() < HEADER_LEN {
             if !MAGIC.starts_with(&inbox[..inbox.len().min(4)]) {
                 return Err(WireError::BadMagic);
@@ -566,10 +632,13 @@ impl Link {
                 got: seq,
             });
         }
-        let message = Message::parse_payload(command, &inbox[HEADER_LEN..HEADER_LEN + len])?;
+        let start = self.taken + HEADER_LEN;
         self.taken += HEADER_LEN + len;
         self.next_in += 1;
-        Ok(Some(message))
+        Ok(Some(Frame {
+            command,
+            payload: &self.inbox[start..start + len],
+        }))
     }
 }
 
@@ -696,6 +765,57 @@ mod tests {
         }
     }
 
+    /// A reader that hands out at most `step` bytes a read, as a socket may.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.bytes.len().min(self.step).min(buf.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn frames_read_into_the_link_come_out_whole_and_in_order() {
+        // Small frames, and frames larger than a read's room, read in pieces that end
+        // anywhere: the buffer's reclaimed front and its growth keep every byte in place.
+        let mut tx = Link::default();
+        let messages: Vec<Message> = (0..40u8)
+            .map(|i| Message::Pages {
+                vm: u32::from(i),
+                batch: vec![
+                    i;
+                    if i % 7 == 3 {
+                        700_000
+                    } else {
+                        90 + usize::from(i)
+                    }
+                ],
+            })
+            .collect();
+        let stream: Vec<u8> = messages.iter().flat_map(|m| tx.emit(m)).collect();
+        for step in [1000, 65_537, 1 << 20] {
+            let mut from = Trickle {
+                bytes: &stream,
+                step,
+            };
+            let mut rx = Link::default();
+            let mut got = Vec::new();
+            while rx.receive_from(&mut from).expect("reads") > 0 {
+                while let Some(message) = rx.next_message().expect("valid") {
+                    got.push(message);
+                }
+            }
+            assert_eq!(got, messages, "read {step} bytes at a time");
+            assert_eq!(rx.pending_bytes(), 0);
+        }
+    }
+
     #[test]
     fn log_frames_encoded_in_place_are_the_bytes_of_the_message() {
         let records = [
@@ -732,6 +852,18 @@ mod tests {
             );
         }
         assert_eq!(got, expected);
+        // The backup takes the records where they lie in its buffer.
+        let Message::LogFrames { batch, .. } = &message else {
+            unreachable!()
+        };
+        let mut rx = Link::default();
+        rx.receive(&got[b"before".len()..]);
+        for _ in 0..2 {
+            let frame = rx.next_frame().expect("valid").expect("whole");
+            assert_eq!(frame.command, CommandCode::LogFrames);
+            let (vm, parsed) = parse_log_frames(frame.payload).expect("valid");
+            assert_eq!((vm, parsed.to_owned()), (1, batch.clone()));
+        }
     }
 
     #[test]
