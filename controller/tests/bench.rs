@@ -144,6 +144,9 @@ fn bench_gateway_reports_every_path_with_the_cost_of_a_frame() {
             // The guest left to take frames and answer them (its ring holds 256).
             let exits = row[format!("per_1000_frames_{size}")]["exits"].as_f64();
             assert!(exits > Some(0.0), "{row}");
+            // Frames the tap dropped are counted (from the tap's own counter).
+            let tap_dropped = row[format!("per_1000_frames_{size}")]["tap_dropped"].as_f64();
+            assert!(tap_dropped >= Some(0.0), "{row}");
         }
         let log_acks = row["per_1000_frames_64"]["log_acks"].as_f64();
         if row["path"] == "tap" {

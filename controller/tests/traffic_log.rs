@@ -9,9 +9,13 @@ use std::path::Path;
 use std::process::Command;
 
 use secondsite_lab::{VmSite, privileged};
-use secondsite_replay::{LogBatch, LogRecord};
+use secondsite_replay::log::SEGMENT_BYTES;
+use secondsite_replay::{LogBatch, LogRecord, record};
 use secondsite_replicator::wire::{self, LOG_VERSION, Link, Message};
-use support::{Connection, PORT, SECONDSITE, control, receiver, replication, start_with, wait_for};
+use support::{
+    Connection, PORT, SECONDSITE, control, receiver, receiver_with, replication, start_with,
+    wait_for,
+};
 
 fn secondsite(args: &[&str]) -> String {
     let out = Command::new(SECONDSITE).args(args).output().expect("runs");
@@ -294,4 +298,117 @@ fn log_frames_that_are_repeated_or_corrupt_are_refused_and_none_is_applied() {
         .map(|(_, seq)| *seq)
         .collect();
     assert_eq!(seqs, [1, 2, 3]);
+}
+
+/// `replay show`'s line for VM 0: (first seq, last seq, segments).
+fn shown_span(show: &str) -> (u64, u64, u64) {
+    let line = show
+        .lines()
+        .find(|l| l.starts_with("VM 0: "))
+        .unwrap_or_else(|| panic!("no VM 0 in:\n{show}"));
+    let word_after = |key: &str| -> u64 {
+        let words: Vec<&str> = line.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+        let at = words
+            .iter()
+            .position(|w| *w == key)
+            .unwrap_or_else(|| panic!("no {key:?} in {line:?}"));
+        words[at + 1].parse().expect("a number")
+    };
+    let segments = line
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" segments"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no segment count in {line:?}"));
+    (word_after("seq"), word_after("to"), segments)
+}
+
+#[test]
+fn the_backup_keeps_the_traffic_of_its_last_retained_checkpoints_only() {
+    if !privileged("the_backup_keeps_the_traffic_of_its_last_retained_checkpoints_only") {
+        return;
+    }
+    let site = VmSite::new().expect("builds the namespaces");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let _receiver = receiver_with(
+        &site.site,
+        &store,
+        &dir.path().join("r.log"),
+        &["--retain", "2"],
+    );
+    let to = format!("127.0.0.1:{PORT}");
+    let vm = start_with(
+        &site,
+        dir.path(),
+        "64M",
+        &["--replicate-to", &to, "--group", "web", "--epoch-ms", "25"],
+    );
+    wait_for(&vm.control, "protection", |r| {
+        r["protected"] == true && r["committed"].as_u64() > Some(1)
+    });
+    // More than three segments' worth of 1500 B frames to the guest's discard service, in
+    // well under the time a fold takes to come: the checkpoints that saw the first segments
+    // are out of `retain` long before they are folded.
+    let frame_bytes = 1500;
+    let per_segment = SEGMENT_BYTES / (frame_bytes + record::HEADER_LEN as u64);
+    let wanted = 3 * per_segment + per_segment / 2;
+    let received = |vm: &support::Vm| {
+        control(&vm.control, &["status"])["net"]["rx_frames"]
+            .as_u64()
+            .expect("rx frames")
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            site.client
+                .enter_on_this_thread()
+                .expect("enters the client");
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+            socket
+                .connect((VmSite::GUEST_IP, 9))
+                .expect("routes to the guest");
+            let payload = vec![0x5a; frame_bytes as usize - 42];
+            let started = std::time::Instant::now();
+            while received(&vm) < wanted {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(120),
+                    "the guest got {} of {wanted} frames",
+                    received(&vm)
+                );
+                for _ in 0..2000 {
+                    let _ = socket.send(&payload); // a full queue drops: what gets through counts
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+    });
+    // Two checkpoints after the flood: both retained ones have every frame behind them.
+    let captured = replication(&vm.control)["captured"]
+        .as_u64()
+        .expect("captured");
+    wait_for(&vm.control, "two commits after the flood", |r| {
+        r["committed"].as_u64() > Some(captured + 2)
+    });
+    let acked = control(&vm.control, &["status"])["port"]["log_acked"]
+        .as_u64()
+        .expect("log acked");
+    let show = secondsite(&["replay", "show", "--store", store.to_str().expect("utf-8")]);
+    let (first, last, segments) = shown_span(&show);
+    assert!(
+        last >= acked && acked >= wanted,
+        "the log holds every frame acknowledged ({acked}):\n{show}"
+    );
+    assert!(
+        first > 2 * per_segment && segments <= 2,
+        "the frames only checkpoints out of `retain` needed are dropped:\n{show}"
+    );
+    let files: Vec<String> =
+        std::fs::read_dir(secondsite_replay::traffic_dir(&store.join("web")).join("vm-0"))
+            .expect("the VM's log directory")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+    let spares = files.iter().filter(|f| f.ends_with(".spare")).count();
+    assert!(
+        spares <= secondsite_replay::log::SPARE_SEGMENTS,
+        "dropped segments are kept only as spares to write over: {files:?}"
+    );
 }

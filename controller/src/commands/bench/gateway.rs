@@ -145,7 +145,8 @@ fn set_run(clients: u32, pipeline: u32, requests: usize) -> anyhow::Result<SetRu
 
 /// The guest's received frames, the VM thread's exits from the guest and sleeps, and its
 /// traffic log's acknowledgements (one per batch the backup wrote) and frames dropped because
-/// the log was full.
+/// the log was full, and the frames the tap dropped because its queue was full (the VM's
+/// thread did not take them in time).
 #[derive(Debug, Clone, Copy)]
 struct GuestCounts {
     rx_frames: u64,
@@ -153,6 +154,7 @@ struct GuestCounts {
     sleeps: u64,
     log_acks: u64,
     log_dropped: u64,
+    tap_dropped: u64,
 }
 
 fn guest_counts(running: &Protected) -> anyhow::Result<GuestCounts> {
@@ -166,9 +168,25 @@ fn guest_counts(running: &Protected) -> anyhow::Result<GuestCounts> {
             sleeps: status.sleeps,
             log_acks: port_counter(&status, "log_acks"),
             log_dropped: port_counter(&status, "log_dropped"),
+            tap_dropped: tap_dropped()?,
         }),
         other => bail!("unexpected status reply {other:?}"),
     }
+}
+
+/// Frames the bench's tap dropped on their way to the VM (its queue was full): the TX drop
+/// column of `/proc/self/net/dev`, which, unlike `/sys`, shows this process's namespace.
+fn tap_dropped() -> anyhow::Result<u64> {
+    let table = std::fs::read_to_string("/proc/self/net/dev").context("/proc/self/net/dev")?;
+    table
+        .lines()
+        .find_map(|line| {
+            let (name, counts) = line.split_once(':')?;
+            // Receive: bytes packets errs drop fifo frame compressed multicast; then
+            // transmit: bytes packets errs drop ...
+            (name.trim() == TAP).then(|| counts.split_whitespace().nth(11)?.parse().ok())?
+        })
+        .with_context(|| format!("no {TAP} in /proc/self/net/dev"))
 }
 
 /// One of the port's counters (0 without a gateway).
@@ -284,6 +302,7 @@ fn flood(
             "sleeps": per_1000(after.sleeps, before.sleeps),
             "log_acks": per_1000(after.log_acks, before.log_acks),
             "log_dropped": per_1000(after.log_dropped, before.log_dropped),
+            "tap_dropped": per_1000(after.tap_dropped, before.tap_dropped),
         }),
         frames_per_s: received as f64 / started.elapsed().as_secs_f64(),
         cpu_us_per_frame: PathCpu::now(&me, &receiver_pid)
