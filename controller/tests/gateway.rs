@@ -5,11 +5,10 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use secondsite_lab::{Proc, VmSite, privileged};
-use support::{Connection, PORT, control, receiver, start_with, wait_for};
+use support::{Connection, PORT, control, receiver, replicating_vm_with, start_with, wait_for};
 
 /// A site, a backup's receiver and a VM replicating to it, once protected.
 struct Lab {
@@ -28,25 +27,13 @@ fn lab(extra: &[&str]) -> Lab {
         &dir.path().join("store"),
         &dir.path().join("r.log"),
     );
-    let vm = protected_vm(&site, dir.path(), extra);
+    let vm = replicating_vm_with(&site, dir.path(), extra);
     Lab {
         site,
         receiver,
         vm,
         _dir: dir,
     }
-}
-
-/// A VM replicating group `web` at 25 ms epochs with more `vm run` arguments, once protected.
-fn protected_vm(site: &VmSite, dir: &Path, extra: &[&str]) -> support::Vm {
-    let to = format!("127.0.0.1:{PORT}");
-    let mut args = vec!["--replicate-to", &to, "--group", "web", "--epoch-ms", "25"];
-    args.extend_from_slice(extra);
-    let vm = start_with(site, dir, "64M", &args);
-    wait_for(&vm.control, "protection", |r| {
-        r["protected"] == true && r["committed"].as_u64() > Some(1)
-    });
-    vm
 }
 
 /// Stops (SIGSTOP) or continues (SIGCONT) a process.

@@ -13,8 +13,8 @@ use secondsite_replicator::restore::snapshot_from_store;
 use secondsite_replicator::wire::{Link, Message};
 use secondsite_vmm::snapshot::FULL_LAYER;
 use support::{
-    Connection, PORT, SECONDSITE, control, receiver, receiver_with, redis, replication, start_with,
-    wait_for, wait_until_serving,
+    Connection, PORT, SECONDSITE, control, receiver, receiver_with, redis, replicating_vm,
+    replicating_vm_with, replication, start_with, wait_for, wait_until_serving,
 };
 
 /// redis-benchmark SET load on the guest (100,000 keys of `value_bytes`), until dropped.
@@ -50,22 +50,6 @@ fn assert_store_verifies(group_store: &Path) {
         group_store.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn replicating_vm(site: &VmSite, dir: &Path) -> support::Vm {
-    replicating_vm_with(site, dir, &[])
-}
-
-/// A VM replicating group `web` at 25 ms epochs, with more `vm run` arguments, once protected.
-fn replicating_vm_with(site: &VmSite, dir: &Path, extra: &[&str]) -> support::Vm {
-    let to = format!("127.0.0.1:{PORT}");
-    let mut args = vec!["--replicate-to", &to, "--group", "web", "--epoch-ms", "25"];
-    args.extend_from_slice(extra);
-    let vm = start_with(site, dir, "64M", &args);
-    wait_for(&vm.control, "protection", |r| {
-        r["protected"] == true && r["committed"].as_u64() > Some(0)
-    });
-    vm
 }
 
 #[test]

@@ -13,7 +13,7 @@ use secondsite_replay::log::SEGMENT_BYTES;
 use secondsite_replay::{LogBatch, LogRecord, record};
 use secondsite_replicator::wire::{self, LOG_VERSION, Link, Message};
 use support::{
-    Connection, PORT, SECONDSITE, control, receiver, receiver_with, replication, start_with,
+    Connection, PORT, SECONDSITE, control, receiver, receiver_with, replicating_vm, replication,
     wait_for,
 };
 
@@ -70,16 +70,7 @@ fn the_exported_log_holds_exactly_the_frames_the_guest_received_and_replays_them
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
     let _receiver = receiver(&site.site, &store, &dir.path().join("r.log"));
-    let to = format!("127.0.0.1:{PORT}");
-    let vm = start_with(
-        &site,
-        dir.path(),
-        "64M",
-        &["--replicate-to", &to, "--group", "web", "--epoch-ms", "25"],
-    );
-    wait_for(&vm.control, "protection", |r| {
-        r["protected"] == true && r["committed"].as_u64() > Some(1)
-    });
+    let vm = replicating_vm(&site, dir.path());
     let before_set = replication(&vm.control)["committed"]
         .as_u64()
         .expect("committed");
@@ -336,16 +327,7 @@ fn the_backup_keeps_the_traffic_of_its_last_retained_checkpoints_only() {
         &dir.path().join("r.log"),
         &["--retain", "2"],
     );
-    let to = format!("127.0.0.1:{PORT}");
-    let vm = start_with(
-        &site,
-        dir.path(),
-        "64M",
-        &["--replicate-to", &to, "--group", "web", "--epoch-ms", "25"],
-    );
-    wait_for(&vm.control, "protection", |r| {
-        r["protected"] == true && r["committed"].as_u64() > Some(1)
-    });
+    let vm = replicating_vm(&site, dir.path());
     // More than three segments' worth of 1500 B frames to the guest's discard service, in
     // well under the time a fold takes to come: the checkpoints that saw the first segments
     // are out of `retain` long before they are folded.

@@ -235,3 +235,21 @@ pub fn tcp_resets(site: &VmSite) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A VM replicating group `web` to the receiver at 25 ms epochs, once protected.
+pub fn replicating_vm(site: &VmSite, dir: &Path) -> Vm {
+    replicating_vm_with(site, dir, &[])
+}
+
+/// A VM replicating group `web` at 25 ms epochs, with more `vm run` arguments, once protected
+/// and a checkpoint after the first (full) one is committed.
+pub fn replicating_vm_with(site: &VmSite, dir: &Path, extra: &[&str]) -> Vm {
+    let to = format!("127.0.0.1:{PORT}");
+    let mut args = vec!["--replicate-to", &to, "--group", "web", "--epoch-ms", "25"];
+    args.extend_from_slice(extra);
+    let vm = start_with(site, dir, "64M", &args);
+    wait_for(&vm.control, "protection", |r| {
+        r["protected"] == true && r["committed"].as_u64() > Some(1)
+    });
+    vm
+}
