@@ -695,10 +695,16 @@ fn ship_captures(
             pause_us: pause,
         } = loop {
             match queue.try_recv() {
-                Ok(captured) => break captured?,
+                Ok(captured) => {
+                    escalation.working();
+                    break captured?;
+                }
                 Err(mpsc::TryRecvError::Empty) => {
-                    // Nothing left to ship: a sender the clock raised has caught up.
+                    // Nothing left to ship: a sender the clock raised has caught up, and it
+                    // waits at normal scheduling, so that an acknowledgement, which releases
+                    // held output, is read when it comes.
                     escalation.caught_up();
+                    escalation.waiting();
                     io.wait_acks_or(shared, queued, poll)?
                 }
                 Err(mpsc::TryRecvError::Disconnected) => {

@@ -14,6 +14,10 @@
 //! once two captures wait for the sender, before the clock itself would have to wait. The
 //! thread returns to the background as soon as it has caught up ([`Escalation::caught_up`]).
 //!
+//! Only the work is background: a thread with nothing to do waits at normal scheduling
+//! ([`Escalation::waiting`]), so that the primary's sender reads an acknowledgement, which
+//! releases held output, when it comes rather than when the guests leave a CPU idle.
+//!
 //! In the background a thread also gives way promptly: its long loops (the encoder's pages, the
 //! decoder's records) call [`give_way_point`], which yields the CPU every [`YIELD_EVERY`]
 //! items. A guest's client woken on a core where a `SCHED_IDLE` thread runs is queued at once,
@@ -181,6 +185,8 @@ pub struct Escalation {
     raisable: Arc<Raisable>,
     /// Escalated because another thread raised it early (not because an epoch was late).
     raised_early: bool,
+    /// At normal scheduling for a wait ([`Escalation::waiting`]), until its next work.
+    waiting: bool,
 }
 
 impl Escalation {
@@ -195,6 +201,7 @@ impl Escalation {
             refused: 0,
             raisable: Arc::default(),
             raised_early: false,
+            waiting: false,
         };
         let placed = match priority {
             Priority::Background => e.raisable.enter_background(),
@@ -220,9 +227,36 @@ impl Escalation {
         (self.priority == Priority::Background).then(|| self.raisable.clone())
     }
 
-    /// The thread is in the background now.
+    /// The thread's work is in the background now.
     pub fn in_background(&self) -> bool {
         self.priority == Priority::Background && !self.escalated
+    }
+
+    /// The thread has nothing to do but wait (for an acknowledgement, or its next work): it
+    /// waits at normal scheduling, so that what wakes it is handled at once rather than when
+    /// the guests leave a CPU idle. A wait costs no CPU, and a wake-up for an acknowledgement
+    /// is a few microseconds of work on which held output, and so every client's reply,
+    /// waits: at `SCHED_IDLE` it waited for the guests' threads and their clients, up to
+    /// milliseconds. [`Escalation::working`] returns the thread to the background.
+    pub fn waiting(&mut self) {
+        if !self.in_background() || self.waiting {
+            return;
+        }
+        match set_current_thread(false) {
+            Ok(()) => self.waiting = true,
+            Err(_) => self.refused += 1,
+        }
+    }
+
+    /// The thread has work again (after [`Escalation::waiting`]): back to the background,
+    /// unless another thread raised it meanwhile.
+    pub fn working(&mut self) {
+        if !std::mem::take(&mut self.waiting) {
+            return;
+        }
+        if self.in_background() && self.raisable.enter_background().is_err() {
+            self.refused += 1;
+        }
     }
 
     /// Reports how long the last epoch's work took from its start (capture, or first frame) to
@@ -341,6 +375,49 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_background_thread_waits_at_normal_scheduling_and_works_in_the_background() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            let mut e = Escalation::start(Priority::Background, Duration::from_millis(50));
+            e.waiting();
+            assert_eq!(policy_of_this_thread(), libc::SCHED_OTHER as u32);
+            assert!(e.in_background(), "its work still is");
+            e.working();
+            assert_eq!(policy_of_this_thread(), libc::SCHED_IDLE as u32);
+            e.working();
+            assert_eq!(
+                policy_of_this_thread(),
+                libc::SCHED_IDLE as u32,
+                "no wait to end"
+            );
+            // Raised by another thread while it waits: the raise outlasts the wait.
+            e.waiting();
+            tx.send(e.early_raise().expect("background")).expect("send");
+            wait.recv().expect("raised");
+            e.working();
+            assert_eq!(policy_of_this_thread(), libc::SCHED_OTHER as u32);
+            assert_eq!(e.refused, 0);
+        });
+        let early = rx.recv().expect("waiting");
+        assert!(early.raise());
+        go.send(()).expect("go");
+        worker.join().expect("worker");
+        std::thread::spawn(|| {
+            let mut e = Escalation::start(Priority::Normal, Duration::from_millis(50));
+            e.waiting();
+            e.working();
+            assert_eq!(
+                policy_of_this_thread(),
+                libc::SCHED_OTHER as u32,
+                "never moved"
+            );
+        })
+        .join()
+        .expect("thread");
+    }
+
+    #[test]
     fn a_normal_thread_is_never_moved() {
         std::thread::spawn(|| {
             let mut e = Escalation::start(Priority::Normal, Duration::from_millis(50));
@@ -365,6 +442,7 @@ pub(crate) mod tests {
             refused: 0,
             raisable: Arc::default(),
             raised_early: false,
+            waiting: false,
         };
         assert_eq!(e.decide(Duration::from_millis(10)), None, "on time");
         assert_eq!(e.decide(Duration::from_millis(51)), Some(false), "late");
