@@ -14,7 +14,7 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use secondsite_replicator::primary::OutputWaiting;
@@ -46,8 +46,9 @@ pub struct Gateway {
     report: EventLog,
     /// The log link: up, and the reason it last went down.
     pub(crate) log_link: Mutex<(bool, Option<String>)>,
-    /// Rung when output is held, for an epoch clock that checkpoints when output waits.
-    output_waiting: OnceLock<Arc<OutputWaiting>>,
+    /// Rung when output is held, for an epoch clock that checkpoints when output waits
+    /// (replaced with the group's replication: a changed policy).
+    output_waiting: Mutex<Option<Arc<OutputWaiting>>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -79,7 +80,7 @@ impl Gateway {
             events: Mutex::new(Vec::new()),
             report,
             log_link: Mutex::new((false, None)),
-            output_waiting: OnceLock::new(),
+            output_waiting: Mutex::new(None),
         }))
     }
 
@@ -149,9 +150,13 @@ impl Gateway {
         }
     }
 
-    /// Rings `waiting` whenever output is held from now on (checkpoints on output).
-    pub fn ring_on_output(&self, waiting: Arc<OutputWaiting>) {
-        let _ = self.output_waiting.set(waiting);
+    /// Rings `waiting` whenever output is held from now on (checkpoints on output), in place
+    /// of what it rang before; `None`: rings nothing.
+    pub fn ring_on_output(&self, waiting: Option<Arc<OutputWaiting>>) {
+        *self
+            .output_waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = waiting;
     }
 
     /// The backup committed every epoch up to `epoch`.
@@ -297,7 +302,12 @@ impl NetPort for GatewayPort {
                 .unwrap_or_else(|e| e.into_inner())
                 .send(frame);
         }
-        if let Some(waiting) = self.gateway.output_waiting.get() {
+        if let Some(waiting) = &*self
+            .gateway
+            .output_waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
             waiting.ring();
         }
         Ok(())

@@ -89,9 +89,8 @@ impl Protected {
             secondsite_gateway::follow(replication.subscribe(), self.gateways.clone())?;
         }
         for (vm, gateway) in self.gateway_vms.iter().zip(&self.gateways) {
-            if let Some(on) = &config.on_output {
-                gateway.ring_on_output(on.waiting.clone());
-            }
+            // In place of a replication before: its epoch clock no longer takes the rings.
+            gateway.ring_on_output(config.on_output.as_ref().map(|on| on.waiting.clone()));
             let link = LogLinkConfig {
                 peer: config.peer,
                 tls: config.tls.clone(),
