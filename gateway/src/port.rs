@@ -14,7 +14,7 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use secondsite_replicator::primary::OutputWaiting;
@@ -46,9 +46,9 @@ pub struct Gateway {
     report: EventLog,
     /// The log link: up, and the reason it last went down.
     pub(crate) log_link: Mutex<(bool, Option<String>)>,
-    /// Rung when output is held, for an epoch clock that checkpoints when output waits
-    /// (replaced with the group's replication: a changed policy).
-    output_waiting: Mutex<Option<Arc<OutputWaiting>>>,
+    /// Rung when output is held, for an epoch clock that checkpoints when output waits (the
+    /// group's, whichever replication of it runs).
+    output_waiting: OnceLock<Arc<OutputWaiting>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -80,7 +80,7 @@ impl Gateway {
             events: Mutex::new(Vec::new()),
             report,
             log_link: Mutex::new((false, None)),
-            output_waiting: Mutex::new(None),
+            output_waiting: OnceLock::new(),
         }))
     }
 
@@ -150,13 +150,10 @@ impl Gateway {
         }
     }
 
-    /// Rings `waiting` whenever output is held from now on (checkpoints on output), in place
-    /// of what it rang before; `None`: rings nothing.
-    pub fn ring_on_output(&self, waiting: Option<Arc<OutputWaiting>>) {
-        *self
-            .output_waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = waiting;
+    /// Rings `waiting` whenever output is held from now on (checkpoints on output); set once,
+    /// for the gateway's life.
+    pub fn ring_on_output(&self, waiting: Arc<OutputWaiting>) {
+        let _ = self.output_waiting.set(waiting);
     }
 
     /// The backup committed every epoch up to `epoch`.
@@ -302,12 +299,7 @@ impl NetPort for GatewayPort {
                 .unwrap_or_else(|e| e.into_inner())
                 .send(frame);
         }
-        if let Some(waiting) = &*self
-            .gateway
-            .output_waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-        {
+        if let Some(waiting) = self.gateway.output_waiting.get() {
             waiting.ring();
         }
         Ok(())

@@ -79,35 +79,40 @@ pub struct SenderConfig {
 pub struct OnOutput {
     /// The least time between two checkpoints.
     pub min_interval: Duration,
-    /// Rung by the gateway when it holds output.
+    /// Rung by the gateways when they hold output (a running group's own, which outlives
+    /// each replication of it: `Protected` in the controller puts it here).
     pub waiting: Arc<OutputWaiting>,
 }
 
-/// "Output is held": a flag the gateway sets and the epoch clock waits on.
+/// "Output is held": a flag the gateway sets and the epoch clock waits on. Rung for every
+/// held frame, so a ring while the flag is up is one atomic load; the lock is taken only to
+/// wake the clock.
 #[derive(Debug, Default)]
 pub struct OutputWaiting {
-    rung: Mutex<bool>,
+    rung: AtomicBool,
+    lock: Mutex<()>,
     changed: Condvar,
 }
 
 impl OutputWaiting {
     /// Output is held now.
     pub fn ring(&self) {
-        let mut rung = self.rung.lock().unwrap_or_else(|e| e.into_inner());
-        if !*rung {
-            *rung = true;
-            self.changed.notify_one();
+        if self.rung.load(Ordering::Relaxed) || self.rung.swap(true, Ordering::SeqCst) {
+            return;
         }
+        // Under the lock: a clock that saw the flag down is waiting by now, and is woken.
+        let _locked = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.changed.notify_one();
     }
 
     /// Waits up to `timeout` for a ring; true (and the flag cleared) if there was one.
     fn wait(&self, timeout: Duration) -> bool {
-        let rung = self.rung.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut rung, _) = self
+        let locked = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _locked = self
             .changed
-            .wait_timeout_while(rung, timeout, |rung| !*rung)
+            .wait_timeout_while(locked, timeout, |_| !self.rung.load(Ordering::SeqCst))
             .unwrap_or_else(|e| e.into_inner());
-        std::mem::take(&mut *rung)
+        self.rung.swap(false, Ordering::SeqCst)
     }
 }
 

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use secondsite_gateway::{Gateway, LogLink, LogLinkConfig};
-use secondsite_replicator::primary::{Member, Replication, SenderConfig};
+use secondsite_replicator::primary::{Member, OutputWaiting, Replication, SenderConfig};
 use secondsite_vmm::affinity::CpuList;
 use secondsite_vmm::{Command, Reply, RunState, Vm};
 
@@ -33,6 +33,10 @@ pub struct Protected {
     /// The VM (its number in the group) of each gateway.
     gateway_vms: Vec<u32>,
     log_links: Vec<LogLink>,
+    /// What the gateways ring when they hold output, for the group's life: each replication
+    /// that checkpoints on output waits on it (a changed policy replaces the replication,
+    /// not the gateways).
+    output_waiting: Arc<OutputWaiting>,
 }
 
 impl Protected {
@@ -54,12 +58,17 @@ impl Protected {
                 handle: Arc::new(vm.spawn_on(vcpu_cpus)?),
             });
         }
+        let output_waiting = Arc::new(OutputWaiting::default());
+        for (_, gateway) in &gateways {
+            gateway.ring_on_output(output_waiting.clone());
+        }
         let mut running = Protected {
             members,
             replication: None,
             gateway_vms: gateways.iter().map(|(vm, _)| *vm).collect(),
             gateways: gateways.into_iter().map(|(_, g)| g).collect(),
             log_links: Vec::new(),
+            output_waiting,
         };
         if let Some(config) = replication {
             running.replicate(config)?;
@@ -69,7 +78,7 @@ impl Protected {
 
     /// Replicates the running group as `config` says, in place of any replication before (a
     /// changed policy): its first epoch is a full one, and output waits for it meanwhile.
-    pub fn replicate(&mut self, config: SenderConfig) -> anyhow::Result<()> {
+    pub fn replicate(&mut self, mut config: SenderConfig) -> anyhow::Result<()> {
         if let Some(old) = self.replication.take() {
             old.stop();
         }
@@ -84,13 +93,14 @@ impl Protected {
             config.peer,
             config.epoch_ms
         );
+        if let Some(on) = &mut config.on_output {
+            on.waiting = self.output_waiting.clone();
+        }
         let replication = Arc::new(Replication::start(self.members.clone(), config.clone()));
         if !self.gateways.is_empty() {
             secondsite_gateway::follow(replication.subscribe(), self.gateways.clone())?;
         }
         for (vm, gateway) in self.gateway_vms.iter().zip(&self.gateways) {
-            // In place of a replication before: its epoch clock no longer takes the rings.
-            gateway.ring_on_output(config.on_output.as_ref().map(|on| on.waiting.clone()));
             let link = LogLinkConfig {
                 peer: config.peer,
                 tls: config.tls.clone(),
