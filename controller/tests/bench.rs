@@ -149,6 +149,18 @@ fn bench_gateway_reports_every_path_with_the_cost_of_a_frame() {
             assert!(tap_dropped >= Some(0.0), "{row}");
         }
         let log_acks = row["per_1000_frames_64"]["log_acks"].as_f64();
+        // The one client's epochs (a reply held for one each, with output commit on): each
+        // acknowledged after it was shipped.
+        let epochs = &row["lone_epochs_us"];
+        let name = row["path"].as_str().unwrap_or_default();
+        if name == "tap" {
+            assert!(epochs.is_null(), "not replicated: {row}");
+        } else {
+            let count = epochs["epochs"].as_u64().unwrap_or(0);
+            assert!(count > 0 || !name.starts_with("output commit on"), "{row}");
+            let (ship, commit) = (epochs["ship_p50"].as_u64(), epochs["commit_p50"].as_u64());
+            assert!(count == 0 || (ship > Some(0) && commit >= ship), "{row}");
+        }
         if row["path"] == "tap" {
             assert_eq!(
                 row["cpu_us_per_frame_64"]["backup"], 0.0,

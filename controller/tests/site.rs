@@ -11,9 +11,10 @@
 //!   first move, and no write is lost either way.
 //! - After a site loss, site-a returns as site-b's backup, is resynchronised, and takes the
 //!   group back with a switchover.
-//! - A reloaded policy (SIGHUP, the API) adds a group, changes a rate and removes the group
-//!   again while the client's connection goes on; an invalid one, or one that needs a
-//!   restart, changes nothing.
+//! - A reloaded policy (SIGHUP, the API) adds a group, changes a rate, turns checkpoints on
+//!   output on (and changes the rate again with them: replies still come without waiting for
+//!   the tick) and removes the group again while the client's connection goes on; an invalid
+//!   one, or one that needs a restart, changes nothing.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -64,6 +65,25 @@ fn count_on(
         last += 1;
     }
     (last, longest)
+}
+
+/// `times` more INCRs over `conn` as [`count_on`], sent at spread phases of a checkpoint
+/// interval (a growing pause between them); the last reply and the median wait for one.
+fn median_reply(
+    run: &Running,
+    conn: &mut Connection,
+    mut last: i64,
+    times: u32,
+) -> (i64, Duration) {
+    let mut took = Vec::new();
+    for i in 0..times {
+        let (next, longest) = count_on(run, conn, last, 1, Duration::from_secs(5));
+        last = next;
+        took.push(longest);
+        std::thread::sleep(Duration::from_millis(37 * u64::from(i)));
+    }
+    took.sort();
+    (last, took[took.len() / 2])
 }
 
 /// Site-b runs the group, as its status and the upstream's routes say.
@@ -376,6 +396,39 @@ fn a_reloaded_policy_adds_and_removes_a_group_and_changes_a_rate_in_place() {
         logs.contains("replicating group web (1 VMs) to 10.9.0.2:7800 every 40 ms"),
         "{logs}"
     );
+
+    // Checkpoints on output, then another interval with them: after either reload (each
+    // replaces web's replication, not its gateway) a reply waits for a pause and an
+    // acknowledgement, not for the tick.
+    let mut last = last;
+    for interval in [500, 600] {
+        let on_output = original.replacen(
+            "interval_ms: 25\n      ack: memory",
+            &format!(
+                "interval_ms: {interval}\n      ack: memory\n      trigger: output\n      \
+                 min_interval_ms: 2"
+            ),
+            1,
+        );
+        std::fs::write(&file, with_group_db(&on_output)).expect("writes");
+        assert!(reload(site_a).0 && reload(site_b).0);
+        let replicating =
+            format!("replicating group web (1 VMs) to 10.9.0.2:7800 every {interval} ms");
+        let reconfigured = wait_until(Duration::from_secs(10), || {
+            run.sites.logs().contains(&replicating)
+        });
+        assert!(reconfigured.is_some(), "{}", run.sites.logs());
+        // The new replication's first epoch is a full one.
+        (last, _) = count_on(&run, &mut conn, last, 1, Duration::from_secs(10));
+        let (next, median) = median_reply(&run, &mut conn, last, 11);
+        last = next;
+        eprintln!("web every {interval} ms, checkpoints on output: median reply {median:?}");
+        assert!(
+            median < Duration::from_millis(100),
+            "replies waited for the {interval} ms tick: median {median:?}\n{}",
+            run.sites.logs()
+        );
+    }
 
     // And removed again: its VM stopped, its route withdrawn, its tap gone.
     std::fs::write(&file, &original).expect("writes");

@@ -24,6 +24,7 @@
 //! normal scheduling while epochs ship late), so that replication takes the CPU the guests and
 //! their clients leave rather than theirs; captures wait in the queue meanwhile.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,8 +53,16 @@ const RAISE_AT: u64 = 2;
 const PAGES_PER_BATCH: usize = 2048;
 /// The epoch buffer the sender keeps between epochs, at most (a full epoch's is let go).
 const FRAMES_KEPT_BYTES: usize = 16 << 20;
-/// Pause samples kept for percentiles.
-const PAUSE_SAMPLES: usize = 4096;
+/// Samples of each kind (pauses, commits) kept for percentiles.
+const SAMPLES: usize = 4096;
+
+/// Adds `sample` to `samples`, the oldest dropped once [`SAMPLES`] are kept.
+fn keep_sample(samples: &mut Vec<u64>, sample: u64) {
+    if samples.len() == SAMPLES {
+        samples.remove(0);
+    }
+    samples.push(sample);
+}
 
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
@@ -137,6 +146,11 @@ pub struct ReplicationStatus {
     pub pauses_us: Vec<u64>,
     /// The capture part of each recent pause: the VM thread copying pages and state.
     pub captures_us: Vec<u64>,
+    /// Each recent epoch, from the clock asking for its capture to the epoch written to the
+    /// link (the pause, the queue, the encoding), and to its acknowledgement read: what its
+    /// held output waits beyond the epoch itself, in microseconds.
+    pub ships_us: Vec<u64>,
+    pub commits_us: Vec<u64>,
     pub dirty_pages: u64,
     pub bytes_sent: u64,
     pub codec: BatchStats,
@@ -365,6 +379,7 @@ fn run_link(
         inbound,
         // The link's first epoch is full: its acknowledgement is the (re)synchronisation.
         resync_at: Some(first_epoch + 1),
+        in_flight: VecDeque::new(),
     };
     let result = ship_epochs(
         Shipping {
@@ -388,6 +403,8 @@ struct LinkIo {
     inbound: Link,
     /// The epoch whose acknowledgement completes a resynchronisation, until it comes.
     resync_at: Option<u64>,
+    /// Epochs shipped and not yet acknowledged, with when their capture was asked for.
+    in_flight: VecDeque<(u64, Instant)>,
 }
 
 impl LinkIo {
@@ -464,7 +481,17 @@ impl LinkIo {
         while let Some(message) = self.inbound.next_message().map_err(|e| e.to_string())? {
             match message {
                 Message::Ack { epoch, durable, .. } => {
-                    shared.update(|s| s.committed = s.committed.max(epoch));
+                    let now = Instant::now();
+                    shared.update(|s| {
+                        s.committed = s.committed.max(epoch);
+                        while let Some(&(_, requested)) =
+                            self.in_flight.front().filter(|(e, _)| *e <= epoch)
+                        {
+                            self.in_flight.pop_front();
+                            let waited = now.saturating_duration_since(requested);
+                            keep_sample(&mut s.commits_us, waited.as_micros() as u64);
+                        }
+                    });
                     shared.tell(Event::Committed { epoch, durable });
                     if self.resync_at.is_some_and(|at| epoch >= at) {
                         self.resync_at = None;
@@ -782,6 +809,7 @@ fn ship_captures(
         io.channel
             .write_all(&frames)
             .map_err(|e| format!("send: {e}"))?;
+        io.in_flight.push_back((epoch, requested));
         if frames.capacity() > FRAMES_KEPT_BYTES {
             frames = Vec::new(); // a full epoch's: not kept
         }
@@ -792,12 +820,9 @@ fn ship_captures(
             s.background = escalation.in_background();
             s.escalations = escalation.escalations;
             s.epoch = epoch;
-            if s.pauses_us.len() == PAUSE_SAMPLES {
-                s.pauses_us.remove(0);
-                s.captures_us.remove(0);
-            }
-            s.pauses_us.push(pause);
-            s.captures_us.push(capture_us);
+            keep_sample(&mut s.pauses_us, pause);
+            keep_sample(&mut s.captures_us, capture_us);
+            keep_sample(&mut s.ships_us, requested.elapsed().as_micros() as u64);
             s.dirty_pages += dirty_pages;
             s.bytes_sent += frames.len() as u64;
             s.codec.add(&stats);

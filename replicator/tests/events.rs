@@ -17,6 +17,11 @@ use secondsite_vmm::{Unplugged, Vm, VmConfig};
 /// Serves one link: answers the Hello with `last_epoch`, acknowledges `acks` epochs, then
 /// drops the connection. Returns the last epoch acknowledged.
 fn serve_link(listener: &TcpListener, last_epoch: u64, acks: usize) -> u64 {
+    serve_link_slowly(listener, last_epoch, acks, Duration::ZERO)
+}
+
+/// [`serve_link`], each acknowledgement sent `delay` after the epoch's end arrived.
+fn serve_link_slowly(listener: &TcpListener, last_epoch: u64, acks: usize, delay: Duration) -> u64 {
     let (mut stream, _) = listener.accept().expect("the primary connects");
     let (mut inbound, mut out) = (Link::default(), Link::default());
     let mut acked = 0;
@@ -48,6 +53,7 @@ fn serve_link(listener: &TcpListener, last_epoch: u64, acks: usize) -> u64 {
             }
             Message::EpochEnd { group, epoch, .. } => {
                 assert!(epoch > last, "epochs go up: {epoch} after {last}");
+                std::thread::sleep(delay);
                 last = epoch;
                 acked += 1;
                 Message::Ack {
@@ -161,6 +167,37 @@ fn subscribers_hear_commits_the_loss_of_the_backup_and_the_resynchronisation() {
     let last = backup.join().expect("the scripted backup");
     assert!(last > full);
     replication.stop();
+}
+
+/// An epoch's commit time runs from the clock's request to the acknowledgement read: a backup
+/// that acknowledges 30 ms after each epoch's end adds that much to every epoch's time beyond
+/// its shipping.
+#[test]
+fn an_epochs_commit_time_counts_the_wait_for_its_acknowledgement() {
+    if !secondsite_lab::privileged("an_epochs_commit_time_counts_the_wait_for_its_acknowledgement")
+    {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binds");
+    let peer = listener.local_addr().expect("address");
+    let delay = Duration::from_millis(30);
+    let backup = std::thread::spawn(move || serve_link_slowly(&listener, 0, 6, delay));
+    let replication = replicate_to(peer);
+    assert!(replication.wait_committed(5, Duration::from_secs(20)));
+    let status = replication.status();
+    replication.stop();
+    backup.join().expect("the scripted backup");
+    let (ships, commits) = (&status.ships_us, &status.commits_us);
+    assert!(
+        commits.len() >= 5,
+        "one sample per acknowledged epoch: {commits:?}"
+    );
+    for (ship, commit) in ships.iter().zip(commits) {
+        assert!(
+            *commit >= ship + delay.as_micros() as u64,
+            "shipped after {ship} us, committed after {commit} us"
+        );
+    }
 }
 
 /// A backup that comes back behind (its daemon restarted on a store older than the epochs the

@@ -15,15 +15,18 @@ use secondsite_vmm::{RunState, Vm, control};
 
 use super::protect::{GroupVm, Protected};
 
+/// The `p` quantile of `samples` (0 when there are none).
+pub fn quantile(samples: &[u64], p: f64) -> u64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    sorted
+        .get(((sorted.len().max(1) - 1) as f64 * p) as usize)
+        .copied()
+        .unwrap_or(0)
+}
+
 pub fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
-    let mut pauses = status.pauses_us.clone();
-    pauses.sort_unstable();
-    let pct = |p: f64| {
-        pauses
-            .get(((pauses.len().max(1) - 1) as f64 * p) as usize)
-            .copied()
-            .unwrap_or(0)
-    };
+    let (pauses, commits) = (&status.pauses_us, &status.commits_us);
     serde_json::json!({
         "protected": status.protected,
         "epoch": status.epoch,
@@ -31,8 +34,11 @@ pub fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
         "committed": status.committed,
         "resyncs": status.resyncs,
         "last_error": status.last_error,
-        "pause_us_p50": pct(0.5),
-        "pause_us_p99": pct(0.99),
+        "pause_us_p50": quantile(pauses, 0.5),
+        "pause_us_p99": quantile(pauses, 0.99),
+        // From an epoch's end to its acknowledgement: what held output waits beyond it.
+        "commit_us_p50": quantile(commits, 0.5),
+        "commit_us_p99": quantile(commits, 0.99),
         "dirty_pages": status.dirty_pages,
         "bytes_sent": status.bytes_sent,
         "throttle_percent": status.throttle_percent,

@@ -33,7 +33,7 @@ use secondsite_replay::log::SPARE_SEGMENTS;
 use secondsite_replay::record::HEADER_LEN as RECORD_HEADER_LEN;
 use secondsite_replay::{LogBatch, TrafficLog};
 use secondsite_replicator::codec::CodecConfig;
-use secondsite_replicator::primary::{OnOutput, SenderConfig};
+use secondsite_replicator::primary::{OnOutput, ReplicationStatus, SenderConfig};
 use secondsite_replicator::sched::Priority;
 use secondsite_vmm::{Reply, Vm};
 use serde_json::{Value, json};
@@ -45,6 +45,7 @@ use super::{
 };
 use secondsite::runtime::port::open_port;
 use secondsite::runtime::protect::{GroupVm, Protected};
+use secondsite::runtime::serve::quantile;
 
 const EPOCH_MS: u64 = 25;
 const RECEIVER: &str = "127.0.0.1:7901";
@@ -375,10 +376,16 @@ fn measure(
         }
         wait_serving(Duration::from_secs(20))?;
         let n = if quick { 5_000 } else { 50_000 };
+        let before_lone = running.replication.as_ref().map(|r| r.status());
         let lone = set_run(1, 1, if quick { 200 } else { 500 })?;
-        // The log's round trip and the releases as one client sees them (the floods below
-        // queue frames behind the log by the thousand).
+        // The log's round trip, the releases and the epochs' commits as one client sees them
+        // (the floods below queue frames behind the log by the thousand).
         let lone_gateway = running.gateways.first().map(|g| g.status());
+        let lone_epochs = running
+            .replication
+            .as_ref()
+            .zip(before_lone)
+            .map(|(r, before)| epoch_waits(&before, &r.status()));
         let loaded = set_run(50, 1, n)?;
         let pipelined = set_run(50, 16, n * 4)?;
         let flood_s = flood_seconds.unwrap_or(if quick { 0.5 } else { 4.0 });
@@ -387,15 +394,9 @@ fn measure(
         let replication = running.replication.as_ref().map(|r| r.status());
         let gateway = running.gateways.first().map(|g| g.status());
         let lone_figure = |key: &str| lone_gateway.as_ref().map(|g| g[key].clone());
-        let mut pauses = replication
+        let pause_p99 = replication
             .as_ref()
-            .map(|r| r.pauses_us.clone())
-            .unwrap_or_default();
-        pauses.sort_unstable();
-        let pause_p99 = pauses
-            .get((pauses.len().max(1) - 1) * 99 / 100)
-            .copied()
-            .unwrap_or(0);
+            .map_or(0, |r| quantile(&r.pauses_us, 0.99));
         Ok(json!({
             "path": path.name,
             "set_ops_per_s": round(loaded.rps),
@@ -414,11 +415,28 @@ fn measure(
             "log_ack_us_p50": lone_figure("log_ack_us_p50"),
             "release_us_p50": lone_figure("release_us_p50"),
             "release_us_p99": lone_figure("release_us_p99"),
+            "lone_epochs_us": lone_epochs,
             "log_dropped": gateway.as_ref().map(|g| g["log_dropped"].clone()),
         }))
     })();
     running.stop()?;
     result
+}
+
+/// How long the epochs between two statuses of one sender took from the clock's request to
+/// being shipped and to being acknowledged (a held reply's wait beyond its epoch), in us.
+fn epoch_waits(before: &ReplicationStatus, after: &ReplicationStatus) -> Value {
+    let since = |before: &[u64], after: &'_ [u64]| after[before.len().min(after.len())..].to_vec();
+    let ships = since(&before.ships_us, &after.ships_us);
+    let commits = since(&before.commits_us, &after.commits_us);
+    json!({
+        "epochs": commits.len(),
+        "ship_p50": quantile(&ships, 0.5),
+        "ship_p99": quantile(&ships, 0.99),
+        "commit_p50": quantile(&commits, 0.5),
+        "commit_p99": quantile(&commits, 0.99),
+        "commit_max": commits.iter().max(),
+    })
 }
 
 pub fn gateway(
@@ -736,6 +754,24 @@ fn print_report(report: &Value) {
             cpu("64"),
             cpu("1500")
         );
+    }
+    outln!(
+        "one client's epochs, us from the clock's request to shipped and to acknowledged \
+         (p50 / p99; a held reply waits this beyond its epoch):"
+    );
+    for row in report["paths"].as_array().into_iter().flatten() {
+        let epochs = &row["lone_epochs_us"];
+        if epochs["epochs"].as_u64().unwrap_or(0) > 0 {
+            outln!(
+                "  {:<52} shipped {} / {}, acknowledged {} / {} ({} epochs)",
+                row["path"].as_str().unwrap_or(""),
+                epochs["ship_p50"],
+                epochs["ship_p99"],
+                epochs["commit_p50"],
+                epochs["commit_p99"],
+                epochs["epochs"]
+            );
+        }
     }
     for t in report["targets"].as_array().into_iter().flatten() {
         outln!(
