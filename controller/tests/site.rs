@@ -428,6 +428,14 @@ fn a_reloaded_policy_adds_and_removes_a_group_and_changes_a_rate_in_place() {
             "replies waited for the {interval} ms tick: median {median:?}\n{}",
             run.sites.logs()
         );
+        // The site's status says how long its epochs take to commit (the replies above
+        // waited for about that much).
+        let replication = &run.sites.a.status()["groups"]["web"]["replication"];
+        let commit_us = replication["commit_us_p50"].as_u64();
+        assert!(
+            commit_us > Some(0) && commit_us < Some(100_000),
+            "{replication}"
+        );
     }
 
     // And removed again: its VM stopped, its route withdrawn, its tap gone.

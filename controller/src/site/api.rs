@@ -104,6 +104,7 @@ pub struct Metrics {
     pub takeover_step_ms: Family<StepLabel, Gauge<f64, AtomicU64>>,
     pub epochs_committed: Family<GroupLabel, Gauge>,
     pub pause_p99_us: Family<GroupLabel, Gauge>,
+    pub commit_p99_us: Family<GroupLabel, Gauge>,
     pub bytes_replicated: Family<GroupLabel, Gauge>,
     pub output_frames_held: Family<GroupLabel, Gauge>,
     pub log_lag_frames: Family<GroupLabel, Gauge>,
@@ -175,6 +176,12 @@ impl Metrics {
             "pause_p99_us",
             "Checkpoint pause, 99th percentile of recent ones, in us",
             self.pause_p99_us.clone(),
+        );
+        r.register(
+            "commit_p99_us",
+            "From a checkpoint's request to the backup's acknowledgement, 99th percentile of \
+             recent ones, in us: what held output waits beyond its epoch",
+            self.commit_p99_us.clone(),
         );
         r.register(
             "bytes_replicated",

@@ -327,6 +327,7 @@ impl Daemon {
             for (family, key) in [
                 (&m.epochs_committed, "committed"),
                 (&m.pause_p99_us, "pause_us_p99"),
+                (&m.commit_p99_us, "commit_us_p99"),
                 (&m.bytes_replicated, "bytes_sent"),
                 (&m.output_frames_held, "frames_held"),
                 (&m.log_lag_frames, "log_lag"),
