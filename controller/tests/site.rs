@@ -180,11 +180,12 @@ fn a_returning_site_comes_back_as_the_backup_resyncs_and_takes_the_group_back() 
             && run.sites.a.status()["groups"]["web"]["replica_epoch"].is_u64()
     });
     assert!(resynced.is_some(), "{}", run.sites.logs());
-    assert!(
-        run.sites.b.events().iter().any(|e| e == "Protected"),
-        "{:?}",
-        run.sites.b.events()
-    );
+    // Site-a's replica holds an epoch before its acknowledgement has crossed the WAN to
+    // site-b, whose machine then hears that the group is protected.
+    let protected = wait_until(Duration::from_secs(10), || {
+        run.sites.b.events().iter().any(|e| e == "Protected")
+    });
+    assert!(protected.is_some(), "{:?}", run.sites.b.events());
     assert_eq!(run.sites.b.group_state("web"), "Active");
     let (last, _) = count_on(&run, &mut conn, last, 5, Duration::from_secs(5));
     // And the group goes home with no write lost.
