@@ -57,7 +57,7 @@ const FRAMES_KEPT_BYTES: usize = 16 << 20;
 const SAMPLES: usize = 4096;
 
 /// Adds `sample` to `samples`, the oldest dropped once [`SAMPLES`] are kept.
-fn keep_sample(samples: &mut Vec<u64>, sample: u64) {
+fn keep_sample<T>(samples: &mut Vec<T>, sample: T) {
     if samples.len() == SAMPLES {
         samples.remove(0);
     }
@@ -146,11 +146,8 @@ pub struct ReplicationStatus {
     pub pauses_us: Vec<u64>,
     /// The capture part of each recent pause: the VM thread copying pages and state.
     pub captures_us: Vec<u64>,
-    /// Each recent epoch, from the clock asking for its capture to the epoch written to the
-    /// link (the pause, the queue, the encoding), and to its acknowledgement read: what its
-    /// held output waits beyond the epoch itself, in microseconds.
-    pub ships_us: Vec<u64>,
-    pub commits_us: Vec<u64>,
+    /// How long each recently acknowledged epoch took to ship and to commit.
+    pub commits: Vec<EpochCommit>,
     pub dirty_pages: u64,
     pub bytes_sent: u64,
     pub codec: BatchStats,
@@ -174,6 +171,16 @@ pub struct ReplicationStatus {
     /// behind); the rest waited for the sender.
     pub ack_waits: u64,
     pub window_wait_us: u64,
+}
+
+/// One acknowledged epoch's times, in microseconds from the clock asking for its capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochCommit {
+    pub epoch: u64,
+    /// To the epoch written to the link (the pause, the queue, the encoding).
+    pub ship_us: u64,
+    /// To its acknowledgement read: what its held output waits beyond the epoch itself.
+    pub commit_us: u64,
 }
 
 /// What the sender tells its subscribers, as it happens.
@@ -403,8 +410,9 @@ struct LinkIo {
     inbound: Link,
     /// The epoch whose acknowledgement completes a resynchronisation, until it comes.
     resync_at: Option<u64>,
-    /// Epochs shipped and not yet acknowledged, with when their capture was asked for.
-    in_flight: VecDeque<(u64, Instant)>,
+    /// Epochs shipped and not yet acknowledged: when their capture was asked for, and how
+    /// long they took to ship.
+    in_flight: VecDeque<(u64, Instant, u64)>,
 }
 
 impl LinkIo {
@@ -484,12 +492,17 @@ impl LinkIo {
                     let now = Instant::now();
                     shared.update(|s| {
                         s.committed = s.committed.max(epoch);
-                        while let Some(&(_, requested)) =
-                            self.in_flight.front().filter(|(e, _)| *e <= epoch)
+                        while let Some(&(acked, requested, ship_us)) =
+                            self.in_flight.front().filter(|(e, ..)| *e <= epoch)
                         {
                             self.in_flight.pop_front();
                             let waited = now.saturating_duration_since(requested);
-                            keep_sample(&mut s.commits_us, waited.as_micros() as u64);
+                            let commit = EpochCommit {
+                                epoch: acked,
+                                ship_us,
+                                commit_us: waited.as_micros() as u64,
+                            };
+                            keep_sample(&mut s.commits, commit);
                         }
                     });
                     shared.tell(Event::Committed { epoch, durable });
@@ -809,7 +822,8 @@ fn ship_captures(
         io.channel
             .write_all(&frames)
             .map_err(|e| format!("send: {e}"))?;
-        io.in_flight.push_back((epoch, requested));
+        let ship_us = requested.elapsed().as_micros() as u64;
+        io.in_flight.push_back((epoch, requested, ship_us));
         if frames.capacity() > FRAMES_KEPT_BYTES {
             frames = Vec::new(); // a full epoch's: not kept
         }
@@ -822,7 +836,6 @@ fn ship_captures(
             s.epoch = epoch;
             keep_sample(&mut s.pauses_us, pause);
             keep_sample(&mut s.captures_us, capture_us);
-            keep_sample(&mut s.ships_us, requested.elapsed().as_micros() as u64);
             s.dirty_pages += dirty_pages;
             s.bytes_sent += frames.len() as u64;
             s.codec.add(&stats);

@@ -26,7 +26,8 @@ pub fn quantile(samples: &[u64], p: f64) -> u64 {
 }
 
 pub fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
-    let (pauses, commits) = (&status.pauses_us, &status.commits_us);
+    let pauses = &status.pauses_us;
+    let commits: Vec<u64> = status.commits.iter().map(|c| c.commit_us).collect();
     serde_json::json!({
         "protected": status.protected,
         "epoch": status.epoch,
@@ -37,8 +38,8 @@ pub fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
         "pause_us_p50": quantile(pauses, 0.5),
         "pause_us_p99": quantile(pauses, 0.99),
         // From an epoch's end to its acknowledgement: what held output waits beyond it.
-        "commit_us_p50": quantile(commits, 0.5),
-        "commit_us_p99": quantile(commits, 0.99),
+        "commit_us_p50": quantile(&commits, 0.5),
+        "commit_us_p99": quantile(&commits, 0.99),
         "dirty_pages": status.dirty_pages,
         "bytes_sent": status.bytes_sent,
         "throttle_percent": status.throttle_percent,

@@ -423,12 +423,17 @@ fn measure(
     result
 }
 
-/// How long the epochs between two statuses of one sender took from the clock's request to
-/// being shipped and to being acknowledged (a held reply's wait beyond its epoch), in us.
+/// How long the epochs acknowledged between two statuses of one sender took from the clock's
+/// request to being shipped and to being acknowledged (a held reply's wait beyond its epoch),
+/// in us.
 fn epoch_waits(before: &ReplicationStatus, after: &ReplicationStatus) -> Value {
-    let since = |before: &[u64], after: &'_ [u64]| after[before.len().min(after.len())..].to_vec();
-    let ships = since(&before.ships_us, &after.ships_us);
-    let commits = since(&before.commits_us, &after.commits_us);
+    let acked: Vec<_> = after
+        .commits
+        .iter()
+        .filter(|c| c.epoch > before.committed)
+        .collect();
+    let ships: Vec<u64> = acked.iter().map(|c| c.ship_us).collect();
+    let commits: Vec<u64> = acked.iter().map(|c| c.commit_us).collect();
     json!({
         "epochs": commits.len(),
         "ship_p50": quantile(&ships, 0.5),
