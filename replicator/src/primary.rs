@@ -84,13 +84,11 @@ pub struct SenderConfig {
 /// Checkpoints taken when output waits, besides the periodic ones: a lightly loaded server's
 /// reply then waits for one pause and one acknowledgement, not for the next tick (Remus's
 /// replies wait up to a whole epoch).
-#[derive(Debug, Clone)]
+/// What rings the clock is given to [`Replication::start`]: the group's gateways hold it.
+#[derive(Debug, Clone, Copy)]
 pub struct OnOutput {
     /// The least time between two checkpoints.
     pub min_interval: Duration,
-    /// Rung by the gateways when they hold output (a running group's own, which outlives
-    /// each replication of it: `Protected` in the controller puts it here).
-    pub waiting: Arc<OutputWaiting>,
 }
 
 /// "Output is held": a flag the gateway sets and the epoch clock waits on. Rung for every
@@ -198,6 +196,9 @@ pub enum Event {
 #[derive(Debug, Default)]
 struct Shared {
     status: Mutex<ReplicationStatus>,
+    /// Rung by the group's gateways when they hold output (the clock listens with
+    /// `SenderConfig::on_output`).
+    output_held: Arc<OutputWaiting>,
     /// Notified at every status change (`wait_committed` sleeps on it).
     changed: Condvar,
     subscribers: Mutex<Vec<Sender<Event>>>,
@@ -233,10 +234,19 @@ pub struct Replication {
 }
 
 impl Replication {
-    /// Starts replicating the group's VMs (at least one; numbers unique).
-    pub fn start(members: Vec<Member>, config: SenderConfig) -> Replication {
+    /// Starts replicating the group's VMs (at least one; numbers unique). `output_held` is
+    /// what the group's gateways ring when they hold output: the group's own, which outlives
+    /// each replication of it (a changed policy replaces the replication, not the gateways).
+    pub fn start(
+        members: Vec<Member>,
+        config: SenderConfig,
+        output_held: Arc<OutputWaiting>,
+    ) -> Replication {
         assert!(!members.is_empty(), "a group has at least one VM");
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            output_held,
+            ..Shared::default()
+        });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("replication".into())
@@ -584,7 +594,7 @@ fn epoch_clock(
             let wake = (next - now).min(Duration::from_millis(50));
             match &config.on_output {
                 // Output waits: the next checkpoint as soon as the last is old enough.
-                Some(on) if on.waiting.wait(wake) => {
+                Some(on) if shared.output_held.wait(wake) => {
                     let at = (last_capture + on.min_interval).max(Instant::now());
                     if at < next {
                         next = at;

@@ -108,6 +108,8 @@ fn replicate_to(peer: std::net::SocketAddr) -> Replication {
             priority: Priority::Normal,
             on_output: None,
         },
+        // No gateway holds output here.
+        Default::default(),
     )
 }
 

@@ -1,7 +1,6 @@
 //! `secondsite vm run|pause|resume|status|save|restore`.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -156,7 +155,6 @@ fn run_vm(args: VmRunArgs) -> anyhow::Result<ExitCode> {
         priority: args.replication_priority.into(),
         on_output: args.checkpoint_on_output.then(|| OnOutput {
             min_interval: Duration::from_millis(args.min_interval_ms),
-            waiting: Arc::default(),
         }),
     });
     serve_until_done(

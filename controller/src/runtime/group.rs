@@ -135,7 +135,6 @@ pub fn sender_config(
         priority: Priority::Background,
         on_output: (checkpoint.trigger == CheckpointTrigger::Output).then(|| OnOutput {
             min_interval: Duration::from_millis(u64::from(checkpoint.min_interval_ms)),
-            waiting: Arc::default(),
         }),
     }
 }

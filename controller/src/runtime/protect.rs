@@ -78,7 +78,7 @@ impl Protected {
 
     /// Replicates the running group as `config` says, in place of any replication before (a
     /// changed policy): its first epoch is a full one, and output waits for it meanwhile.
-    pub fn replicate(&mut self, mut config: SenderConfig) -> anyhow::Result<()> {
+    pub fn replicate(&mut self, config: SenderConfig) -> anyhow::Result<()> {
         if let Some(old) = self.replication.take() {
             old.stop();
         }
@@ -93,10 +93,11 @@ impl Protected {
             config.peer,
             config.epoch_ms
         );
-        if let Some(on) = &mut config.on_output {
-            on.waiting = self.output_waiting.clone();
-        }
-        let replication = Arc::new(Replication::start(self.members.clone(), config.clone()));
+        let replication = Arc::new(Replication::start(
+            self.members.clone(),
+            config.clone(),
+            self.output_waiting.clone(),
+        ));
         if !self.gateways.is_empty() {
             secondsite_gateway::follow(replication.subscribe(), self.gateways.clone())?;
         }

@@ -37,7 +37,8 @@ pub fn replication_json(status: &ReplicationStatus) -> serde_json::Value {
         "last_error": status.last_error,
         "pause_us_p50": quantile(pauses, 0.5),
         "pause_us_p99": quantile(pauses, 0.99),
-        // From an epoch's end to its acknowledgement: what held output waits beyond it.
+        // From the clock asking for an epoch's capture to its acknowledgement: what held
+        // output waits beyond its epoch.
         "commit_us_p50": quantile(&commits, 0.5),
         "commit_us_p99": quantile(&commits, 0.99),
         "dirty_pages": status.dirty_pages,

@@ -24,7 +24,6 @@
 
 use std::net::UdpSocket;
 use std::process::{Command, ExitCode};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -356,7 +355,6 @@ fn measure(
         priority: Priority::Background,
         on_output: path.on_output.then(|| OnOutput {
             min_interval: Duration::from_millis(2),
-            waiting: Arc::default(),
         }),
     });
     let mut running = Protected::start(

@@ -62,6 +62,8 @@ fn replicate_and_lose(mib: u64, key: &str) -> anyhow::Result<()> {
             priority: Default::default(),
             on_output: None,
         },
+        // No gateway holds output here.
+        Default::default(),
     );
     let started = Instant::now();
     while !replication.status().protected {

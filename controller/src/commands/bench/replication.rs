@@ -159,6 +159,8 @@ fn sender(
             priority,
             on_output: None,
         },
+        // No gateway holds output here.
+        Default::default(),
     );
     // The first epoch of the link is the full synchronisation; measure from after it is
     // committed (the epochs continue from the store's newest, `committed` at connection).
